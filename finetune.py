@@ -1,0 +1,309 @@
+"""Fine-tune resnet18 to recognise hot dogs, as in Dive into Deep Learning §14.2.
+
+    python finetune.py --pretrained     # fine-tune the ImageNet net (book: test acc 0.940)
+    python finetune.py --scratch        # the same net from random weights (book: 0.850)
+
+This file is the command line: it parses arguments and wires data.py, models.py and train.py.
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torchvision
+
+import data
+import models
+import plots
+from data import UserError
+from train import evaluate, train, try_device
+
+# The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
+RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
+           "scratch": dict(lr=5e-4, param_group=False, book=(0.352, 0.846, 0.850))}
+DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--pretrained", action="store_true", help="fine-tune the ImageNet resnet18")
+    mode.add_argument("--scratch", action="store_true", help="train resnet18 from random weights")
+    mode.add_argument("--compare", action="store_true", help="both, with a table against the book")
+    mode.add_argument("--predict", nargs="+", metavar="IMAGE", help="classify images with --model")
+    mode.add_argument("--show-samples", action="store_true", help="write samples.png and exit")
+    mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH (model.pt)")
+    p.add_argument("--model", metavar="PATH", help="a model.pt written by training, for --predict")
+    p.add_argument("--dataset", choices=DATASETS, default="hotdog")
+    p.add_argument("--data-dir", help="a folder with train/ and test/ ImageFolders (no download)")
+    p.add_argument("--data-root", default="data", help="where downloads go (default: ./data)")
+    p.add_argument("--dummy", action="store_true", help="random hot-dog-shaped data, for speed")
+    p.add_argument("--no-cache", action="store_true", help="decode images every epoch, not once")
+    p.add_argument("--weights", metavar="FILE", help="ImageNet resnet18 state-dict, for offline use")
+    p.add_argument("--epochs", type=positive(int), help="default: 5 (cifar10: 10)")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="global, over all processes")
+    p.add_argument("--lr", type=positive(float), nargs="+",
+                   help="base lr; several give one run each (default: 5e-5 pretrained, 5e-4 scratch)")
+    p.add_argument("--no-param-group", action="store_true", help="fc at the base lr, not 10x")
+    p.add_argument("--freeze", action="store_true", help="train only the new output layer")
+    p.add_argument("--init-head-from-imagenet", action="store_true", help="start from ImageNet's hot-dog row")
+    p.add_argument("--workers", type=int, help="loader processes (default: one per core, at most 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best there is)")
+    p.add_argument("--precision", choices=["amp", "fp32"], default="amp",
+                   help="amp: bf16/fp16 autocast on CUDA (default); fp32: the book's arithmetic")
+    p.add_argument("--out", help="output folder (default: runs/<mode>-<time>)")
+    args = p.parse_args(argv)
+    if not (args.pretrained or args.scratch or args.compare or args.predict or args.show_samples or args.resume):
+        p.error("say what to do: --pretrained, --scratch, --compare, --predict, --show-samples or --resume")
+    if args.predict and not args.model:
+        p.error("--predict needs --model PATH (a model.pt written by training)")
+    return args
+
+
+def load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; give the model.pt of a training run") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint of this program ({str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "history" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this program; give the model.pt of a training run")
+    return ckpt
+
+
+def resumed_args(args):
+    """The checkpoint's arguments; --epochs, --device and --workers may be given anew."""
+    ckpt = load_checkpoint(args.resume)
+    saved = {**ckpt["args"], **{k: v for k, v in vars(args).items()
+                                if k in ("epochs", "device", "workers") and v is not None}}
+    return argparse.Namespace(**{**saved, "resume": args.resume,
+                                 "out": os.path.dirname(args.resume) or "."}), ckpt
+
+
+def plan_runs(args):
+    """(name, mode, lr) for every training the arguments ask for."""
+    modes = ["pretrained", "scratch"] if args.compare else ["pretrained" if args.pretrained else "scratch"]
+    default_lr = DATASETS[args.dataset].get("lr")
+    return [(mode if not args.lr or len(args.lr) == 1 else f"{mode}-lr{lr:g}", mode, lr)
+            for mode in modes for lr in (args.lr or [default_lr or RECIPES[mode]["lr"]])]
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def rank0_first(fn, *a):
+    """Run fn on process 0 first (it downloads), then on the others (they find its files)."""
+    if rank() > 0:
+        dist.barrier()
+    result = fn(*a)
+    if rank() == 0 and dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def load_sets(args):
+    if args.dummy:
+        return data.fake_data()
+    if args.dataset == "cifar10":
+        return data.cifar10(args.data_root)
+    folder = args.data_dir or data.get_hotdog(args.data_root)
+    return data.image_folders(folder, cache=not args.no_cache, workers=args.workers or 1)
+
+
+def class_names(dataset):
+    return getattr(dataset, "classes", None) or [str(i) for i in range(dataset.num_classes)]
+
+
+def build_net(mode, num_classes, args):
+    torch.manual_seed(args.seed)  # the same initial head on every process
+    if mode == "scratch":
+        return models.scratch_net(num_classes)
+    net = rank0_first(models.finetune_net, num_classes, args.weights, args.init_head_from_imagenet)
+    return models.freeze_features(net) if args.freeze else net
+
+
+def train_one(name, mode, lr, args, sets, device, out, ckpt=None):
+    """Train one net, write its model.pt, metrics.json and mistakes.png; return its metrics."""
+    random.seed(args.seed)
+    classes = class_names(sets[0])
+    net = build_net(mode, len(classes), args)
+    if ckpt:
+        if ckpt["classes"] != classes:
+            raise UserError(f"{args.resume} was trained on classes {ckpt['classes']}, not {classes}; "
+                            "resume with the data it was trained on")
+        net.load_state_dict(ckpt["model"])
+    train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, device, args.seed)
+    os.makedirs(out, exist_ok=True)
+    say = print if rank() == 0 else (lambda *a, **k: None)
+    say(f"{name}: training on {len(sets[0])} images, testing on {len(sets[1])}, lr {lr:g}, {device}"
+        + (f" x {dist.get_world_size()} processes" if dist.is_initialized() else ""))
+    param_group = RECIPES[mode]["param_group"] and not args.no_param_group
+    meta = dict(args=vars(args), run=dict(name=name, mode=mode, lr=lr), classes=classes,
+                transform=data.TEST_AUGS_SETTINGS, arch="resnet18")
+    history, (probs, labels) = train(
+        net, train_iter, test_iter, lr, param_group, args.epochs, device, args.precision,
+        checkpoint=os.path.join(out, "model.pt"), meta=meta, resume=ckpt, progress=sys.stderr.isatty(),
+        on_epoch=lambda m: say(f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
+                               f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"))
+    preds = probs.argmax(1)
+    confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    confusion.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)
+    last = history[-1]
+    result = dict(name=name, mode=mode, lr=lr, device=str(device), history=history,
+                  loss=last["loss"], train_acc=last["train_acc"], test_acc=last["test_acc"],
+                  examples_per_sec=sum(m["examples_per_sec"] for m in history) / len(history),
+                  classes=classes, confusion=confusion.tolist(), args=vars(args),
+                  world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                  versions=dict(python=platform.python_version(), torch=torch.__version__,
+                                torchvision=torchvision.__version__))
+    if rank() == 0:
+        say(f"loss {result['loss']:.3f}, train acc {result['train_acc']:.3f}, test acc {result['test_acc']:.3f}")
+        say(f"{result['examples_per_sec']:.1f} examples/sec on {device}")
+        if len(classes) <= 10:
+            say("confusion (rows: true class, columns: predicted):")
+            for c, row in zip(classes, confusion.tolist()):
+                say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row))
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        wrong = (preds != labels).nonzero().flatten()[:16].tolist()
+        plots.mistakes([sets[1][i][0] for i in wrong],
+                       [f"true {classes[labels[i]]}\npred {classes[preds[i]]} {probs[i].max():.2f}" for i in wrong],
+                       os.path.join(out, "mistakes.png"))
+    return result
+
+
+def print_table(results, dataset):
+    print(f"\n{'run':<24} {'loss':>6} {'train acc':>9} {'test acc':>8} {'ex/sec':>8}   book")
+    for r in results:
+        if dataset == "cifar10":
+            book = f"test acc {DATASETS['cifar10']['book_test_acc']}"
+        else:
+            book = "loss {:.3f}, train acc {:.3f}, test acc {:.3f}".format(*RECIPES[r["mode"]]["book"])
+        print(f"{r['name']:<24} {r['loss']:6.3f} {r['train_acc']:9.3f} {r['test_acc']:8.3f} "
+              f"{r['examples_per_sec']:8.1f}   {book}")
+
+
+def run(args):
+    """Everything one process does: set up, train every planned run, write the outputs."""
+    device = try_device(args.device)
+    ckpt = None
+    if args.resume:
+        args, ckpt = resumed_args(args)
+    args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
+    if args.workers is None:
+        args.workers = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        mode = "compare" if args.compare else "pretrained" if args.pretrained else "scratch"
+        out = args.out or os.path.join("runs", f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+        start = time.perf_counter()
+        sets = rank0_first(load_sets, args)
+        if rank() == 0:
+            print(f"data ready in {time.perf_counter() - start:.1f} s")
+        runs = [(ckpt["run"]["name"], ckpt["run"]["mode"], ckpt["run"]["lr"])] if ckpt else plan_runs(args)
+        results = [train_one(name, mode, lr, args, sets, device,
+                             out if len(runs) == 1 else os.path.join(out, name), ckpt)
+                   for name, mode, lr in runs]
+        if rank() == 0:
+            if len(results) > 1:
+                print_table(results, args.dataset)
+            plots.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
+            print(f"wrote {out}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def predict(args):
+    """Classify images with a trained model.pt, through the test transforms saved beside it."""
+    ckpt = load_checkpoint(args.model)
+    net = models.scratch_net(len(ckpt["classes"]))
+    net.load_state_dict(ckpt["model"])
+    augs = data.make_test_augs(**ckpt["transform"])
+    with torch.no_grad():
+        probs = torch.softmax(net.eval()(torch.stack([augs(data.load_rgb(p)) for p in args.predict])), 1)
+    for path, p in zip(args.predict, probs):
+        print(f"{path}: {ckpt['classes'][p.argmax()]} {p.max():.3f}")
+
+
+def show_samples(args):
+    """The book's first look at the data (§14.2.1), and the same images as the net sees them."""
+    folder = torchvision.datasets.ImageFolder(
+        os.path.join(args.data_dir or data.get_hotdog(args.data_root), "train"), loader=data.load_rgb)
+    last = folder.targets[-1]
+    picks = list(range(8)) + [i for i, t in enumerate(folder.targets) if t == last][-8:]
+    images = [folder[i][0] for i in picks]
+    path = os.path.join(args.out or ".", "samples.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if plots.samples(images, [data.train_augs(img) for img in images], path):
+        print(f"wrote {path}")
+
+
+def spawned(local_rank, args, world, port):
+    """A process of a run on all GPUs of this machine, set up as torchrun would."""
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    sys.exit(main_guarded(run, args))
+
+
+def main_guarded(fn, args):
+    """Run fn(args), turning bad input and Ctrl-C into a one-line message and an exit status."""
+    try:
+        fn(args)
+        return 0
+    except UserError as e:  # from a loader worker, the message holds its traceback: keep the last line
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.UserError: ')}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; model.pt holds the last whole epoch: continue with "
+              "python finetune.py --resume <out>/model.pt", file=sys.stderr)
+        return 130
+    except torch.OutOfMemoryError:
+        print(f"error: out of GPU memory at --batch-size {args.batch_size}; "
+              f"try --batch-size {max(1, args.batch_size // 2)}", file=sys.stderr)
+        return 2
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.predict:
+        return main_guarded(predict, args)
+    if args.show_samples:
+        return main_guarded(show_samples, args)
+    gpus = torch.cuda.device_count() if args.device in (None, "cuda") else 0
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:  # all GPUs, as the book's try_all_gpus meant
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            torch.multiprocessing.spawn(spawned, (args, gpus, port), nprocs=gpus)
+        except torch.multiprocessing.ProcessExitedException as e:
+            return e.exit_code
+        return 0
+    return main_guarded(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The networks of D2L §14.2: resnet18 fine-tuned from ImageNet, or trained from scratch."""
+import torch
+import torchvision
+from torch import nn
+
+from data import UserError
+
+HOTDOG_ROW = 934  # ImageNet's class "hotdog, hot dog, red hot"
+
+
+def imagenet_resnet18(weights_file=None):
+    """resnet18 with ImageNet weights: downloaded once into $TORCH_HOME, or read from a file."""
+    if weights_file is None:
+        try:  # the book's `pretrained=True` is these weights
+            return torchvision.models.resnet18(weights="IMAGENET1K_V1")
+        except OSError as e:
+            raise UserError(f"cannot download the ImageNet resnet18 weights ({e}); fetch "
+                            "resnet18-f37072fd.pth elsewhere and pass --weights FILE") from None
+    net = torchvision.models.resnet18()
+    try:
+        net.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    except FileNotFoundError:
+        raise UserError(f"--weights {weights_file} does not exist; give the path of "
+                        "resnet18-f37072fd.pth") from None
+    except Exception as e:  # unpickling or key errors: not a resnet18 state-dict either way
+        raise UserError(f"--weights {weights_file} is not a resnet18 state-dict "
+                        f"({str(e).splitlines()[0]}); give resnet18-f37072fd.pth") from None
+    return net
+
+
+def finetune_net(num_classes=2, weights_file=None, init_head_from_imagenet=False):
+    """The pretrained body with a new output layer (§14.2.2): xavier-uniform weight, default bias."""
+    net = imagenet_resnet18(weights_file)
+    imagenet_fc, net.fc = net.fc, nn.Linear(net.fc.in_features, num_classes)
+    nn.init.xavier_uniform_(net.fc.weight)
+    if init_head_from_imagenet:
+        init_hotdog_head(net.fc, imagenet_fc)
+    return net
+
+
+def init_hotdog_head(fc, imagenet_fc):
+    """Exercise 4: start `hotdog` from ImageNet's hot-dog row, and `not-hotdog` from the mean of
+    the other 999 rows, a detector of "any other ImageNet class" (the classes sort in that order)."""
+    if fc.out_features != 2:
+        raise UserError("--init-head-from-imagenet needs the two classes hotdog and not-hotdog")
+    others = torch.arange(imagenet_fc.out_features) != HOTDOG_ROW
+    with torch.no_grad():
+        fc.weight.copy_(torch.stack([imagenet_fc.weight[HOTDOG_ROW], imagenet_fc.weight[others].mean(0)]))
+        fc.bias.copy_(torch.stack([imagenet_fc.bias[HOTDOG_ROW], imagenet_fc.bias[others].mean()]))
+
+
+def scratch_net(num_classes=2):
+    """The same architecture with torchvision's random initialisation throughout (§14.2.2)."""
+    net = torchvision.models.resnet18()
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+def freeze_features(net):
+    """Exercise 3: train only the output layer. BatchNorm layers with frozen parameters also keep
+    their ImageNet running statistics: train.py leaves them in eval mode."""
+    for name, param in net.named_parameters():
+        param.requires_grad = name.startswith("fc.")
+    return net
