@@ -37,6 +37,9 @@ def download(url, path, sha1):
         try:
             with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
                 shutil.copyfileobj(r, f)
+                size, expected = f.tell(), int(r.headers.get("Content-Length", -1))
+            if expected >= 0 and size != expected:
+                raise OSError(f"the connection closed after {size} of {expected} bytes")
         except (OSError, http.client.HTTPException) as e:  # no network, refused, truncated
             if os.path.exists(path + ".part"):
                 os.remove(path + ".part")

@@ -158,11 +158,15 @@ def train_one(name, mode, lr, args, sets, device, out, ckpt=None):
     param_group = RECIPES[mode]["param_group"] and not args.no_param_group
     meta = dict(args=vars(args), run=dict(name=name, mode=mode, lr=lr), classes=classes,
                 transform=data.TEST_AUGS_SETTINGS, arch="resnet18")
-    history, (probs, labels) = train(
-        net, train_iter, test_iter, lr, param_group, args.epochs, device, args.precision,
-        checkpoint=os.path.join(out, "model.pt"), meta=meta, resume=ckpt, progress=sys.stderr.isatty(),
-        on_epoch=lambda m: say(f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
-                               f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"))
+    checkpoint = os.path.join(out, "model.pt")
+    try:
+        history, (probs, labels) = train(
+            net, train_iter, test_iter, lr, param_group, args.epochs, device, args.precision,
+            checkpoint=checkpoint, meta=meta, resume=ckpt, progress=sys.stderr.isatty(),
+            on_epoch=lambda m: say(f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
+                                   f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(checkpoint) from None  # so the message can say what to resume
     preds = probs.argmax(1)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     confusion.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)
@@ -276,9 +280,11 @@ def main_guarded(fn, args):
     except UserError as e:  # from a loader worker, the message holds its traceback: keep the last line
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.UserError: ')}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; model.pt holds the last whole epoch: continue with "
-              "python finetune.py --resume <out>/model.pt", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        path = e.args[0] if e.args and os.path.exists(e.args[0]) else None
+        print("\ninterrupted; " + (f"{path} holds the last whole epoch: continue with "
+                                   f"python finetune.py --resume {path}" if path else
+                                   "no epoch had finished, so there is nothing to resume"), file=sys.stderr)
         return 130
     except torch.OutOfMemoryError:
         print(f"error: out of GPU memory at --batch-size {args.batch_size}; "

@@ -57,6 +57,7 @@ def train_epoch(net, data_iter, loss, optimizer, device, dtype=None, scaler=None
             m.eval()
     metric = torch.zeros(3, device=device)  # kept on the device: no sync per batch
     start = shown = time.perf_counter()
+    first_batch = 0.0
     for i, (X, y) in enumerate(data_iter):
         fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
         X = X.to(device, non_blocking=True, memory_format=fmt)

@@ -1,0 +1,81 @@
+"""Where training time goes: start-up, the model alone, the whole input pipeline, and memory.
+
+    python benchmark.py --data-dir DIR                 # a folder with train/ and test/
+    python benchmark.py --dummy --batches 2 --batch-size 8   # no data: a short run, as CI does
+
+The model-only figure trains the same net, batch and precision on one batch already on the
+device: no input pipeline can beat it, so pipeline / model-only says how busy loading keeps it.
+"""
+import argparse
+import itertools
+import resource
+import time
+
+import torch
+
+import data
+import models
+from train import amp_dtype, param_groups, train_epoch, try_device
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_epoch(net, batches, optimizer, device, dtype, scaler):
+    """Examples per second of train_epoch over the batches, the device's queue drained."""
+    sync(device)
+    start = time.perf_counter()
+    n = train_epoch(net, batches, torch.nn.CrossEntropyLoss(reduction="none"), optimizer, device,
+                    dtype, scaler)[2]
+    sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", help="a folder with train/ and test/ ImageFolders")
+    p.add_argument("--dummy", action="store_true", help="FakeData shaped like the hot-dog set")
+    p.add_argument("--batches", type=int, help="batches per measurement (default: one epoch)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=min(16, len(__import__("os").sched_getaffinity(0))))
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["amp", "fp32"], default="amp")
+    p.add_argument("--no-cache", action="store_true")
+    args = p.parse_args()
+    if not (args.dummy or args.data_dir):
+        p.error("give --data-dir DIR or --dummy")
+    device = try_device(args.device)
+    start = time.perf_counter()
+    sets = data.fake_data() if args.dummy else data.image_folders(args.data_dir, not args.no_cache, args.workers)
+    data_sec = time.perf_counter() - start
+    train_iter, _ = data.make_loaders(*sets, args.batch_size, args.workers, device)
+    batches = args.batches or len(train_iter)
+
+    fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    net = models.scratch_net(2).to(device, memory_format=fmt)  # speed does not depend on weights
+    optimizer = torch.optim.SGD(param_groups(net, 5e-5), lr=5e-5, weight_decay=1e-3)
+    dtype = amp_dtype(device, args.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    torch.backends.cudnn.benchmark = True
+
+    start = time.perf_counter()
+    X, y = next(iter(train_iter))  # starts the (persistent) workers
+    first_sec = time.perf_counter() - start
+    batch = [(X.to(device), y.to(device))]
+    timed_epoch(net, batch * 3, optimizer, device, dtype, scaler)  # warm-up: kernels, allocator
+    model_only = timed_epoch(net, batch * batches, optimizer, device, dtype, scaler)
+    pipeline = timed_epoch(net, itertools.islice(train_iter, batches), optimizer, device, dtype, scaler)
+
+    print(f"device {device}, batch {args.batch_size}, precision {dtype or torch.float32}, "
+          f"{args.workers} workers, {batches} batches per measurement")
+    print(f"start-up: data ready {data_sec:.1f} s, workers and first batch {first_sec:.1f} s")
+    print(f"model only: {model_only:.1f} examples/sec")
+    print(f"pipeline:   {pipeline:.1f} examples/sec ({pipeline / model_only:.0%} of model only)")
+    print(f"peak memory: host {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+          + (f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,562 @@
+"""Tests for the hot-dog fine-tuning recipe, on tiny generated data, offline, on the CPU."""
+import hashlib
+import http.server
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import data
+import finetune
+import models
+from data import UserError
+from train import evaluate, param_groups, train, train_epoch, try_device
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COLOURS = {"hotdog": (220, 60, 30), "not-hotdog": (30, 60, 220)}
+
+
+def write_folder(root, train=4, test=2, size=(40, 48), classes=COLOURS, seed=0):
+    """An ImageFolder with train/ and test/ of plain noisy colours, one colour per class."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("test", test)):
+        for name, colour in classes.items():
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(n):
+                img = np.clip(np.array(colour) + rng.normal(0, 20, size + (3,)), 0, 255)
+                Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, split, name, f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_home(tmp_path_factory):
+    """A TORCH_HOME holding stand-in "ImageNet" weights, so --pretrained loads them offline."""
+    home = tmp_path_factory.mktemp("torch_home")
+    os.makedirs(home / "hub" / "checkpoints")
+    torch.manual_seed(123)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    os.environ["TORCH_HOME"] = str(home)
+    return state
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("hotdog"))
+
+
+def run_cli(capsys, *argv):
+    """finetune.py's main in this process: (exit status, stdout, stderr)."""
+    status = finetune.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# ---------------------------------------------------------------- models
+def test_output_shapes_and_head_init():
+    for net in (models.finetune_net(2), models.scratch_net(5)):
+        assert net.eval()(torch.rand(3, 3, 64, 64)).shape == (3, net.fc.out_features)
+    fc = models.finetune_net(2).fc
+    assert fc.weight.abs().max() <= (6 / (512 + 2)) ** 0.5  # xavier-uniform's bound
+
+
+def test_pretrained_weights_come_from_torch_home(torch_home):
+    net = models.finetune_net(2)
+    for name, value in net.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(value, torch_home[name]), name
+    assert not torch.equal(net.fc.weight[:2], torch_home["fc.weight"][:2])
+
+
+def test_weights_file(tmp_path, torch_home):
+    torch.save(torch_home, tmp_path / "w.pth")
+    net = models.finetune_net(2, weights_file=str(tmp_path / "w.pth"))
+    assert torch.equal(net.conv1.weight, torch_home["conv1.weight"])
+    torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="not a resnet18 state-dict"):
+        models.finetune_net(2, weights_file=str(tmp_path / "bad.pth"))
+    with pytest.raises(UserError, match="does not exist"):
+        models.finetune_net(2, weights_file=str(tmp_path / "missing.pth"))
+
+
+def test_weights_not_downloadable(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache, so torchvision must download
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    with pytest.raises(UserError, match="--weights FILE"):
+        models.finetune_net(2)
+
+
+def test_param_groups():
+    net = models.finetune_net(2)
+    groups = param_groups(net, 0.1)
+    assert [g.get("lr") for g in groups] == [None, pytest.approx(1.0)]
+    assert {id(p) for p in groups[1]["params"]} == {id(net.fc.weight), id(net.fc.bias)}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters())  # each exactly once
+    optimizer = torch.optim.SGD(param_groups(net, 0.1, param_group=False), lr=0.1)
+    assert len(optimizer.param_groups) == 1
+
+
+def test_init_head_from_imagenet(torch_home):
+    fc = models.finetune_net(2, init_head_from_imagenet=True).fc
+    w, b = torch_home["fc.weight"], torch_home["fc.bias"]
+    assert torch.equal(fc.weight[0], w[934]) and fc.bias[0] == b[934]
+    others = torch.cat([w[:934], w[935:]])
+    assert torch.allclose(fc.weight[1], others.mean(0))
+
+
+# ---------------------------------------------------------------- training
+def test_overfits_a_tiny_set():
+    torch.manual_seed(0)
+    X = torch.randn(16, 3, 32, 32)
+    y = torch.arange(16) % 2
+    X[y == 1] += 1.0
+    net = models.scratch_net(2)
+    optimizer = torch.optim.SGD(param_groups(net, 1e-2, False), lr=1e-2, weight_decay=1e-3)
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    metrics = [train_epoch(net, [(X, y)], loss, optimizer, torch.device("cpu"), None,
+                           torch.amp.GradScaler("cpu", enabled=False)) for _ in range(15)]
+    assert metrics[-1][1] == 16  # every example right
+    assert metrics[-1][0] < metrics[0][0] / 4
+
+
+def test_sum_not_mean_loss_gradients():
+    """The recipe's gradient is the sum over the batch: twice the batch, twice the step."""
+    torch.manual_seed(0)
+    X, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    steps = []
+    for batch in ((X, y), (torch.cat([X, X]), torch.cat([y, y]))):
+        torch.manual_seed(0)
+        net = models.scratch_net(2).eval()  # eval: BatchNorm does not depend on the batch
+        net.train = lambda mode=True: net  # keep it so inside train_epoch
+        before = net.fc.weight.detach().clone()
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+        train_epoch(net, [batch], torch.nn.CrossEntropyLoss(reduction="none"), optimizer,
+                    torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
+        steps.append(net.fc.weight.detach() - before)
+    assert torch.allclose(steps[1], 2 * steps[0], atol=1e-6)
+
+
+def test_freeze_trains_only_the_head(folder):
+    net = models.freeze_features(models.finetune_net(2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    train_iter, test_iter = data.make_loaders(*data.image_folders(folder), batch_size=4)
+    train(net, train_iter, test_iter, lr=0.01, num_epochs=1)
+    after = net.state_dict()
+    for name in before:  # weights and BatchNorm statistics alike
+        assert torch.equal(before[name], after[name]) == (not name.startswith("fc.")), name
+
+
+def test_device_choice():
+    assert try_device().type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no such device"):
+            try_device("cuda")
+
+
+# ---------------------------------------------------------------- data
+def test_loaders(folder):
+    train_set, test_set = data.image_folders(folder)
+    assert train_set.classes == ["hotdog", "not-hotdog"]
+    train_iter, test_iter = data.make_loaders(train_set, test_set, batch_size=4)
+    X, y = next(iter(test_iter))
+    assert X.shape == (4, 3, 224, 224) and X.dtype == torch.float32
+    assert y.tolist() == [0, 0, 1, 1]  # hotdog = 0, not-hotdog = 1, in order
+    expected = (torch.tensor(COLOURS["hotdog"]) / 255 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+    assert torch.allclose(X[0].mean((1, 2)), expected, atol=0.1)  # normalised as ImageNet
+    assert next(iter(train_iter))[0].shape == (4, 3, 224, 224)
+
+
+def test_cache_gives_the_same_images(folder):
+    cached, _ = data.image_folders(folder, cache=True)
+    plain, _ = data.image_folders(folder, cache=False)
+    torch.manual_seed(1)
+    a = cached[3]
+    torch.manual_seed(1)
+    b = plain[3]
+    assert a[1] == b[1] and torch.equal(a[0], b[0])
+
+
+def test_image_modes_load_as_rgb(tmp_path):
+    img = Image.new("RGB", (8, 8), (200, 10, 10))
+    for mode in ("L", "P", "RGBA", "CMYK"):
+        img.convert(mode).save(tmp_path / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
+    for path in tmp_path.iterdir():
+        assert data.load_rgb(str(path)).mode == "RGB"
+
+
+def test_unreadable_and_huge_images_are_named(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
+    with pytest.raises(UserError, match="cut.png"):
+        data.load_rgb(str(tmp_path / "cut.png"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(UserError, match="ok.png"):
+        data.load_rgb(str(tmp_path / "ok.png"))
+
+
+def test_non_image_files_are_skipped(tmp_path):
+    root = write_folder(tmp_path)
+    (tmp_path / "train" / "hotdog" / "notes.txt").write_text("not an image")
+    assert len(data.image_folders(root)[0]) == 8
+
+
+def test_fake_data():
+    train_set, test_set = data.fake_data()
+    X, y = train_set[0]
+    assert len(train_set) == 2000 and len(test_set) == 800
+    assert X.shape == (3, 224, 224) and y in (0, 1)
+
+
+# ---------------------------------------------------------------- download
+def make_zip(tmp_path, names=("hotdog/train/hotdog/0.png", "hotdog/test/hotdog/0.png")):
+    buf = io.BytesIO()
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    with zipfile.ZipFile(buf, "w") as z:
+        for name in names:
+            z.writestr(name, png.getvalue())
+    return buf.getvalue()
+
+
+@pytest.fixture
+def server():
+    """An HTTP server on 127.0.0.1: files maps a path to (body, claimed length)."""
+    files, requests = {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            body, length = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}", files, requests
+    httpd.shutdown()
+
+
+def test_download_verify_extract_once(tmp_path, server):
+    url, files, requests = server
+    body = make_zip(tmp_path)
+    files["/hotdog.zip"] = (body, len(body))
+    sha1 = hashlib.sha1(body).hexdigest()
+    folder = data.get_hotdog(str(tmp_path), url + "/hotdog.zip", sha1)
+    assert os.path.isfile(os.path.join(folder, "train", "hotdog", "0.png"))
+    assert data.get_hotdog(str(tmp_path), url + "/hotdog.zip", sha1) == folder
+    assert requests == ["/hotdog.zip"]  # the second call did not download
+    assert sorted(os.listdir(tmp_path)) == ["hotdog", "hotdog.zip"]
+
+
+def test_checksum_mismatch_removes_the_file(tmp_path, server):
+    url, files, _ = server
+    files["/hotdog.zip"] = (b"junk", 4)
+    with pytest.raises(UserError, match="wrong SHA-1"):
+        data.get_hotdog(str(tmp_path), url + "/hotdog.zip", "0" * 40)
+    assert os.listdir(tmp_path) == []
+
+
+def test_truncated_download_leaves_nothing(tmp_path, server):
+    url, files, _ = server
+    body = make_zip(tmp_path)
+    files["/hotdog.zip"] = (body[:100], len(body))
+    with pytest.raises(UserError, match="cannot download"):
+        data.get_hotdog(str(tmp_path), url + "/hotdog.zip", hashlib.sha1(body).hexdigest())
+    assert os.listdir(tmp_path) == []
+
+
+def test_no_network_says_where_to_put_the_zip(tmp_path):
+    with pytest.raises(UserError, match=r"put it at .*hotdog\.zip"):
+        data.get_hotdog(str(tmp_path), "http://127.0.0.1:9/hotdog.zip", "0" * 40)
+
+
+def test_not_a_zip_and_escaping_paths_are_refused(tmp_path, server):
+    url, files, _ = server
+    for body, message in ((b"not a zip at all", "not a whole zip"),
+                          (make_zip(tmp_path, ["../evil.png"]), "outside the data root")):
+        root = tmp_path / message.replace(" ", "_")
+        files["/hotdog.zip"] = (body, len(body))
+        with pytest.raises(UserError, match=message):
+            data.get_hotdog(str(root), url + "/hotdog.zip", hashlib.sha1(body).hexdigest())
+        assert not os.path.exists(root / "hotdog") and not os.path.exists(tmp_path / "evil.png")
+
+
+def test_interrupted_extraction_is_redone(tmp_path, server):
+    url, files, _ = server
+    body = make_zip(tmp_path)
+    files["/hotdog.zip"] = (body, len(body))
+    os.makedirs(tmp_path / ".extracting" / "hotdog" / "train")  # what a killed run leaves
+    folder = data.get_hotdog(str(tmp_path), url + "/hotdog.zip", hashlib.sha1(body).hexdigest())
+    assert os.path.isfile(os.path.join(folder, "test", "hotdog", "0.png"))
+    assert not os.path.exists(tmp_path / ".extracting")
+
+
+# ---------------------------------------------------------------- command line
+def test_cli_pretrained_and_scratch(folder, tmp_path, capsys):
+    for mode in ("--pretrained", "--scratch"):
+        status, out, _ = run_cli(capsys, mode, "--data-dir", folder, "--epochs", 1, "--batch-size", 4,
+                                 "--workers", 1, "--out", tmp_path / mode)
+        assert status == 0, out
+        assert "epoch 1: loss" in out and "examples/sec on cpu" in out
+        metrics = json.load(open(tmp_path / mode / "metrics.json"))
+        assert metrics["lr"] == {"--pretrained": 5e-5, "--scratch": 5e-4}[mode]
+        assert len(metrics["history"]) == 1 and 0 <= metrics["test_acc"] <= 1
+        assert f"test acc {metrics['test_acc']:.3f}" in out
+        confusion = torch.tensor(metrics["confusion"])
+        assert confusion.sum() == 4 and confusion.trace() / 4 == pytest.approx(metrics["test_acc"])
+        assert (tmp_path / mode / "curves.png").stat().st_size > 0
+
+
+def test_cli_as_a_user_runs_it(folder, tmp_path):
+    """The real command in a fresh process, with loader worker processes."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "finetune.py"), "--pretrained",
+                             "--data-dir", folder, "--epochs", "1", "--batch-size", "8",
+                             "--workers", "2", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "examples/sec on cpu" in result.stdout and (tmp_path / "model.pt").exists()
+
+
+def test_compare_and_several_lrs(folder, tmp_path, capsys):
+    status, out, _ = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 1,
+                             "--batch-size", 8, "--workers", 0, "--out", tmp_path)
+    assert status == 0
+    table = out.split("book")[-1]
+    assert "pretrained" in table and "test acc 0.940" in table
+    assert "scratch" in table and "test acc 0.850" in table
+    assert (tmp_path / "pretrained" / "model.pt").exists() and (tmp_path / "scratch" / "model.pt").exists()
+    status, out, _ = run_cli(capsys, "--scratch", "--lr", "1e-4", "1e-3", "--data-dir", folder,
+                             "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path / "lrs")
+    assert status == 0 and "scratch-lr0.0001" in out and "scratch-lr0.001" in out
+    assert json.load(open(tmp_path / "lrs" / "scratch-lr0.001" / "metrics.json"))["lr"] == 1e-3
+
+
+def test_predict_matches_the_evaluation_loop(folder, tmp_path, capsys):
+    status, _, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1,
+                           "--batch-size", 8, "--workers", 0, "--out", tmp_path)
+    assert status == 0
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    net = models.scratch_net(2)
+    net.load_state_dict(ckpt["model"])
+    _, test_set = data.image_folders(folder)
+    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], torch.device("cpu"))
+    paths = [p for p, _ in test_set.samples]
+    status, out, _ = run_cli(capsys, "--predict", *paths, "--model", tmp_path / "model.pt")
+    assert status == 0
+    for line, p in zip(out.splitlines(), probs):
+        name, prob = line.split(": ")[1].split()
+        assert name == ckpt["classes"][p.argmax()] and float(prob) == pytest.approx(p.max().item(), abs=1e-3)
+
+
+def test_mistakes_are_the_misclassified_images(folder, tmp_path, capsys, monkeypatch):
+    shown = {}
+    monkeypatch.setattr(finetune.plots, "mistakes", lambda images, captions, path: shown.update(
+        images=images, captions=captions))
+    status, _, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--lr", "1e-2",
+                           "--batch-size", 8, "--workers", 0, "--out", tmp_path)
+    assert status == 0
+    net = models.scratch_net(2)
+    net.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True)["model"])
+    _, test_set = data.image_folders(folder)
+    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], torch.device("cpu"))
+    wrong = (probs.argmax(1) != labels).nonzero().flatten().tolist()
+    assert len(shown["images"]) == len(wrong)
+    for image, i in zip(shown["images"], wrong):
+        assert torch.equal(image, test_set[i][0])
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    assert 1 - len(wrong) / 4 == pytest.approx(metrics["test_acc"])
+
+
+def test_show_samples(folder, tmp_path, capsys):
+    status, out, _ = run_cli(capsys, "--show-samples", "--data-dir", folder, "--out", tmp_path)
+    assert status == 0 and (tmp_path / "samples.png").stat().st_size > 0 and "samples.png" in out
+
+
+def test_resume_ends_with_the_same_weights(folder, tmp_path, capsys):
+    common = ["--scratch", "--data-dir", folder, "--batch-size", 4, "--workers", 0, "--lr", "1e-3"]
+    assert run_cli(capsys, *common, "--epochs", 2, "--out", tmp_path / "whole")[0] == 0
+    assert run_cli(capsys, *common, "--epochs", 1, "--out", tmp_path / "cut")[0] == 0
+    status, out, _ = run_cli(capsys, "--resume", tmp_path / "cut" / "model.pt", "--epochs", 2)
+    assert status == 0 and "epoch 2:" in out and "epoch 1:" not in out
+    whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    for name, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    assert whole["history"][1]["loss"] == resumed["history"][1]["loss"]
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(folder, tmp_path):
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "finetune.py"), "--scratch",
+                             "--data-dir", folder, "--epochs", "50", "--batch-size", "8",
+                             "--workers", "0", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # wait for the first checkpoint, at most a minute
+        if (tmp_path / "model.pt").exists() or proc.poll() is not None:
+            break
+        threading.Event().wait(0.1)
+    proc.send_signal(2)  # SIGINT, as Ctrl-C
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"--resume {tmp_path / 'model.pt'}" in err and "Traceback" not in err
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["history"]
+
+
+@pytest.mark.parametrize("setup, argv, message", [
+    (None, ["--data-dir", "{tmp}/nowhere"], "nowhere/train is not a folder"),
+    ("no_test", ["--data-dir", "{tmp}/d"], "test is not a folder"),
+    ("other_classes", ["--data-dir", "{tmp}/d"], "give both the same class folders"),
+    ("empty_class", ["--data-dir", "{tmp}/d"], "put images in every class folder"),
+    ("bad_image", ["--data-dir", "{tmp}/d"], "cannot read image .*0.png"),
+    ("bad_image", ["--data-dir", "{tmp}/d", "--no-cache", "--workers", "1"], "cannot read image .*0.png"),
+    ("ok", ["--data-dir", "{tmp}/d", "--weights", "{tmp}/none.pth"], "does not exist"),
+    ("ok", ["--data-dir", "{tmp}/d", "--device", "cuda"], "no such device"),
+    ("ok", ["--resume", "{tmp}/none.pt"], "does not exist"),
+])
+def test_bad_input_is_one_line(setup, argv, message, tmp_path, capsys):
+    root = tmp_path / "d"
+    if setup:
+        write_folder(root, train=2, test=1)
+    if setup == "no_test":
+        os.rename(root / "test", root / "tested")
+    if setup == "other_classes":
+        os.rename(root / "test" / "hotdog", root / "test" / "pizza")
+    if setup == "empty_class":
+        os.makedirs(root / "train" / "pizza")
+        os.makedirs(root / "test" / "pizza")
+    if setup == "bad_image":
+        (root / "train" / "hotdog" / "0.png").write_bytes(b"\x89PNG broken")
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    mode = [] if "--resume" in argv else ["--pretrained"]
+    status, out, err = run_cli(capsys, *mode, *argv, "--epochs", 1, "--out", tmp_path / "out")
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    import re
+    assert re.search(message, err), err
+
+
+def test_bad_arguments_are_refused(capsys):
+    for argv in (["--scratch", "--epochs", "0"], ["--scratch", "--lr", "-1"], ["--predict", "x.png"], []):
+        with pytest.raises(SystemExit) as e:
+            finetune.main(argv)
+        assert e.value.code == 2
+        assert "error:" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_class_set(folder, tmp_path, capsys):
+    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                   "--workers", 0, "--out", tmp_path)[0] == 0
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    ckpt["args"]["data_dir"] = write_folder(tmp_path / "three", 1, 1, classes={"a": (0, 0, 0), "b": (1, 1, 1), "c": (2, 2, 2)})
+    torch.save(ckpt, tmp_path / "other.pt")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "other.pt")
+    assert status == 2 and "trained on classes" in err
+
+
+def test_batch_larger_than_the_training_set(folder, tmp_path, capsys):
+    status, out, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1,
+                             "--batch-size", 1000, "--workers", 0, "--out", tmp_path)
+    assert status == 0 and "epoch 1:" in out
+
+
+def test_out_of_memory_names_the_batch_size(folder, tmp_path, capsys, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(finetune, "train", oom)
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--batch-size", 64,
+                             "--out", tmp_path)
+    assert status == 2 and "--batch-size 64" in err and "--batch-size 32" in err
+
+
+def test_cifar10_through_the_same_dataset_function(tmp_path, capsys, monkeypatch):
+    """Generated data in CIFAR-10's on-disk layout; torchvision checks the real files' MD5."""
+    import pickle
+    folder = tmp_path / "cifar-10-batches-py"
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 4)]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": list(range(n))}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    status, out, _ = run_cli(capsys, "--pretrained", "--dataset", "cifar10", "--data-root", tmp_path,
+                             "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path / "out")
+    assert status == 0 and "training on 10 images" in out
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert metrics["classes"] == [f"c{i}" for i in range(10)] and metrics["lr"] == 5e-4
+    assert metrics["args"]["epochs"] == 1
+
+
+def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert finetune.plots.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
+                                 str(tmp_path / "curves.png")) is None
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not (tmp_path / "curves.png").exists()
+
+
+# ---------------------------------------------------------------- several processes
+def ddp_worker(rank, root, out, port):
+    """One of two gloo processes: train one epoch, save what it ended with and what it saw."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = models.scratch_net(2)
+    train_iter, test_iter = data.make_loaders(*data.image_folders(root), batch_size=4)
+    seen = list(train_iter.sampler)  # epoch 0's share, as train() will draw it
+    history, _ = train(net, train_iter, test_iter, lr=0.01, num_epochs=1, device=torch.device("cpu"))
+    torch.save({"model": net.state_dict(), "seen": seen, "test_acc": history[-1]["test_acc"],
+                "n": history[-1]}, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree(tmp_path):
+    root = write_folder(tmp_path / "d", train=4, test=3)  # 8 train images, 6 test images
+    torch.multiprocessing.spawn(ddp_worker, (root, str(tmp_path), free_port()), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name, value in ranks[0]["model"].items():
+        assert torch.equal(value, ranks[1]["model"][name]), name
+    seen = ranks[0]["seen"] + ranks[1]["seen"]
+    assert sorted(seen) == list(range(8))  # every training example once
+    net = models.scratch_net(2)
+    net.load_state_dict(ranks[0]["model"])
+    _, test_set = data.image_folders(root)
+    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 6)[1], torch.device("cpu"))
+    single = (probs.argmax(1) == labels).float().mean().item()
+    assert ranks[0]["test_acc"] == ranks[1]["test_acc"] == pytest.approx(single)
+
+
+def test_torchrun_command_line(folder, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port", str(free_port()), os.path.join(HERE, "finetune.py"),
+                             "--scratch", "--data-dir", folder, "--epochs", "1", "--batch-size", "8",
+                             "--workers", "0", "--device", "cpu", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("epoch 1:") == 1  # only process 0 prints
+    assert json.load(open(tmp_path / "metrics.json"))["world_size"] == 2
