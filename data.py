@@ -86,19 +86,24 @@ def get_hotdog(root="data", url=HOTDOG_URL, sha1=HOTDOG_SHA1):
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as the pretrained net saw
 
 
-def make_test_augs(resize=256, crop=224, mean=MEAN, std=STD):
+def make_test_augs(resize=256, crop=224):
     """The book's test augmentations; the checkpoint keeps these settings for prediction."""
-    return v2.Compose([v2.ToImage(), v2.Resize([resize, resize]), v2.CenterCrop(crop),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return v2.Compose([v2.ToImage(), v2.Resize([resize, resize]), v2.CenterCrop(crop), v2.ToPureTensor()])
 
 
-# The book's augmentations (§14.2.1). ToImage comes first, so the crop and resize run on uint8
-# tensors whether an image comes from PIL or from the decoded cache below; the resize is the
-# same bilinear, antialiased one as PIL's, and ToImage + ToDtype(scale=True) is ToTensor.
-train_augs = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(),
-                         v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+# The book's augmentations (§14.2.1) up to ToTensor. ToImage comes first, so the crop and resize
+# run on uint8 tensors whether an image comes from PIL or from the decoded cache below (the same
+# bilinear, antialiased resize as PIL's). The loaders yield uint8 images; the book's last two
+# steps, ToTensor's scaling and `normalize`, run on whole batches on the device (`normalize`
+# below): per image on a CPU core they cost twice the crop and resize, and floats are 4x the bytes.
+train_augs = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(), v2.ToPureTensor()])
 test_augs = make_test_augs()
 TEST_AUGS_SETTINGS = dict(resize=256, crop=224, mean=MEAN, std=STD)
+
+
+def normalize(X, mean=MEAN, std=STD):
+    """A batch of uint8 images as the net's input: scaled to [0, 1] (ToTensor), then normalised."""
+    return v2.functional.normalize(X.float() / 255, mean, std)
 
 
 # ---------------------------------------------------------------- datasets
@@ -114,25 +119,30 @@ def load_rgb(path):
 
 
 class DecodedImages(torch.utils.data.Dataset):
-    """An ImageFolder decoded once into uint8 tensors, then augmented afresh per item.
+    """An ImageFolder decoded once into uint8 pixels, then augmented afresh per item.
 
-    Where we differ from ImageFolder + PIL, and why: decoding a PNG costs about ten times the
-    augmentations, so decoding every epoch starves a GPU. The hot-dog set decodes into about
-    0.7 GB; use --no-cache for a folder that does not fit in memory.
+    Where we differ from ImageFolder + PIL, and why: decoding a PNG costs several times the
+    augmentations, so decoding every epoch starves a GPU. All images share one buffer, so worker
+    processes receive it whole (and cheaply) on every platform. Use --no-cache for a folder that
+    does not fit in memory.
     """
 
     def __init__(self, folder, workers=1):
         self.classes, self.targets, self.transform = folder.classes, folder.targets, folder.transform
         self.samples = folder.samples
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
-            self.images = list(pool.map(lambda s: v2.functional.pil_to_tensor(load_rgb(s[0])),
-                                        folder.samples))
+            images = list(pool.map(lambda s: v2.functional.pil_to_tensor(load_rgb(s[0])), folder.samples))
+        self.shapes = [img.shape for img in images]
+        self.offsets = [0] + [img.numel() for img in images]
+        self.offsets = torch.tensor(self.offsets).cumsum(0).tolist()
+        self.pixels = torch.cat([img.flatten() for img in images])
 
     def __len__(self):
-        return len(self.images)
+        return len(self.shapes)
 
     def __getitem__(self, i):
-        return self.transform(self.images[i]), self.targets[i]
+        image = self.pixels[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
+        return self.transform(image), self.targets[i]
 
 
 def image_folders(data_dir, cache=True, workers=1):

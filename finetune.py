@@ -245,9 +245,11 @@ def predict(args):
     ckpt = load_checkpoint(args.model)
     net = models.scratch_net(len(ckpt["classes"]))
     net.load_state_dict(ckpt["model"])
-    augs = data.make_test_augs(**ckpt["transform"])
+    settings = ckpt["transform"]
+    augs = data.make_test_augs(settings["resize"], settings["crop"])
+    X = data.normalize(torch.stack([augs(data.load_rgb(p)) for p in args.predict]), settings["mean"], settings["std"])
     with torch.no_grad():
-        probs = torch.softmax(net.eval()(torch.stack([augs(data.load_rgb(p)) for p in args.predict])), 1)
+        probs = torch.softmax(net.eval()(X), 1)
     for path, p in zip(args.predict, probs):
         print(f"{path}: {ckpt['classes'][p.argmax()]} {p.max():.3f}")
 

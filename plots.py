@@ -2,7 +2,6 @@
 net sees it. matplotlib is optional: without it each picture is skipped with a one-line note."""
 import torch
 
-from data import MEAN, STD
 
 
 def pyplot():
@@ -17,11 +16,8 @@ def pyplot():
 
 
 def as_picture(img):
-    """A normalised CHW tensor (or a PIL image) as something imshow shows in true colour."""
-    if isinstance(img, torch.Tensor):
-        img = (img * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None])
-        return img.clamp(0, 1).permute(1, 2, 0).numpy()
-    return img
+    """A uint8 CHW tensor (or a PIL image) as something imshow shows."""
+    return img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img
 
 
 def save(fig, plt, path):

@@ -170,9 +170,11 @@ def test_loaders(folder):
     assert train_set.classes == ["hotdog", "not-hotdog"]
     train_iter, test_iter = data.make_loaders(train_set, test_set, batch_size=4)
     X, y = next(iter(test_iter))
-    assert X.shape == (4, 3, 224, 224) and X.dtype == torch.float32
+    assert X.shape == (4, 3, 224, 224) and X.dtype == torch.uint8
     assert y.tolist() == [0, 0, 1, 1]  # hotdog = 0, not-hotdog = 1, in order
     expected = (torch.tensor(COLOURS["hotdog"]) / 255 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+    X = data.normalize(X)
+    assert X.dtype == torch.float32
     assert torch.allclose(X[0].mean((1, 2)), expected, atol=0.1)  # normalised as ImageNet
     assert next(iter(train_iter))[0].shape == (4, 3, 224, 224)
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data import UserError
+from data import UserError, normalize
 
 
 def try_device(name=None):
@@ -48,6 +48,12 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def to_input(X, device):
+    """uint8 images from a loader as the net's input on the device (channels-last on CUDA)."""
+    X = normalize(X.to(device, non_blocking=True))
+    return X.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else X
+
+
 def train_epoch(net, data_iter, loss, optimizer, device, dtype=None, scaler=None, progress=False):
     """One pass over data_iter; returns the loss sum, correct and examples, summed over
     processes, and the seconds until the first batch had arrived and been trained on."""
@@ -59,9 +65,7 @@ def train_epoch(net, data_iter, loss, optimizer, device, dtype=None, scaler=None
     start = shown = time.perf_counter()
     first_batch = 0.0
     for i, (X, y) in enumerate(data_iter):
-        fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
-        X = X.to(device, non_blocking=True, memory_format=fmt)
-        y = y.to(device, non_blocking=True)
+        X, y = to_input(X, device), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             y_hat = net(X)
             l = loss(y_hat, y)
@@ -95,7 +99,7 @@ def evaluate(net, data_iter, device, dtype=None):
     probs, labels = [], []
     for X, y in data_iter:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            probs.append(torch.softmax(net(X.to(device)).float(), 1).cpu())
+            probs.append(torch.softmax(net(to_input(X, device)).float(), 1).cpu())
         labels.append(y)
     probs, labels = torch.cat(probs), torch.cat(labels)
     if world_size() > 1:  # process r evaluated examples r, r + world, r + 2 world, ...
@@ -158,6 +162,9 @@ def train(net, train_iter, test_iter, lr, param_group=True, num_epochs=5, device
         loss_sum, correct, n, first_batch = train_epoch(model, train_iter, loss, optimizer, device,
                                                         dtype, scaler, progress)
         seconds = time.perf_counter() - start  # data loading included, unlike the book's timer
+        if world_size() > 1:  # DDP hands process 0's BatchNorm statistics to the others before
+            for buffer in net.buffers():  # each forward, not after the last one: do it here
+                dist.broadcast(buffer, 0)
         result = evaluate(net, test_iter, device, dtype)
         history.append({"epoch": epoch + 1, "loss": loss_sum / n, "train_acc": correct / n,
                         "test_acc": (result[0].argmax(1) == result[1]).float().mean().item(),
