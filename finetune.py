@@ -140,6 +140,12 @@ def build_net(mode, num_classes, args):
     return models.freeze_features(net) if args.freeze else net
 
 
+def epoch_line(m):
+    return (f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
+            f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"
+            + (f" (start-up: first batch after {m['first_batch_sec']:.1f} s)" if m["epoch"] == 1 else ""))
+
+
 def train_one(name, mode, lr, args, sets, device, out, ckpt=None):
     """Train one net, write its model.pt, metrics.json and mistakes.png; return its metrics."""
     random.seed(args.seed)
@@ -149,7 +155,14 @@ def train_one(name, mode, lr, args, sets, device, out, ckpt=None):
         if ckpt["classes"] != classes:
             raise UserError(f"{args.resume} was trained on classes {ckpt['classes']}, not {classes}; "
                             "resume with the data it was trained on")
-        net.load_state_dict(ckpt["model"])
+        try:
+            net.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UserError(f"{args.resume} holds another architecture than resnet18 with "
+                            f"{len(classes)} classes; resume it with the program that wrote it") from None
+    elif os.path.exists(os.path.join(out, "model.pt")):
+        raise UserError(f"{out} already holds a run's model.pt; choose another --out, "
+                        f"or continue it with --resume {os.path.join(out, 'model.pt')}")
     train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, device, args.seed)
     os.makedirs(out, exist_ok=True)
     say = print if rank() == 0 else (lambda *a, **k: None)
@@ -163,8 +176,7 @@ def train_one(name, mode, lr, args, sets, device, out, ckpt=None):
         history, (probs, labels) = train(
             net, train_iter, test_iter, lr, param_group, args.epochs, device, args.precision,
             checkpoint=checkpoint, meta=meta, resume=ckpt, progress=sys.stderr.isatty(),
-            on_epoch=lambda m: say(f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
-                                   f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"))
+            on_epoch=lambda m: say(epoch_line(m)))
     except KeyboardInterrupt:
         raise KeyboardInterrupt(checkpoint) from None  # so the message can say what to resume
     preds = probs.argmax(1)

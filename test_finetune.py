@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 import zipfile
 
 import numpy as np
@@ -63,7 +64,10 @@ def run_cli(capsys, *argv):
 
 # ---------------------------------------------------------------- models
 def test_output_shapes_and_head_init():
-    for net in (models.finetune_net(2), models.scratch_net(5)):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchvision's deprecation warnings among them
+        nets = models.finetune_net(2), models.scratch_net(5)
+    for net in nets:
         assert net.eval()(torch.rand(3, 3, 64, 64)).shape == (3, net.fc.out_features)
     fc = models.finetune_net(2).fc
     assert fc.weight.abs().max() <= (6 / (512 + 2)) ** 0.5  # xavier-uniform's bound
@@ -366,23 +370,52 @@ def test_predict_matches_the_evaluation_loop(folder, tmp_path, capsys):
         assert name == ckpt["classes"][p.argmax()] and float(prob) == pytest.approx(p.max().item(), abs=1e-3)
 
 
-def test_mistakes_are_the_misclassified_images(folder, tmp_path, capsys, monkeypatch):
+def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
+    root = write_folder(tmp_path / "d", train=4, test=4)
+    for name in ("0.png", "1.png"):  # swap two test images per class: some mistakes are certain
+        a, b = tmp_path / "d" / "test" / "hotdog" / name, tmp_path / "d" / "test" / "not-hotdog" / name
+        a.rename(tmp_path / "swap.png"), b.rename(a), (tmp_path / "swap.png").rename(b)
     shown = {}
+    real = finetune.plots.mistakes
     monkeypatch.setattr(finetune.plots, "mistakes", lambda images, captions, path: shown.update(
-        images=images, captions=captions))
-    status, _, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--lr", "1e-2",
-                           "--batch-size", 8, "--workers", 0, "--out", tmp_path)
+        images=images, captions=captions, path=real(images, captions, path)))
+    status, out, _ = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path / "out")
     assert status == 0
     net = models.scratch_net(2)
-    net.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True)["model"])
-    _, test_set = data.image_folders(folder)
+    net.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True)["model"])
+    _, test_set = data.image_folders(root)
     probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], torch.device("cpu"))
     wrong = (probs.argmax(1) != labels).nonzero().flatten().tolist()
-    assert len(shown["images"]) == len(wrong)
-    for image, i in zip(shown["images"], wrong):
+    assert wrong and len(shown["images"]) == len(wrong)
+    for image, i, caption in zip(shown["images"], wrong, shown["captions"]):
         assert torch.equal(image, test_set[i][0])
-    metrics = json.load(open(tmp_path / "metrics.json"))
-    assert 1 - len(wrong) / 4 == pytest.approx(metrics["test_acc"])
+        assert caption.startswith(f"true {test_set.classes[labels[i]]}\npred {test_set.classes[1 - labels[i]]}")
+    assert os.path.getsize(shown["path"]) > 0 and shown["path"].endswith("mistakes.png")
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    confusion = torch.tensor(metrics["confusion"])
+    assert confusion.sum() == 8 and confusion.trace() == 8 - len(wrong)
+    assert 1 - len(wrong) / 8 == pytest.approx(metrics["test_acc"])
+    assert "confusion (rows: true class" in out
+
+
+def test_a_finished_run_is_never_overwritten(folder, tmp_path, capsys):
+    argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
+    assert run_cli(capsys, *argv)[0] == 0
+    before = (tmp_path / "model.pt").read_bytes()
+    status, _, err = run_cli(capsys, *argv)
+    assert status == 2 and "already holds a run" in err
+    assert (tmp_path / "model.pt").read_bytes() == before
+
+
+def test_resume_refuses_another_architecture(folder, tmp_path, capsys):
+    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                   "--workers", 0, "--out", tmp_path)[0] == 0
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    ckpt["model"] = torchvision.models.resnet34(num_classes=2).state_dict()
+    torch.save(ckpt, tmp_path / "other.pt")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "other.pt", "--epochs", 2)
+    assert status == 2 and "another architecture" in err
 
 
 def test_show_samples(folder, tmp_path, capsys):
