@@ -1,6 +1,7 @@
 """Data for D2L §14.2: the hot-dog download, the book's augmentations, datasets and loaders."""
 import hashlib
 import http.client
+import itertools
 import os
 import shutil
 import urllib.request
@@ -133,8 +134,7 @@ class DecodedImages(torch.utils.data.Dataset):
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
             images = list(pool.map(lambda s: v2.functional.pil_to_tensor(load_rgb(s[0])), folder.samples))
         self.shapes = [img.shape for img in images]
-        self.offsets = [0] + [img.numel() for img in images]
-        self.offsets = torch.tensor(self.offsets).cumsum(0).tolist()
+        self.offsets = [0, *itertools.accumulate(img.numel() for img in images)]
         self.pixels = torch.cat([img.flatten() for img in images])
 
     def __len__(self):

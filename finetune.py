@@ -109,12 +109,20 @@ def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def rank0_first(fn, *a):
-    """Run fn on process 0 first (it downloads), then on the others (they find its files)."""
-    if rank() > 0:
+def say(*args):
+    """print, on process 0 only."""
+    if rank() == 0:
+        print(*args)
+
+
+def local_first(fn, *a):
+    """Run fn on each machine's first process (it downloads), then on the others (they find its
+    files). Machines that share a file system would download side by side: give --data-dir."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not first:
         dist.barrier()
     result = fn(*a)
-    if rank() == 0 and dist.is_initialized():
+    if first and dist.is_initialized():
         dist.barrier()
     return result
 
@@ -136,7 +144,7 @@ def build_net(mode, num_classes, args):
     torch.manual_seed(args.seed)  # the same initial head on every process
     if mode == "scratch":
         return models.scratch_net(num_classes)
-    net = rank0_first(models.finetune_net, num_classes, args.weights, args.init_head_from_imagenet)
+    net = local_first(models.finetune_net, num_classes, args.weights, args.init_head_from_imagenet)
     return models.freeze_features(net) if args.freeze else net
 
 
@@ -147,10 +155,11 @@ def epoch_line(m):
 
 
 def train_one(name, mode, lr, args, sets, device, out, ckpt=None):
-    """Train one net, write its model.pt, metrics.json and mistakes.png; return its metrics."""
+    """Train one net (writing model.pt every epoch); return its metrics and last predictions."""
     random.seed(args.seed)
     classes = class_names(sets[0])
     net = build_net(mode, len(classes), args)
+    checkpoint = os.path.join(out, "model.pt")
     if ckpt:
         if ckpt["classes"] != classes:
             raise UserError(f"{args.resume} was trained on classes {ckpt['classes']}, not {classes}; "
@@ -160,50 +169,50 @@ def train_one(name, mode, lr, args, sets, device, out, ckpt=None):
         except RuntimeError:
             raise UserError(f"{args.resume} holds another architecture than resnet18 with "
                             f"{len(classes)} classes; resume it with the program that wrote it") from None
-    elif os.path.exists(os.path.join(out, "model.pt")):
+    elif os.path.exists(checkpoint):
         raise UserError(f"{out} already holds a run's model.pt; choose another --out, "
-                        f"or continue it with --resume {os.path.join(out, 'model.pt')}")
+                        f"or continue it with --resume {checkpoint}")
+    if rank() == 0:
+        os.makedirs(out, exist_ok=True)
     train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, device, args.seed)
-    os.makedirs(out, exist_ok=True)
-    say = print if rank() == 0 else (lambda *a, **k: None)
     say(f"{name}: training on {len(sets[0])} images, testing on {len(sets[1])}, lr {lr:g}, {device}"
         + (f" x {dist.get_world_size()} processes" if dist.is_initialized() else ""))
-    param_group = RECIPES[mode]["param_group"] and not args.no_param_group
     meta = dict(args=vars(args), run=dict(name=name, mode=mode, lr=lr), classes=classes,
                 transform=data.TEST_AUGS_SETTINGS, arch="resnet18")
-    checkpoint = os.path.join(out, "model.pt")
     try:
         history, (probs, labels) = train(
-            net, train_iter, test_iter, lr, param_group, args.epochs, device, args.precision,
-            checkpoint=checkpoint, meta=meta, resume=ckpt, progress=sys.stderr.isatty(),
-            on_epoch=lambda m: say(epoch_line(m)))
+            net, train_iter, test_iter, lr, RECIPES[mode]["param_group"] and not args.no_param_group,
+            args.epochs, device, args.precision, checkpoint=checkpoint, meta=meta, resume=ckpt,
+            on_epoch=lambda m: say(epoch_line(m)), progress=sys.stderr.isatty() and rank() == 0)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(checkpoint) from None  # so the message can say what to resume
-    preds = probs.argmax(1)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
-    confusion.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)
+    confusion.index_put_((labels, probs.argmax(1)), torch.ones_like(labels), accumulate=True)
     last = history[-1]
-    result = dict(name=name, mode=mode, lr=lr, device=str(device), history=history,
-                  loss=last["loss"], train_acc=last["train_acc"], test_acc=last["test_acc"],
-                  examples_per_sec=sum(m["examples_per_sec"] for m in history) / len(history),
-                  classes=classes, confusion=confusion.tolist(), args=vars(args),
-                  world_size=dist.get_world_size() if dist.is_initialized() else 1,
-                  versions=dict(python=platform.python_version(), torch=torch.__version__,
-                                torchvision=torchvision.__version__))
-    if rank() == 0:
-        say(f"loss {result['loss']:.3f}, train acc {result['train_acc']:.3f}, test acc {result['test_acc']:.3f}")
-        say(f"{result['examples_per_sec']:.1f} examples/sec on {device}")
-        if len(classes) <= 10:
-            say("confusion (rows: true class, columns: predicted):")
-            for c, row in zip(classes, confusion.tolist()):
-                say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row))
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        wrong = (preds != labels).nonzero().flatten()[:16].tolist()
-        plots.mistakes([sets[1][i][0] for i in wrong],
-                       [f"true {classes[labels[i]]}\npred {classes[preds[i]]} {probs[i].max():.2f}" for i in wrong],
-                       os.path.join(out, "mistakes.png"))
-    return result
+    return dict(name=name, mode=mode, lr=lr, loss=last["loss"], train_acc=last["train_acc"],
+                test_acc=last["test_acc"], examples_per_sec=sum(m["examples_per_sec"] for m in history) / len(history),
+                device=str(device), world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                history=history, classes=classes, confusion=confusion.tolist(), args=vars(args),
+                versions=dict(python=platform.python_version(), torch=torch.__version__,
+                              torchvision=torchvision.__version__)), probs, labels
+
+
+def report(result, probs, labels, test_set, out):
+    """Print the book's summary and the confusion matrix; write metrics.json and mistakes.png."""
+    classes = result["classes"]
+    print(f"loss {result['loss']:.3f}, train acc {result['train_acc']:.3f}, test acc {result['test_acc']:.3f}")
+    print(f"{result['examples_per_sec']:.1f} examples/sec on {result['device']}")
+    if len(classes) <= 10:
+        print("confusion (rows: true class, columns: predicted):")
+        for c, row in zip(classes, result["confusion"]):
+            print(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row))
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    preds = probs.argmax(1)
+    wrong = (preds != labels).nonzero().flatten()[:16].tolist()
+    plots.mistakes([test_set[i][0] for i in wrong],
+                   [f"true {classes[labels[i]]}\npred {classes[preds[i]]} {probs[i].max():.2f}" for i in wrong],
+                   os.path.join(out, "mistakes.png"))
 
 
 def print_table(results, dataset):
@@ -235,13 +244,16 @@ def run(args):
         mode = "compare" if args.compare else "pretrained" if args.pretrained else "scratch"
         out = args.out or os.path.join("runs", f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         start = time.perf_counter()
-        sets = rank0_first(load_sets, args)
-        if rank() == 0:
-            print(f"data ready in {time.perf_counter() - start:.1f} s")
+        sets = local_first(load_sets, args)
+        say(f"data ready in {time.perf_counter() - start:.1f} s")
         runs = [(ckpt["run"]["name"], ckpt["run"]["mode"], ckpt["run"]["lr"])] if ckpt else plan_runs(args)
-        results = [train_one(name, mode, lr, args, sets, device,
-                             out if len(runs) == 1 else os.path.join(out, name), ckpt)
-                   for name, mode, lr in runs]
+        results = []
+        for name, mode, lr in runs:
+            run_out = out if len(runs) == 1 else os.path.join(out, name)
+            result, probs, labels = train_one(name, mode, lr, args, sets, device, run_out, ckpt)
+            if rank() == 0:
+                report(result, probs, labels, sets[1], run_out)
+            results.append(result)
         if rank() == 0:
             if len(results) > 1:
                 print_table(results, args.dataset)

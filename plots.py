@@ -32,7 +32,7 @@ def curves(histories, path):
     plt = pyplot()
     if not plt:
         return None
-    fig, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories), 3.5), squeeze=False, sharey=True)
     for ax, (name, history) in zip(axes[0], histories.items()):
         epochs = [m["epoch"] for m in history]
         for key, style in (("loss", "-"), ("train_acc", "--"), ("test_acc", "-.")):

@@ -56,7 +56,7 @@ def to_input(X, device):
 
 def train_epoch(net, data_iter, loss, optimizer, device, dtype=None, scaler=None, progress=False):
     """One pass over data_iter; returns the loss sum, correct and examples, summed over
-    processes, and the seconds until the first batch had arrived and been trained on."""
+    processes, and the seconds until the first batch arrived."""
     net.train()
     for m in net.modules():  # frozen BatchNorm layers keep their running statistics (--freeze)
         if isinstance(m, nn.BatchNorm2d) and not m.weight.requires_grad:
@@ -65,6 +65,8 @@ def train_epoch(net, data_iter, loss, optimizer, device, dtype=None, scaler=None
     start = shown = time.perf_counter()
     first_batch = 0.0
     for i, (X, y) in enumerate(data_iter):
+        if i == 0:
+            first_batch = time.perf_counter() - start  # worker start-up and the first batch
         X, y = to_input(X, device), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             y_hat = net(X)
@@ -79,8 +81,6 @@ def train_epoch(net, data_iter, loss, optimizer, device, dtype=None, scaler=None
         metric[0] += l.detach().float().sum()
         metric[1] += (y_hat.argmax(1) == y).sum()
         metric[2] += y.numel()
-        if i == 0:
-            first_batch = time.perf_counter() - start  # worker start-up and the first batch
         if progress and time.perf_counter() - shown > 0.5:
             shown, (s, c, n) = time.perf_counter(), metric.tolist()
             print(f"\r  batch {i + 1}/{len(data_iter)}  loss {s / n:.3f}  "
@@ -149,6 +149,8 @@ def train(net, train_iter, test_iter, lr, param_group=True, num_epochs=5, device
     history = []
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
+        if resume["scaler"] and scaler.is_enabled():  # empty when written without fp16
+            scaler.load_state_dict(resume["scaler"])
         history = resume["history"]
         set_rng_states(resume["rng"])
     model = net
@@ -171,7 +173,7 @@ def train(net, train_iter, test_iter, lr, param_group=True, num_epochs=5, device
                         "examples_per_sec": n / seconds, "first_batch_sec": first_batch})
         if checkpoint and (not dist.is_initialized() or dist.get_rank() == 0):
             save_checkpoint(checkpoint, model=net.state_dict(), optimizer=optimizer.state_dict(),
-                            history=history, rng=rng_states(), **(meta or {}))
+                            scaler=scaler.state_dict(), history=history, rng=rng_states(), **(meta or {}))
         if on_epoch:
             on_epoch(history[-1])
     return history, result or evaluate(net, test_iter, device, dtype)
