@@ -177,10 +177,10 @@ def cifar10(root="data"):
                         f"in {root} by hand") from None
 
 
-def fake_data(num_classes=2):
+def fake_data(train=2000, test=800, num_classes=2):
     """Random images shaped like the hot-dog set, to measure speed with no data and no network."""
     return [torchvision.datasets.FakeData(n, (3, 256, 256), num_classes, augs, random_offset=o)
-            for n, augs, o in ((2000, train_augs, 0), (800, test_augs, 2000))]
+            for n, augs, o in ((train, train_augs, 0), (test, test_augs, train))]
 
 
 # ---------------------------------------------------------------- loaders

@@ -217,6 +217,15 @@ def test_non_image_files_are_skipped(tmp_path):
     assert len(data.image_folders(root)[0]) == 8
 
 
+def test_dummy_run(tmp_path, capsys, monkeypatch):
+    real = data.fake_data
+    monkeypatch.setattr(finetune.data, "fake_data", lambda: real(8, 4))  # a hot-dog set is 2000 + 800
+    status, out, _ = run_cli(capsys, "--scratch", "--dummy", "--epochs", 1, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path)
+    assert status == 0 and "training on 8 images, testing on 4" in out
+    assert json.load(open(tmp_path / "metrics.json"))["classes"] == ["0", "1"]
+
+
 def test_fake_data():
     train_set, test_set = data.fake_data()
     X, y = train_set[0]
@@ -594,4 +603,12 @@ def test_torchrun_command_line(folder, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("epoch 1:") == 1  # only process 0 prints
+    assert json.load(open(tmp_path / "metrics.json"))["world_size"] == 2
+
+
+def test_all_gpus_launcher_on_cpu_processes(folder, tmp_path):
+    """The processes `python finetune.py` starts on a machine with several GPUs, here on the CPU."""
+    args = finetune.parse_args(["--scratch", "--data-dir", folder, "--epochs", "1", "--batch-size", "8",
+                                "--workers", "0", "--device", "cpu", "--out", str(tmp_path)])
+    torch.multiprocessing.spawn(finetune.spawned, (args, 2, free_port()), nprocs=2)
     assert json.load(open(tmp_path / "metrics.json"))["world_size"] == 2
