@@ -134,6 +134,19 @@ def test_overfits_a_tiny_set():
     assert metrics[-1][0] < metrics[0][0] / 4
 
 
+def test_progress_with_fewer_batches_than_five(capsys, monkeypatch):
+    """The book's display divides by num_batches // 5, which is zero here."""
+    monkeypatch.setattr("train.time.perf_counter", iter(range(0, 1000, 10)).__next__)  # 10 s a call
+    net = models.scratch_net(2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+    metric = train_epoch(net, [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))],
+                         torch.nn.CrossEntropyLoss(reduction="none"), optimizer, torch.device("cpu"),
+                         None, torch.amp.GradScaler("cpu", enabled=False), progress=True)
+    assert metric[2] == 2
+    err = capsys.readouterr().err
+    assert "batch 1/1" in err and err.endswith("\r\033[K")
+
+
 def test_sum_not_mean_loss_gradients():
     """The recipe's gradient is the sum over the batch: twice the batch, twice the step."""
     torch.manual_seed(0)
