@@ -15,7 +15,7 @@ import torch
 
 import data
 import models
-from train import amp_dtype, param_groups, train_epoch, try_device
+from train import prepare, train_epoch, try_device
 
 
 def sync(device):
@@ -53,12 +53,8 @@ def main():
     train_iter, _ = data.make_loaders(*sets, args.batch_size, args.workers, device)
     batches = args.batches or len(train_iter)
 
-    fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    net = models.scratch_net(2).to(device, memory_format=fmt)  # speed does not depend on weights
-    optimizer = torch.optim.SGD(param_groups(net, 5e-5), lr=5e-5, weight_decay=1e-3)
-    dtype = amp_dtype(device, args.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    torch.backends.cudnn.benchmark = True
+    # the recipe's net, optimizer and precision; speed does not depend on the weights
+    net, optimizer, dtype, scaler = prepare(models.scratch_net(2), 5e-5, True, device, args.precision)
 
     start = time.perf_counter()
     X, y = next(iter(train_iter))  # starts the (persistent) workers

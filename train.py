@@ -130,6 +130,17 @@ def save_checkpoint(path, **state):
     os.replace(path + ".part", path)
 
 
+def prepare(net, lr, param_group, device, precision="amp"):
+    """The net on the device, the book's optimizer (SGD, weight decay 1e-3), and the precision:
+    returns (net, optimizer, autocast dtype or None, gradient scaler)."""
+    fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    net = net.to(device, memory_format=fmt)
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    optimizer = torch.optim.SGD(param_groups(net, lr, param_group), lr=lr, weight_decay=1e-3)
+    dtype = amp_dtype(device, precision)
+    return net, optimizer, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def train(net, train_iter, test_iter, lr, param_group=True, num_epochs=5, device=None,
           precision="amp", checkpoint=None, meta=None, resume=None, on_epoch=None, progress=False):
     """Train with the book's recipe (§14.2.2 `train_fine_tuning`, §13.1 `train_ch13`).
@@ -139,13 +150,8 @@ def train(net, train_iter, test_iter, lr, param_group=True, num_epochs=5, device
     Returns the per-epoch metrics and the last evaluation's (probabilities, labels).
     """
     device = device or try_device()
-    fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    net = net.to(device, memory_format=fmt)
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    optimizer = torch.optim.SGD(param_groups(net, lr, param_group), lr=lr, weight_decay=1e-3)
+    net, optimizer, dtype, scaler = prepare(net, lr, param_group, device, precision)
     loss = nn.CrossEntropyLoss(reduction="none")
-    dtype = amp_dtype(device, precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     history = []
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
