@@ -70,20 +70,20 @@ def train_epoch(net, data_iter, loss, optimizer, device, dtype=None, scaler=None
         X, y = to_input(X, device), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             y_hat = net(X)
-            l = loss(y_hat, y)
+            losses = loss(y_hat, y)
         optimizer.zero_grad(set_to_none=True)
         # The book sums the loss over the batch, and its lr (5e-5, 5e-4) assume that sum: with the
         # mean they would be 128x too small. DDP averages gradients over processes, so multiply
         # by their number to keep the sum over the global batch.
-        scaler.scale(l.float().sum() * world_size()).backward()
+        scaler.scale(losses.float().sum() * world_size()).backward()
         scaler.step(optimizer)
         scaler.update()
-        metric[0] += l.detach().float().sum()
+        metric[0] += losses.detach().float().sum()
         metric[1] += (y_hat.argmax(1) == y).sum()
         metric[2] += y.numel()
         if progress and time.perf_counter() - shown > 0.5:
-            shown, (s, c, n) = time.perf_counter(), metric.tolist()
-            print(f"\r  batch {i + 1}/{len(data_iter)}  loss {s / n:.3f}  "
+            shown, (loss_sum, _, n) = time.perf_counter(), metric.tolist()
+            print(f"\r  batch {i + 1}/{len(data_iter)}  loss {loss_sum / n:.3f}  "
                   f"{n * world_size() / (shown - start):.1f} examples/sec", end="", file=sys.stderr, flush=True)
     if progress:
         print("\r\033[K", end="", file=sys.stderr, flush=True)
@@ -107,8 +107,8 @@ def evaluate(net, data_iter, device, dtype=None):
         dist.all_gather_object(parts, (probs, labels))
         n = sum(len(p[1]) for p in parts)
         probs, labels = torch.empty(n, probs.shape[1]), torch.empty(n, dtype=labels.dtype)
-        for r, (p, l) in enumerate(parts):
-            probs[r::world_size()], labels[r::world_size()] = p, l
+        for r, (part_probs, part_labels) in enumerate(parts):
+            probs[r::world_size()], labels[r::world_size()] = part_probs, part_labels
     return probs, labels
 
 
