@@ -39,7 +39,7 @@ def main():
     p.add_argument("--dummy", action="store_true", help="FakeData shaped like the hot-dog set")
     p.add_argument("--batches", type=int, help="batches per measurement (default: one epoch)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=min(16, len(__import__("os").sched_getaffinity(0))))
+    p.add_argument("--workers", type=int, default=data.default_workers())
     p.add_argument("--device")
     p.add_argument("--precision", choices=["amp", "fp32"], default="amp")
     p.add_argument("--no-cache", action="store_true")

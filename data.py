@@ -184,6 +184,11 @@ def fake_data(train=2000, test=800, num_classes=2):
 
 
 # ---------------------------------------------------------------- loaders
+def default_workers():
+    """One loader process per core this process may use, at most 16."""
+    return min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+
+
 def make_loaders(train_set, test_set, batch_size=128, workers=0, device="cpu", seed=0):
     """Shuffled training and ordered test loaders; under torch.distributed each process gets its
     share: the global batch is split, and every test image is evaluated by exactly one process."""

@@ -22,7 +22,7 @@ import data
 import models
 import plots
 from data import UserError
-from train import evaluate, train, try_device
+from train import rank, train, try_device, world_size
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
 RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
@@ -105,10 +105,6 @@ def plan_runs(args):
             for mode in modes for lr in (args.lr or [default_lr or RECIPES[mode]["lr"]])]
 
 
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def say(*args):
     """print, on process 0 only."""
     if rank() == 0:
@@ -176,7 +172,7 @@ def train_one(name, mode, lr, args, sets, device, out, ckpt=None):
         os.makedirs(out, exist_ok=True)
     train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, device, args.seed)
     say(f"{name}: training on {len(sets[0])} images, testing on {len(sets[1])}, lr {lr:g}, {device}"
-        + (f" x {dist.get_world_size()} processes" if dist.is_initialized() else ""))
+        + (f" x {world_size()} processes" if world_size() > 1 else ""))
     meta = dict(args=vars(args), run=dict(name=name, mode=mode, lr=lr), classes=classes,
                 transform=data.TEST_AUGS_SETTINGS, arch="resnet18")
     try:
@@ -191,7 +187,7 @@ def train_one(name, mode, lr, args, sets, device, out, ckpt=None):
     last = history[-1]
     return dict(name=name, mode=mode, lr=lr, loss=last["loss"], train_acc=last["train_acc"],
                 test_acc=last["test_acc"], examples_per_sec=sum(m["examples_per_sec"] for m in history) / len(history),
-                device=str(device), world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                device=str(device), world_size=world_size(),
                 history=history, classes=classes, confusion=confusion.tolist(), args=vars(args),
                 versions=dict(python=platform.python_version(), torch=torch.__version__,
                               torchvision=torchvision.__version__)), probs, labels
@@ -234,7 +230,7 @@ def run(args):
         args, ckpt = resumed_args(args)
     args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
     if args.workers is None:
-        args.workers = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        args.workers = data.default_workers()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -1,7 +1,8 @@
 """Pictures of a run: training curves, the test images the net gets wrong, and the data as the
 net sees it. matplotlib is optional: without it each picture is skipped with a one-line note."""
-import torch
+import os
 
+import torch
 
 
 def pyplot():
@@ -23,7 +24,7 @@ def as_picture(img):
 def save(fig, plt, path):
     fig.savefig(path + ".part.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    __import__("os").replace(path + ".part.png", path)
+    os.replace(path + ".part.png", path)
     return path
 
 

@@ -48,6 +48,10 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def to_input(X, device):
     """uint8 images from a loader as the net's input on the device (channels-last on CUDA)."""
     X = normalize(X.to(device, non_blocking=True))
@@ -177,7 +181,7 @@ def train(net, train_iter, test_iter, lr, param_group=True, num_epochs=5, device
         history.append({"epoch": epoch + 1, "loss": loss_sum / n, "train_acc": correct / n,
                         "test_acc": (result[0].argmax(1) == result[1]).float().mean().item(),
                         "examples_per_sec": n / seconds, "first_batch_sec": first_batch})
-        if checkpoint and (not dist.is_initialized() or dist.get_rank() == 0):
+        if checkpoint and rank() == 0:
             save_checkpoint(checkpoint, model=net.state_dict(), optimizer=optimizer.state_dict(),
                             scaler=scaler.state_dict(), history=history, rng=rng_states(), **(meta or {}))
         if on_epoch:
