@@ -15,7 +15,7 @@ import torch
 
 import data
 import models
-from train import prepare, train_epoch, try_device
+from train import make_runtime, train_epoch, try_device
 
 
 def sync(device):
@@ -23,13 +23,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_epoch(net, batches, optimizer, device, dtype, scaler):
+def timed_epoch(net, batches, optimizer, runtime):
     """Examples per second of train_epoch over the batches, the device's queue drained."""
-    sync(device)
+    sync(runtime.device)
     start = time.perf_counter()
-    n = train_epoch(net, batches, torch.nn.CrossEntropyLoss(reduction="none"), optimizer, device,
-                    dtype, scaler)[2]
-    sync(device)
+    n = train_epoch(net, batches, torch.nn.CrossEntropyLoss(reduction="none"), optimizer, runtime)["examples"]
+    sync(runtime.device)
     return n / (time.perf_counter() - start)
 
 
@@ -54,17 +53,19 @@ def main():
     batches = args.batches or len(train_iter)
 
     # the recipe's net, optimizer and precision; speed does not depend on the weights
-    net, optimizer, dtype, scaler = prepare(models.scratch_net(2), 5e-5, True, device, args.precision)
+    runtime = make_runtime(device, args.precision)
+    net = runtime.place(models.scratch_net(2))
+    optimizer = torch.optim.SGD(net.parameters(), lr=5e-5, weight_decay=1e-3)
 
     start = time.perf_counter()
     X, y = next(iter(train_iter))  # starts the (persistent) workers
     first_sec = time.perf_counter() - start
     batch = [(X.to(device), y.to(device))]
-    timed_epoch(net, batch * 3, optimizer, device, dtype, scaler)  # warm-up: kernels, allocator
-    model_only = timed_epoch(net, batch * batches, optimizer, device, dtype, scaler)
-    pipeline = timed_epoch(net, itertools.islice(train_iter, batches), optimizer, device, dtype, scaler)
+    timed_epoch(net, batch * 3, optimizer, runtime)  # warm-up: kernels, allocator
+    model_only = timed_epoch(net, batch * batches, optimizer, runtime)
+    pipeline = timed_epoch(net, itertools.islice(train_iter, batches), optimizer, runtime)
 
-    print(f"device {device}, batch {args.batch_size}, precision {dtype or torch.float32}, "
+    print(f"device {device}, batch {args.batch_size}, precision {runtime.dtype or torch.float32}, "
           f"{args.workers} workers, {batches} batches per measurement")
     print(f"start-up: data ready {data_sec:.1f} s, workers and first batch {first_sec:.1f} s")
     print(f"model only: {model_only:.1f} examples/sec")

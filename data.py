@@ -189,17 +189,24 @@ def default_workers():
     return min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
 
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def make_loaders(train_set, test_set, batch_size=128, workers=0, device="cpu", seed=0):
     """Shuffled training and ordered test loaders; under torch.distributed each process gets its
     share: the global batch is split, and every test image is evaluated by exactly one process."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rank = torch.distributed.get_rank() if world > 1 else 0
+    world = world_size()
     if batch_size < world:
         raise UserError(f"--batch-size {batch_size} is smaller than the {world} processes; "
                         "give at least one image per process")
     sampler = DistributedSampler(train_set, seed=seed) if world > 1 else None
     if world > 1:
-        test_set = Subset(test_set, range(rank, len(test_set), world))
+        test_set = Subset(test_set, range(rank(), len(test_set), world))
     opts = dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda",
                 persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     return (DataLoader(train_set, batch_size // world, shuffle=sampler is None, sampler=sampler, **opts),

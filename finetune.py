@@ -13,6 +13,7 @@ import random
 import socket
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,8 +22,8 @@ import torchvision
 import data
 import models
 import plots
-from data import UserError
-from train import rank, train, try_device, world_size
+import train
+from data import UserError, rank, world_size
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
 RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
@@ -42,11 +43,12 @@ def positive(kind):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--pretrained", action="store_true", help="fine-tune the ImageNet resnet18")
-    mode.add_argument("--scratch", action="store_true", help="train resnet18 from random weights")
-    mode.add_argument("--compare", action="store_true", help="both, with a table against the book")
+    for flag, text in (("pretrained", "fine-tune the ImageNet resnet18"),
+                       ("scratch", "train resnet18 from random weights"),
+                       ("compare", "both, with a table against the book"),
+                       ("show-samples", "write samples.png and exit")):
+        mode.add_argument(f"--{flag}", dest="mode", action="store_const", const=flag, help=text)
     mode.add_argument("--predict", nargs="+", metavar="IMAGE", help="classify images with --model")
-    mode.add_argument("--show-samples", action="store_true", help="write samples.png and exit")
     mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH (model.pt)")
     p.add_argument("--model", metavar="PATH", help="a model.pt written by training, for --predict")
     p.add_argument("--dataset", choices=DATASETS, default="hotdog")
@@ -69,11 +71,33 @@ def parse_args(argv=None):
                    help="amp: bf16/fp16 autocast on CUDA (default); fp32: the book's arithmetic")
     p.add_argument("--out", help="output folder (default: runs/<mode>-<time>)")
     args = p.parse_args(argv)
-    if not (args.pretrained or args.scratch or args.compare or args.predict or args.show_samples or args.resume):
+    args.mode = "predict" if args.predict else "resume" if args.resume else args.mode
+    if not args.mode:
         p.error("say what to do: --pretrained, --scratch, --compare, --predict, --show-samples or --resume")
     if args.predict and not args.model:
         p.error("--predict needs --model PATH (a model.pt written by training)")
     return args
+
+
+# ---------------------------------------------------------------- what to train
+@dataclass
+class Run:
+    """One training: a name, the book's mode, its learning rate, and where it writes."""
+    name: str
+    mode: str
+    lr: float
+    out: str
+
+
+def plan_runs(args, out, ckpt=None):
+    """Every training the arguments ask for: one, both modes (--compare), one per --lr. A single
+    run writes into out, several each into a folder of their own inside it."""
+    if ckpt:
+        return [Run(**ckpt["run"], out=out)]
+    modes = ["pretrained", "scratch"] if args.mode == "compare" else [args.mode]
+    lrs = {mode: args.lr or [DATASETS[args.dataset].get("lr", RECIPES[mode]["lr"])] for mode in modes}
+    runs = [(mode if len(lrs[mode]) == 1 else f"{mode}-lr{lr:g}", mode, lr) for mode in modes for lr in lrs[mode]]
+    return [Run(name, mode, lr, out if len(runs) == 1 else os.path.join(out, name)) for name, mode, lr in runs]
 
 
 def load_checkpoint(path):
@@ -91,20 +115,18 @@ def load_checkpoint(path):
 def resumed_args(args):
     """The checkpoint's arguments; --epochs, --device and --workers may be given anew."""
     ckpt = load_checkpoint(args.resume)
-    saved = {**ckpt["args"], **{k: v for k, v in vars(args).items()
-                                if k in ("epochs", "device", "workers") and v is not None}}
-    return argparse.Namespace(**{**saved, "resume": args.resume,
+    given = {k: v for k, v in vars(args).items() if k in ("epochs", "device", "workers") and v is not None}
+    return argparse.Namespace(**{**ckpt["args"], **given, "resume": args.resume,
                                  "out": os.path.dirname(args.resume) or "."}), ckpt
 
 
-def plan_runs(args):
-    """(name, mode, lr) for every training the arguments ask for."""
-    modes = ["pretrained", "scratch"] if args.compare else ["pretrained" if args.pretrained else "scratch"]
-    default_lr = DATASETS[args.dataset].get("lr")
-    return [(mode if not args.lr or len(args.lr) == 1 else f"{mode}-lr{lr:g}", mode, lr)
-            for mode in modes for lr in (args.lr or [default_lr or RECIPES[mode]["lr"]])]
+def with_defaults(args):
+    args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
+    args.workers = data.default_workers() if args.workers is None else args.workers
+    return args
 
 
+# ---------------------------------------------------------------- training
 def say(*args):
     """print, on process 0 only."""
     if rank() == 0:
@@ -136,12 +158,38 @@ def class_names(dataset):
     return getattr(dataset, "classes", None) or [str(i) for i in range(dataset.num_classes)]
 
 
-def build_net(mode, num_classes, args):
+def build_net(run, num_classes, args, ckpt=None):
+    """The book's net for the run's mode, with a checkpoint's weights when resuming."""
     torch.manual_seed(args.seed)  # the same initial head on every process
-    if mode == "scratch":
-        return models.scratch_net(num_classes)
-    net = local_first(models.finetune_net, num_classes, args.weights, args.init_head_from_imagenet)
-    return models.freeze_features(net) if args.freeze else net
+    if run.mode == "scratch":
+        net = models.scratch_net(num_classes)
+    else:
+        net = local_first(models.finetune_net, num_classes, args.weights, args.init_head_from_imagenet)
+        net = models.freeze_features(net) if args.freeze else net
+    if ckpt:
+        try:
+            net.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UserError(f"{args.resume} holds another architecture than resnet18 with "
+                            f"{num_classes} classes; resume it with the program that wrote it") from None
+    return net
+
+
+def check_out(run, classes, args, ckpt):
+    """The run's folder, refusing to overwrite another run or to resume with other classes."""
+    checkpoint = os.path.join(run.out, "model.pt")
+    if ckpt and ckpt["classes"] != classes:
+        raise UserError(f"{args.resume} was trained on classes {ckpt['classes']}, not {classes}; "
+                        "resume with the data it was trained on")
+    if ckpt and args.epochs <= len(ckpt["history"]):
+        raise UserError(f"{args.resume} has finished {len(ckpt['history'])} epochs already; "
+                        "give --epochs with a larger total to train it further")
+    if not ckpt and os.path.exists(checkpoint):
+        raise UserError(f"{run.out} already holds a run's model.pt; choose another --out, "
+                        f"or continue it with --resume {checkpoint}")
+    if rank() == 0:
+        os.makedirs(run.out, exist_ok=True)
+    return checkpoint
 
 
 def epoch_line(m):
@@ -150,50 +198,46 @@ def epoch_line(m):
             + (f" (start-up: first batch after {m['first_batch_sec']:.1f} s)" if m["epoch"] == 1 else ""))
 
 
-def train_one(name, mode, lr, args, sets, device, out, ckpt=None):
-    """Train one net (writing model.pt every epoch); return its metrics and last predictions."""
+def train_one(run, args, sets, device, ckpt=None):
+    """Train one net, saving model.pt after every epoch; report it and return its result."""
     random.seed(args.seed)
     classes = class_names(sets[0])
-    net = build_net(mode, len(classes), args)
-    checkpoint = os.path.join(out, "model.pt")
-    if ckpt:
-        if ckpt["classes"] != classes:
-            raise UserError(f"{args.resume} was trained on classes {ckpt['classes']}, not {classes}; "
-                            "resume with the data it was trained on")
-        try:
-            net.load_state_dict(ckpt["model"])
-        except RuntimeError:
-            raise UserError(f"{args.resume} holds another architecture than resnet18 with "
-                            f"{len(classes)} classes; resume it with the program that wrote it") from None
-    elif os.path.exists(checkpoint):
-        raise UserError(f"{out} already holds a run's model.pt; choose another --out, "
-                        f"or continue it with --resume {checkpoint}")
-    if rank() == 0:
-        os.makedirs(out, exist_ok=True)
+    checkpoint = check_out(run, classes, args, ckpt)
+    net = build_net(run, len(classes), args, ckpt)
     train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, device, args.seed)
-    say(f"{name}: training on {len(sets[0])} images, testing on {len(sets[1])}, lr {lr:g}, {device}"
+    runtime = train.make_runtime(device, args.precision)
+    say(f"{run.name}: training on {len(sets[0])} images, testing on {len(sets[1])}, lr {run.lr:g}, {device}"
         + (f" x {world_size()} processes" if world_size() > 1 else ""))
-    meta = dict(args=vars(args), run=dict(name=name, mode=mode, lr=lr), classes=classes,
+    meta = dict(args=vars(args), run=dict(name=run.name, mode=run.mode, lr=run.lr), classes=classes,
                 transform=data.TEST_AUGS_SETTINGS, arch="resnet18")
-    try:
-        history, (probs, labels) = train(
-            net, train_iter, test_iter, lr, RECIPES[mode]["param_group"] and not args.no_param_group,
-            args.epochs, device, args.precision, checkpoint=checkpoint, meta=meta, resume=ckpt,
-            on_epoch=lambda m: say(epoch_line(m)), progress=sys.stderr.isatty() and rank() == 0)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(checkpoint) from None  # so the message can say what to resume
+    history = ckpt["history"] if ckpt else []
+    param_group = RECIPES[run.mode]["param_group"] and not args.no_param_group
+    for epoch in train.train_fine_tuning(net, run.lr, train_iter, test_iter, args.epochs, param_group,
+                                         runtime, ckpt):
+        history.append(epoch.metrics)
+        say(epoch_line(epoch.metrics))
+        if rank() == 0:
+            train.save_checkpoint(checkpoint, epoch, history, meta)
+    result = summary(run, history, classes, epoch, device, args)
+    if rank() == 0:
+        report(result, epoch, sets[1], run.out)
+    return result
+
+
+def summary(run, history, classes, epoch, device, args):
+    """What metrics.json holds: the last epoch's figures, the history, the confusion matrix."""
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
-    confusion.index_put_((labels, probs.argmax(1)), torch.ones_like(labels), accumulate=True)
+    confusion.index_put_((epoch.labels, epoch.probs.argmax(1)), torch.ones_like(epoch.labels), accumulate=True)
     last = history[-1]
-    return dict(name=name, mode=mode, lr=lr, loss=last["loss"], train_acc=last["train_acc"],
+    return dict(name=run.name, mode=run.mode, lr=run.lr, loss=last["loss"], train_acc=last["train_acc"],
                 test_acc=last["test_acc"], examples_per_sec=sum(m["examples_per_sec"] for m in history) / len(history),
                 device=str(device), world_size=world_size(),
                 history=history, classes=classes, confusion=confusion.tolist(), args=vars(args),
                 versions=dict(python=platform.python_version(), torch=torch.__version__,
-                              torchvision=torchvision.__version__)), probs, labels
+                              torchvision=torchvision.__version__))
 
 
-def report(result, probs, labels, test_set, out):
+def report(result, epoch, test_set, out):
     """Print the book's summary and the confusion matrix; write metrics.json and mistakes.png."""
     classes = result["classes"]
     print(f"loss {result['loss']:.3f}, train acc {result['train_acc']:.3f}, test acc {result['test_acc']:.3f}")
@@ -204,6 +248,7 @@ def report(result, probs, labels, test_set, out):
             print(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
+    probs, labels = epoch.probs, epoch.labels
     preds = probs.argmax(1)
     wrong = (preds != labels).nonzero().flatten()[:16].tolist()
     plots.mistakes([test_set[i][0] for i in wrong],
@@ -222,48 +267,57 @@ def print_table(results, dataset):
               f"{r['examples_per_sec']:8.1f}   {book}")
 
 
-def run(args):
+def join_processes(device):
+    """Under torchrun (or the all-GPUs launcher below), join the process group, one GPU each."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def train_runs(args):
     """Everything one process does: set up, train every planned run, write the outputs."""
-    device = try_device(args.device)
-    ckpt = None
-    if args.resume:
-        args, ckpt = resumed_args(args)
-    args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
-    if args.workers is None:
-        args.workers = data.default_workers()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    args, ckpt = resumed_args(args) if args.resume else (with_defaults(args), None)
+    device = join_processes(train.try_device(args.device))
     try:
-        mode = "compare" if args.compare else "pretrained" if args.pretrained else "scratch"
-        out = args.out or os.path.join("runs", f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         start = time.perf_counter()
         sets = local_first(load_sets, args)
         say(f"data ready in {time.perf_counter() - start:.1f} s")
-        runs = [(ckpt["run"]["name"], ckpt["run"]["mode"], ckpt["run"]["lr"])] if ckpt else plan_runs(args)
-        results = []
-        for name, mode, lr in runs:
-            run_out = out if len(runs) == 1 else os.path.join(out, name)
-            result, probs, labels = train_one(name, mode, lr, args, sets, device, run_out, ckpt)
-            if rank() == 0:
-                report(result, probs, labels, sets[1], run_out)
-            results.append(result)
+        out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+        runs, results = plan_runs(args, out, ckpt), []
+        for run in runs:
+            try:
+                results.append(train_one(run, args, sets, device, ckpt))
+            except KeyboardInterrupt:
+                return interrupted(os.path.join(run.out, "model.pt"))
+        if rank() == 0 and len(results) > 1:
+            print_table(results, args.dataset)
         if rank() == 0:
-            if len(results) > 1:
-                print_table(results, args.dataset)
             plots.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
             print(f"wrote {out}")
+        return 0
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def interrupted(checkpoint=None):
+    """Ctrl-C: say how to continue, if an epoch had finished."""
+    print("\ninterrupted; " + (f"{checkpoint} holds the last whole epoch: continue with "
+                               f"python finetune.py --resume {checkpoint}"
+                               if checkpoint and os.path.exists(checkpoint) else
+                               "no epoch had finished, so there is nothing to resume"), file=sys.stderr)
+    return 130
+
+
+# ---------------------------------------------------------------- the other modes
 def predict(args):
     """Classify images with a trained model.pt, through the test transforms saved beside it."""
     ckpt = load_checkpoint(args.model)
-    net = models.scratch_net(len(ckpt["classes"]))
+    net = models.frozen_bn_resnet18(len(ckpt["classes"]))
     net.load_state_dict(ckpt["model"])
     settings = ckpt["transform"]
     augs = data.make_test_augs(settings["resize"], settings["crop"])
@@ -272,6 +326,7 @@ def predict(args):
         probs = torch.softmax(net.eval()(X), 1)
     for path, p in zip(args.predict, probs):
         print(f"{path}: {ckpt['classes'][p.argmax()]} {p.max():.3f}")
+    return 0
 
 
 def show_samples(args):
@@ -285,52 +340,52 @@ def show_samples(args):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if plots.samples(images, [data.train_augs(img) for img in images], path):
         print(f"wrote {path}")
+    return 0
 
 
-def spawned(local_rank, args, world, port):
-    """A process of a run on all GPUs of this machine, set up as torchrun would."""
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    sys.exit(main_guarded(run, args))
-
-
-def main_guarded(fn, args):
+# ---------------------------------------------------------------- starting
+def guarded(fn, args):
     """Run fn(args), turning bad input and Ctrl-C into a one-line message and an exit status."""
     try:
-        fn(args)
-        return 0
+        return fn(args)
     except UserError as e:  # from a loader worker, the message holds its traceback: keep the last line
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.UserError: ')}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        path = e.args[0] if e.args and os.path.exists(e.args[0]) else None
-        print("\ninterrupted; " + (f"{path} holds the last whole epoch: continue with "
-                                   f"python finetune.py --resume {path}" if path else
-                                   "no epoch had finished, so there is nothing to resume"), file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:
+        return interrupted()
     except torch.OutOfMemoryError:
         print(f"error: out of GPU memory at --batch-size {args.batch_size}; "
               f"try --batch-size {max(1, args.batch_size // 2)}", file=sys.stderr)
         return 2
 
 
+def spawned(local_rank, args, world, port):
+    """A process of a run on all GPUs of this machine, set up as torchrun would."""
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    sys.exit(guarded(train_runs, args))
+
+
+def on_all_gpus(args, gpus):
+    """One process per GPU, as the book's try_all_gpus meant."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        torch.multiprocessing.spawn(spawned, (args, gpus, port), nprocs=gpus)
+    except torch.multiprocessing.ProcessExitedException as e:
+        return e.exit_code
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.predict:
-        return main_guarded(predict, args)
-    if args.show_samples:
-        return main_guarded(show_samples, args)
+    if args.mode in ("predict", "show-samples"):
+        return guarded(predict if args.mode == "predict" else show_samples, args)
     gpus = torch.cuda.device_count() if args.device in (None, "cuda") else 0
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:  # all GPUs, as the book's try_all_gpus meant
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            torch.multiprocessing.spawn(spawned, (args, gpus, port), nprocs=gpus)
-        except torch.multiprocessing.ProcessExitedException as e:
-            return e.exit_code
-        return 0
-    return main_guarded(run, args)
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        return on_all_gpus(args, gpus)
+    return guarded(train_runs, args)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,17 @@ def scratch_net(num_classes=2):
 
 
 def freeze_features(net):
-    """Exercise 3: train only the output layer. BatchNorm layers with frozen parameters also keep
-    their ImageNet running statistics: train.py leaves them in eval mode."""
-    for name, param in net.named_parameters():
+    """Exercise 3: train only the output layer. As in torchvision's detection models, the
+    BatchNorm layers become FrozenBatchNorm2d: ImageNet's statistics stay fixed in training too,
+    since with the layers' weights frozen, statistics drifting to the new data would no longer
+    match them. The training loop needs no special case."""
+    frozen = frozen_bn_resnet18(net.fc.out_features)
+    frozen.load_state_dict(net.state_dict())
+    for name, param in frozen.named_parameters():
         param.requires_grad = name.startswith("fc.")
-    return net
+    return frozen
+
+
+def frozen_bn_resnet18(num_classes):
+    """resnet18 with BatchNorm as it computes at test time; it loads any resnet18's weights."""
+    return torchvision.models.resnet18(num_classes=num_classes, norm_layer=torchvision.ops.FrozenBatchNorm2d)

@@ -20,7 +20,10 @@ import data
 import finetune
 import models
 from data import UserError
-from train import evaluate, param_groups, train, train_epoch, try_device
+import train
+from train import evaluate, make_runtime, train_epoch, train_fine_tuning, try_device
+
+CPU = make_runtime(torch.device("cpu"), "fp32")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLOURS = {"hotdog": (220, 60, 30), "not-hotdog": (30, 60, 220)}
@@ -100,14 +103,22 @@ def test_weights_not_downloadable(tmp_path, monkeypatch):
         models.finetune_net(2)
 
 
-def test_param_groups():
+def recipe_optimizer(monkeypatch, net, lr, param_group=True):
+    """The loss and optimizer that train_fine_tuning hands to train_ch13."""
+    monkeypatch.setattr(train, "train_ch13", lambda net, train_iter, test_iter, loss, optimizer, *a: iter([(loss, optimizer)]))
+    return next(train_fine_tuning(net, lr, None, None, param_group=param_group))
+
+
+def test_param_groups(monkeypatch):
     net = models.finetune_net(2)
-    groups = param_groups(net, 0.1)
-    assert [g.get("lr") for g in groups] == [None, pytest.approx(1.0)]
+    loss, optimizer = recipe_optimizer(monkeypatch, net, 0.1)
+    groups = optimizer.param_groups
+    assert [g["lr"] for g in groups] == [0.1, pytest.approx(1.0)]
+    assert all(g["weight_decay"] == 1e-3 for g in groups) and loss.reduction == "none"
     assert {id(p) for p in groups[1]["params"]} == {id(net.fc.weight), id(net.fc.bias)}
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in net.parameters())  # each exactly once
-    optimizer = torch.optim.SGD(param_groups(net, 0.1, param_group=False), lr=0.1)
+    _, optimizer = recipe_optimizer(monkeypatch, net, 0.1, param_group=False)
     assert len(optimizer.param_groups) == 1
 
 
@@ -126,23 +137,22 @@ def test_overfits_a_tiny_set():
     y = torch.arange(16) % 2
     X[y == 1] += 1.0
     net = models.scratch_net(2)
-    optimizer = torch.optim.SGD(param_groups(net, 1e-2, False), lr=1e-2, weight_decay=1e-3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, weight_decay=1e-3)
     loss = torch.nn.CrossEntropyLoss(reduction="none")
-    metrics = [train_epoch(net, [(X, y)], loss, optimizer, torch.device("cpu"), None,
-                           torch.amp.GradScaler("cpu", enabled=False)) for _ in range(15)]
-    assert metrics[-1][1] == 16  # every example right
-    assert metrics[-1][0] < metrics[0][0] / 4
+    metrics = [train_epoch(net, [(X, y)], loss, optimizer, CPU) for _ in range(15)]
+    assert metrics[-1]["train_acc"] == 1 and metrics[-1]["examples"] == 16  # every example right
+    assert metrics[-1]["loss"] < metrics[0]["loss"] / 4
 
 
 def test_progress_with_fewer_batches_than_five(capsys, monkeypatch):
     """The book's display divides by num_batches // 5, which is zero here."""
     monkeypatch.setattr("train.time.perf_counter", iter(range(0, 1000, 10)).__next__)  # 10 s a call
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # progress shows on a terminal only
     net = models.scratch_net(2)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
-    metric = train_epoch(net, [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))],
-                         torch.nn.CrossEntropyLoss(reduction="none"), optimizer, torch.device("cpu"),
-                         None, torch.amp.GradScaler("cpu", enabled=False), progress=True)
-    assert metric[2] == 2
+    metrics = train_epoch(net, [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))],
+                          torch.nn.CrossEntropyLoss(reduction="none"), optimizer, CPU)
+    assert metrics["examples"] == 2
     err = capsys.readouterr().err
     assert "batch 1/1" in err and err.endswith("\r\033[K")
 
@@ -158,8 +168,7 @@ def test_sum_not_mean_loss_gradients():
         net.train = lambda mode=True: net  # keep it so inside train_epoch
         before = net.fc.weight.detach().clone()
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
-        train_epoch(net, [batch], torch.nn.CrossEntropyLoss(reduction="none"), optimizer,
-                    torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
+        train_epoch(net, [batch], torch.nn.CrossEntropyLoss(reduction="none"), optimizer, CPU)
         steps.append(net.fc.weight.detach() - before)
     assert torch.allclose(steps[1], 2 * steps[0], atol=1e-6)
 
@@ -168,7 +177,7 @@ def test_freeze_trains_only_the_head(folder):
     net = models.freeze_features(models.finetune_net(2))
     before = {k: v.clone() for k, v in net.state_dict().items()}
     train_iter, test_iter = data.make_loaders(*data.image_folders(folder), batch_size=4)
-    train(net, train_iter, test_iter, lr=0.01, num_epochs=1)
+    list(train_fine_tuning(net, 0.01, train_iter, test_iter, num_epochs=1))
     after = net.state_dict()
     for name in before:  # weights and BatchNorm statistics alike
         assert torch.equal(before[name], after[name]) == (not name.startswith("fc.")), name
@@ -383,7 +392,7 @@ def test_predict_matches_the_evaluation_loop(folder, tmp_path, capsys):
     net = models.scratch_net(2)
     net.load_state_dict(ckpt["model"])
     _, test_set = data.image_folders(folder)
-    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], torch.device("cpu"))
+    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
     paths = [p for p, _ in test_set.samples]
     status, out, _ = run_cli(capsys, "--predict", *paths, "--model", tmp_path / "model.pt")
     assert status == 0
@@ -407,7 +416,7 @@ def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
     net = models.scratch_net(2)
     net.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True)["model"])
     _, test_set = data.image_folders(root)
-    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], torch.device("cpu"))
+    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
     wrong = (probs.argmax(1) != labels).nonzero().flatten().tolist()
     assert wrong and len(shown["images"]) == len(wrong)
     for image, i, caption in zip(shown["images"], wrong, shown["captions"]):
@@ -536,7 +545,7 @@ def test_batch_larger_than_the_training_set(folder, tmp_path, capsys):
 def test_out_of_memory_names_the_batch_size(folder, tmp_path, capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(finetune, "train", oom)
+    monkeypatch.setattr(finetune.train, "train_fine_tuning", oom)
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--batch-size", 64,
                              "--out", tmp_path)
     assert status == 2 and "--batch-size 64" in err and "--batch-size 32" in err
@@ -579,9 +588,9 @@ def ddp_worker(rank, root, out, port):
     net = models.scratch_net(2)
     train_iter, test_iter = data.make_loaders(*data.image_folders(root), batch_size=4)
     seen = list(train_iter.sampler)  # epoch 0's share, as train() will draw it
-    history, _ = train(net, train_iter, test_iter, lr=0.01, num_epochs=1, device=torch.device("cpu"))
-    torch.save({"model": net.state_dict(), "seen": seen, "test_acc": history[-1]["test_acc"],
-                "n": history[-1]}, os.path.join(out, f"rank{rank}.pt"))
+    epochs = list(train_fine_tuning(net, 0.01, train_iter, test_iter, num_epochs=1, runtime=CPU))
+    torch.save({"model": net.state_dict(), "seen": seen, "test_acc": epochs[-1].metrics["test_acc"],
+                "n": epochs[-1].metrics}, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -603,9 +612,43 @@ def test_two_processes_agree(tmp_path):
     net = models.scratch_net(2)
     net.load_state_dict(ranks[0]["model"])
     _, test_set = data.image_folders(root)
-    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 6)[1], torch.device("cpu"))
+    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 6)[1], CPU)
     single = (probs.argmax(1) == labels).float().mean().item()
     assert ranks[0]["test_acc"] == ranks[1]["test_acc"] == pytest.approx(single)
+
+
+def one_step(net, X, y):
+    """fc.weight's change after one train_epoch step on (X, y), with BatchNorm kept in eval mode
+    so that the step does not depend on how the batch is split."""
+    net.eval().train = lambda mode=True: net
+    before = net.fc.weight.detach().clone()
+    model = train.distributed(net, torch.device("cpu"))
+    train_epoch(model, [(X, y)], torch.nn.CrossEntropyLoss(reduction="none"),
+                torch.optim.SGD(net.parameters(), lr=1e-3), CPU)
+    return net.fc.weight.detach() - before
+
+
+def ddp_step_worker(rank, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    X, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    torch.manual_seed(1)
+    step = one_step(models.scratch_net(2), X[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2])
+    torch.save(step, os.path.join(out, f"step{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_sum_the_gradient_over_the_global_batch(tmp_path):
+    """Two processes of 2 examples each take the step one process takes on all 4: DDP's own
+    averaging would halve it, and the book's learning rates assume the sum."""
+    torch.multiprocessing.spawn(ddp_step_worker, (str(tmp_path), free_port()), nprocs=2)
+    torch.manual_seed(0)
+    X, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    torch.manual_seed(1)
+    single = one_step(models.scratch_net(2), X, y)
+    for rank in (0, 1):
+        assert torch.allclose(torch.load(tmp_path / f"step{rank}.pt"), single, atol=1e-6)
 
 
 def test_torchrun_command_line(folder, tmp_path):

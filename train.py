@@ -1,20 +1,116 @@
-"""Training and evaluation for D2L §14.2: `train(net, ..., lr, param_group)` and `evaluate`.
+"""Training and evaluation: D2L §14.2's `train_fine_tuning`, with §14.1's `train_ch13` loop.
 
-One training loop and one evaluation loop serve every mode and device: the CPU, Apple's MPS,
-one CUDA GPU, and many processes under torch.distributed (see finetune.py).
+The book's recipe comes first and reads top to bottom. What the book leaves out comes after it:
+where and how the arithmetic runs, several processes, the progress line and resuming. Each is a
+wrapper around the recipe's objects or a one-line helper, and does nothing where it does not
+apply (one process, fp32, a fresh run).
 """
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from data import UserError, normalize
+from data import UserError, normalize, rank, world_size
 
 
+# ================================================================ the book's recipe
+def train_fine_tuning(net, learning_rate, train_iter, test_iter, num_epochs=5, param_group=True,
+                      runtime=None, resume=None):
+    """§14.2.2: with param_group, the new output layer learns at 10x the base learning rate.
+
+    A generator: yields an `Epoch` after each epoch, so the caller prints and saves between them.
+    """
+    # The book sums the loss over the batch, and its learning rates (5e-5, 5e-4) assume that
+    # sum: with the mean they would be 128x too small.
+    loss = nn.CrossEntropyLoss(reduction="none")
+    if param_group:
+        params_1x = [param for name, param in net.named_parameters()
+                     if name not in ["fc.weight", "fc.bias"]]
+        optimizer = torch.optim.SGD([{'params': params_1x},
+                                     {'params': net.fc.parameters(),
+                                      'lr': learning_rate * 10}],
+                                    lr=learning_rate, weight_decay=0.001)
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate,
+                                    weight_decay=0.001)
+    yield from train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs,
+                          runtime or make_runtime(), resume)
+
+
+@dataclass
+class Epoch:
+    """What training yields after each epoch."""
+    metrics: dict          # epoch, loss, train_acc, test_acc, examples_per_sec, first_batch_sec
+    probs: torch.Tensor    # the test set's class probabilities, in dataset order
+    labels: torch.Tensor
+    state: dict            # what a checkpoint needs to continue: model, optimizer, scaler
+
+
+def train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime, resume=None):
+    """§14.1: each epoch, one pass over the training data, then the accuracy on the test data."""
+    net = runtime.place(net)
+    model = distributed(net, runtime.device)  # `net` itself on one process
+    for epoch in range(restore(resume, optimizer, runtime.scaler), num_epochs):
+        reshuffle(train_iter, epoch)
+        start = time.perf_counter()
+        train_metrics = train_epoch(model, train_iter, loss, optimizer, runtime)
+        seconds = time.perf_counter() - start  # data loading included, unlike the book's timer
+        probs, labels = evaluate(net, test_iter, runtime)
+        metrics = dict(epoch=epoch + 1, loss=train_metrics["loss"], train_acc=train_metrics["train_acc"],
+                       test_acc=accuracy(probs, labels),
+                       examples_per_sec=train_metrics["examples"] / seconds,
+                       first_batch_sec=train_metrics["first_batch_sec"])
+        yield Epoch(metrics, probs, labels, dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
+                                                 scaler=runtime.scaler.state_dict()))
+
+
+def train_epoch(net, train_iter, loss, optimizer, runtime):
+    """One pass over the data, §14.1's `train_batch_ch13` for each batch. Returns the mean loss,
+    the accuracy and the number of examples (over all processes)."""
+    net.train()
+    metric = torch.zeros(3, device=runtime.device)  # loss sum, correct, examples; kept on the device
+    batches = Progress(train_iter, metric)
+    for X, y in batches:
+        X, y = runtime.input(X), y.to(runtime.device, non_blocking=True)
+        with runtime.autocast():
+            pred = net(X)
+            losses = loss(pred, y)
+        optimizer.zero_grad()
+        runtime.scaler.scale(losses.sum()).backward()
+        runtime.scaler.step(optimizer)
+        runtime.scaler.update()
+        metric[0] += losses.detach().sum()
+        metric[1] += (pred.argmax(1) == y).sum()
+        metric[2] += y.numel()
+    loss_sum, correct, n = all_reduce_sum(metric).tolist()
+    return dict(loss=loss_sum / n, train_acc=correct / n, examples=n, first_batch_sec=batches.first_batch_sec)
+
+
+@torch.no_grad()
+def evaluate(net, test_iter, runtime=None):
+    """§14.1's `evaluate_accuracy_gpu`, keeping what it counts: the class probabilities and the
+    label of every test example, in dataset order."""
+    runtime = runtime or make_runtime()
+    same_buffers(net)
+    net.eval()
+    probs, labels = [], []
+    for X, y in test_iter:
+        with runtime.autocast():
+            probs.append(torch.softmax(net(runtime.input(X)).float(), 1).cpu())
+        labels.append(y)
+    return gather_in_order(torch.cat(probs), torch.cat(labels))
+
+
+def accuracy(probs, labels):
+    return (probs.argmax(1) == labels).float().mean().item()
+
+
+# ================================================================ where and how it runs
 def try_device(name=None):
     """The device to train on: the one named, else CUDA, else MPS, else the CPU."""
     if name is None:
@@ -27,163 +123,133 @@ def try_device(name=None):
     return device
 
 
-def amp_dtype(device, precision="amp"):
-    """Mixed precision on CUDA (bf16 where the GPU has it, else fp16); fp32 elsewhere."""
-    if precision == "fp32" or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+@dataclass
+class Runtime:
+    """The device and its arithmetic. Autocast is off in fp32, and the gradient scaler passes
+    everything through unless the autocast type is fp16 (whose small gradients underflow)."""
+    device: torch.device
+    dtype: torch.dtype | None  # autocast's, None for fp32
+    memory_format: torch.memory_format
+    scaler: torch.amp.GradScaler
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def place(self, net):
+        return net.to(self.device, memory_format=self.memory_format)
+
+    def input(self, X):
+        """uint8 images from a loader as the net's input (data.normalize runs here, on the device)."""
+        return normalize(X.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
 
 
-def param_groups(net, lr, param_group=True):
-    """With param_group, the new output layer learns at 10x the base lr (§14.2.2)."""
-    if not param_group:
-        return [p for p in net.parameters() if p.requires_grad]
-    params_1x = [p for name, p in net.named_parameters()
-                 if name not in ("fc.weight", "fc.bias") and p.requires_grad]
-    groups = [{"params": params_1x}, {"params": list(net.fc.parameters()), "lr": lr * 10}]
-    return [g for g in groups if g["params"]]  # --freeze leaves the base group empty
+def make_runtime(device=None, precision="amp"):
+    """With precision "amp" on CUDA: bf16 autocast (fp16 on GPUs without bf16), channels-last
+    and cuDNN autotuning. Elsewhere, and with "fp32", the book's arithmetic."""
+    device = device or try_device()
+    cuda = device.type == "cuda" and precision == "amp"
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    return Runtime(device, dtype, torch.channels_last if cuda else torch.contiguous_format,
+                   torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
+class Progress:
+    """A loader's batches, with a progress line on a terminal, and the seconds until the first
+    batch arrived (the loader's start-up). The book redraws every num_batches // 5 batches, which
+    is zero with fewer than five; this redraws every half second."""
+
+    def __init__(self, loader, metric):
+        self.loader, self.metric = loader, metric  # metric: loss sum, correct, examples so far
+        self.show = sys.stderr.isatty() and rank() == 0 and hasattr(loader, "__len__")
+        self.first_batch_sec = 0.0
+
+    def __iter__(self):
+        start = shown = time.perf_counter()
+        for i, batch in enumerate(self.loader):
+            if i == 0:
+                self.first_batch_sec = time.perf_counter() - start
+            yield batch
+            if self.show and time.perf_counter() - shown > 0.5:
+                shown, (loss_sum, _, n) = time.perf_counter(), self.metric.tolist()
+                print(f"\r  batch {i + 1}/{len(self.loader)}  loss {loss_sum / n:.3f}  "
+                      f"{n * world_size() / (shown - start):.1f} examples/sec",
+                      end="", file=sys.stderr, flush=True)
+        if self.show:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+# ================================================================ several processes
+def distributed(net, device):
+    """DistributedDataParallel over the processes, or `net` itself on one process."""
+    if world_size() == 1:
+        return net
+    model = nn.parallel.DistributedDataParallel(net, [device] if device.type == "cuda" else None)
+    model.register_comm_hook(None, allreduce_sum)
+    return model
 
 
-def to_input(X, device):
-    """uint8 images from a loader as the net's input on the device (channels-last on CUDA)."""
-    X = normalize(X.to(device, non_blocking=True))
-    return X.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else X
+def allreduce_sum(process_group, bucket):
+    """DDP's own hook averages the gradients over processes: sum them instead, so the gradient
+    is the book's, of the loss summed over the global batch, and its learning rates hold."""
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
 
 
-def train_epoch(net, data_iter, loss, optimizer, device, dtype=None, scaler=None, progress=False):
-    """One pass over data_iter; returns the loss sum, correct and examples, summed over
-    processes, and the seconds until the first batch arrived."""
-    net.train()
-    for m in net.modules():  # frozen BatchNorm layers keep their running statistics (--freeze)
-        if isinstance(m, nn.BatchNorm2d) and not m.weight.requires_grad:
-            m.eval()
-    metric = torch.zeros(3, device=device)  # kept on the device: no sync per batch
-    start = shown = time.perf_counter()
-    first_batch = 0.0
-    for i, (X, y) in enumerate(data_iter):
-        if i == 0:
-            first_batch = time.perf_counter() - start  # worker start-up and the first batch
-        X, y = to_input(X, device), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            y_hat = net(X)
-            losses = loss(y_hat, y)
-        optimizer.zero_grad(set_to_none=True)
-        # The book sums the loss over the batch, and its lr (5e-5, 5e-4) assume that sum: with the
-        # mean they would be 128x too small. DDP averages gradients over processes, so multiply
-        # by their number to keep the sum over the global batch.
-        scaler.scale(losses.float().sum() * world_size()).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        metric[0] += losses.detach().float().sum()
-        metric[1] += (y_hat.argmax(1) == y).sum()
-        metric[2] += y.numel()
-        if progress and time.perf_counter() - shown > 0.5:
-            shown, (loss_sum, _, n) = time.perf_counter(), metric.tolist()
-            print(f"\r  batch {i + 1}/{len(data_iter)}  loss {loss_sum / n:.3f}  "
-                  f"{n * world_size() / (shown - start):.1f} examples/sec", end="", file=sys.stderr, flush=True)
-    if progress:
-        print("\r\033[K", end="", file=sys.stderr, flush=True)
+def reshuffle(train_iter, epoch):
+    """A new shuffle each epoch under DistributedSampler (the plain loader reshuffles itself)."""
+    if hasattr(train_iter.sampler, "set_epoch"):
+        train_iter.sampler.set_epoch(epoch)
+
+
+def all_reduce_sum(tensor):
     if world_size() > 1:
-        dist.all_reduce(metric)
-    return metric.tolist() + [first_batch]
+        dist.all_reduce(tensor)
+    return tensor
 
 
-@torch.no_grad()
-def evaluate(net, data_iter, device, dtype=None):
-    """Class probabilities and labels of every example, in dataset order (across processes too)."""
-    net.eval()
-    probs, labels = [], []
-    for X, y in data_iter:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            probs.append(torch.softmax(net(to_input(X, device)).float(), 1).cpu())
-        labels.append(y)
-    probs, labels = torch.cat(probs), torch.cat(labels)
-    if world_size() > 1:  # process r evaluated examples r, r + world, r + 2 world, ...
-        parts = [None] * world_size()
-        dist.all_gather_object(parts, (probs, labels))
-        n = sum(len(p[1]) for p in parts)
-        probs, labels = torch.empty(n, probs.shape[1]), torch.empty(n, dtype=labels.dtype)
-        for r, (part_probs, part_labels) in enumerate(parts):
-            probs[r::world_size()], labels[r::world_size()] = part_probs, part_labels
+def same_buffers(net):
+    """Give every process process 0's BatchNorm statistics. DDP sends them before each training
+    forward, not after the last one, so the processes would evaluate different nets."""
+    for buffer in net.buffers() if world_size() > 1 else []:
+        dist.broadcast(buffer, 0)
+
+
+def gather_in_order(probs, labels):
+    """Process r evaluated examples r, r + world, r + 2 world, ...: put them back in order."""
+    if world_size() == 1:
+        return probs, labels
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, (probs, labels))
+    n = sum(len(part_labels) for _, part_labels in parts)
+    probs, labels = torch.empty(n, probs.shape[1]), torch.empty(n, dtype=labels.dtype)
+    for r, (part_probs, part_labels) in enumerate(parts):
+        probs[r::world_size()], labels[r::world_size()] = part_probs, part_labels
     return probs, labels
 
 
+# ================================================================ resuming
 def rng_states():
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def restore(resume, optimizer, scaler):
+    """Continue a loaded checkpoint (the caller has loaded the weights): returns the number of
+    epochs it had finished, 0 for a fresh run."""
+    if not resume:
+        return 0
+    optimizer.load_state_dict(resume["optimizer"])
+    if resume["scaler"] and scaler.is_enabled():  # empty when written without fp16
+        scaler.load_state_dict(resume["scaler"])
+    torch.set_rng_state(resume["rng"]["torch"])
+    random.setstate(resume["rng"]["python"])
+    if resume["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+    return len(resume["history"])
 
 
-def save_checkpoint(path, **state):
+def save_checkpoint(path, epoch, history, meta):
     """Write through a temporary name, so a crash never leaves half a checkpoint."""
-    torch.save(state, path + ".part")
+    torch.save({**epoch.state, "history": history, "rng": rng_states(), **meta}, path + ".part")
     os.replace(path + ".part", path)
-
-
-def prepare(net, lr, param_group, device, precision="amp"):
-    """The net on the device, the book's optimizer (SGD, weight decay 1e-3), and the precision:
-    returns (net, optimizer, autocast dtype or None, gradient scaler)."""
-    fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    net = net.to(device, memory_format=fmt)
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    optimizer = torch.optim.SGD(param_groups(net, lr, param_group), lr=lr, weight_decay=1e-3)
-    dtype = amp_dtype(device, precision)
-    return net, optimizer, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-def train(net, train_iter, test_iter, lr, param_group=True, num_epochs=5, device=None,
-          precision="amp", checkpoint=None, meta=None, resume=None, on_epoch=None, progress=False):
-    """Train with the book's recipe (§14.2.2 `train_fine_tuning`, §13.1 `train_ch13`).
-
-    Writes `checkpoint` after every epoch (with `meta` beside the weights), continues from a
-    loaded checkpoint given as `resume`, and calls on_epoch(metrics) after each epoch.
-    Returns the per-epoch metrics and the last evaluation's (probabilities, labels).
-    """
-    device = device or try_device()
-    net, optimizer, dtype, scaler = prepare(net, lr, param_group, device, precision)
-    loss = nn.CrossEntropyLoss(reduction="none")
-    history = []
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        if resume["scaler"] and scaler.is_enabled():  # empty when written without fp16
-            scaler.load_state_dict(resume["scaler"])
-        history = resume["history"]
-        set_rng_states(resume["rng"])
-    model = net
-    if world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(net, [device] if device.type == "cuda" else None)
-    result = None
-    for epoch in range(len(history), num_epochs):
-        if hasattr(train_iter.sampler, "set_epoch"):
-            train_iter.sampler.set_epoch(epoch)  # a new shuffle each epoch across processes
-        start = time.perf_counter()
-        loss_sum, correct, n, first_batch = train_epoch(model, train_iter, loss, optimizer, device,
-                                                        dtype, scaler, progress)
-        seconds = time.perf_counter() - start  # data loading included, unlike the book's timer
-        if world_size() > 1:  # DDP hands process 0's BatchNorm statistics to the others before
-            for buffer in net.buffers():  # each forward, not after the last one: do it here
-                dist.broadcast(buffer, 0)
-        result = evaluate(net, test_iter, device, dtype)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / n, "train_acc": correct / n,
-                        "test_acc": (result[0].argmax(1) == result[1]).float().mean().item(),
-                        "examples_per_sec": n / seconds, "first_batch_sec": first_batch})
-        if checkpoint and rank() == 0:
-            save_checkpoint(checkpoint, model=net.state_dict(), optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), history=history, rng=rng_states(), **(meta or {}))
-        if on_epoch:
-            on_epoch(history[-1])
-    return history, result or evaluate(net, test_iter, device, dtype)
