@@ -120,12 +120,6 @@ def resumed_args(args):
                                  "out": os.path.dirname(args.resume) or "."}), ckpt
 
 
-def with_defaults(args):
-    args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
-    args.workers = data.default_workers() if args.workers is None else args.workers
-    return args
-
-
 # ---------------------------------------------------------------- training
 def say(*args):
     """print, on process 0 only."""
@@ -280,7 +274,9 @@ def join_processes(device):
 
 def train_runs(args):
     """Everything one process does: set up, train every planned run, write the outputs."""
-    args, ckpt = resumed_args(args) if args.resume else (with_defaults(args), None)
+    args, ckpt = resumed_args(args) if args.resume else (args, None)
+    args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
+    args.workers = data.default_workers() if args.workers is None else args.workers
     device = join_processes(train.try_device(args.device))
     try:
         start = time.perf_counter()

@@ -45,7 +45,7 @@ def train_fine_tuning(net, learning_rate, train_iter, test_iter, num_epochs=5, p
 @dataclass
 class Epoch:
     """What training yields after each epoch."""
-    metrics: dict          # epoch, loss, train_acc, test_acc, examples_per_sec, first_batch_sec
+    metrics: dict          # epoch, loss, train_acc, examples, first_batch_sec, test_acc, examples_per_sec
     probs: torch.Tensor    # the test set's class probabilities, in dataset order
     labels: torch.Tensor
     state: dict            # what a checkpoint needs to continue: model, optimizer, scaler
@@ -61,10 +61,8 @@ def train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime,
         train_metrics = train_epoch(model, train_iter, loss, optimizer, runtime)
         seconds = time.perf_counter() - start  # data loading included, unlike the book's timer
         probs, labels = evaluate(net, test_iter, runtime)
-        metrics = dict(epoch=epoch + 1, loss=train_metrics["loss"], train_acc=train_metrics["train_acc"],
-                       test_acc=accuracy(probs, labels),
-                       examples_per_sec=train_metrics["examples"] / seconds,
-                       first_batch_sec=train_metrics["first_batch_sec"])
+        metrics = dict(epoch=epoch + 1, **train_metrics, test_acc=accuracy(probs, labels),
+                       examples_per_sec=train_metrics["examples"] / seconds)
         yield Epoch(metrics, probs, labels, dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
                                                  scaler=runtime.scaler.state_dict()))
 
