@@ -4,6 +4,7 @@ import http.client
 import itertools
 import os
 import shutil
+import sys
 import urllib.request
 import warnings
 import zipfile
@@ -13,10 +14,12 @@ import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torchvision checks its MD5
 
 
 class UserError(Exception):
@@ -32,13 +35,14 @@ def sha1_of(path):
     return h.hexdigest()
 
 
-def download(url, path, sha1):
+def download(url, path, sha1=None):
     """Fetch url into path through a temporary name; a bad file is removed, never kept."""
     if not os.path.exists(path):
         try:
             with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
-                shutil.copyfileobj(r, f)
-                size, expected = f.tell(), int(r.headers.get("Content-Length", -1))
+                expected = int(r.headers.get("Content-Length", -1))
+                copy_with_progress(r, f, os.path.basename(path), expected)
+                size = f.tell()
             if expected >= 0 and size != expected:
                 raise OSError(f"the connection closed after {size} of {expected} bytes")
         except (OSError, http.client.HTTPException) as e:  # no network, refused, truncated
@@ -47,10 +51,45 @@ def download(url, path, sha1):
             raise UserError(f"cannot download {url} ({e}); fetch it on a machine with network "
                             f"and put it at {path}") from None
         os.replace(path + ".part", path)
-    if sha1_of(path) != sha1:
+    if sha1 and sha1_of(path) != sha1:
         os.remove(path)
         raise UserError(f"{path} has the wrong SHA-1 (expected {sha1}), so it was removed; "
                         "run again to download it afresh")
+    return path
+
+
+def copy_with_progress(source, target, name, total):
+    """shutil.copyfileobj, with a progress line on a terminal, as torch.hub's downloads have."""
+    show = sys.stderr.isatty()
+    while chunk := source.read(1 << 20):
+        target.write(chunk)
+        if show:
+            print(f"\r  {name}: {target.tell() / 1e6:.1f}" + (f" of {total / 1e6:.1f}" if total > 0 else "")
+                  + " MB", end="", file=sys.stderr, flush=True)
+    if show:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+def write_whole(path, write):
+    """Write a file through a temporary name with write(binary file): a crash or a full disk never
+    leaves half a file, and the last whole one stays."""
+    try:
+        with open(path + ".part", "wb") as f:
+            write(f)
+        os.replace(path + ".part", path)
+    except OSError as e:
+        if os.path.exists(path + ".part"):
+            os.remove(path + ".part")
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free some space there, "
+                        "or give another --out") from None
+
+
+def make_folder(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {path} ({e.strerror}); give --out a folder "
+                        "you can write to") from None
     return path
 
 
@@ -119,58 +158,158 @@ def load_rgb(path):
         raise UserError(f"cannot read image {path} ({e}); delete or replace that file") from None
 
 
+def image_size(path):
+    """(width, height) from the image's header, without decoding its pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except OSError as e:
+        raise UserError(f"cannot read image {path} ({e}); delete or replace that file") from None
+
+
+def hidden(name):
+    """Never a class or an image: .ipynb_checkpoints, .DS_Store, macOS's ._x.jpg and __MACOSX."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def class_folders(split):
+    return sorted(e.name for e in os.scandir(split) if e.is_dir() and not hidden(e.name))
+
+
+def is_image(path):
+    """A file of an image type, with no hidden folder on the (relative) path to it."""
+    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(map(hidden, path.split(os.sep)))
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder without hidden entries (pytorch/vision#2831): Jupyter's
+    .ipynb_checkpoints/ would be a class of its own, and a ._x.jpg an unreadable image."""
+
+    def __init__(self, split, transform):
+        super().__init__(split, transform, loader=load_rgb,
+                         is_valid_file=lambda path: is_image(os.path.relpath(path, split)))
+
+    def find_classes(self, directory):
+        classes = class_folders(directory)
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
 class DecodedImages(torch.utils.data.Dataset):
     """An ImageFolder decoded once into uint8 pixels, then augmented afresh per item.
 
     Where we differ from ImageFolder + PIL, and why: decoding a PNG costs several times the
-    augmentations, so decoding every epoch starves a GPU. All images share one buffer, so worker
-    processes receive it whole (and cheaply) on every platform. Use --no-cache for a folder that
-    does not fit in memory.
+    augmentations, so decoding every epoch starves a GPU. All images share one buffer, sized from
+    their headers, so worker processes receive it whole (and cheaply) on every platform.
     """
 
-    def __init__(self, folder, workers=1):
+    def __init__(self, folder, sizes, workers=1):
         self.classes, self.targets, self.transform = folder.classes, folder.targets, folder.transform
-        self.samples = folder.samples
+        self.samples, self.root = folder.samples, folder.root
+        self.shapes = [(3, height, width) for width, height in sizes]
+        self.offsets = [0, *itertools.accumulate(3 * width * height for width, height in sizes)]
+        self.pixels = torch.empty(self.offsets[-1], dtype=torch.uint8)
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
-            images = list(pool.map(lambda s: v2.functional.pil_to_tensor(load_rgb(s[0])), folder.samples))
-        self.shapes = [img.shape for img in images]
-        self.offsets = [0, *itertools.accumulate(img.numel() for img in images)]
-        self.pixels = torch.cat([img.flatten() for img in images])
+            list(pool.map(self.decode, range(len(self))))
+
+    def decode(self, i):
+        self.image(i).copy_(v2.functional.pil_to_tensor(load_rgb(self.samples[i][0])))
+
+    def image(self, i):
+        return self.pixels[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
 
     def __len__(self):
         return len(self.shapes)
 
     def __getitem__(self, i):
-        image = self.pixels[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
-        return self.transform(image), self.targets[i]
+        return self.transform(self.image(i)), self.targets[i]
 
 
-def image_folders(data_dir, cache=True, workers=1):
-    """The train/ and test/ ImageFolders of data_dir with the book's augmentations."""
-    splits = [os.path.join(data_dir, s) for s in ("train", "test")]
-    for split in splits:
-        if not os.path.isdir(split):
-            raise UserError(f"{split} is not a folder; the data folder needs train/ and test/, "
-                            "each with one subfolder of images per class")
-    classes = [sorted(e.name for e in os.scandir(s) if e.is_dir()) for s in splits]
+def eval_split(data_dir):
+    """test/, or where a data set has none, its val/ (valid/, validation/)."""
+    for name in ("test", "val", "valid", "validation"):
+        if os.path.isdir(os.path.join(data_dir, name)):
+            return os.path.join(data_dir, name)
+    raise UserError(f"{os.path.join(data_dir, 'test')} is not a folder (nor val/); the data folder "
+                    "needs train/ and test/, each with one subfolder of images per class")
+
+
+def available_memory():
+    """Bytes the machine can still give (Linux's MemAvailable), else half of all memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def image_folders(data_dir, cache_budget=None, workers=1):
+    """The training and evaluation ImageFolders of data_dir with the book's augmentations, decoded
+    once if their pixels fit in cache_budget bytes (default: half the available memory; 0: never)."""
+    if not os.path.isdir(os.path.join(data_dir, "train")):
+        raise UserError(f"{os.path.join(data_dir, 'train')} is not a folder; the data folder needs "
+                        "train/ and test/, each with one subfolder of images per class")
+    splits = [os.path.join(data_dir, "train"), eval_split(data_dir)]
+    classes = [class_folders(s) for s in splits]
     if classes[0] != classes[1]:
         raise UserError(f"{splits[0]} has classes {classes[0]} but {splits[1]} has {classes[1]}; "
                         "give both the same class folders")
-    sets = []
-    for split, augs in zip(splits, (train_augs, test_augs)):
+    try:
+        folders = [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs))]
+    except FileNotFoundError as e:
+        raise UserError(f"{data_dir}: {e}; put images in every class folder") from None
+    if cache_budget == 0:
+        return folders
+    sizes = [[image_size(path) for path, _ in folder.samples] for folder in folders]
+    needed, budget = sum(3 * w * h for s in sizes for w, h in s), cache_budget or available_memory() // 2
+    if needed > budget:
+        if rank() == 0:
+            print(f"note: decoding images every epoch: decoded they would take {needed / 2**30:.1f} GB, "
+                  f"more than the cache's {budget / 2**30:.1f} GB (--cache-gb)", file=sys.stderr)
+        return folders
+    return [DecodedImages(folder, s, workers) for folder, s in zip(folders, sizes)]
+
+
+def image_paths(items):
+    """The images among items: files as given, folders searched recursively (sorted, hidden
+    entries and files that are not images skipped)."""
+    paths = []
+    for item in items:
+        if not os.path.isdir(item):
+            paths.append(item)
+            continue
+        found = []
+        for root, folders, names in os.walk(item):
+            folders[:] = [name for name in folders if not hidden(name)]  # os.walk skips the rest
+            found += [os.path.join(root, name) for name in names if is_image(name)]
+        paths += sorted(found)
+    return paths
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images to predict, each with its index; one that cannot be read is named on stderr and
+    comes as a blank image with index -1, so the others are still predicted."""
+
+    def __init__(self, paths, augs, crop):
+        self.paths, self.augs, self.crop = paths, augs, crop
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
         try:
-            folder = torchvision.datasets.ImageFolder(split, transform=augs, loader=load_rgb)
-        except FileNotFoundError as e:
-            raise UserError(f"{split}: {e}; put images in every class folder") from None
-        sets.append(DecodedImages(folder, workers) if cache else folder)
-    return sets
+            return self.augs(load_rgb(self.paths[i])), i
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), -1
 
 
 def cifar10(root="data"):
     """CIFAR-10 through the same augmentations, upsampled to 224 as the pretrained net expects."""
-    download = not os.path.isdir(os.path.join(root, "cifar-10-batches-py"))
+    fetch = not os.path.isdir(os.path.join(root, "cifar-10-batches-py"))
     try:
-        return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=download)
+        if fetch:  # our download, for its progress line; torchvision checks the MD5 and extracts
+            download(CIFAR10_URL, os.path.join(make_folder(root), "cifar-10-python.tar.gz"))
+        return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=fetch)
                 for t, augs in ((True, train_augs), (False, test_augs))]
     except (OSError, http.client.HTTPException) as e:
         raise UserError(f"cannot download CIFAR-10 ({e}); put cifar-10-python.tar.gz "

@@ -6,6 +6,8 @@
 This file is the command line: it parses arguments and wires data.py, models.py and train.py.
 """
 import argparse
+import csv
+import io
 import json
 import os
 import platform
@@ -55,7 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="a folder with train/ and test/ ImageFolders (no download)")
     p.add_argument("--data-root", default="data", help="where downloads go (default: ./data)")
     p.add_argument("--dummy", action="store_true", help="random hot-dog-shaped data, for speed")
-    p.add_argument("--no-cache", action="store_true", help="decode images every epoch, not once")
+    p.add_argument("--cache-gb", type=float, metavar="GB",
+                   help="decode images once if they fit in GB (default: half the free memory)")
+    p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
+                   help="decode images every epoch, not once (--cache-gb 0)")
     p.add_argument("--weights", metavar="FILE", help="ImageNet resnet18 state-dict, for offline use")
     p.add_argument("--epochs", type=positive(int), help="default: 5 (cifar10: 10)")
     p.add_argument("--batch-size", type=positive(int), default=128, help="global, over all processes")
@@ -145,7 +150,8 @@ def load_sets(args):
     if args.dataset == "cifar10":
         return data.cifar10(args.data_root)
     folder = args.data_dir or data.get_hotdog(args.data_root)
-    return data.image_folders(folder, cache=not args.no_cache, workers=args.workers or 1)
+    budget = None if args.cache_gb is None else int(args.cache_gb * 2**30)
+    return data.image_folders(folder, budget, workers=args.workers or 1)
 
 
 def class_names(dataset):
@@ -182,7 +188,7 @@ def check_out(run, classes, args, ckpt):
         raise UserError(f"{run.out} already holds a run's model.pt; choose another --out, "
                         f"or continue it with --resume {checkpoint}")
     if rank() == 0:
-        os.makedirs(run.out, exist_ok=True)
+        data.make_folder(run.out)
     return checkpoint
 
 
@@ -200,8 +206,9 @@ def train_one(run, args, sets, device, ckpt=None):
     net = build_net(run, len(classes), args, ckpt)
     train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, device, args.seed)
     runtime = train.make_runtime(device, args.precision)
-    say(f"{run.name}: training on {len(sets[0])} images, testing on {len(sets[1])}, lr {run.lr:g}, {device}"
-        + (f" x {world_size()} processes" if world_size() > 1 else ""))
+    split = f" in {os.path.basename(sets[1].root)}/" if hasattr(sets[1], "samples") else ""
+    say(f"{run.name}: training on {len(sets[0])} images, testing on {len(sets[1])}{split}, lr {run.lr:g}, "
+        f"{device}" + (f" x {world_size()} processes" if world_size() > 1 else ""))
     meta = dict(args=vars(args), run=dict(name=run.name, mode=run.mode, lr=run.lr), classes=classes,
                 transform=data.TEST_AUGS_SETTINGS, arch="resnet18")
     history = ckpt["history"] if ckpt else []
@@ -240,8 +247,7 @@ def report(result, epoch, test_set, out):
         print("confusion (rows: true class, columns: predicted):")
         for c, row in zip(classes, result["confusion"]):
             print(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row))
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    data.write_whole(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
     probs, labels = epoch.probs, epoch.labels
     preds = probs.argmax(1)
     wrong = (preds != labels).nonzero().flatten()[:16].tolist()
@@ -311,18 +317,31 @@ def interrupted(checkpoint=None):
 
 # ---------------------------------------------------------------- the other modes
 def predict(args):
-    """Classify images with a trained model.pt, through the test transforms saved beside it."""
+    """Classify images and folders of them with a trained model.pt, in batches, through the test
+    transforms saved beside it; print a line per image and write predictions.csv."""
     ckpt = load_checkpoint(args.model)
-    net = models.frozen_bn_resnet18(len(ckpt["classes"]))
+    classes, settings = ckpt["classes"], ckpt["transform"]
+    paths = data.image_paths(args.predict)
+    if not paths:
+        raise UserError(f"found no images in {' '.join(args.predict)}; give image files or folders of them")
+    images = data.ImageFiles(paths, data.make_test_augs(settings["resize"], settings["crop"]), settings["crop"])
+    workers = data.default_workers() if args.workers is None else args.workers
+    loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=workers)
+    net = models.frozen_bn_resnet18(len(classes))
     net.load_state_dict(ckpt["model"])
-    settings = ckpt["transform"]
-    augs = data.make_test_augs(settings["resize"], settings["crop"])
-    X = data.normalize(torch.stack([augs(data.load_rgb(p)) for p in args.predict]), settings["mean"], settings["std"])
-    with torch.no_grad():
-        probs = torch.softmax(net.eval()(X), 1)
-    for path, p in zip(args.predict, probs):
-        print(f"{path}: {ckpt['classes'][p.argmax()]} {p.max():.3f}")
-    return 0
+    runtime = train.make_runtime(train.try_device(args.device), args.precision)
+    probs, index = train.evaluate(runtime.place(net), loader, runtime)
+    rows = [[paths[i], classes[p.argmax()], f"{p.max():.4f}", *(f"{q:.4f}" for q in p)]
+            for i, p in zip(index.tolist(), probs) if i >= 0]
+    for path, name, prob, *_ in rows:
+        print(f"{path}: {name} {float(prob):.3f}")
+    csv_path = os.path.join(data.make_folder(args.out or "."), "predictions.csv")
+    table = io.StringIO()
+    csv.writer(table).writerows([["path", "class", "probability", *classes], *rows])
+    data.write_whole(csv_path, lambda f: f.write(table.getvalue().encode()))
+    print(f"wrote {csv_path}" + (f"; {len(paths) - len(rows)} of {len(paths)} images could not be read"
+                                 if len(rows) < len(paths) else ""), file=sys.stderr)
+    return 0 if len(rows) == len(paths) else 1
 
 
 def show_samples(args):
@@ -332,8 +351,7 @@ def show_samples(args):
     last = folder.targets[-1]
     picks = list(range(8)) + [i for i, t in enumerate(folder.targets) if t == last][-8:]
     images = [folder[i][0] for i in picks]
-    path = os.path.join(args.out or ".", "samples.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = os.path.join(data.make_folder(args.out or "."), "samples.png")
     if plots.samples(images, [data.train_augs(img) for img in images], path):
         print(f"wrote {path}")
     return 0

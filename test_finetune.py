@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from torchvision.transforms import v2
 
 import data
 import finetune
@@ -206,8 +207,9 @@ def test_loaders(folder):
 
 
 def test_cache_gives_the_same_images(folder):
-    cached, _ = data.image_folders(folder, cache=True)
-    plain, _ = data.image_folders(folder, cache=False)
+    cached, _ = data.image_folders(folder)
+    plain, _ = data.image_folders(folder, cache_budget=0)
+    assert isinstance(cached, data.DecodedImages) and not isinstance(plain, data.DecodedImages)
     torch.manual_seed(1)
     a = cached[3]
     torch.manual_seed(1)
@@ -668,3 +670,141 @@ def test_all_gpus_launcher_on_cpu_processes(folder, tmp_path):
                                 "--workers", "0", "--device", "cpu", "--out", str(tmp_path)])
     torch.multiprocessing.spawn(finetune.spawned, (args, 2, free_port()), nprocs=2)
     assert json.load(open(tmp_path / "metrics.json"))["world_size"] == 2
+
+
+# ---------------------------------------------------------------- data as it really arrives
+def add_junk(root):
+    """What notebooks, macOS and zip files leave in a data folder."""
+    for split in ("train", "test"):
+        os.makedirs(root / split / ".ipynb_checkpoints")  # empty: once "Found no valid file"
+        os.makedirs(root / split / "__MACOSX" / "hotdog")
+        (root / split / "__MACOSX" / "hotdog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 apple double")
+        (root / split / "hotdog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 apple double")
+        (root / split / "hotdog" / ".DS_Store").write_bytes(b"junk")
+        os.makedirs(root / split / "hotdog" / ".ipynb_checkpoints")
+        Image.new("RGB", (8, 8)).save(root / split / "hotdog" / ".ipynb_checkpoints" / "0-checkpoint.png")
+
+
+def test_hidden_entries_are_never_classes_or_images(tmp_path, capsys):
+    root = tmp_path / "d"
+    write_folder(root, train=3, test=2)
+    add_junk(root)
+    for cache_budget in (None, 0):
+        train_set, test_set = data.image_folders(root, cache_budget)
+        assert train_set.classes == test_set.classes == ["hotdog", "not-hotdog"]
+        assert len(train_set) == 6 and len(test_set) == 4
+        assert not any("/." in p or "__MACOSX" in p for p, _ in train_set.samples + test_set.samples)
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
+                               "--workers", 0, "--out", tmp_path / "out")
+    assert status == 0, err
+    assert ".ipynb" not in out and len(json.load(open(tmp_path / "out" / "metrics.json"))["confusion"]) == 2
+
+
+@pytest.mark.parametrize("name", ["val", "valid", "validation"])
+def test_val_folder_when_there_is_no_test_folder(name, tmp_path, capsys):
+    root = tmp_path / "d"
+    write_folder(root, train=2, test=3)
+    os.rename(root / "test", root / name)
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
+                               "--workers", 0, "--out", tmp_path / "out")
+    assert status == 0, err
+    assert f"testing on 6 in {name}/" in out
+    assert torch.tensor(json.load(open(tmp_path / "out" / "metrics.json"))["confusion"]).sum() == 6
+
+
+def test_test_folder_is_preferred_and_named(folder, tmp_path, capsys):
+    status, out, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path)
+    assert status == 0 and "testing on 4 in test/" in out
+
+
+def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys):
+    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                   "--workers", 0, "--out", tmp_path / "run")[0] == 0
+    photos = tmp_path / "photos"
+    os.makedirs(photos / "b" / ".ipynb_checkpoints")
+    for path in (photos / "z.png", photos / "a.png", photos / "b" / "c.png", photos / "b" / ".ipynb_checkpoints" / "c.png"):
+        Image.new("RGB", (50, 40), (220, 60, 30)).save(path)
+    (photos / "notes.txt").write_text("not an image")
+    (photos / "b" / "broken.png").write_bytes(b"\x89PNG broken")
+    single = os.path.join(folder, "test", "not-hotdog", "0.png")
+    status, out, err = run_cli(capsys, "--predict", single, photos, "--model", tmp_path / "run" / "model.pt",
+                               "--batch-size", 2, "--workers", 0, "--out", tmp_path / "pred")
+    assert status == 1  # one image failed, the others were predicted
+    assert "broken.png" in err and err.count("error:") == 1
+    expected = [single, str(photos / "a.png"), str(photos / "b" / "c.png"), str(photos / "z.png")]
+    assert [line.split(": ")[0] for line in out.splitlines()] == expected
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    assert [r["path"] for r in rows] == expected
+    for row, line in zip(rows, out.splitlines()):
+        probs = [float(row["hotdog"]), float(row["not-hotdog"])]
+        assert sum(probs) == pytest.approx(1, abs=1e-3) and float(row["probability"]) == pytest.approx(max(probs))
+        assert row["class"] == ["hotdog", "not-hotdog"][probs.index(max(probs))] == line.split()[1]
+    assert rows[1]["hotdog"] == rows[3]["hotdog"]  # the same picture, in a different batch
+
+
+def test_predict_finds_no_images(tmp_path, capsys, folder):
+    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                   "--workers", 0, "--out", tmp_path / "run")[0] == 0
+    os.makedirs(tmp_path / "empty")
+    status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", tmp_path / "run" / "model.pt")
+    assert status == 2 and "found no images" in err
+
+
+def test_cache_only_when_it_fits(folder, capsys):
+    train_set, test_set = data.image_folders(folder)
+    pixels = sum(3 * img.size[0] * img.size[1] for s in (train_set, test_set)
+                 for img in (Image.open(p) for p, _ in s.samples))
+    assert train_set.pixels.numel() + test_set.pixels.numel() == pixels  # the estimate is exact
+    for i in range(len(test_set)):  # and each image sits where its header said
+        assert torch.equal(test_set.image(i), v2.functional.pil_to_tensor(data.load_rgb(test_set.samples[i][0])))
+    capsys.readouterr()
+    train_set, _ = data.image_folders(folder, cache_budget=pixels - 1)
+    assert not isinstance(train_set, data.DecodedImages)
+    err = capsys.readouterr().err
+    assert err.startswith("note: decoding images every epoch") and "--cache-gb" in err and len(err.splitlines()) == 1
+
+
+def test_cache_budget_flag(folder, tmp_path, capsys):
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                               "--workers", 0, "--cache-gb", "0.000001", "--out", tmp_path)
+    assert status == 0 and "note: decoding images every epoch" in err
+
+
+def test_unwritable_out_is_one_line(folder, tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path / "file" / "run")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert f"cannot create the folder {tmp_path / 'file' / 'run'}" in err and "--out" in err
+
+
+def test_full_disk_keeps_the_last_whole_checkpoint(folder, tmp_path, capsys, monkeypatch):
+    real, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second epoch's checkpoint: half written, then the disk is full
+            f.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 2, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path)
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert f"cannot write {tmp_path / 'model.pt'} (No space left on device)" in err
+    assert len(torch.load(tmp_path / "model.pt", weights_only=True)["history"]) == 1
+    assert not (tmp_path / "model.pt.part").exists()
+
+
+def test_download_progress_on_a_terminal_only(tmp_path, server, capsys, monkeypatch):
+    url, files, _ = server
+    body = make_zip(tmp_path) * 2
+    files["/hotdog.zip"] = (body, len(body))
+    data.download(url + "/hotdog.zip", str(tmp_path / "quiet.zip"))
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    data.download(url + "/hotdog.zip", str(tmp_path / "hotdog.zip"), hashlib.sha1(body).hexdigest())
+    err = capsys.readouterr().err
+    assert f"\r  hotdog.zip: 0.0 of 0.0 MB" in err and err.endswith("\r\033[K")

@@ -5,7 +5,6 @@ where and how the arithmetic runs, several processes, the progress line and resu
 wrapper around the recipe's objects or a one-line helper, and does nothing where it does not
 apply (one process, fp32, a fresh run).
 """
-import os
 import random
 import sys
 import time
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data import UserError, normalize, rank, world_size
+from data import UserError, normalize, rank, world_size, write_whole
 
 
 # ================================================================ the book's recipe
@@ -248,6 +247,6 @@ def restore(resume, optimizer, scaler):
 
 
 def save_checkpoint(path, epoch, history, meta):
-    """Write through a temporary name, so a crash never leaves half a checkpoint."""
-    torch.save({**epoch.state, "history": history, "rng": rng_states(), **meta}, path + ".part")
-    os.replace(path + ".part", path)
+    """Through a temporary name: a crash or a full disk never leaves half a checkpoint."""
+    state = {**epoch.state, "history": history, "rng": rng_states(), **meta}
+    write_whole(path, lambda f: torch.save(state, f))
