@@ -32,6 +32,13 @@ def timed_epoch(net, batches, optimizer, runtime):
     return n / (time.perf_counter() - start)
 
 
+def loader_only(batches):
+    """Examples per second of the loader alone: decoding, augmenting and collating, no model."""
+    start = time.perf_counter()
+    n = sum(len(y) for _, y in batches)
+    return n / (time.perf_counter() - start)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", help="a folder with train/ and test/ ImageFolders")
@@ -64,12 +71,15 @@ def main():
     timed_epoch(net, batch * 3, optimizer, runtime)  # warm-up: kernels, allocator
     model_only = timed_epoch(net, batch * batches, optimizer, runtime)
     pipeline = timed_epoch(net, itertools.islice(train_iter, batches), optimizer, runtime)
+    loader = loader_only(itertools.islice(train_iter, batches))
 
-    print(f"device {device}, batch {args.batch_size}, precision {runtime.dtype or torch.float32}, "
-          f"{args.workers} workers, {batches} batches per measurement")
+    print(f"{runtime}, batch {args.batch_size}, {args.workers} workers, {torch.get_num_threads()} "
+          f"compute threads, {batches} batches per measurement")
     print(f"start-up: data ready {data_sec:.1f} s, workers and first batch {first_sec:.1f} s")
     print(f"model only: {model_only:.1f} examples/sec")
     print(f"pipeline:   {pipeline:.1f} examples/sec ({pipeline / model_only:.0%} of model only)")
+    print(f"loader only: {loader:.1f} examples/sec ({loader / max(1, args.workers):.1f} per worker"
+          f"{'' if args.workers else ', in the main process'})")
     print(f"peak memory: host {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
           + (f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""))
 

@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best there is)")
     p.add_argument("--precision", choices=["amp", "fp32"], default="amp",
-                   help="amp: bf16/fp16 autocast on CUDA (default); fp32: the book's arithmetic")
+                   help="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native "
+                        "bf16 (fp16 on older GPUs); fp32: the book's arithmetic")
     p.add_argument("--out", help="output folder (default: runs/<mode>-<time>)")
     args = p.parse_args(argv)
     args.mode = "predict" if args.predict else "resume" if args.resume else args.mode
@@ -208,7 +209,7 @@ def train_one(run, args, sets, device, ckpt=None):
     runtime = train.make_runtime(device, args.precision)
     split = f" in {os.path.basename(sets[1].root)}/" if hasattr(sets[1], "samples") else ""
     say(f"{run.name}: training on {len(sets[0])} images, testing on {len(sets[1])}{split}, lr {run.lr:g}, "
-        f"{device}" + (f" x {world_size()} processes" if world_size() > 1 else ""))
+        f"{runtime}" + (f" x {world_size()} processes" if world_size() > 1 else ""))
     meta = dict(args=vars(args), run=dict(name=run.name, mode=run.mode, lr=run.lr), classes=classes,
                 transform=data.TEST_AUGS_SETTINGS, arch="resnet18")
     history = ckpt["history"] if ckpt else []
@@ -219,20 +220,21 @@ def train_one(run, args, sets, device, ckpt=None):
         say(epoch_line(epoch.metrics))
         if rank() == 0:
             train.save_checkpoint(checkpoint, epoch, history, meta)
-    result = summary(run, history, classes, epoch, device, args)
+    result = summary(run, history, classes, epoch, runtime, args)
     if rank() == 0:
         report(result, epoch, sets[1], run.out)
     return result
 
 
-def summary(run, history, classes, epoch, device, args):
+def summary(run, history, classes, epoch, runtime, args):
     """What metrics.json holds: the last epoch's figures, the history, the confusion matrix."""
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     confusion.index_put_((epoch.labels, epoch.probs.argmax(1)), torch.ones_like(epoch.labels), accumulate=True)
     last = history[-1]
     return dict(name=run.name, mode=run.mode, lr=run.lr, loss=last["loss"], train_acc=last["train_acc"],
                 test_acc=last["test_acc"], examples_per_sec=sum(m["examples_per_sec"] for m in history) / len(history),
-                device=str(device), world_size=world_size(),
+                device=str(runtime.device), world_size=world_size(),
+                precision=str(runtime.dtype or torch.float32), memory_format=str(runtime.memory_format),
                 history=history, classes=classes, confusion=confusion.tolist(), args=vars(args),
                 versions=dict(python=platform.python_version(), torch=torch.__version__,
                               torchvision=torchvision.__version__))

@@ -396,7 +396,7 @@ def test_predict_matches_the_evaluation_loop(folder, tmp_path, capsys):
     _, test_set = data.image_folders(folder)
     probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
     paths = [p for p, _ in test_set.samples]
-    status, out, _ = run_cli(capsys, "--predict", *paths, "--model", tmp_path / "model.pt")
+    status, out, _ = run_cli(capsys, "--predict", *paths, "--model", tmp_path / "model.pt", "--precision", "fp32")
     assert status == 0
     for line, p in zip(out.splitlines(), probs):
         name, prob = line.split(": ")[1].split()
@@ -413,7 +413,7 @@ def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(finetune.plots, "mistakes", lambda images, captions, path: shown.update(
         images=images, captions=captions, path=real(images, captions, path)))
     status, out, _ = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 8,
-                             "--workers", 0, "--out", tmp_path / "out")
+                             "--workers", 0, "--precision", "fp32", "--out", tmp_path / "out")
     assert status == 0
     net = models.scratch_net(2)
     net.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True)["model"])
@@ -808,3 +808,72 @@ def test_download_progress_on_a_terminal_only(tmp_path, server, capsys, monkeypa
     data.download(url + "/hotdog.zip", str(tmp_path / "hotdog.zip"), hashlib.sha1(body).hexdigest())
     err = capsys.readouterr().err
     assert f"\r  hotdog.zip: 0.0 of 0.0 MB" in err and err.endswith("\r\033[K")
+
+
+# ---------------------------------------------------------------- precision
+def tiny_set():
+    torch.manual_seed(0)
+    X = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(16) % 2
+    X[y == 1] //= 2  # darker images are class 1
+    return X, y
+
+
+def runtime(monkeypatch, dtype):
+    """What make_runtime gives on a CPU whose fastest type is dtype."""
+    monkeypatch.setattr(train, "amp_dtype", lambda device: dtype)
+    return make_runtime(torch.device("cpu"))
+
+
+def test_bf16_learns_as_fp32_does(monkeypatch):
+    """The same steps on a small set reach the same training accuracy in bf16 as in fp32."""
+    X, y = tiny_set()
+    curves = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        net = runtime(monkeypatch, dtype).place(models.scratch_net(2))
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, weight_decay=1e-3)
+        loss = torch.nn.CrossEntropyLoss(reduction="none")
+        curves[dtype] = [train_epoch(net, [(X, y)], loss, optimizer, runtime(monkeypatch, dtype))
+                         for _ in range(12)]
+    for fp32, bf16 in zip(curves[None], curves[torch.bfloat16]):
+        assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.1, abs=0.05)
+    assert curves[None][-1]["train_acc"] == curves[torch.bfloat16][-1]["train_acc"] == 1
+
+
+def test_fp16_with_its_gradient_scaler_on_the_cpu(folder, tmp_path, monkeypatch):
+    """The path CUDA GPUs without bf16 take: a step happens, and the scaler's state goes through
+    a checkpoint and back."""
+    fp16 = runtime(monkeypatch, torch.float16)
+    net = models.scratch_net(2)
+    before = net.fc.weight.detach().clone()
+    train_iter, test_iter = data.make_loaders(*data.image_folders(folder), batch_size=4)
+    epochs = list(train_fine_tuning(net, 0.01, train_iter, test_iter, num_epochs=1, runtime=fp16))
+    assert not torch.equal(net.fc.weight.detach(), before) and torch.isfinite(net.fc.weight).all()
+    assert epochs[-1].state["scaler"]["scale"] == fp16.scaler.get_scale() > 0
+    train.save_checkpoint(str(tmp_path / "model.pt"), epochs[-1], [epochs[-1].metrics], {})
+    resumed = runtime(monkeypatch, torch.float16)
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    groups = [{"params": [p for n, p in net.named_parameters() if not n.startswith("fc.")]},
+              {"params": net.fc.parameters()}]  # as train_fine_tuning's
+    assert train.restore(ckpt, torch.optim.SGD(groups, lr=0.01), resumed.scaler) == 1
+    assert resumed.scaler.state_dict() == fp16.scaler.state_dict()
+
+
+def test_precision_follows_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    for caps, dtype in (({"amx_bf16": True}, torch.bfloat16), ({"avx512_bf16": True}, torch.bfloat16), ({}, None)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+        assert make_runtime(cpu).dtype == dtype and make_runtime(cpu).memory_format == torch.channels_last
+        assert make_runtime(cpu, "fp32").dtype is None
+        assert make_runtime(cpu, "fp32").memory_format == torch.contiguous_format
+
+
+def test_header_and_metrics_say_the_precision(folder, tmp_path, capsys):
+    status, out, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path)
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    expected = make_runtime(torch.device("cpu"))
+    assert status == 0 and f"lr 0.0005, {expected}\n" in out
+    assert metrics["precision"] == str(expected.dtype or torch.float32)
+    assert metrics["memory_format"] == "torch.channels_last"

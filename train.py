@@ -139,16 +139,33 @@ class Runtime:
         """uint8 images from a loader as the net's input (data.normalize runs here, on the device)."""
         return normalize(X.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
 
+    def __str__(self):
+        return (f"{self.device}, {'fp32' if self.dtype is None else str(self.dtype)[6:] + ' autocast'}"
+                + (", channels-last" if self.memory_format == torch.channels_last else ""))
+
 
 def make_runtime(device=None, precision="amp"):
-    """With precision "amp" on CUDA: bf16 autocast (fp16 on GPUs without bf16), channels-last
-    and cuDNN autotuning. Elsewhere, and with "fp32", the book's arithmetic."""
+    """With precision "amp", on CUDA and on the CPU: channels-last memory format (measured faster
+    on both), and autocast to the type the device computes fastest without losing accuracy (see
+    amp_dtype). With "fp32", and on MPS: the book's arithmetic."""
     device = device or try_device()
-    cuda = device.type == "cuda" and precision == "amp"
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    amp = precision == "amp" and device.type in ("cuda", "cpu")
+    dtype = amp_dtype(device) if amp else None
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    return Runtime(device, dtype, torch.channels_last if cuda else torch.contiguous_format,
-                   torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+    # GradScaler's first scale, 2**16, is made for a mean loss; the book's loss is summed over a
+    # batch of 128, so its gradients are 128x larger and fp16 would overflow for the first steps.
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 / 128, enabled=dtype == torch.float16)
+    return Runtime(device, dtype, torch.channels_last if amp else torch.contiguous_format, scaler)
+
+
+def amp_dtype(device):
+    """bf16 where the device has it natively: CUDA GPUs from Ampere on, CPUs with AMX or
+    AVX512-BF16 (PyTorch's own check). fp16, with its gradient scaler, on older GPUs. None (fp32)
+    on other CPUs, where bf16 is emulated and runs at half the speed of fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    cpu = torch.cpu.get_capabilities()
+    return torch.bfloat16 if cpu.get("amx_bf16") or cpu.get("avx512_bf16") else None
 
 
 class Progress:
