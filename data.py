@@ -148,22 +148,24 @@ def normalize(X, mean=MEAN, std=STD):
 
 # ---------------------------------------------------------------- datasets
 def load_rgb(path):
-    """Open any image as RGB (grey, palette, RGBA, CMYK), naming the file when it can't be read."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return img.convert("RGB")
-    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"cannot read image {path} ({e}); delete or replace that file") from None
+    """Any image as RGB (grey, palette, RGBA, CMYK)."""
+    return read_image(path, lambda img: img.convert("RGB"))
 
 
 def image_size(path):
     """(width, height) from the image's header, without decoding its pixels."""
+    return read_image(path, lambda img: img.size)
+
+
+def read_image(path, read):
+    """read(the opened image), naming the file if it is damaged, not an image, or so large that
+    it could be a decompression bomb."""
     try:
-        with Image.open(path) as img:
-            return img.size
-    except OSError as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return read(img)
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"cannot read image {path} ({e}); delete or replace that file") from None
 
 

@@ -348,8 +348,7 @@ def predict(args):
 
 def show_samples(args):
     """The book's first look at the data (§14.2.1), and the same images as the net sees them."""
-    folder = torchvision.datasets.ImageFolder(
-        os.path.join(args.data_dir or data.get_hotdog(args.data_root), "train"), loader=data.load_rgb)
+    folder = data.ImageFolder(os.path.join(args.data_dir or data.get_hotdog(args.data_root), "train"), None)
     last = folder.targets[-1]
     picks = list(range(8)) + [i for i, t in enumerate(folder.targets) if t == last][-8:]
     images = [folder[i][0] for i in picks]

@@ -54,7 +54,8 @@ def train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime,
     """§14.1: each epoch, one pass over the training data, then the accuracy on the test data."""
     net = runtime.place(net)
     model = distributed(net, runtime.device)  # `net` itself on one process
-    for epoch in range(restore(resume, optimizer, runtime.scaler), num_epochs):
+    first_epoch = restore(resume, optimizer, runtime.scaler)  # 0 for a fresh run
+    for epoch in range(first_epoch, num_epochs):
         reshuffle(train_iter, epoch)
         start = time.perf_counter()
         train_metrics = train_epoch(model, train_iter, loss, optimizer, runtime)
@@ -68,7 +69,8 @@ def train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime,
 
 def train_epoch(net, train_iter, loss, optimizer, runtime):
     """One pass over the data, §14.1's `train_batch_ch13` for each batch. Returns the mean loss,
-    the accuracy and the number of examples (over all processes)."""
+    the accuracy and the number of examples (over all processes), and the seconds until the
+    first batch arrived."""
     net.train()
     metric = torch.zeros(3, device=runtime.device)  # loss sum, correct, examples; kept on the device
     batches = Progress(train_iter, metric)
@@ -89,10 +91,9 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
 
 
 @torch.no_grad()
-def evaluate(net, test_iter, runtime=None):
+def evaluate(net, test_iter, runtime):
     """§14.1's `evaluate_accuracy_gpu`, keeping what it counts: the class probabilities and the
     label of every test example, in dataset order."""
-    runtime = runtime or make_runtime()
     same_buffers(net)
     net.eval()
     probs, labels = [], []
@@ -153,7 +154,8 @@ def make_runtime(device=None, precision="amp"):
     dtype = amp_dtype(device) if amp else None
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     # GradScaler's first scale, 2**16, is made for a mean loss; the book's loss is summed over a
-    # batch of 128, so its gradients are 128x larger and fp16 would overflow for the first steps.
+    # batch of 128, so its gradients are 128x larger and fp16 would overflow for the first steps
+    # (the scaler skips those, and then adapts to any batch size).
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 / 128, enabled=dtype == torch.float16)
     return Runtime(device, dtype, torch.channels_last if amp else torch.contiguous_format, scaler)
 
@@ -163,7 +165,7 @@ def amp_dtype(device):
     AVX512-BF16 (PyTorch's own check). fp16, with its gradient scaler, on older GPUs. None (fp32)
     on other CPUs, where bf16 is emulated and runs at half the speed of fp32."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     cpu = torch.cpu.get_capabilities()
     return torch.bfloat16 if cpu.get("amx_bf16") or cpu.get("avx512_bf16") else None
 
@@ -175,7 +177,7 @@ class Progress:
 
     def __init__(self, loader, metric):
         self.loader, self.metric = loader, metric  # metric: loss sum, correct, examples so far
-        self.show = sys.stderr.isatty() and rank() == 0 and hasattr(loader, "__len__")
+        self.show = sys.stderr.isatty() and rank() == 0 and hasattr(loader, "__len__")  # not an islice
         self.first_batch_sec = 0.0
 
     def __iter__(self):
