@@ -349,8 +349,9 @@ def predict(args):
 def show_samples(args):
     """The book's first look at the data (§14.2.1), and the same images as the net sees them."""
     folder = data.ImageFolder(os.path.join(args.data_dir or data.get_hotdog(args.data_root), "train"), None)
-    last = folder.targets[-1]
-    picks = list(range(8)) + [i for i, t in enumerate(folder.targets) if t == last][-8:]
+    first, last = folder.targets[0], folder.targets[-1]  # fewer than 8 where a class has fewer
+    picks = ([i for i, t in enumerate(folder.targets) if t == first][:8]
+             + [i for i, t in enumerate(folder.targets) if t == last][-8:])
     images = [folder[i][0] for i in picks]
     path = os.path.join(data.make_folder(args.out or "."), "samples.png")
     if plots.samples(images, [data.train_augs(img) for img in images], path):
