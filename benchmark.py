@@ -54,7 +54,8 @@ def main():
         p.error("give --data-dir DIR or --dummy")
     device = try_device(args.device)
     start = time.perf_counter()
-    sets = data.fake_data() if args.dummy else data.image_folders(args.data_dir, 0 if args.no_cache else None, args.workers)
+    budget = 0 if args.no_cache else None
+    sets = data.fake_data() if args.dummy else data.image_folders(args.data_dir, budget, args.workers)
     data_sec = time.perf_counter() - start
     train_iter, _ = data.make_loaders(*sets, args.batch_size, args.workers, device)
     batches = args.batches or len(train_iter)

@@ -262,7 +262,10 @@ def image_folders(data_dir, cache_budget=None, workers=1):
     if cache_budget == 0:
         return folders
     sizes = [[image_size(path) for path, _ in folder.samples] for folder in folders]
-    needed, budget = sum(3 * w * h for s in sizes for w, h in s), cache_budget or available_memory() // 2
+    # Each process on this machine holds its own copy: they share half of the free memory.
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    needed = sum(3 * width * height for split in sizes for width, height in split)
+    budget = cache_budget or available_memory() // (2 * local_processes)
     if needed > budget:
         if rank() == 0:
             print(f"note: decoding images every epoch: decoded they would take {needed / 2**30:.1f} GB, "
