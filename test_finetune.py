@@ -495,6 +495,8 @@ def test_ctrl_c_saves_and_says_how_to_resume(folder, tmp_path):
     ("bad_image", ["--data-dir", "{tmp}/d", "--no-cache", "--workers", "1"], "cannot read image .*0.png"),
     ("ok", ["--data-dir", "{tmp}/d", "--weights", "{tmp}/none.pth"], "does not exist"),
     ("ok", ["--data-dir", "{tmp}/d", "--device", "cuda"], "no such device"),
+    ("ok", ["--data-dir", "{tmp}/d", "--device", "cuda:7"], "no such device"),
+    ("ok", ["--data-dir", "{tmp}/d", "--device", "gpu"], "--device gpu: this machine has no such device"),
     ("ok", ["--resume", "{tmp}/none.pt"], "does not exist"),
 ])
 def test_bad_input_is_one_line(setup, argv, message, tmp_path, capsys):
@@ -510,8 +512,8 @@ def test_bad_input_is_one_line(setup, argv, message, tmp_path, capsys):
         os.makedirs(root / "test" / "pizza")
     if setup == "bad_image":
         (root / "train" / "hotdog" / "0.png").write_bytes(b"\x89PNG broken")
-    if "cuda" in argv and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+    if "cuda" in argv and torch.cuda.is_available() or "cuda:7" in argv and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
     argv = [a.format(tmp=tmp_path) for a in argv]
     mode = [] if "--resume" in argv else ["--pretrained"]
     status, out, err = run_cli(capsys, *mode, *argv, "--epochs", 1, "--out", tmp_path / "out")

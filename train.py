@@ -113,8 +113,11 @@ def try_device(name=None):
     """The device to train on: the one named, else CUDA, else MPS, else the CPU."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available() or \
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # a name torch does not know, such as "gpu"
+        device = None
+    if device is None or device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count() or \
             device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: this machine has no such device; leave --device out "
                         "to use the best one there is")
