@@ -114,11 +114,12 @@ def try_device(name=None):
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
-        device = torch.device(name)
-    except RuntimeError:  # a name torch does not know, such as "gpu"
-        device = None
-    if device is None or device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count() or \
-            device.type == "mps" and not torch.backends.mps.is_available():
+        device = torch.device(name)  # raises for a name torch does not know, such as "gpu"
+        missing = (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+                   or device.type == "mps" and not torch.backends.mps.is_available())
+    except RuntimeError:
+        missing = True
+    if missing:
         raise UserError(f"--device {name}: this machine has no such device; leave --device out "
                         "to use the best one there is")
     return device
@@ -169,7 +170,7 @@ def amp_dtype(device):
     on other CPUs, where bf16 is emulated and runs at half the speed of fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    cpu = torch.cpu.get_capabilities()
+    cpu = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}  # older torch: fp32
     return torch.bfloat16 if cpu.get("amx_bf16") or cpu.get("avx512_bf16") else None
 
 
