@@ -226,13 +226,14 @@ class DecodedImages(torch.utils.data.Dataset):
         return self.transform(self.image(i)), self.targets[i]
 
 
-def eval_split(data_dir):
-    """test/, or where a data set has none, its val/ (valid/, validation/)."""
-    for name in ("test", "val", "valid", "validation"):
+def split_folder(data_dir, names):
+    """The first of names that is a folder in data_dir: the evaluation split is test/, or where
+    a data set has none, its val/ (valid/, validation/)."""
+    for name in names:
         if os.path.isdir(os.path.join(data_dir, name)):
             return os.path.join(data_dir, name)
-    raise UserError(f"{os.path.join(data_dir, 'test')} is not a folder (nor val/); the data folder "
-                    "needs train/ and test/, each with one subfolder of images per class")
+    raise UserError(f"{os.path.join(data_dir, names[0])} is not a folder; the data folder needs "
+                    "train/ and test/ (or val/), each with one subfolder of images per class")
 
 
 def available_memory():
@@ -247,10 +248,7 @@ def available_memory():
 def image_folders(data_dir, cache_budget=None, workers=1):
     """The training and evaluation ImageFolders of data_dir with the book's augmentations, decoded
     once if their pixels fit in cache_budget bytes (default: half the available memory; 0: never)."""
-    if not os.path.isdir(os.path.join(data_dir, "train")):
-        raise UserError(f"{os.path.join(data_dir, 'train')} is not a folder; the data folder needs "
-                        "train/ and test/, each with one subfolder of images per class")
-    splits = [os.path.join(data_dir, "train"), eval_split(data_dir)]
+    splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", "val", "valid", "validation"])]
     classes = [class_folders(s) for s in splits]
     if classes[0] != classes[1]:
         raise UserError(f"{splits[0]} has classes {classes[0]} but {splits[1]} has {classes[1]}; "

@@ -297,9 +297,9 @@ def train_runs(args):
                 results.append(train_one(run, args, sets, device, ckpt))
             except KeyboardInterrupt:
                 return interrupted(os.path.join(run.out, "model.pt"))
-        if rank() == 0 and len(results) > 1:
-            print_table(results, args.dataset)
         if rank() == 0:
+            if len(results) > 1:
+                print_table(results, args.dataset)
             plots.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
             print(f"wrote {out}")
         return 0
