@@ -57,7 +57,7 @@ def main():
     budget = 0 if args.no_cache else None
     sets = data.fake_data() if args.dummy else data.image_folders(args.data_dir, budget, args.workers)
     data_sec = time.perf_counter() - start
-    train_iter, _ = data.make_loaders(*sets, args.batch_size, args.workers, device)
+    train_iter, _ = data.make_loaders(*sets, args.batch_size, args.workers)
     batches = args.batches or len(train_iter)
 
     # the recipe's net, optimizer and precision; speed does not depend on the weights

@@ -81,14 +81,14 @@ def write_whole(path, write):
         if os.path.exists(path + ".part"):
             os.remove(path + ".part")
         raise UserError(f"cannot write {path} ({e.strerror or e}); free some space there, "
-                        "or give another --out") from None
+                        "or write to another folder") from None
 
 
 def make_folder(path):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the folder {path} ({e.strerror}); give --out a folder "
+        raise UserError(f"cannot create the folder {path} ({e.strerror}); choose a folder "
                         "you can write to") from None
     return path
 
@@ -267,7 +267,7 @@ def image_folders(data_dir, cache_budget=None, workers=1):
     if needed > budget:
         if rank() == 0:
             print(f"note: decoding images every epoch: decoded they would take {needed / 2**30:.1f} GB, "
-                  f"more than the cache's {budget / 2**30:.1f} GB (--cache-gb)", file=sys.stderr)
+                  f"more than the cache's {budget / 2**30:.1f} GB (cache_budget; --cache-gb)", file=sys.stderr)
         return folders
     return [DecodedImages(folder, s, workers) for folder, s in zip(folders, sizes)]
 
@@ -326,6 +326,13 @@ def fake_data(train=2000, test=800, num_classes=2):
 
 
 # ---------------------------------------------------------------- loaders
+def load_data(batch_size=128, data_dir=None, root="data"):
+    """The book's train_iter and test_iter (§14.2.2) over data_dir's train/ and test/ folders,
+    default the hot-dog set, downloaded into root on first use."""
+    workers = default_workers()
+    return make_loaders(*image_folders(data_dir or get_hotdog(root), workers=workers), batch_size, workers)
+
+
 def default_workers():
     """One loader process per core this process may use, at most 16."""
     return min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
@@ -339,17 +346,17 @@ def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def make_loaders(train_set, test_set, batch_size=128, workers=0, device="cpu", seed=0):
+def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0):
     """Shuffled training and ordered test loaders; under torch.distributed each process gets its
     share: the global batch is split, and every test image is evaluated by exactly one process."""
     world = world_size()
     if batch_size < world:
-        raise UserError(f"--batch-size {batch_size} is smaller than the {world} processes; "
+        raise UserError(f"batch_size={batch_size} is smaller than the {world} processes; "
                         "give at least one image per process")
     sampler = DistributedSampler(train_set, seed=seed) if world > 1 else None
     if world > 1:
         test_set = Subset(test_set, range(rank(), len(test_set), world))
-    opts = dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+    opts = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
                 persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     return (DataLoader(train_set, batch_size // world, shuffle=sampler is None, sampler=sampler, **opts),
             DataLoader(test_set, batch_size // world, **opts))

@@ -26,6 +26,7 @@ import models
 import plots
 import train
 from data import UserError, rank, world_size
+from train import say
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
 RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
@@ -106,33 +107,15 @@ def plan_runs(args, out, ckpt=None):
     return [Run(name, mode, lr, out if len(runs) == 1 else os.path.join(out, name)) for name, mode, lr in runs]
 
 
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; give the model.pt of a training run") from None
-    except Exception as e:
-        raise UserError(f"{path} is not a checkpoint of this program ({str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or "history" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this program; give the model.pt of a training run")
-    return ckpt
-
-
 def resumed_args(args):
     """The checkpoint's arguments; --epochs, --device and --workers may be given anew."""
-    ckpt = load_checkpoint(args.resume)
+    ckpt = train.load_checkpoint(args.resume)
     given = {k: v for k, v in vars(args).items() if k in ("epochs", "device", "workers") and v is not None}
     return argparse.Namespace(**{**ckpt["args"], **given, "resume": args.resume,
                                  "out": os.path.dirname(args.resume) or "."}), ckpt
 
 
 # ---------------------------------------------------------------- training
-def say(*args):
-    """print, on process 0 only."""
-    if rank() == 0:
-        print(*args)
-
-
 def local_first(fn, *a):
     """Run fn on each machine's first process (it downloads), then on the others (they find its
     files). Machines that share a file system would download side by side: give --data-dir."""
@@ -193,19 +176,13 @@ def check_out(run, classes, args, ckpt):
     return checkpoint
 
 
-def epoch_line(m):
-    return (f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
-            f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"
-            + (f" (start-up: first batch after {m['first_batch_sec']:.1f} s)" if m["epoch"] == 1 else ""))
-
-
 def train_one(run, args, sets, device, ckpt=None):
     """Train one net, saving model.pt after every epoch; report it and return its result."""
     random.seed(args.seed)
     classes = class_names(sets[0])
     checkpoint = check_out(run, classes, args, ckpt)
     net = build_net(run, len(classes), args, ckpt)
-    train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, device, args.seed)
+    train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, args.seed)
     runtime = train.make_runtime(device, args.precision)
     split = f" in {os.path.basename(sets[1].root)}/" if hasattr(sets[1], "samples") else ""
     say(f"{run.name}: training on {len(sets[0])} images, testing on {len(sets[1])}{split}, lr {run.lr:g}, "
@@ -214,10 +191,10 @@ def train_one(run, args, sets, device, ckpt=None):
                 transform=data.TEST_AUGS_SETTINGS, arch="resnet18")
     history = ckpt["history"] if ckpt else []
     param_group = RECIPES[run.mode]["param_group"] and not args.no_param_group
-    for epoch in train.train_fine_tuning(net, run.lr, train_iter, test_iter, args.epochs, param_group,
-                                         runtime, ckpt):
+    for epoch in train.fine_tuning_epochs(net, run.lr, train_iter, test_iter, args.epochs, param_group,
+                                          runtime, ckpt):
         history.append(epoch.metrics)
-        say(epoch_line(epoch.metrics))
+        say(train.epoch_line(epoch.metrics))
         if rank() == 0:
             train.save_checkpoint(checkpoint, epoch, history, meta)
     result = summary(run, history, classes, epoch, runtime, args)
@@ -243,7 +220,7 @@ def summary(run, history, classes, epoch, runtime, args):
 def report(result, epoch, test_set, out):
     """Print the book's summary and the confusion matrix; write metrics.json and mistakes.png."""
     classes = result["classes"]
-    print(f"loss {result['loss']:.3f}, train acc {result['train_acc']:.3f}, test acc {result['test_acc']:.3f}")
+    print(train.summary_line(result))
     print(f"{result['examples_per_sec']:.1f} examples/sec on {result['device']}")
     if len(classes) <= 10:
         print("confusion (rows: true class, columns: predicted):")
@@ -269,23 +246,12 @@ def print_table(results, dataset):
               f"{r['examples_per_sec']:8.1f}   {book}")
 
 
-def join_processes(device):
-    """Under torchrun (or the all-GPUs launcher below), join the process group, one GPU each."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 def train_runs(args):
     """Everything one process does: set up, train every planned run, write the outputs."""
     args, ckpt = resumed_args(args) if args.resume else (args, None)
     args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
     args.workers = data.default_workers() if args.workers is None else args.workers
-    device = join_processes(train.try_device(args.device))
+    device = train.join_processes(train.try_device(args.device))
     try:
         start = time.perf_counter()
         sets = local_first(load_sets, args)
@@ -321,7 +287,7 @@ def interrupted(checkpoint=None):
 def predict(args):
     """Classify images and folders of them with a trained model.pt, in batches, through the test
     transforms saved beside it; print a line per image and write predictions.csv."""
-    ckpt = load_checkpoint(args.model)
+    ckpt = train.load_checkpoint(args.model)
     classes, settings = ckpt["classes"], ckpt["transform"]
     paths = data.image_paths(args.predict)
     if not paths:
@@ -329,8 +295,7 @@ def predict(args):
     images = data.ImageFiles(paths, data.make_test_augs(settings["resize"], settings["crop"]), settings["crop"])
     workers = data.default_workers() if args.workers is None else args.workers
     loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=workers)
-    net = models.frozen_bn_resnet18(len(classes))
-    net.load_state_dict(ckpt["model"])
+    net = models.saved_net(ckpt)
     runtime = train.make_runtime(train.try_device(args.device), args.precision)
     probs, index = train.evaluate(runtime.place(net), loader, runtime)
     rows = [[paths[i], classes[p.argmax()], f"{p.max():.4f}", *(f"{q:.4f}" for q in p)]
@@ -360,12 +325,26 @@ def show_samples(args):
 
 
 # ---------------------------------------------------------------- starting
+# The modules' errors name a Python caller's arguments (`batch_size=3`); here, the flags.
+FLAGS = {"batch_size=": "--batch-size ", "device=": "--device ", "weights_file=": "--weights ",
+         "init_head_from_imagenet=True": "--init-head-from-imagenet"}
+
+
+def one_line(error):
+    """A library error as the command line's one line: from a loader worker, the message holds
+    its traceback, so the last line; the arguments named as flags."""
+    message = str(error).strip().splitlines()[-1].removeprefix("data.UserError: ")
+    for argument, flag in FLAGS.items():
+        message = message.replace(argument, flag)
+    return f"error: {message}"
+
+
 def guarded(fn, args):
     """Run fn(args), turning bad input and Ctrl-C into a one-line message and an exit status."""
     try:
         return fn(args)
-    except UserError as e:  # from a loader worker, the message holds its traceback: keep the last line
-        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.UserError: ')}", file=sys.stderr)
+    except UserError as e:
+        print(one_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return interrupted()

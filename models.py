@@ -15,15 +15,15 @@ def imagenet_resnet18(weights_file=None):
             return torchvision.models.resnet18(weights="IMAGENET1K_V1")
         except OSError as e:
             raise UserError(f"cannot download the ImageNet resnet18 weights ({e}); fetch "
-                            "resnet18-f37072fd.pth elsewhere and pass --weights FILE") from None
+                            "resnet18-f37072fd.pth elsewhere and pass weights_file=FILE") from None
     net = torchvision.models.resnet18()
     try:
         net.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
     except FileNotFoundError:
-        raise UserError(f"--weights {weights_file} does not exist; give the path of "
+        raise UserError(f"weights_file={weights_file} does not exist; give the path of "
                         "resnet18-f37072fd.pth") from None
     except Exception as e:  # unpickling or key errors: not a resnet18 state-dict either way
-        raise UserError(f"--weights {weights_file} is not a resnet18 state-dict "
+        raise UserError(f"weights_file={weights_file} is not a resnet18 state-dict "
                         f"({str(e).splitlines()[0]}); give resnet18-f37072fd.pth") from None
     return net
 
@@ -42,7 +42,7 @@ def init_hotdog_head(fc, imagenet_fc):
     """Exercise 4: start `hotdog` from ImageNet's hot-dog row, and `not-hotdog` from the mean of
     the other 999 rows, a detector of "any other ImageNet class" (the classes sort in that order)."""
     if fc.out_features != 2:
-        raise UserError("--init-head-from-imagenet needs the two classes hotdog and not-hotdog")
+        raise UserError("init_head_from_imagenet=True needs the two classes hotdog and not-hotdog")
     others = torch.arange(imagenet_fc.out_features) != HOTDOG_ROW
     with torch.no_grad():
         fc.weight.copy_(torch.stack([imagenet_fc.weight[HOTDOG_ROW], imagenet_fc.weight[others].mean(0)]))
@@ -57,17 +57,31 @@ def scratch_net(num_classes=2):
 
 
 def freeze_features(net):
-    """Exercise 3: train only the output layer. As in torchvision's detection models, the
-    BatchNorm layers become FrozenBatchNorm2d: ImageNet's statistics stay fixed in training too,
-    since with the layers' weights frozen, statistics drifting to the new data would no longer
-    match them. The training loop needs no special case."""
-    frozen = frozen_bn_resnet18(net.fc.out_features)
-    frozen.load_state_dict(net.state_dict())
-    for name, param in frozen.named_parameters():
+    """Exercise 3: train only the output layer, in place (the net is returned too). As in
+    torchvision's detection models, the BatchNorm layers become FrozenBatchNorm2d: ImageNet's
+    statistics stay fixed in training too, since with the layers' weights frozen, statistics
+    drifting to the new data would no longer match them. The training loop needs no special case."""
+    for name, param in net.named_parameters():
         param.requires_grad = name.startswith("fc.")
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, frozen_batch_norm(child))
+    return net
+
+
+def frozen_batch_norm(bn):
+    """A BatchNorm2d as it computes at test time, with its weights and statistics."""
+    frozen = torchvision.ops.FrozenBatchNorm2d(bn.num_features, bn.eps).to(bn.weight.device)
+    frozen.load_state_dict(bn.state_dict())  # it drops num_batches_tracked itself
     return frozen
 
 
-def frozen_bn_resnet18(num_classes):
-    """resnet18 with BatchNorm as it computes at test time; it loads any resnet18's weights."""
-    return torchvision.models.resnet18(num_classes=num_classes, norm_layer=torchvision.ops.FrozenBatchNorm2d)
+def saved_net(checkpoint):
+    """The net a training run saved (train.load_checkpoint), ready to predict. Its BatchNorm
+    layers are FrozenBatchNorm2d, which compute as BatchNorm does at test time and so load the
+    weights of any mode, --freeze or not."""
+    net = torchvision.models.resnet18(num_classes=len(checkpoint["classes"]),
+                                      norm_layer=torchvision.ops.FrozenBatchNorm2d)
+    net.load_state_dict(checkpoint["model"])
+    return net

@@ -1,19 +1,51 @@
-"""Pictures of a run: training curves, the test images the net gets wrong, and the data as the
-net sees it. matplotlib is optional: without it each picture is skipped with a one-line note."""
+"""Pictures: the book's show_images and training curves, the test images a net gets wrong, and
+the data as the net sees it. Figures are saved to files, and shown inline in a notebook.
+
+matplotlib is optional: without it each picture is skipped with a one-line note. Figures are
+built with matplotlib's object API, never pyplot, so the caller's backend stays as it is (a
+notebook's inline figures keep working).
+"""
+import io
 import os
+import sys
 
 import torch
 
 
-def pyplot():
+def figure(**kwargs):
+    """A new matplotlib Figure, or None (with a note) where matplotlib is not installed."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-        return plt
+        from matplotlib.figure import Figure
     except ImportError:
         print("note: pictures skipped; `pip install matplotlib` to get them")
         return None
+    return Figure(**kwargs)
+
+
+def notebook():
+    """IPython.display where this runs in a Jupyter kernel (Jupyter, VS Code, Colab), else None."""
+    ipython = sys.modules.get("IPython")  # every kernel has imported it; we never import it first
+    shell = ipython and ipython.get_ipython()
+    if shell is None or not hasattr(shell, "kernel"):
+        return None
+    import IPython.display
+    return IPython.display
+
+
+def png(fig):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def finish(fig, path=None):
+    """Save the figure to path (whole, or not at all) and show it in a notebook; returns path."""
+    if path:
+        fig.savefig(path + ".part.png", dpi=100, bbox_inches="tight")
+        os.replace(path + ".part.png", path)
+    if display := notebook():
+        display.display(display.Image(png(fig)))
+    return path
 
 
 def as_picture(img):
@@ -21,19 +53,23 @@ def as_picture(img):
     return img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img
 
 
-def save(fig, plt, path):
-    fig.savefig(path + ".part.png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(path + ".part.png", path)
-    return path
-
-
-def curves(histories, path):
-    """Train loss, train acc and test acc per epoch, one panel per run (the book's figure)."""
-    plt = pyplot()
-    if not plt:
+def show_images(imgs, num_rows, num_cols, titles=None, scale=1.5, path=None):
+    """The book's show_images (§3.5): images in a grid, row by row; a None leaves a gap."""
+    fig = figure(figsize=(num_cols * scale, num_rows * scale * (1.2 if titles else 1)))
+    if fig is None:
         return None
-    fig, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories), 3.5), squeeze=False, sharey=True)
+    axes = fig.subplots(num_rows, num_cols, squeeze=False).flatten()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i < len(imgs) and imgs[i] is not None:
+            ax.imshow(as_picture(imgs[i]))
+            ax.set_title(titles[i] if titles else "", fontsize=7)
+    return finish(fig, path)
+
+
+def draw_curves(fig, histories):
+    """Train loss, train acc and test acc per epoch, one panel per run (the book's figure)."""
+    axes = fig.subplots(1, len(histories), squeeze=False, sharey=True)
     for ax, (name, history) in zip(axes[0], histories.items()):
         epochs = [m["epoch"] for m in history]
         for key, style in (("loss", "-"), ("train_acc", "--"), ("test_acc", "-.")):
@@ -41,29 +77,38 @@ def curves(histories, path):
         ax.set(title=name, xlabel="epoch", xlim=(0.5, max(epochs) + 0.5))
         ax.grid(True)
         ax.legend()
-    return save(fig, plt, path)
+    return fig
+
+
+def curves(histories, path=None):
+    """The curves of several runs ({name: history}) side by side."""
+    fig = figure(figsize=(4.5 * len(histories), 3.5))
+    return fig and finish(draw_curves(fig, histories), path)
+
+
+def animator():
+    """The book's Animator: in a notebook, a function that redraws the curves of a history in
+    place after every epoch; elsewhere, one that does nothing."""
+    display = notebook()
+    if not display or not figure():
+        return lambda history: None
+    handle = display.display(display.Pretty(""), display_id=True)
+    return lambda history: handle.update(display.Image(png(draw_curves(figure(figsize=(4.5, 3.5)),
+                                                                       {"": history}))))
 
 
 def grid(rows, captions, path, scale=1.6):
-    plt = pyplot()
-    if not plt or not rows[0]:
-        return None
-    fig, axes = plt.subplots(len(rows), len(rows[0]), squeeze=False,
-                             figsize=(scale * len(rows[0]), scale * 1.2 * len(rows)))
-    for ax_row, images, texts in zip(axes, rows, captions):
-        for ax, img, text in zip(ax_row, images, texts):
-            ax.imshow(as_picture(img))
-            ax.set_title(text, fontsize=7)
-            ax.axis("off")
-    return save(fig, plt, path)
+    """Rows of images (up to 8 each) with a caption under each."""
+    width = max(map(len, rows))
+    padded = [row[i] if i < len(row) else None for row in rows for i in range(width)]
+    texts = [row[i] if i < len(row) else "" for row in captions for i in range(width)]
+    return show_images(padded, len(rows), width, texts, scale, path) if width else None
 
 
 def mistakes(images, captions, path):
     """Up to 16 misclassified test images, captioned with the true and predicted class."""
-    if not images:
-        return None
     rows = [images[i:i + 8] for i in range(0, len(images), 8)]
-    return grid(rows, [captions[i:i + 8] for i in range(0, len(images), 8)], path, scale=2)
+    return grid(rows, [captions[i:i + 8] for i in range(0, len(images), 8)], path, scale=2) if images else None
 
 
 def samples(images, augmented, path):

@@ -22,7 +22,7 @@ import finetune
 import models
 from data import UserError
 import train
-from train import evaluate, make_runtime, train_epoch, train_fine_tuning, try_device
+from train import evaluate, fine_tuning_epochs, make_runtime, train_epoch, try_device
 
 CPU = make_runtime(torch.device("cpu"), "fp32")
 
@@ -100,14 +100,14 @@ def test_weights_not_downloadable(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache, so torchvision must download
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
-    with pytest.raises(UserError, match="--weights FILE"):
+    with pytest.raises(UserError, match="weights_file=FILE"):
         models.finetune_net(2)
 
 
 def recipe_optimizer(monkeypatch, net, lr, param_group=True):
-    """The loss and optimizer that train_fine_tuning hands to train_ch13."""
-    monkeypatch.setattr(train, "train_ch13", lambda net, train_iter, test_iter, loss, optimizer, *a: iter([(loss, optimizer)]))
-    return next(train_fine_tuning(net, lr, None, None, param_group=param_group))
+    """The loss and optimizer that the recipe hands to its training loop."""
+    monkeypatch.setattr(train, "ch13_epochs", lambda net, train_iter, test_iter, loss, optimizer, *a: iter([(loss, optimizer)]))
+    return next(fine_tuning_epochs(net, lr, None, None, param_group=param_group))
 
 
 def test_param_groups(monkeypatch):
@@ -175,10 +175,11 @@ def test_sum_not_mean_loss_gradients():
 
 
 def test_freeze_trains_only_the_head(folder):
-    net = models.freeze_features(models.finetune_net(2))
+    net = models.finetune_net(2)
+    models.freeze_features(net)  # as a statement: in place
     before = {k: v.clone() for k, v in net.state_dict().items()}
     train_iter, test_iter = data.make_loaders(*data.image_folders(folder), batch_size=4)
-    list(train_fine_tuning(net, 0.01, train_iter, test_iter, num_epochs=1))
+    list(fine_tuning_epochs(net, 0.01, train_iter, test_iter, num_epochs=1))
     after = net.state_dict()
     for name in before:  # weights and BatchNorm statistics alike
         assert torch.equal(before[name], after[name]) == (not name.startswith("fc.")), name
@@ -397,7 +398,8 @@ def test_predict_matches_the_evaluation_loop(folder, tmp_path, capsys):
     _, test_set = data.image_folders(folder)
     probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
     paths = [p for p, _ in test_set.samples]
-    status, out, _ = run_cli(capsys, "--predict", *paths, "--model", tmp_path / "model.pt", "--precision", "fp32")
+    status, out, _ = run_cli(capsys, "--predict", *paths, "--model", tmp_path / "model.pt", "--precision", "fp32",
+                             "--out", tmp_path / "predictions")
     assert status == 0
     for line, p in zip(out.splitlines(), probs):
         name, prob = line.split(": ")[1].split()
@@ -550,7 +552,7 @@ def test_batch_larger_than_the_training_set(folder, tmp_path, capsys):
 def test_out_of_memory_names_the_batch_size(folder, tmp_path, capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(finetune.train, "train_fine_tuning", oom)
+    monkeypatch.setattr(finetune.train, "fine_tuning_epochs", oom)
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--batch-size", 64,
                              "--out", tmp_path)
     assert status == 2 and "--batch-size 64" in err and "--batch-size 32" in err
@@ -577,7 +579,8 @@ def test_cifar10_through_the_same_dataset_function(tmp_path, capsys, monkeypatch
 
 
 def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
     assert finetune.plots.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
                                  str(tmp_path / "curves.png")) is None
     assert "pip install matplotlib" in capsys.readouterr().out
@@ -593,7 +596,7 @@ def ddp_worker(rank, root, out, port):
     net = models.scratch_net(2)
     train_iter, test_iter = data.make_loaders(*data.image_folders(root), batch_size=4)
     seen = list(train_iter.sampler)  # epoch 0's share, as train() will draw it
-    epochs = list(train_fine_tuning(net, 0.01, train_iter, test_iter, num_epochs=1, runtime=CPU))
+    epochs = list(fine_tuning_epochs(net, 0.01, train_iter, test_iter, num_epochs=1, runtime=CPU))
     torch.save({"model": net.state_dict(), "seen": seen, "test_acc": epochs[-1].metrics["test_acc"],
                 "n": epochs[-1].metrics}, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
@@ -627,7 +630,7 @@ def one_step(net, X, y):
     so that the step does not depend on how the batch is split."""
     net.eval().train = lambda mode=True: net
     before = net.fc.weight.detach().clone()
-    model = train.distributed(net, torch.device("cpu"))
+    model = train.parallel(net, [torch.device("cpu")])
     train_epoch(model, [(X, y)], torch.nn.CrossEntropyLoss(reduction="none"),
                 torch.optim.SGD(net.parameters(), lr=1e-3), CPU)
     return net.fc.weight.detach() - before
@@ -781,7 +784,7 @@ def test_unwritable_out_is_one_line(folder, tmp_path, capsys):
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path / "file" / "run")
     assert status == 2 and len(err.strip().splitlines()) == 1
-    assert f"cannot create the folder {tmp_path / 'file' / 'run'}" in err and "--out" in err
+    assert f"cannot create the folder {tmp_path / 'file' / 'run'}" in err and "choose a folder" in err
 
 
 def test_full_disk_keeps_the_last_whole_checkpoint(folder, tmp_path, capsys, monkeypatch):
@@ -852,14 +855,14 @@ def test_fp16_with_its_gradient_scaler_on_the_cpu(folder, tmp_path, monkeypatch)
     net = models.scratch_net(2)
     before = net.fc.weight.detach().clone()
     train_iter, test_iter = data.make_loaders(*data.image_folders(folder), batch_size=4)
-    epochs = list(train_fine_tuning(net, 0.01, train_iter, test_iter, num_epochs=1, runtime=fp16))
+    epochs = list(fine_tuning_epochs(net, 0.01, train_iter, test_iter, num_epochs=1, runtime=fp16))
     assert not torch.equal(net.fc.weight.detach(), before) and torch.isfinite(net.fc.weight).all()
     assert epochs[-1].state["scaler"]["scale"] == fp16.scaler.get_scale() > 0
     train.save_checkpoint(str(tmp_path / "model.pt"), epochs[-1], [epochs[-1].metrics], {})
     resumed = runtime(monkeypatch, torch.float16)
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     groups = [{"params": [p for n, p in net.named_parameters() if not n.startswith("fc.")]},
-              {"params": net.fc.parameters()}]  # as train_fine_tuning's
+              {"params": net.fc.parameters()}]  # as fine_tuning_epochs's
     assert train.restore(ckpt, torch.optim.SGD(groups, lr=0.01), resumed.scaler) == 1
     assert resumed.scaler.state_dict() == fp16.scaler.state_dict()
 
@@ -881,3 +884,80 @@ def test_header_and_metrics_say_the_precision(folder, tmp_path, capsys):
     assert status == 0 and f"lr 0.0005, {expected}\n" in out
     assert metrics["precision"] == str(expected.dtype or torch.float32)
     assert metrics["memory_format"] == "torch.channels_last"
+
+
+# ---------------------------------------------------------------- the book's calls, from Python and a notebook
+def test_the_books_train_fine_tuning_trains_and_returns_the_history(folder, capsys):
+    """§14.2's calls as the book writes them, data_dir apart: they train and return the history."""
+    finetune_net = models.finetune_net()
+    before = finetune_net.fc.weight.detach().clone()
+    history = train.train_fine_tuning(finetune_net, 5e-5, data_dir=folder)
+    out = capsys.readouterr().out
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5]  # the book's 5 epochs
+    assert not torch.equal(finetune_net.fc.weight.detach().cpu(), before)
+    assert "epoch 5: loss" in out and out.strip().endswith(train.summary_line(history[-1]))
+    scratch_net = models.scratch_net()
+    history = train.train_fine_tuning(scratch_net, 5e-4, 4, 1, param_group=False, data_dir=folder)
+    assert len(history) == 1 and history[0]["examples"] == 8
+
+
+def test_train_ch13_takes_the_books_float_loaders_and_normalises_once(folder):
+    """The book's own loaders (ToTensor + Normalize) reach the net as they are; uint8 batches
+    would be normalised on the device instead."""
+    T = torchvision.transforms
+    normalize = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    test_augs = T.Compose([T.Resize([256, 256]), T.CenterCrop(224), T.ToTensor(), normalize])
+    test_iter = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(os.path.join(folder, "test"),
+                                                                             transform=test_augs), batch_size=4)
+    net, seen = models.scratch_net(), []
+    net.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().float()))
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    trainer = torch.optim.SGD(net.parameters(), lr=1e-4, weight_decay=0.001)
+    history = train.train_ch13(net, test_iter, test_iter, loss, trainer, 1)  # the book's six arguments
+    expected = torch.cat([X for X, _ in test_iter])
+    assert len(history) == 1 and torch.allclose(torch.cat(seen[-1:]), expected)  # the evaluation's input
+    assert torch.allclose(torch.cat(seen[:-1]), expected)  # the training's: the same, unshuffled
+
+
+def test_the_python_callers_errors_name_arguments_and_the_cli_names_flags(capsys):
+    with pytest.raises(UserError, match="device=gpu: this machine has no such device"):
+        try_device("gpu")
+    status, _, err = run_cli(capsys, "--scratch", "--device", "gpu")
+    assert status == 2 and "error: --device gpu: this machine has no such device; give no --device" in err
+
+
+def test_pictures_keep_the_callers_backend(tmp_path):
+    import matplotlib
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        path = finetune.plots.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
+                                     str(tmp_path / "curves.png"))
+        assert matplotlib.get_backend() == "pdf" and open(path, "rb").read(4) == b"\x89PNG"
+    finally:
+        matplotlib.use(before)
+
+
+def test_the_notebook_runs_cell_by_cell_in_a_kernel(tmp_path, monkeypatch):
+    """fine_tuning.ipynb, unchanged, in a real Jupyter kernel (no server). The download is
+    replaced by what it would leave: a generated hot-dog set in ./data/hotdog of the kernel's
+    working folder. A last cell, added here, reads matplotlib's backend."""
+    import nbclient
+    import nbformat
+    nb = nbformat.read(os.path.join(HERE, "fine_tuning.ipynb"), as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code)  # stored without outputs
+    write_folder(tmp_path / "data" / "hotdog", train=8, test=2)
+    monkeypatch.setenv("PYTHONPATH", HERE)
+    nb.cells.append(nbformat.v4.new_code_cell("import matplotlib\nprint(matplotlib.get_backend())"))
+    nbclient.NotebookClient(nb, timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    def outputs(source):
+        cell = next(cell for cell in nb.cells if source in cell.source)
+        text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+        return text, sum("image/png" in o.get("data", {}) for o in cell.outputs)
+    text, images = outputs("finetune_history = train.train_fine_tuning(finetune_net, 5e-5)")
+    assert "epoch 5: loss" in text and "batch 1/1" in text and images == 1  # curves redrawn in place
+    assert outputs("plots.show_images(hotdogs + not_hotdogs, 2, 8, scale=1.4)")[1] == 1
+    assert "inline" in outputs("matplotlib.get_backend()")[0]
+    assert not os.path.exists(os.path.join(HERE, "data", "hotdog", "train", "hotdog", "7.png"))

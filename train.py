@@ -1,10 +1,14 @@
 """Training and evaluation: D2L §14.2's `train_fine_tuning`, with §14.1's `train_ch13` loop.
 
-The book's recipe comes first and reads top to bottom. What the book leaves out comes after it:
-where and how the arithmetic runs, several processes, the progress line and resuming. Each is a
-wrapper around the recipe's objects or a one-line helper, and does nothing where it does not
-apply (one process, fp32, a fresh run).
+The book's recipe comes first and reads top to bottom; `train_fine_tuning` and `train_ch13` take
+the book's arguments, train, and return the history, from Python or a notebook as in the book.
+The command line drives the same loop one epoch at a time (`fine_tuning_epochs`), printing and
+saving between epochs. What the book leaves out comes after the recipe: where and how the
+arithmetic runs, several processes, what a run shows, and resuming. Each is a wrapper around the
+recipe's objects or a one-line helper, and does nothing where it does not apply (one device,
+fp32, a fresh run).
 """
+import os
 import random
 import sys
 import time
@@ -14,16 +18,27 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import data
+import plots
 from data import UserError, normalize, rank, world_size, write_whole
 
 
 # ================================================================ the book's recipe
-def train_fine_tuning(net, learning_rate, train_iter, test_iter, num_epochs=5, param_group=True,
-                      runtime=None, resume=None):
-    """§14.2.2: with param_group, the new output layer learns at 10x the base learning rate.
+def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_group=True, *,
+                      data_dir=None, devices=None):
+    """§14.2.2, called as the book calls it: trains on data_dir's train/ and test/ folders
+    (default: the hot-dog set, downloaded on first use) on all GPUs, else the CPU, and returns
+    the history, one dict of metrics per epoch."""
+    train_iter, test_iter = data.load_data(batch_size, data_dir)
+    epochs = fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs, param_group,
+                                make_runtime(devices))
+    return show_epochs(epochs)
 
-    A generator: yields an `Epoch` after each epoch, so the caller prints and saves between them.
-    """
+
+def fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs=5, param_group=True,
+                       runtime=None, resume=None):
+    """The recipe one epoch at a time: yields an `Epoch` after each. With param_group, the new
+    output layer learns at 10x the base learning rate."""
     # The book sums the loss over the batch, and its learning rates (5e-5, 5e-4) assume that
     # sum: with the mean they would be 128x too small.
     loss = nn.CrossEntropyLoss(reduction="none")
@@ -37,8 +52,14 @@ def train_fine_tuning(net, learning_rate, train_iter, test_iter, num_epochs=5, p
     else:
         optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate,
                                     weight_decay=0.001)
-    yield from train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs,
-                          runtime or make_runtime(), resume)
+    yield from ch13_epochs(net, train_iter, test_iter, loss, optimizer, num_epochs,
+                           runtime or make_runtime(), resume)
+
+
+def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=None):
+    """§14.1, called as the book calls it: returns the history, one dict of metrics per epoch."""
+    return show_epochs(ch13_epochs(net, train_iter, test_iter, loss, trainer, num_epochs,
+                                   make_runtime(devices)))
 
 
 @dataclass
@@ -50,10 +71,11 @@ class Epoch:
     state: dict            # what a checkpoint needs to continue: model, optimizer, scaler
 
 
-def train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime, resume=None):
-    """§14.1: each epoch, one pass over the training data, then the accuracy on the test data."""
+def ch13_epochs(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime, resume=None):
+    """§14.1's loop: each epoch, one pass over the training data, then the accuracy on the test
+    data; yields an `Epoch` after each."""
     net = runtime.place(net)
-    model = distributed(net, runtime.device)  # `net` itself on one process
+    model = parallel(net, runtime.devices)  # `net` itself on one device
     first_epoch = restore(resume, optimizer, runtime.scaler)  # 0 for a fresh run
     for epoch in range(first_epoch, num_epochs):
         reshuffle(train_iter, epoch)
@@ -120,19 +142,29 @@ def try_device(name=None):
     except RuntimeError:
         missing = True
     if missing:
-        raise UserError(f"--device {name}: this machine has no such device; leave --device out "
+        raise UserError(f"device={name}: this machine has no such device; give no device= "
                         "to use the best one there is")
     return device
 
 
+def try_all_gpus():
+    """Every GPU of the machine, as the book's try_all_gpus; where there is none, the best other
+    device (MPS, else the CPU), not the book's empty list, on which its train_ch13 fails."""
+    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [try_device()]
+
+
 @dataclass
 class Runtime:
-    """The device and its arithmetic. Autocast is off in fp32, and the gradient scaler passes
+    """The devices and their arithmetic. Autocast is off in fp32, and the gradient scaler passes
     everything through unless the autocast type is fp16 (whose small gradients underflow)."""
-    device: torch.device
+    devices: list  # the first holds the net and the batches; several GPUs share each batch
     dtype: torch.dtype | None  # autocast's, None for fp32
     memory_format: torch.memory_format
     scaler: torch.amp.GradScaler
+
+    @property
+    def device(self):
+        return self.devices[0]
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
@@ -141,27 +173,33 @@ class Runtime:
         return net.to(self.device, memory_format=self.memory_format)
 
     def input(self, X):
-        """uint8 images from a loader as the net's input (data.normalize runs here, on the device)."""
-        return normalize(X.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
+        """A loader's batch as the net's input. This project's loaders yield uint8 images, which
+        become the book's ToTensor + Normalize here, on the device (data.normalize); a batch of
+        floats (the book's own loaders) has had them already and passes through untouched."""
+        X = X.to(self.device, non_blocking=True)
+        X = X if X.is_floating_point() else normalize(X)
+        return X.contiguous(memory_format=self.memory_format)
 
     def __str__(self):
-        return (f"{self.device}, {'fp32' if self.dtype is None else str(self.dtype)[6:] + ' autocast'}"
+        return (f"{self.device}" + (f" and {len(self.devices) - 1} more" if len(self.devices) > 1 else "")
+                + f", {'fp32' if self.dtype is None else str(self.dtype)[6:] + ' autocast'}"
                 + (", channels-last" if self.memory_format == torch.channels_last else ""))
 
 
-def make_runtime(device=None, precision="amp"):
-    """With precision "amp", on CUDA and on the CPU: channels-last memory format (measured faster
+def make_runtime(devices=None, precision="amp"):
+    """The runtime for a device or a list of them (default: all GPUs, else the best device).
+    With precision "amp", on CUDA and on the CPU: channels-last memory format (measured faster
     on both), and autocast to the type the device computes fastest without losing accuracy (see
     amp_dtype). With "fp32", and on MPS: the book's arithmetic."""
-    device = device or try_device()
-    amp = precision == "amp" and device.type in ("cuda", "cpu")
-    dtype = amp_dtype(device) if amp else None
+    devices = [torch.device(devices)] if isinstance(devices, (str, torch.device)) else devices or try_all_gpus()
+    amp = precision == "amp" and devices[0].type in ("cuda", "cpu")
+    dtype = amp_dtype(devices[0]) if amp else None
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     # GradScaler's first scale, 2**16, is made for a mean loss; the book's loss is summed over a
     # batch of 128, so its gradients are 128x larger and fp16 would overflow for the first steps
     # (the scaler skips those, and then adapts to any batch size).
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 / 128, enabled=dtype == torch.float16)
-    return Runtime(device, dtype, torch.channels_last if amp else torch.contiguous_format, scaler)
+    scaler = torch.amp.GradScaler(devices[0].type, init_scale=2.0**16 / 128, enabled=dtype == torch.float16)
+    return Runtime(list(devices), dtype, torch.channels_last if amp else torch.contiguous_format, scaler)
 
 
 def amp_dtype(device):
@@ -174,14 +212,45 @@ def amp_dtype(device):
     return torch.bfloat16 if cpu.get("amx_bf16") or cpu.get("avx512_bf16") else None
 
 
+# ================================================================ what a run shows
+def show_epochs(epochs):
+    """Run the epochs as the book's train_ch13 shows them: a line per epoch, the curves redrawn in
+    place in a notebook (the book's Animator), and the book's summary. Returns the history."""
+    history, animate = [], plots.animator()
+    for epoch in epochs:
+        history.append(epoch.metrics)
+        say(epoch_line(epoch.metrics))
+        animate(history)
+    if history:
+        say(summary_line(history[-1]))
+    return history
+
+
+def say(*args):
+    """print, on process 0 only."""
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def epoch_line(m):
+    return (f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
+            f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"
+            + (f" (start-up: first batch after {m['first_batch_sec']:.1f} s)" if m["epoch"] == 1 else ""))
+
+
+def summary_line(m):
+    """The book's closing line."""
+    return f"loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, test acc {m['test_acc']:.3f}"
+
+
 class Progress:
-    """A loader's batches, with a progress line on a terminal, and the seconds until the first
-    batch arrived (the loader's start-up). The book redraws every num_batches // 5 batches, which
-    is zero with fewer than five; this redraws every half second."""
+    """A loader's batches, with a live progress line on a terminal or in a notebook, and the
+    seconds until the first batch arrived (the loader's start-up). The book redraws every
+    num_batches // 5 batches, which is zero with fewer than five; this redraws every half second."""
 
     def __init__(self, loader, metric):
         self.loader, self.metric = loader, metric  # metric: loss sum, correct, examples so far
-        self.show = sys.stderr.isatty() and rank() == 0 and hasattr(loader, "__len__")  # not an islice
+        self.show = live_text() if rank() == 0 and hasattr(loader, "__len__") else None  # not an islice
         self.first_batch_sec = 0.0
 
     def __iter__(self):
@@ -190,23 +259,48 @@ class Progress:
             if i == 0:
                 self.first_batch_sec = time.perf_counter() - start
             yield batch
-            if self.show and time.perf_counter() - shown > 0.5:
+            if self.show and (time.perf_counter() - shown > 0.5 or i + 1 == len(self.loader)):
                 shown, (loss_sum, _, n) = time.perf_counter(), self.metric.tolist()
-                print(f"\r  batch {i + 1}/{len(self.loader)}  loss {loss_sum / n:.3f}  "
-                      f"{n * world_size() / (shown - start):.1f} examples/sec",
-                      end="", file=sys.stderr, flush=True)
+                self.show(f"  batch {i + 1}/{len(self.loader)}  loss {loss_sum / n:.3f}  "
+                          f"{n * world_size() / (shown - start):.1f} examples/sec")
         if self.show:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
+            self.show("")
+
+
+def live_text():
+    """show(text), which redraws one line in place: with \\r on a terminal, where show("") clears
+    it; as an output updated in place in a notebook, where the last line stays. Elsewhere (a log
+    file) nothing: the epoch lines say enough."""
+    notebook = plots.notebook()
+    if notebook:
+        handle = notebook.display(notebook.Pretty(""), display_id=True)
+        return lambda text: text and handle.update(notebook.Pretty(text))
+    if sys.stderr.isatty():
+        return lambda text: print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+    return None
 
 
 # ================================================================ several processes
-def distributed(net, device):
-    """DistributedDataParallel over the processes, or `net` itself on one process."""
-    if world_size() == 1:
-        return net
-    model = nn.parallel.DistributedDataParallel(net, [device] if device.type == "cuda" else None)
-    model.register_comm_hook(None, allreduce_sum)
-    return model
+def join_processes(device):
+    """Under torchrun (or the command line's all-GPUs launcher), join the process group, one
+    GPU each; the device this process trains on."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def parallel(net, devices):
+    """The net over several devices: DistributedDataParallel over processes (the command line's
+    way), else in one process the book's nn.DataParallel over several GPUs; `net` itself on one."""
+    if world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(net, devices if devices[0].type == "cuda" else None)
+        model.register_comm_hook(None, allreduce_sum)
+        return model
+    return nn.DataParallel(net, devices) if len(devices) > 1 else net
 
 
 def allreduce_sum(process_group, bucket):
@@ -273,3 +367,17 @@ def save_checkpoint(path, epoch, history, meta):
     """Through a temporary name: a crash or a full disk never leaves half a checkpoint."""
     state = {**epoch.state, "history": history, "rng": rng_states(), **meta}
     write_whole(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path):
+    """A model.pt that training wrote: the weights, the classes, the test transforms' settings,
+    and what resuming needs."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; give the model.pt of a training run") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint of this program ({str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "history" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this program; give the model.pt of a training run")
+    return ckpt
