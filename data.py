@@ -114,7 +114,7 @@ def extract(zip_path, root):
 
 
 def get_hotdog(root="data", url=HOTDOG_URL, sha1=HOTDOG_SHA1):
-    """The hot-dog set (D2L §14.2.1) under root/hotdog, downloaded and extracted on first use."""
+    """The hot-dog set (D2L §14.2.2.1) under root/hotdog, downloaded and extracted on first use."""
     folder = os.path.join(root, "hotdog")
     if not os.path.isdir(folder):
         os.makedirs(root, exist_ok=True)
@@ -131,7 +131,7 @@ def make_test_augs(resize=256, crop=224):
     return v2.Compose([v2.ToImage(), v2.Resize([resize, resize]), v2.CenterCrop(crop), v2.ToPureTensor()])
 
 
-# The book's augmentations (§14.2.1) up to ToTensor. ToImage comes first, so the crop and resize
+# The book's augmentations (§14.2.2.1) up to ToTensor. ToImage comes first, so the crop and resize
 # run on uint8 tensors whether an image comes from PIL or from the decoded cache below (the same
 # bilinear, antialiased resize as PIL's). The loaders yield uint8 images; the book's last two
 # steps, ToTensor's scaling and `normalize`, run on whole batches on the device (`normalize`
@@ -187,7 +187,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     """torchvision's ImageFolder without hidden entries (pytorch/vision#2831): Jupyter's
     .ipynb_checkpoints/ would be a class of its own, and a ._x.jpg an unreadable image."""
 
-    def __init__(self, split, transform):
+    def __init__(self, split, transform=None):
         super().__init__(split, transform, loader=load_rgb,
                          is_valid_file=lambda path: is_image(os.path.relpath(path, split)))
 
@@ -327,7 +327,7 @@ def fake_data(train=2000, test=800, num_classes=2):
 
 # ---------------------------------------------------------------- loaders
 def load_data(batch_size=128, data_dir=None, root="data"):
-    """The book's train_iter and test_iter (§14.2.2) over data_dir's train/ and test/ folders,
+    """The book's train_iter and test_iter (§14.2.2.3) over data_dir's train/ and test/ folders,
     default the hot-dog set, downloaded into root on first use."""
     workers = default_workers()
     return make_loaders(*image_folders(data_dir or get_hotdog(root), workers=workers), batch_size, workers)

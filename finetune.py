@@ -312,7 +312,7 @@ def predict(args):
 
 
 def show_samples(args):
-    """The book's first look at the data (§14.2.1), and the same images as the net sees them."""
+    """The book's first look at the data (§14.2.2.1), and the same images as the net sees them."""
     folder = data.ImageFolder(os.path.join(args.data_dir or data.get_hotdog(args.data_root), "train"), None)
     first, last = folder.targets[0], folder.targets[-1]  # fewer than 8 where a class has fewer
     picks = ([i for i, t in enumerate(folder.targets) if t == first][:8]

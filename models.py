@@ -29,7 +29,7 @@ def imagenet_resnet18(weights_file=None):
 
 
 def finetune_net(num_classes=2, weights_file=None, init_head_from_imagenet=False):
-    """The pretrained body with a new output layer (§14.2.2): xavier-uniform weight, default bias."""
+    """The pretrained body with a new output layer (§14.2.2.2): xavier-uniform weight, default bias."""
     net = imagenet_resnet18(weights_file)
     imagenet_fc, net.fc = net.fc, nn.Linear(net.fc.in_features, num_classes)
     nn.init.xavier_uniform_(net.fc.weight)
@@ -50,7 +50,7 @@ def init_hotdog_head(fc, imagenet_fc):
 
 
 def scratch_net(num_classes=2):
-    """The same architecture with torchvision's random initialisation throughout (§14.2.2)."""
+    """The same architecture with torchvision's random initialisation throughout (§14.2.2.2)."""
     net = torchvision.models.resnet18()
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net

@@ -54,7 +54,7 @@ def as_picture(img):
 
 
 def show_images(imgs, num_rows, num_cols, titles=None, scale=1.5, path=None):
-    """The book's show_images (§3.5): images in a grid, row by row; a None leaves a gap."""
+    """The book's d2l.show_images: images in a grid, row by row; a None leaves a gap."""
     fig = figure(figsize=(num_cols * scale, num_rows * scale * (1.2 if titles else 1)))
     if fig is None:
         return None

@@ -895,7 +895,9 @@ def test_the_books_train_fine_tuning_trains_and_returns_the_history(folder, caps
     out = capsys.readouterr().out
     assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5]  # the book's 5 epochs
     assert not torch.equal(finetune_net.fc.weight.detach().cpu(), before)
-    assert "epoch 5: loss" in out and out.strip().endswith(train.summary_line(history[-1]))
+    last_two = out.strip().splitlines()[-2:]  # the book's closing lines
+    assert "epoch 5: loss" in out and last_two[0] == train.summary_line(history[-1])
+    assert last_two[1].endswith("examples/sec on cpu, " + str(train.make_runtime()).split(", ", 1)[1])
     scratch_net = models.scratch_net()
     history = train.train_fine_tuning(scratch_net, 5e-4, 4, 1, param_group=False, data_dir=folder)
     assert len(history) == 1 and history[0]["examples"] == 8

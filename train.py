@@ -25,14 +25,14 @@ from data import UserError, normalize, rank, world_size, write_whole
 
 # ================================================================ the book's recipe
 def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_group=True, *,
-                      data_dir=None, devices=None):
-    """§14.2.2, called as the book calls it: trains on data_dir's train/ and test/ folders
-    (default: the hot-dog set, downloaded on first use) on all GPUs, else the CPU, and returns
-    the history, one dict of metrics per epoch."""
+                      data_dir=None, devices=None, precision="amp"):
+    """§14.2.2.3, called as the book calls it: trains on data_dir's train/ and test/ folders
+    (default: the hot-dog set, downloaded on first use) on all GPUs (else MPS, else the CPU),
+    and returns the history, one dict of metrics per epoch."""
+    runtime = make_runtime(devices, precision)
     train_iter, test_iter = data.load_data(batch_size, data_dir)
-    epochs = fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs, param_group,
-                                make_runtime(devices))
-    return show_epochs(epochs)
+    epochs = fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs, param_group, runtime)
+    return train_and_show(epochs, runtime)
 
 
 def fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs=5, param_group=True,
@@ -56,10 +56,11 @@ def fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs=5, 
                            runtime or make_runtime(), resume)
 
 
-def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=None):
-    """§14.1, called as the book calls it: returns the history, one dict of metrics per epoch."""
-    return show_epochs(ch13_epochs(net, train_iter, test_iter, loss, trainer, num_epochs,
-                                   make_runtime(devices)))
+def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=None, *, precision="amp"):
+    """§14.1, called as the book calls it (the name is from the book's first edition, where
+    computer vision was chapter 13): returns the history, one dict of metrics per epoch."""
+    runtime = make_runtime(devices, precision)
+    return train_and_show(ch13_epochs(net, train_iter, test_iter, loss, trainer, num_epochs, runtime), runtime)
 
 
 @dataclass
@@ -68,13 +69,14 @@ class Epoch:
     metrics: dict          # epoch, loss, train_acc, examples, first_batch_sec, test_acc, examples_per_sec
     probs: torch.Tensor    # the test set's class probabilities, in dataset order
     labels: torch.Tensor
-    state: dict            # what a checkpoint needs to continue: model, optimizer, scaler
+    state: dict            # what a checkpoint needs to continue: model, optimizer, scaler; the
+                           # tensors are the net's own, so save them before the next epoch
 
 
 def ch13_epochs(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime, resume=None):
     """§14.1's loop: each epoch, one pass over the training data, then the accuracy on the test
     data; yields an `Epoch` after each."""
-    net = runtime.place(net)
+    net = runtime.place(net)  # in place: the optimizer's parameters are still the net's
     model = parallel(net, runtime.devices)  # `net` itself on one device
     first_epoch = restore(resume, optimizer, runtime.scaler)  # 0 for a fresh run
     for epoch in range(first_epoch, num_epochs):
@@ -114,7 +116,7 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
 
 @torch.no_grad()
 def evaluate(net, test_iter, runtime):
-    """§14.1's `evaluate_accuracy_gpu`, keeping what it counts: the class probabilities and the
+    """The book's `evaluate_accuracy_gpu` (§7.6), keeping what it counts: the class probabilities and the
     label of every test example, in dataset order."""
     same_buffers(net)
     net.eval()
@@ -189,11 +191,15 @@ class Runtime:
 def make_runtime(devices=None, precision="amp"):
     """The runtime for a device or a list of them (default: all GPUs, else the best device).
     With precision "amp", on CUDA and on the CPU: channels-last memory format (measured faster
-    on both), and autocast to the type the device computes fastest without losing accuracy (see
-    amp_dtype). With "fp32", and on MPS: the book's arithmetic."""
-    devices = [torch.device(devices)] if isinstance(devices, (str, torch.device)) else devices or try_all_gpus()
+    on the CPU; the usual advice for GPUs with tensor cores), and autocast to the type the
+    device computes fastest without losing accuracy (see amp_dtype). With "fp32", and on MPS:
+    the book's arithmetic."""
+    names = [devices] if isinstance(devices, (str, torch.device)) else devices
+    devices = [try_device(str(name)) for name in names] if names else try_all_gpus()
     amp = precision == "amp" and devices[0].type in ("cuda", "cpu")
     dtype = amp_dtype(devices[0]) if amp else None
+    if len(devices) > 1 and dtype:  # nn.DataParallel's threads autocast to fp16, whatever was asked
+        dtype = torch.float16
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     # GradScaler's first scale, 2**16, is made for a mean loss; the book's loss is summed over a
     # batch of 128, so its gradients are 128x larger and fp16 would overflow for the first steps
@@ -213,8 +219,8 @@ def amp_dtype(device):
 
 
 # ================================================================ what a run shows
-def show_epochs(epochs):
-    """Run the epochs as the book's train_ch13 shows them: a line per epoch, the curves redrawn in
+def train_and_show(epochs, runtime):
+    """Train, showing it as the book's train_ch13 does: a line per epoch, the curves redrawn in
     place in a notebook (the book's Animator), and the book's summary. Returns the history."""
     history, animate = [], plots.animator()
     for epoch in epochs:
@@ -223,6 +229,7 @@ def show_epochs(epochs):
         animate(history)
     if history:
         say(summary_line(history[-1]))
+        say(f"{sum(m['examples_per_sec'] for m in history) / len(history):.1f} examples/sec on {runtime}")
     return history
 
 
@@ -274,7 +281,11 @@ def live_text():
     notebook = plots.notebook()
     if notebook:
         handle = notebook.display(notebook.Pretty(""), display_id=True)
-        return lambda text: text and handle.update(notebook.Pretty(text))
+
+        def show(text):
+            if text:  # "" would clear the line: a notebook keeps each epoch's last one
+                handle.update(notebook.Pretty(text))
+        return show
     if sys.stderr.isatty():
         return lambda text: print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
     return None
