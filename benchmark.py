@@ -6,16 +6,21 @@
 The model-only figure trains the same net, batch and precision on one batch already on the
 device: no input pipeline can beat it, so pipeline / model-only says how busy loading keeps it.
 """
-import argparse
-import itertools
-import resource
 import time
 
-import torch
+START = time.perf_counter()  # before the imports: importing torch is part of every run's start-up
 
-import data
-import models
-from train import make_runtime, train_epoch, try_device
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import resource  # noqa: E402
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import models  # noqa: E402
+from train import make_runtime, train_epoch, try_device  # noqa: E402
+
+IMPORT_SEC = time.perf_counter() - START
 
 
 def sync(device):
@@ -76,7 +81,8 @@ def main():
 
     print(f"{runtime}, batch {args.batch_size}, {args.workers} workers, {torch.get_num_threads()} "
           f"compute threads, {batches} batches per measurement")
-    print(f"start-up: data ready {data_sec:.1f} s, workers and first batch {first_sec:.1f} s")
+    print(f"start-up: imports {IMPORT_SEC:.1f} s and workers with the first batch {first_sec:.1f} s (fixed); "
+          f"data ready {data_sec:.1f} s for {sum(map(len, sets))} images (grows with the data)")
     print(f"model only: {model_only:.1f} examples/sec")
     print(f"pipeline:   {pipeline:.1f} examples/sec ({pipeline / model_only:.0%} of model only)")
     print(f"loader only: {loader:.1f} examples/sec ({loader / max(1, args.workers):.1f} per worker"
