@@ -1,18 +1,23 @@
 """Data for D2L §14.2: the hot-dog download, the book's augmentations, datasets and loaders."""
+import contextlib
+import errno
+import functools
 import hashlib
 import http.client
 import itertools
 import os
 import shutil
 import sys
+import unicodedata
 import urllib.request
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
@@ -70,27 +75,37 @@ def copy_with_progress(source, target, name, total):
         print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
-def write_whole(path, write):
-    """Write a file through a temporary name with write(binary file): a crash or a full disk never
-    leaves half a file, and the last whole one stays."""
+def write_whole(path, content):
+    """Write bytes to path through a temporary name: a crash or a full disk never leaves half a
+    file, and the last whole one stays. A failed write is one UserError naming the path."""
     try:
         with open(path + ".part", "wb") as f:
-            write(f)
+            f.write(content)
         os.replace(path + ".part", path)
     except OSError as e:
-        if os.path.exists(path + ".part"):
+        with contextlib.suppress(OSError):
             os.remove(path + ".part")
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free some space there, "
-                        "or write to another folder") from None
+        raise UserError(f"cannot write {path} ({e.strerror or e}); {what_to_do(e)}") from None
 
 
-def make_folder(path):
+def writable_folder(path):
+    """path, created if need be, once a probe file has been written in it: a folder that cannot
+    be written to is found before any work is done."""
+    probe = os.path.join(path, ".write-probe")
     try:
         os.makedirs(path, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot create the folder {path} ({e.strerror}); choose a folder "
-                        "you can write to") from None
+        raise UserError(f"cannot write in the folder {path} ({e.strerror or e}); {what_to_do(e)}") from None
     return path
+
+
+def what_to_do(error):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space there, or write to another folder"
+    return "choose a folder you can write to"
 
 
 def extract(zip_path, root):
@@ -146,54 +161,150 @@ def normalize(X, mean=MEAN, std=STD):
     return v2.functional.normalize(X.float() / 255, mean, std)
 
 
-# ---------------------------------------------------------------- datasets
+# ---------------------------------------------------------------- reading images
+# torchvision's image types, and what phones and the web also give: GIF, and HEIC (read where the
+# pillow-heif plugin is installed, and otherwise named as unreadable, never skipped unsaid).
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", ".heic", ".heif")
+# PIL refuses images over 89 megapixels as possible decompression bombs, and phones take 108.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
 def load_rgb(path):
-    """Any image as RGB (grey, palette, RGBA, CMYK)."""
-    return read_image(path, lambda img: img.convert("RGB"))
+    """Any image as 8-bit RGB, the way up it was taken: the EXIF orientation applied (phones store
+    portraits sideways), 16-bit and floating-point pixels scaled to 8 bits (PIL would clip them),
+    grey, palette, alpha and CMYK converted, a GIF's first frame."""
+    return read_image(path, upright_rgb)
+
+
+def upright_rgb(img):
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the pixels
+    if img.mode.startswith("I") or img.mode == "F":  # 16-bit grey (I;16, I) and float (F)
+        img = Image.fromarray(eight_bits(np.asarray(img)))
+    return img.convert("RGB")
+
+
+def eight_bits(pixels):
+    """16-bit (0 to 65535) or floating-point (0 to 1) values as 0 to 255."""
+    scale = 255 if pixels.dtype.kind == "f" and pixels.max() <= 1 else 255 / 65535
+    return np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8)
 
 
 def image_size(path):
-    """(width, height) from the image's header, without decoding its pixels."""
+    """(width, height) from the image's header, without decoding its pixels; an EXIF turn swaps
+    them, which changes no pixel count."""
     return read_image(path, lambda img: img.size)
 
 
 def read_image(path, read):
     """read(the opened image), naming the file if it is damaged, not an image, or so large that
     it could be a decompression bomb."""
+    heif_plugin()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 return read(img)
-    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"cannot read image {path} ({e}); delete or replace that file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"cannot read image {path} ({e}); raise the limit to read it: "
+                        "PIL.Image.MAX_IMAGE_PIXELS (--max-megapixels on the command line)") from None
+    except OSError as e:
+        fix = ("install the HEIC plugin: pip install pillow-heif" if path.lower().endswith((".heic", ".heif"))
+               else "delete or replace that file")
+        raise UserError(f"cannot read image {path} ({e.strerror or e}); {fix}") from None
 
 
-def hidden(name):
-    """Never a class or an image: .ipynb_checkpoints, .DS_Store, macOS's ._x.jpg and __MACOSX."""
-    return name.startswith(".") or name == "__MACOSX"
+@functools.cache
+def heif_plugin():
+    """Let PIL read HEIC photos (iPhones' default), where the pillow-heif plugin is installed."""
+    with contextlib.suppress(ImportError):
+        from pillow_heif import register_heif_opener
+        register_heif_opener()
+
+
+# ---------------------------------------------------------------- finding images in folders
+def ignored(name):
+    """Never a class or an image: hidden names (.ipynb_checkpoints, .DS_Store, macOS's ._x.jpg),
+    what NAS boxes and Windows add (Synology's @eaDir, Thumbs.db, desktop.ini), and __MACOSX."""
+    return name.startswith((".", "@")) or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
+
+
+def nfc(name):
+    """A name in Unicode's composed form: a Mac writes "é" as "e" and an accent (NFD), others as one
+    character (NFC), and the two must be one class."""
+    return unicodedata.normalize("NFC", name)
+
+
+def image_files(folder):
+    """The image files under folder, sorted: links to files and folders followed, but no folder
+    read twice (a link back up would loop) and no file taken twice; ignored names skipped."""
+    found, seen = {}, set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            folders[:] = []
+            continue
+        seen.add(os.path.realpath(root))
+        folders[:] = [name for name in folders if not ignored(name)]
+        for path in sorted(os.path.join(root, name) for name in names
+                           if not ignored(name) and has_file_allowed_extension(name, IMAGE_EXTENSIONS)):
+            found.setdefault(os.path.realpath(path), path)
+    return sorted(found.values())
 
 
 def class_folders(split):
-    return sorted(e.name for e in os.scandir(split) if e.is_dir() and not hidden(e.name))
+    """The class folders of a split, in the order of their NFC names; the layout is
+    split/<class>/<image>, with two classes or more."""
+    entries = [e for e in os.scandir(split) if not ignored(e.name)]
+    classes = sorted((e.name for e in entries if e.is_dir()), key=nfc)
+    loose = [e.name for e in entries if e.is_file() and has_file_allowed_extension(e.name, IMAGE_EXTENSIONS)]
+    if loose or len(classes) < 2:
+        found = f"images ({loose[0]}, ...) but " if loose else ""
+        raise UserError(f"{split} holds {found}{len(classes)} class folder(s) {classes}; the layout is "
+                        f"{os.path.basename(split)}/<class>/<image>, with two classes or more")
+    return classes
 
 
-def is_image(path):
-    """A file of an image type, with no hidden folder on the (relative) path to it."""
-    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(map(hidden, path.split(os.sep)))
+def readable(samples):
+    """The samples whose images can be read, and their sizes, from the headers alone. Those that
+    cannot be read are left out, with one note: how many, and what the first one needs."""
+    kept, sizes, failed = [], [], []
+    for path, target in samples:
+        try:
+            sizes.append(image_size(path))
+            kept.append((path, target))
+        except UserError as e:
+            failed.append(str(e))
+    if failed and rank() == 0:
+        print(f"note: left out {len(failed)} file(s) that cannot be read as images; the first: {failed[0]}",
+              file=sys.stderr)
+    return kept, sizes
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder without hidden entries (pytorch/vision#2831): Jupyter's
-    .ipynb_checkpoints/ would be a class of its own, and a ._x.jpg an unreadable image."""
+    """torchvision's ImageFolder, for folders as people's devices write them: ignored names are
+    never classes or images (pytorch/vision#2831: Jupyter's .ipynb_checkpoints/ would be a class),
+    links are followed but no folder is read twice, classes sort by their NFC names, and images
+    are read by load_rgb. Those that cannot be read are left out with a note (`readable`);
+    `sizes` holds the (width, height) of the others."""
 
     def __init__(self, split, transform=None):
-        super().__init__(split, transform, loader=load_rgb,
-                         is_valid_file=lambda path: is_image(os.path.relpath(path, split)))
+        super().__init__(split, transform, loader=load_rgb)
+        self.samples, self.sizes = readable(self.samples)
+        self.imgs, self.targets = self.samples, [target for _, target in self.samples]
 
     def find_classes(self, directory):
         classes = class_folders(directory)
         return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples = []
+        for name, target in class_to_idx.items():
+            paths = image_files(os.path.join(directory, name))
+            if not paths:
+                raise UserError(f"{os.path.join(directory, name)} holds no images; put images in every "
+                                "class folder, or remove it")
+            samples += [(path, target) for path in paths]
+        return samples
 
 
 class DecodedImages(torch.utils.data.Dataset):
@@ -204,17 +315,19 @@ class DecodedImages(torch.utils.data.Dataset):
     their headers, so worker processes receive it whole (and cheaply) on every platform.
     """
 
-    def __init__(self, folder, sizes, workers=1):
+    def __init__(self, folder, workers=1):
         self.classes, self.targets, self.transform = folder.classes, folder.targets, folder.transform
         self.samples, self.root = folder.samples, folder.root
-        self.shapes = [(3, height, width) for width, height in sizes]
-        self.offsets = [0, *itertools.accumulate(3 * width * height for width, height in sizes)]
+        self.shapes = [(3, height, width) for width, height in folder.sizes]
+        self.offsets = [0, *itertools.accumulate(3 * width * height for width, height in folder.sizes)]
         self.pixels = torch.empty(self.offsets[-1], dtype=torch.uint8)
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
             list(pool.map(self.decode, range(len(self))))
 
     def decode(self, i):
-        self.image(i).copy_(v2.functional.pil_to_tensor(load_rgb(self.samples[i][0])))
+        pixels = v2.functional.pil_to_tensor(load_rgb(self.samples[i][0]))
+        self.shapes[i] = tuple(pixels.shape)  # turned upright: the same pixels, perhaps (3, w, h)
+        self.image(i).copy_(pixels)
 
     def image(self, i):
         return self.pixels[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
@@ -250,42 +363,32 @@ def image_folders(data_dir, cache_budget=None, workers=1):
     once if their pixels fit in cache_budget bytes (default: half the available memory; 0: never)."""
     splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", "val", "valid", "validation"])]
     classes = [class_folders(s) for s in splits]
-    if classes[0] != classes[1]:
+    if list(map(nfc, classes[0])) != list(map(nfc, classes[1])):
         raise UserError(f"{splits[0]} has classes {classes[0]} but {splits[1]} has {classes[1]}; "
                         "give both the same class folders")
-    try:
-        folders = [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs))]
-    except FileNotFoundError as e:
-        raise UserError(f"{data_dir}: {e}; put images in every class folder") from None
+    folders = [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs))]
     if cache_budget == 0:
         return folders
-    sizes = [[image_size(path) for path, _ in folder.samples] for folder in folders]
     # Each process on this machine holds its own copy: they share half of the free memory.
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    needed = sum(3 * width * height for split in sizes for width, height in split)
+    needed = sum(3 * width * height for folder in folders for width, height in folder.sizes)
     budget = cache_budget or available_memory() // (2 * local_processes)
     if needed > budget:
         if rank() == 0:
             print(f"note: decoding images every epoch: decoded they would take {needed / 2**30:.1f} GB, "
                   f"more than the cache's {budget / 2**30:.1f} GB (cache_budget; --cache-gb)", file=sys.stderr)
         return folders
-    return [DecodedImages(folder, s, workers) for folder, s in zip(folders, sizes)]
+    return [DecodedImages(folder, workers) for folder in folders]
 
 
 def image_paths(items):
-    """The images among items: files as given, folders searched recursively (sorted, hidden
-    entries and files that are not images skipped)."""
-    paths = []
-    for item in items:
-        if not os.path.isdir(item):
-            paths.append(item)
-            continue
-        found = []
-        for root, folders, names in os.walk(item):
-            folders[:] = [name for name in folders if not hidden(name)]  # os.walk skips the rest
-            found += [os.path.join(root, name) for name in names if is_image(name)]
-        paths += sorted(found)
-    return paths
+    """The images among items, each once however often it is named: files as given, folders
+    searched (image_files)."""
+    paths = [path for item in items for path in (image_files(item) if os.path.isdir(item) else [item])]
+    first = {}
+    for path in paths:
+        first.setdefault(os.path.realpath(path), path)
+    return list(first.values())
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -311,7 +414,7 @@ def cifar10(root="data"):
     fetch = not os.path.isdir(os.path.join(root, "cifar-10-batches-py"))
     try:
         if fetch:  # our download, for its progress line; torchvision checks the MD5 and extracts
-            download(CIFAR10_URL, os.path.join(make_folder(root), "cifar-10-python.tar.gz"))
+            download(CIFAR10_URL, os.path.join(writable_folder(root), "cifar-10-python.tar.gz"))
         return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=fetch)
                 for t, augs in ((True, train_augs), (False, test_augs))]
     except (OSError, http.client.HTTPException) as e:

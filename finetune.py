@@ -6,6 +6,7 @@
 This file is the command line: it parses arguments and wires data.py, models.py and train.py.
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -34,11 +35,12 @@ RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.9
 DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}
 
 
-def positive(kind):
+def positive(kind, zero=False):
+    """An argparse type: a number above 0 (or, with zero, at least 0)."""
     def parse(text):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if value < 0 or value == 0 and not zero:
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'positive'}, got {text}")
         return value
     return parse
 
@@ -58,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="a folder with train/ and test/ ImageFolders (no download)")
     p.add_argument("--data-root", default="data", help="where downloads go (default: ./data)")
     p.add_argument("--dummy", action="store_true", help="random hot-dog-shaped data, for speed")
-    p.add_argument("--cache-gb", type=float, metavar="GB",
+    p.add_argument("--cache-gb", type=positive(float, zero=True), metavar="GB",
                    help="decode images once if they fit in GB (default: half the free memory)")
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
                    help="decode images every epoch, not once (--cache-gb 0)")
@@ -70,7 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--no-param-group", action="store_true", help="fc at the base lr, not 10x")
     p.add_argument("--freeze", action="store_true", help="train only the new output layer")
     p.add_argument("--init-head-from-imagenet", action="store_true", help="start from ImageNet's hot-dog row")
-    p.add_argument("--workers", type=int, help="loader processes (default: one per core, at most 16)")
+    p.add_argument("--workers", type=positive(int, zero=True),
+                   help="loader processes (default: one per core, at most 16)")
+    p.add_argument("--max-megapixels", type=positive(float), default=200,
+                   help="larger images are refused as possible decompression bombs (default: 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best there is)")
     p.add_argument("--precision", choices=["amp", "fp32"], default="amp",
@@ -108,9 +113,10 @@ def plan_runs(args, out, ckpt=None):
 
 
 def resumed_args(args):
-    """The checkpoint's arguments; --epochs, --device and --workers may be given anew."""
+    """The checkpoint's arguments; --epochs, --device, --workers and --max-megapixels may be given anew."""
     ckpt = train.load_checkpoint(args.resume)
-    given = {k: v for k, v in vars(args).items() if k in ("epochs", "device", "workers") and v is not None}
+    given = {k: v for k, v in vars(args).items()
+             if k in ("epochs", "device", "workers", "max_megapixels") and v is not None}
     return argparse.Namespace(**{**ckpt["args"], **given, "resume": args.resume,
                                  "out": os.path.dirname(args.resume) or "."}), ckpt
 
@@ -142,13 +148,15 @@ def class_names(dataset):
     return getattr(dataset, "classes", None) or [str(i) for i in range(dataset.num_classes)]
 
 
-def build_net(run, num_classes, args, ckpt=None):
+def build_net(run, classes, args, ckpt=None):
     """The book's net for the run's mode, with a checkpoint's weights when resuming."""
     torch.manual_seed(args.seed)  # the same initial head on every process
+    num_classes = len(classes)
     if run.mode == "scratch":
         net = models.scratch_net(num_classes)
     else:
-        net = local_first(models.finetune_net, num_classes, args.weights, args.init_head_from_imagenet)
+        hotdog = models.hotdog_class(classes) if args.init_head_from_imagenet else None
+        net = local_first(models.finetune_net, num_classes, args.weights, hotdog)
         net = models.freeze_features(net) if args.freeze else net
     if ckpt:
         try:
@@ -172,7 +180,7 @@ def check_out(run, classes, args, ckpt):
         raise UserError(f"{run.out} already holds a run's model.pt; choose another --out, "
                         f"or continue it with --resume {checkpoint}")
     if rank() == 0:
-        data.make_folder(run.out)
+        data.writable_folder(run.out)
     return checkpoint
 
 
@@ -181,7 +189,7 @@ def train_one(run, args, sets, device, ckpt=None):
     random.seed(args.seed)
     classes = class_names(sets[0])
     checkpoint = check_out(run, classes, args, ckpt)
-    net = build_net(run, len(classes), args, ckpt)
+    net = build_net(run, classes, args, ckpt)
     train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, args.seed)
     runtime = train.make_runtime(device, args.precision)
     split = f" in {os.path.basename(sets[1].root)}/" if hasattr(sets[1], "samples") else ""
@@ -226,7 +234,7 @@ def report(result, epoch, test_set, out):
         print("confusion (rows: true class, columns: predicted):")
         for c, row in zip(classes, result["confusion"]):
             print(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row))
-    data.write_whole(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
+    data.write_whole(os.path.join(out, "metrics.json"), json.dumps(result, indent=1).encode())
     probs, labels = epoch.probs, epoch.labels
     preds = probs.argmax(1)
     wrong = (preds != labels).nonzero().flatten()[:16].tolist()
@@ -247,31 +255,49 @@ def print_table(results, dataset):
 
 
 def train_runs(args):
-    """Everything one process does: set up, train every planned run, write the outputs."""
+    """Everything one process does: set up, train every planned run, write the outputs. The
+    output folder is checked first; a run that fails before writing anything leaves none."""
     args, ckpt = resumed_args(args) if args.resume else (args, None)
     args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
     args.workers = data.default_workers() if args.workers is None else args.workers
     device = train.join_processes(train.try_device(args.device))
+    out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    new = rank() == 0 and not os.path.exists(out)
     try:
-        start = time.perf_counter()
-        sets = local_first(load_sets, args)
-        say(f"data ready in {time.perf_counter() - start:.1f} s")
-        out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-        runs, results = plan_runs(args, out, ckpt), []
-        for run in runs:
-            try:
-                results.append(train_one(run, args, sets, device, ckpt))
-            except KeyboardInterrupt:
-                return interrupted(os.path.join(run.out, "model.pt"))
         if rank() == 0:
-            if len(results) > 1:
-                print_table(results, args.dataset)
-            plots.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
-            print(f"wrote {out}")
-        return 0
+            data.writable_folder(out)  # before any data is read
+        return train_all(args, out, device, ckpt)
     finally:
+        if new:
+            remove_empty_folders(out)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def train_all(args, out, device, ckpt):
+    """Load the data, train every planned run, and compare them."""
+    start = time.perf_counter()
+    sets = local_first(load_sets, args)
+    say(f"data ready in {time.perf_counter() - start:.1f} s")
+    runs, results = plan_runs(args, out, ckpt), []
+    for run in runs:
+        try:
+            results.append(train_one(run, args, sets, device, ckpt))
+        except KeyboardInterrupt:
+            return interrupted(os.path.join(run.out, "model.pt"))
+    if rank() == 0:
+        if len(results) > 1:
+            print_table(results, args.dataset)
+        plots.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
+        print(f"wrote {out}")
+    return 0
+
+
+def remove_empty_folders(folder):
+    """Remove folder and the folders in it where nothing was written."""
+    for root, _, _ in reversed(list(os.walk(folder))):  # the deepest first
+        with contextlib.suppress(OSError):  # not empty
+            os.rmdir(root)
 
 
 def interrupted(checkpoint=None):
@@ -287,6 +313,7 @@ def interrupted(checkpoint=None):
 def predict(args):
     """Classify images and folders of them with a trained model.pt, in batches, through the test
     transforms saved beside it; print a line per image and write predictions.csv."""
+    csv_path = os.path.join(data.writable_folder(args.out or "."), "predictions.csv")
     ckpt = train.load_checkpoint(args.model)
     classes, settings = ckpt["classes"], ckpt["transform"]
     paths = data.image_paths(args.predict)
@@ -302,10 +329,9 @@ def predict(args):
             for i, p in zip(index.tolist(), probs) if i >= 0]
     for path, name, prob, *_ in rows:
         print(f"{path}: {name} {float(prob):.3f}")
-    csv_path = os.path.join(data.make_folder(args.out or "."), "predictions.csv")
     table = io.StringIO()
     csv.writer(table).writerows([["path", "class", "probability", *classes], *rows])
-    data.write_whole(csv_path, lambda f: f.write(table.getvalue().encode()))
+    data.write_whole(csv_path, table.getvalue().encode())
     print(f"wrote {csv_path}" + (f"; {len(paths) - len(rows)} of {len(paths)} images could not be read"
                                  if len(rows) < len(paths) else ""), file=sys.stderr)
     return 0 if len(rows) == len(paths) else 1
@@ -313,12 +339,12 @@ def predict(args):
 
 def show_samples(args):
     """The book's first look at the data (§14.2.2.1), and the same images as the net sees them."""
-    folder = data.ImageFolder(os.path.join(args.data_dir or data.get_hotdog(args.data_root), "train"), None)
+    path = os.path.join(data.writable_folder(args.out or "."), "samples.png")
+    folder = data.ImageFolder(os.path.join(args.data_dir or data.get_hotdog(args.data_root), "train"))
     first, last = folder.targets[0], folder.targets[-1]  # fewer than 8 where a class has fewer
     picks = ([i for i, t in enumerate(folder.targets) if t == first][:8]
              + [i for i, t in enumerate(folder.targets) if t == last][-8:])
     images = [folder[i][0] for i in picks]
-    path = os.path.join(data.make_folder(args.out or "."), "samples.png")
     if plots.samples(images, [data.train_augs(img) for img in images], path):
         print(f"wrote {path}")
     return 0
@@ -327,7 +353,7 @@ def show_samples(args):
 # ---------------------------------------------------------------- starting
 # The modules' errors name a Python caller's arguments (`batch_size=3`); here, the flags.
 FLAGS = {"batch_size=": "--batch-size ", "device=": "--device ", "weights_file=": "--weights ",
-         "init_head_from_imagenet=True": "--init-head-from-imagenet"}
+         "hotdog_class": "--init-head-from-imagenet"}
 
 
 def one_line(error):
@@ -341,6 +367,7 @@ def one_line(error):
 
 def guarded(fn, args):
     """Run fn(args), turning bad input and Ctrl-C into a one-line message and an exit status."""
+    data.Image.MAX_IMAGE_PIXELS = int(args.max_megapixels * 10**6)  # PIL's limit, in every process
     try:
         return fn(args)
     except UserError as e:

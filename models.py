@@ -1,9 +1,11 @@
 """The networks of D2L §14.2: resnet18 fine-tuned from ImageNet, or trained from scratch."""
+import re
+
 import torch
 import torchvision
 from torch import nn
 
-from data import UserError
+from data import UserError, nfc
 
 HOTDOG_ROW = 934  # ImageNet's class "hotdog, hot dog, red hot"
 
@@ -28,25 +30,35 @@ def imagenet_resnet18(weights_file=None):
     return net
 
 
-def finetune_net(num_classes=2, weights_file=None, init_head_from_imagenet=False):
-    """The pretrained body with a new output layer (§14.2.2.2): xavier-uniform weight, default bias."""
+def finetune_net(num_classes=2, weights_file=None, hotdog_class=None):
+    """The pretrained body with a new output layer (§14.2.2.2): xavier-uniform weight, default bias.
+    hotdog_class (exercise 4): the index of the class that starts from ImageNet's hot-dog row."""
     net = imagenet_resnet18(weights_file)
     imagenet_fc, net.fc = net.fc, nn.Linear(net.fc.in_features, num_classes)
     nn.init.xavier_uniform_(net.fc.weight)
-    if init_head_from_imagenet:
-        init_hotdog_head(net.fc, imagenet_fc)
+    if hotdog_class is not None:
+        init_hotdog_head(net.fc, imagenet_fc, hotdog_class)
     return net
 
 
-def init_hotdog_head(fc, imagenet_fc):
-    """Exercise 4: start `hotdog` from ImageNet's hot-dog row, and `not-hotdog` from the mean of
-    the other 999 rows, a detector of "any other ImageNet class" (the classes sort in that order)."""
-    if fc.out_features != 2:
-        raise UserError("init_head_from_imagenet=True needs the two classes hotdog and not-hotdog")
+def init_hotdog_head(fc, imagenet_fc, hotdog_class):
+    """Exercise 4: start the hot-dog class from ImageNet's hot-dog row, and every other class from
+    the mean of the other 999 rows, a detector of "some other ImageNet class"."""
     others = torch.arange(imagenet_fc.out_features) != HOTDOG_ROW
     with torch.no_grad():
-        fc.weight.copy_(torch.stack([imagenet_fc.weight[HOTDOG_ROW], imagenet_fc.weight[others].mean(0)]))
-        fc.bias.copy_(torch.stack([imagenet_fc.bias[HOTDOG_ROW], imagenet_fc.bias[others].mean()]))
+        for c in range(fc.out_features):
+            rows = HOTDOG_ROW if c == hotdog_class else others
+            fc.weight[c] = imagenet_fc.weight[rows].reshape(-1, fc.in_features).mean(0)
+            fc.bias[c] = imagenet_fc.bias[rows].mean()
+
+
+def hotdog_class(classes):
+    """The index of the class named like hot dog (hotdog, hot_dog, hot-dog, hot dog; any case)."""
+    for i, name in enumerate(classes):
+        if re.fullmatch(r"hot[-_ ]?dogs?", nfc(name).lower()):
+            return i
+    raise UserError(f"no class is named like hot dog (hotdog, hot_dog, hot-dog) among {classes}, so none "
+                    "can start from ImageNet's hot-dog row; rename that class's folder, or leave hotdog_class out")
 
 
 def scratch_net(num_classes=2):

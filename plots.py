@@ -6,10 +6,11 @@ built with matplotlib's object API, never pyplot, so the caller's backend stays 
 notebook's inline figures keep working).
 """
 import io
-import os
 import sys
 
 import torch
+
+from data import write_whole
 
 
 def figure(**kwargs):
@@ -40,11 +41,11 @@ def png(fig):
 
 def finish(fig, path=None):
     """Save the figure to path (whole, or not at all) and show it in a notebook; returns path."""
+    image = png(fig)
     if path:
-        fig.savefig(path + ".part.png", dpi=100, bbox_inches="tight")
-        os.replace(path + ".part.png", path)
+        write_whole(path, image)
     if display := notebook():
-        display.display(display.Image(png(fig)))
+        display.display(display.Image(image))
     return path
 
 

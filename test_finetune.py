@@ -1,9 +1,11 @@
 """Tests for the hot-dog fine-tuning recipe, on tiny generated data, offline, on the CPU."""
+import errno
 import hashlib
 import http.server
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -124,7 +126,7 @@ def test_param_groups(monkeypatch):
 
 
 def test_init_head_from_imagenet(torch_home):
-    fc = models.finetune_net(2, init_head_from_imagenet=True).fc
+    fc = models.finetune_net(2, hotdog_class=0).fc
     w, b = torch_home["fc.weight"], torch_home["fc.bias"]
     assert torch.equal(fc.weight[0], w[934]) and fc.bias[0] == b[934]
     others = torch.cat([w[:934], w[935:]])
@@ -493,8 +495,9 @@ def test_ctrl_c_saves_and_says_how_to_resume(folder, tmp_path):
     ("no_test", ["--data-dir", "{tmp}/d"], "test is not a folder"),
     ("other_classes", ["--data-dir", "{tmp}/d"], "give both the same class folders"),
     ("empty_class", ["--data-dir", "{tmp}/d"], "put images in every class folder"),
-    ("bad_image", ["--data-dir", "{tmp}/d"], "cannot read image .*0.png"),
-    ("bad_image", ["--data-dir", "{tmp}/d", "--no-cache", "--workers", "1"], "cannot read image .*0.png"),
+    ("loose_images", ["--data-dir", "{tmp}/d"], r"d/train holds images \(0.png, ...\) but 0 class folder.*train/<class>/<image>"),
+    ("one_class", ["--data-dir", "{tmp}/d"], r"1 class folder\(s\) \['hotdog'\]; the layout is train/<class>/<image>"),
+    ("ok", ["--data-dir", "{tmp}/d", "--init-head-from-imagenet"], "no class is named like hot dog .* --init-head-from-imagenet"),
     ("ok", ["--data-dir", "{tmp}/d", "--weights", "{tmp}/none.pth"], "does not exist"),
     ("ok", ["--data-dir", "{tmp}/d", "--device", "cuda"], "no such device"),
     ("ok", ["--data-dir", "{tmp}/d", "--device", "cuda:7"], "no such device"),
@@ -512,8 +515,16 @@ def test_bad_input_is_one_line(setup, argv, message, tmp_path, capsys):
     if setup == "empty_class":
         os.makedirs(root / "train" / "pizza")
         os.makedirs(root / "test" / "pizza")
-    if setup == "bad_image":
-        (root / "train" / "hotdog" / "0.png").write_bytes(b"\x89PNG broken")
+    if setup == "loose_images":
+        for name in os.listdir(root / "train" / "hotdog"):
+            os.rename(root / "train" / "hotdog" / name, root / "train" / name)
+        shutil.rmtree(root / "train" / "hotdog")
+        shutil.rmtree(root / "train" / "not-hotdog")
+    if setup == "one_class":
+        shutil.rmtree(root / "train" / "not-hotdog")
+    if "--init-head-from-imagenet" in argv:
+        os.rename(root / "train" / "hotdog", root / "train" / "sausage")
+        os.rename(root / "test" / "hotdog", root / "test" / "sausage")
     if "cuda" in argv and torch.cuda.is_available() or "cuda:7" in argv and torch.cuda.device_count() > 7:
         pytest.skip("this machine has that device")
     argv = [a.format(tmp=tmp_path) for a in argv]
@@ -784,25 +795,57 @@ def test_unwritable_out_is_one_line(folder, tmp_path, capsys):
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path / "file" / "run")
     assert status == 2 and len(err.strip().splitlines()) == 1
-    assert f"cannot create the folder {tmp_path / 'file' / 'run'}" in err and "choose a folder" in err
+    assert f"cannot write in the folder {tmp_path / 'file' / 'run'}" in err and "choose a folder" in err
+
+
+class HalfWritten:
+    """A file on a disk that fills up halfway through the write."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, content):
+        self.f.write(content[:len(content) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def full_disk(monkeypatch, name, at_call):
+    """The at_call-th write of a file called name (through data.write_whole) finds the disk full."""
+    calls = []
+
+    def open_(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        calls.append(path) if path.endswith(name + ".part") else None
+        return HalfWritten(f) if path.endswith(name + ".part") and len(calls) == at_call else f
+    monkeypatch.setattr(data, "open", open_, raising=False)
 
 
 def test_full_disk_keeps_the_last_whole_checkpoint(folder, tmp_path, capsys, monkeypatch):
-    real, calls = torch.save, []
-
-    def save(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the second epoch's checkpoint: half written, then the disk is full
-            f.write(b"half a checkpoint")
-            raise OSError(28, "No space left on device")
-        return real(obj, f, *args, **kwargs)
-    monkeypatch.setattr(torch, "save", save)
+    full_disk(monkeypatch, "model.pt", at_call=2)  # the second epoch's checkpoint
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 2, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path)
     assert status == 2 and len(err.strip().splitlines()) == 1
-    assert f"cannot write {tmp_path / 'model.pt'} (No space left on device)" in err
+    assert f"cannot write {tmp_path / 'model.pt'} (No space left on device); free some space" in err
     assert len(torch.load(tmp_path / "model.pt", weights_only=True)["history"]) == 1
     assert not (tmp_path / "model.pt.part").exists()
+
+
+def test_a_picture_that_cannot_be_written_loses_nothing_else(folder, tmp_path, capsys, monkeypatch):
+    full_disk(monkeypatch, "curves.png", at_call=1)
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path)
+    assert status == 2 and err.strip().splitlines() == [f"error: cannot write {tmp_path / 'curves.png'} "
+                                                        "(No space left on device); free some space there, "
+                                                        "or write to another folder"]
+    assert json.load(open(tmp_path / "metrics.json"))["history"] and (tmp_path / "model.pt").exists()
+    written = set(os.listdir(tmp_path))  # mistakes.png too, where the net made any
+    assert {"metrics.json", "model.pt"} <= written and not {"curves.png", "curves.png.part"} & written
 
 
 def test_download_progress_on_a_terminal_only(tmp_path, server, capsys, monkeypatch):
@@ -963,3 +1006,130 @@ def test_the_notebook_runs_cell_by_cell_in_a_kernel(tmp_path, monkeypatch):
     assert outputs("plots.show_images(hotdogs + not_hotdogs, 2, 8, scale=1.4)")[1] == 1
     assert "inline" in outputs("matplotlib.get_backend()")[0]
     assert not os.path.exists(os.path.join(HERE, "data", "hotdog", "train", "hotdog", "7.png"))
+
+
+# ---------------------------------------------------------------- photos as devices write them
+def sideways(upright, path):
+    """The photo as a phone stores a portrait: pixels turned a quarter, the turn in the EXIF tag."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show
+    upright.rotate(90, expand=True).save(path, exif=exif)
+
+
+def test_every_reader_turns_photos_upright_and_scales_16_bits(tmp_path):
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 256, (60, 40, 3), dtype=np.uint8))
+    sideways(upright, tmp_path / "sideways.png")
+    grey = rng.integers(0, 256, (30, 20), dtype=np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "scan16.png")  # 16 bits a pixel
+    assert Image.open(tmp_path / "scan16.png").mode == "I;16"
+    Image.fromarray(grey).save(tmp_path / "scan8.png")
+    upright.save(tmp_path / "anim.gif")
+    assert np.array_equal(np.asarray(data.load_rgb(str(tmp_path / "sideways.png"))), np.asarray(upright))
+    assert np.array_equal(np.asarray(data.load_rgb(str(tmp_path / "scan16.png"))),
+                          np.asarray(data.load_rgb(str(tmp_path / "scan8.png"))))
+    assert data.load_rgb(str(tmp_path / "anim.gif")).size == (40, 60)
+    assert data.image_files(str(tmp_path)) == [str(tmp_path / n) for n in
+                                               ("anim.gif", "scan16.png", "scan8.png", "sideways.png")]
+
+
+def test_sideways_and_16_bit_photos_predict_as_their_twins(tmp_path, capsys):
+    """A net trained on upright 8-bit photos (decoded once, so the cache turns them too) gives
+    the same predictions for the same photos stored sideways, and for a 16-bit twin."""
+    root = write_folder(tmp_path / "d", train=3, test=2, size=(48, 32))
+    photo = Image.open(tmp_path / "d" / "test" / "hotdog" / "0.png")
+    sideways(photo, tmp_path / "d" / "train" / "hotdog" / "turned.png")
+    train_set, _ = data.image_folders(root)
+    turned = [i for i, (p, _) in enumerate(train_set.samples) if p.endswith("turned.png")][0]
+    assert torch.equal(train_set.image(turned), v2.functional.pil_to_tensor(photo))
+    status, _, _ = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
+                           "--workers", 0, "--out", tmp_path / "run")
+    grey = np.asarray(photo.convert("L"))
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    sideways(photo, tmp_path / "turned.png")
+    photo.save(tmp_path / "upright.png")
+    status, out, err = run_cli(capsys, "--predict", *(tmp_path / f"{n}.png" for n in ("upright", "turned", "grey8", "grey16")),
+                               "--model", tmp_path / "run" / "model.pt", "--out", tmp_path / "pred")
+    probs = [line.rsplit(" ", 2)[1:] for line in out.splitlines()]
+    assert status == 0 and len(probs) == 4, err
+    assert probs[0] == probs[1] and probs[2] == probs[3]
+
+
+def test_what_cannot_be_read_is_named_once_with_what_to_do(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", train=3, test=2)
+    (tmp_path / "d" / "train" / "hotdog" / "IMG_0001.heic").write_bytes(b"\x00\x00\x00\x18ftypheic not decodable")
+    (tmp_path / "d" / "train" / "hotdog" / "broken.png").write_bytes(b"\x89PNG broken")
+    for cache_budget in (None, 0):
+        train_set, _ = data.image_folders(root, cache_budget)
+        assert len(train_set) == 6
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note: left out 2 file(s)")]
+    assert len(notes) == 2 and "IMG_0001.heic" in notes[0] and "pip install pillow-heif" in notes[0]
+
+
+def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", train=2, test=1)
+    hotdog = tmp_path / "d" / "train" / "hotdog"
+    os.symlink(hotdog, hotdog / "loop")  # a link back to its own folder
+    os.symlink(hotdog / "0.png", hotdog / "link-to-0.png")  # the same file again
+    os.symlink(tmp_path / "d" / "test" / "hotdog", hotdog / "more")  # a linked folder
+    os.makedirs(tmp_path / "d" / "train" / "@eaDir")  # Synology's thumbnails
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "train" / "@eaDir" / "thumb.png")
+    (hotdog / "Thumbs.db").write_bytes(b"junk")
+    (hotdog / "desktop.ini").write_text("[.ShellClassInfo]")
+    train_set, _ = data.image_folders(root)
+    assert train_set.classes == ["hotdog", "not-hotdog"]
+    assert sorted(os.path.relpath(p, hotdog) for p, _ in train_set.samples if "/hotdog/" in p) \
+        == ["0.png", "1.png", "more/0.png"]
+    photos = tmp_path / "photos"
+    os.makedirs(photos)
+    os.symlink(hotdog, photos / "linked")  # --predict follows linked folders too
+    assert sorted(map(os.path.basename, data.image_paths([str(photos), str(photos / "linked"), str(hotdog / "0.png")]))) \
+        == ["0.png", "0.png", "1.png"]  # each file once (test/'s 0.png too), however often it is named
+
+
+def test_class_names_from_a_mac_match_their_twins(tmp_path, capsys):
+    import unicodedata
+    root = write_folder(tmp_path / "d", train=2, test=1, classes={"café": (200, 0, 0), "tea": (0, 0, 200)})
+    os.rename(tmp_path / "d" / "test" / "café", tmp_path / "d" / "test" / unicodedata.normalize("NFD", "café"))
+    train_set, test_set = data.image_folders(root)
+    assert train_set.classes == ["café"] + ["tea"] and test_set.targets == [0, 1]
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
+                             "--workers", 0, "--out", tmp_path / "out")
+    assert status == 0, err
+    assert json.load(open(tmp_path / "out" / "metrics.json"))["classes"] == ["café", "tea"]
+
+
+def test_the_hot_dog_row_goes_to_the_class_named_like_hot_dog(torch_home):
+    assert [models.hotdog_class(c) for c in (["apple", "Hot_Dog"], ["HOTDOG", "x"], ["a", "hot dogs"])] == [1, 0, 1]
+    with pytest.raises(UserError, match="no class is named like hot dog"):
+        models.hotdog_class(["pizza", "salad"])
+    fc = models.finetune_net(3, hotdog_class=1).fc
+    w = torch_home["fc.weight"]
+    assert torch.equal(fc.weight[1], w[934]) and torch.allclose(fc.weight[0], fc.weight[2])
+
+
+def test_output_folder_checked_first_and_none_left_by_an_early_failure(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "file" / "x")
+    assert status == 2 and "cannot write in the folder" in err  # not the missing data: the folder comes first
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "new" / "run")
+    assert status == 2 and "nowhere/train is not a folder" in err
+    assert os.path.isdir(tmp_path / "new") and not os.path.exists(tmp_path / "new" / "run")
+
+
+def test_numbers_and_very_large_photos(folder, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--scratch", "--workers", "-1"])
+    assert "--workers: must be 0 or more, got -1" in capsys.readouterr().err
+    status, _, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                           "--workers", 0, "--out", tmp_path / "run")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    photo = os.path.join(folder, "test", "hotdog", "0.png")  # 40 x 48 pixels
+    status, out, err = run_cli(capsys, "--predict", photo, "--model", tmp_path / "run" / "model.pt",
+                               "--out", tmp_path, "--max-megapixels", 0.001, "--workers", 0)
+    assert status == 1 and "--max-megapixels" in err and not out
+    status, out, _ = run_cli(capsys, "--predict", photo, "--model", tmp_path / "run" / "model.pt",
+                             "--out", tmp_path, "--max-megapixels", 0.002)
+    assert status == 0 and out.startswith(photo)

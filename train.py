@@ -8,6 +8,7 @@ arithmetic runs, several processes, what a run shows, and resuming. Each is a wr
 recipe's objects or a one-line helper, and does nothing where it does not apply (one device,
 fp32, a fresh run).
 """
+import io
 import os
 import random
 import sys
@@ -375,9 +376,11 @@ def restore(resume, optimizer, scaler):
 
 
 def save_checkpoint(path, epoch, history, meta):
-    """Through a temporary name: a crash or a full disk never leaves half a checkpoint."""
-    state = {**epoch.state, "history": history, "rng": rng_states(), **meta}
-    write_whole(path, lambda f: torch.save(state, f))
+    """Through a temporary name: a crash or a full disk never leaves half a checkpoint. It is made
+    in memory first, so that any failure to write is the file's OSError, not torch.save's."""
+    buffer = io.BytesIO()
+    torch.save({**epoch.state, "history": history, "rng": rng_states(), **meta}, buffer)
+    write_whole(path, buffer.getvalue())
 
 
 def load_checkpoint(path):
