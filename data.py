@@ -1,5 +1,6 @@
 """Data for D2L §14.2: the hot-dog download, the book's augmentations, datasets and loaders."""
 import contextlib
+import copy
 import errno
 import functools
 import hashlib
@@ -290,6 +291,8 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         super().__init__(split, transform, loader=load_rgb)
         self.samples, self.sizes = readable(self.samples)
         self.imgs, self.targets = self.samples, [target for _, target in self.samples]
+        self.where = f"in {os.path.basename(os.path.normpath(split))}/"  # for the run's header line
+        self.held_out = None  # where split_by_class made it: the held-out paths
 
     def find_classes(self, directory):
         classes = class_folders(directory)
@@ -317,7 +320,7 @@ class DecodedImages(torch.utils.data.Dataset):
 
     def __init__(self, folder, workers=1):
         self.classes, self.targets, self.transform = folder.classes, folder.targets, folder.transform
-        self.samples, self.root = folder.samples, folder.root
+        self.samples, self.root, self.where, self.held_out = folder.samples, folder.root, folder.where, folder.held_out
         self.shapes = [(3, height, width) for width, height in folder.sizes]
         self.offsets = [0, *itertools.accumulate(3 * width * height for width, height in folder.sizes)]
         self.pixels = torch.empty(self.offsets[-1], dtype=torch.uint8)
@@ -339,6 +342,38 @@ class DecodedImages(torch.utils.data.Dataset):
         return self.transform(self.image(i)), self.targets[i]
 
 
+SPLITS = ("train", "test", "val", "valid", "validation")
+
+
+def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0, held_out=None):
+    """The training and evaluation ImageFolders of data_dir with the book's augmentations: its
+    train/ and test/ (or val/), or, where it holds class folders and no train/, a split of them
+    (split_by_class). Decoded once if their pixels fit in cache_budget bytes (default: half the
+    available memory; 0: never)."""
+    subfolders = [e.name for e in os.scandir(data_dir) if e.is_dir() and not ignored(e.name)] \
+        if os.path.isdir(data_dir) else []
+    classes = [name for name in subfolders if name not in SPLITS]
+    if classes and len(classes) < len(subfolders):
+        raise UserError(f"{data_dir} holds both {sorted(set(subfolders) - set(classes))} and class folders "
+                        f"{sorted(classes)[:3]}; keep one layout: train/<class>/ and test/<class>/, "
+                        "or <class>/ alone, to be split")
+    if classes:
+        folders = split_by_class(data_dir, val_split, seed, held_out)
+    else:
+        folders = book_folders(data_dir)
+    return decoded(folders, cache_budget, workers)
+
+
+def book_folders(data_dir):
+    """data_dir's train/ and test/ (or val/, valid/, validation/) ImageFolders, as the book's."""
+    splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", "val", "valid", "validation"])]
+    classes = [class_folders(s) for s in splits]
+    if list(map(nfc, classes[0])) != list(map(nfc, classes[1])):
+        raise UserError(f"{splits[0]} has classes {classes[0]} but {splits[1]} has {classes[1]}; "
+                        "give both the same class folders")
+    return [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs))]
+
+
 def split_folder(data_dir, names):
     """The first of names that is a folder in data_dir: the evaluation split is test/, or where
     a data set has none, its val/ (valid/, validation/)."""
@@ -346,7 +381,41 @@ def split_folder(data_dir, names):
         if os.path.isdir(os.path.join(data_dir, name)):
             return os.path.join(data_dir, name)
     raise UserError(f"{os.path.join(data_dir, names[0])} is not a folder; the data folder needs "
-                    "train/ and test/ (or val/), each with one subfolder of images per class")
+                    "train/ and test/ (or val/), each with one subfolder of images per class, "
+                    "or only the class folders, to be split")
+
+
+def split_by_class(data_dir, val_split, seed, held_out=None):
+    """A folder of class folders as a training and an evaluation ImageFolder: from each class,
+    val_split of its images, drawn with seed (the same on every process and every run), are held
+    out for evaluation and get the test augmentations only. held_out, a list of paths relative to
+    data_dir, names them instead: a resumed run holds out what it held out before."""
+    train_set = ImageFolder(data_dir, train_augs)
+    paths = [os.path.relpath(path, data_dir) for path, _ in train_set.samples]
+    held = set(held_out) if held_out is not None else {paths[i] for i in hold_out(train_set, val_split, seed)}
+    test_set = copy.copy(train_set)
+    test_set.transform, test_set.held_out = test_augs, sorted(held & set(paths))
+    test_set.where = f"of {len(paths)} images, split {val_split:g} by class, seed {seed}"
+    samples, sizes = train_set.samples, train_set.sizes
+    for folder, keep in ((train_set, False), (test_set, True)):
+        picked = [i for i, path in enumerate(paths) if (path in held) == keep]
+        folder.samples = folder.imgs = [samples[i] for i in picked]
+        folder.sizes, folder.targets = [sizes[i] for i in picked], [samples[i][1] for i in picked]
+    return [train_set, test_set]
+
+
+def hold_out(folder, val_split, seed):
+    """The indices to hold out: from each class, val_split of its images, at least one and never
+    all, drawn with seed."""
+    generator, held = torch.Generator().manual_seed(seed), []
+    for target, name in enumerate(folder.classes):
+        members = [i for i, t in enumerate(folder.targets) if t == target]
+        if len(members) < 2:
+            raise UserError(f"{os.path.join(folder.root, name)} holds {len(members)} image; to split it "
+                            "for testing, a class needs at least 2")
+        count = min(len(members) - 1, max(1, round(val_split * len(members))))
+        held += [members[j] for j in torch.randperm(len(members), generator=generator)[:count].tolist()]
+    return held
 
 
 def available_memory():
@@ -358,15 +427,9 @@ def available_memory():
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def image_folders(data_dir, cache_budget=None, workers=1):
-    """The training and evaluation ImageFolders of data_dir with the book's augmentations, decoded
-    once if their pixels fit in cache_budget bytes (default: half the available memory; 0: never)."""
-    splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", "val", "valid", "validation"])]
-    classes = [class_folders(s) for s in splits]
-    if list(map(nfc, classes[0])) != list(map(nfc, classes[1])):
-        raise UserError(f"{splits[0]} has classes {classes[0]} but {splits[1]} has {classes[1]}; "
-                        "give both the same class folders")
-    folders = [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs))]
+def decoded(folders, cache_budget=None, workers=1):
+    """The folders decoded once (DecodedImages) if their pixels fit in cache_budget bytes
+    (default: half the available memory; 0: never), else as they are, with a note."""
     if cache_budget == 0:
         return folders
     # Each process on this machine holds its own copy: they share half of the free memory.

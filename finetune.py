@@ -45,6 +45,13 @@ def positive(kind, zero=False):
     return parse
 
 
+def fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
@@ -57,7 +64,7 @@ def parse_args(argv=None):
     mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH (model.pt)")
     p.add_argument("--model", metavar="PATH", help="a model.pt written by training, for --predict")
     p.add_argument("--dataset", choices=DATASETS, default="hotdog")
-    p.add_argument("--data-dir", help="a folder with train/ and test/ ImageFolders (no download)")
+    p.add_argument("--data-dir", help="a folder with train/ and test/ ImageFolders, or class folders alone")
     p.add_argument("--data-root", default="data", help="where downloads go (default: ./data)")
     p.add_argument("--dummy", action="store_true", help="random hot-dog-shaped data, for speed")
     p.add_argument("--cache-gb", type=positive(float, zero=True), metavar="GB",
@@ -76,7 +83,9 @@ def parse_args(argv=None):
                    help="loader processes (default: one per core, at most 16)")
     p.add_argument("--max-megapixels", type=positive(float), default=200,
                    help="larger images are refused as possible decompression bombs (default: 200)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-split", type=fraction, default=0.2, metavar="FRACTION",
+                   help="a --data-dir of class folders alone: the share of each class held out for testing")
+    p.add_argument("--seed", type=int, default=0, help="for the initial head, the shuffles and --val-split")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best there is)")
     p.add_argument("--precision", choices=["amp", "fp32"], default="amp",
                    help="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native "
@@ -117,7 +126,8 @@ def resumed_args(args):
     ckpt = train.load_checkpoint(args.resume)
     given = {k: v for k, v in vars(args).items()
              if k in ("epochs", "device", "workers", "max_megapixels") and v is not None}
-    return argparse.Namespace(**{**ckpt["args"], **given, "resume": args.resume,
+    defaults = vars(parse_args(["--scratch"]))  # for options newer than the checkpoint
+    return argparse.Namespace(**{**defaults, **ckpt["args"], **given, "resume": args.resume,
                                  "out": os.path.dirname(args.resume) or "."}), ckpt
 
 
@@ -141,7 +151,9 @@ def load_sets(args):
         return data.cifar10(args.data_root)
     folder = args.data_dir or data.get_hotdog(args.data_root)
     budget = None if args.cache_gb is None else int(args.cache_gb * 2**30)
-    return data.image_folders(folder, budget, workers=args.workers or 1)
+    held_out = os.path.join(args.out or ".", "held_out.txt")  # a resumed run's split, as it was
+    held_out = open(held_out).read().splitlines() if args.resume and os.path.exists(held_out) else None
+    return data.image_folders(folder, budget, args.workers or 1, args.val_split, args.seed, held_out)
 
 
 def class_names(dataset):
@@ -189,10 +201,12 @@ def train_one(run, args, sets, device, ckpt=None):
     random.seed(args.seed)
     classes = class_names(sets[0])
     checkpoint = check_out(run, classes, args, ckpt)
+    if rank() == 0 and getattr(sets[1], "held_out", None) is not None:  # which images a split held out
+        data.write_whole(os.path.join(run.out, "held_out.txt"), "".join(p + "\n" for p in sets[1].held_out).encode())
     net = build_net(run, classes, args, ckpt)
     train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, args.seed)
     runtime = train.make_runtime(device, args.precision)
-    split = f" in {os.path.basename(sets[1].root)}/" if hasattr(sets[1], "samples") else ""
+    split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
     say(f"{run.name}: training on {len(sets[0])} images, testing on {len(sets[1])}{split}, lr {run.lr:g}, "
         f"{runtime}" + (f" x {world_size()} processes" if world_size() > 1 else ""))
     meta = dict(args=vars(args), run=dict(name=run.name, mode=run.mode, lr=run.lr), classes=classes,
@@ -340,7 +354,9 @@ def predict(args):
 def show_samples(args):
     """The book's first look at the data (§14.2.2.1), and the same images as the net sees them."""
     path = os.path.join(data.writable_folder(args.out or "."), "samples.png")
-    folder = data.ImageFolder(os.path.join(args.data_dir or data.get_hotdog(args.data_root), "train"))
+    data_dir = args.data_dir or data.get_hotdog(args.data_root)
+    train_dir = os.path.join(data_dir, "train")
+    folder = data.ImageFolder(train_dir if os.path.isdir(train_dir) else data_dir)  # or class folders alone
     first, last = folder.targets[0], folder.targets[-1]  # fewer than 8 where a class has fewer
     picks = ([i for i, t in enumerate(folder.targets) if t == first][:8]
              + [i for i, t in enumerate(folder.targets) if t == last][-8:])

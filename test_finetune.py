@@ -509,7 +509,7 @@ def test_bad_input_is_one_line(setup, argv, message, tmp_path, capsys):
     if setup:
         write_folder(root, train=2, test=1)
     if setup == "no_test":
-        os.rename(root / "test", root / "tested")
+        shutil.rmtree(root / "test")
     if setup == "other_classes":
         os.rename(root / "test" / "hotdog", root / "test" / "pizza")
     if setup == "empty_class":
@@ -1133,3 +1133,54 @@ def test_numbers_and_very_large_photos(folder, tmp_path, capsys, monkeypatch):
     status, out, _ = run_cli(capsys, "--predict", photo, "--model", tmp_path / "run" / "model.pt",
                              "--out", tmp_path, "--max-megapixels", 0.002)
     assert status == 0 and out.startswith(photo)
+
+
+# ---------------------------------------------------------------- a folder of class folders, split
+def class_folders_alone(root, counts=(10, 7, 3)):
+    """photos/<class>/<image> with no train/ or test/: three classes of different sizes."""
+    for c, n in enumerate(counts):
+        write_folder(root / "tmp", train=n, test=0, classes={f"class{c}": (80 * c, 60, 200 - 80 * c)}, seed=c)
+        os.rename(root / "tmp" / "train" / f"class{c}", root / f"class{c}")
+        shutil.rmtree(root / "tmp")
+    return str(root)
+
+
+def test_class_folders_alone_are_split_by_class_reproducibly(tmp_path):
+    root = class_folders_alone(tmp_path / "photos")
+    train_set, test_set = data.image_folders(root, val_split=0.2, seed=0)
+    held = lambda test: [sum(t == c for t in test.targets) for c in range(3)]
+    assert held(test_set) == [2, 1, 1] and len(train_set) + len(test_set) == 20  # round(0.2 n), at least 1
+    assert not {p for p, _ in train_set.samples} & {p for p, _ in test_set.samples}
+    assert test_set.transform is data.test_augs and train_set.transform is data.train_augs
+    again = data.image_folders(root, val_split=0.2, seed=0)[1]
+    other = data.image_folders(root, val_split=0.2, seed=1)[1]
+    assert again.samples == test_set.samples and other.samples != test_set.samples
+    assert data.image_folders(root, val_split=0.5)[1].targets.count(0) == 5
+    reused = data.image_folders(root, held_out=test_set.held_out, seed=1)[1]
+    assert reused.samples == test_set.samples  # a resumed run holds out what it held out before
+
+
+def test_a_split_run_says_so_writes_the_split_and_resumes_it(tmp_path, capsys):
+    root = class_folders_alone(tmp_path / "photos")
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
+                               "--workers", 0, "--val-split", 0.25, "--seed", 3, "--out", tmp_path / "run")
+    assert status == 0, err
+    assert "training on 15 images, testing on 5 of 20 images, split 0.25 by class, seed 3" in out
+    held_out = (tmp_path / "run" / "held_out.txt").read_text().splitlines()
+    assert len(held_out) == 5 and all(os.path.exists(os.path.join(root, p)) for p in held_out)
+    assert torch.tensor(json.load(open(tmp_path / "run" / "metrics.json"))["confusion"]).sum() == 5
+    Image.new("RGB", (40, 48)).save(tmp_path / "photos" / "class0" / "new.png")  # the folder grows
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "run" / "model.pt", "--epochs", 2)
+    assert status == 0, err
+    assert "training on 16 images, testing on 5 of 21 images" in out
+    assert (tmp_path / "run" / "held_out.txt").read_text().splitlines() == held_out
+
+
+def test_train_and_class_folders_together_is_one_line(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", train=2, test=1)
+    os.makedirs(tmp_path / "d" / "pizza")
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--out", tmp_path / "out")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "holds both ['test', 'train'] and class folders ['pizza']" in err
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--scratch", "--val-split", "1"])
