@@ -51,6 +51,7 @@ def main():
     p.add_argument("--batches", type=int, help="batches per measurement (default: one epoch)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=data.default_workers())
+    p.add_argument("--arch", default="resnet18", help="any ImageNet classifier of torchvision's")
     p.add_argument("--device")
     p.add_argument("--precision", choices=["amp", "fp32"], default="amp")
     p.add_argument("--no-cache", action="store_true")
@@ -61,13 +62,15 @@ def main():
     start = time.perf_counter()
     budget = 0 if args.no_cache else None
     sets = data.fake_data() if args.dummy else data.image_folders(args.data_dir, budget, args.workers)
+    size = models.preprocessing(args.arch)
+    sets[0].transform = data.make_train_augs(size["crop"], size["interpolation"])
     data_sec = time.perf_counter() - start
     train_iter, _ = data.make_loaders(*sets, args.batch_size, args.workers)
     batches = args.batches or len(train_iter)
 
     # the recipe's net, optimizer and precision; speed does not depend on the weights
     runtime = make_runtime(device, args.precision)
-    net = runtime.place(models.scratch_net(2))
+    net = runtime.place(models.scratch_net(2, args.arch))
     optimizer = torch.optim.SGD(net.parameters(), lr=5e-5, weight_decay=1e-3)
 
     start = time.perf_counter()
@@ -79,8 +82,8 @@ def main():
     pipeline = timed_epoch(net, itertools.islice(train_iter, batches), optimizer, runtime)
     loader = loader_only(itertools.islice(train_iter, batches))
 
-    print(f"{runtime}, batch {args.batch_size}, {args.workers} workers, {torch.get_num_threads()} "
-          f"compute threads, {batches} batches per measurement")
+    print(f"{args.arch} at {size['crop']} px, {runtime}, batch {args.batch_size}, {args.workers} workers, "
+          f"{torch.get_num_threads()} compute threads, {batches} batches per measurement")
     print(f"start-up: imports {IMPORT_SEC:.1f} s and workers with the first batch {first_sec:.1f} s (fixed); "
           f"data ready {data_sec:.1f} s for {sum(map(len, sets))} images (grows with the data)")
     print(f"model only: {model_only:.1f} examples/sec")

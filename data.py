@@ -142,9 +142,16 @@ def get_hotdog(root="data", url=HOTDOG_URL, sha1=HOTDOG_SHA1):
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as the pretrained net saw
 
 
-def make_test_augs(resize=256, crop=224):
+def make_train_augs(crop=224, interpolation="bilinear"):
+    """The book's training augmentations, for a net trained at crop pixels (models.preprocessing)."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(crop, interpolation=v2.InterpolationMode(interpolation)),
+                       v2.RandomHorizontalFlip(), v2.ToPureTensor()])
+
+
+def make_test_augs(resize=256, crop=224, interpolation="bilinear"):
     """The book's test augmentations; the checkpoint keeps these settings for prediction."""
-    return v2.Compose([v2.ToImage(), v2.Resize([resize, resize]), v2.CenterCrop(crop), v2.ToPureTensor()])
+    return v2.Compose([v2.ToImage(), v2.Resize([resize, resize], interpolation=v2.InterpolationMode(interpolation)),
+                       v2.CenterCrop(crop), v2.ToPureTensor()])
 
 
 # The book's augmentations (§14.2.2.1) up to ToTensor. ToImage comes first, so the crop and resize
@@ -152,9 +159,8 @@ def make_test_augs(resize=256, crop=224):
 # bilinear, antialiased resize as PIL's). The loaders yield uint8 images; the book's last two
 # steps, ToTensor's scaling and `normalize`, run on whole batches on the device (`normalize`
 # below): per image on a CPU core they cost twice the crop and resize, and floats are 4x the bytes.
-train_augs = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(), v2.ToPureTensor()])
-test_augs = make_test_augs()
-TEST_AUGS_SETTINGS = dict(resize=256, crop=224, mean=MEAN, std=STD)
+train_augs = make_train_augs(224)
+test_augs = make_test_augs(256, 224)
 
 
 def normalize(X, mean=MEAN, std=STD):

@@ -71,7 +71,9 @@ def parse_args(argv=None):
                    help="decode images once if they fit in GB (default: half the free memory)")
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
                    help="decode images every epoch, not once (--cache-gb 0)")
-    p.add_argument("--weights", metavar="FILE", help="ImageNet resnet18 state-dict, for offline use")
+    p.add_argument("--arch", help="any ImageNet classifier of torchvision's, e.g. resnet50, mobilenet_v3_small, "
+                                  "convnext_tiny (default: resnet18, the book's)")
+    p.add_argument("--weights", metavar="FILE", help="the arch's ImageNet state-dict, for offline use")
     p.add_argument("--epochs", type=positive(int), help="default: 5 (cifar10: 10)")
     p.add_argument("--batch-size", type=positive(int), default=128, help="global, over all processes")
     p.add_argument("--lr", type=positive(float), nargs="+",
@@ -121,9 +123,16 @@ def plan_runs(args, out, ckpt=None):
     return [Run(name, mode, lr, out if len(runs) == 1 else os.path.join(out, name)) for name, mode, lr in runs]
 
 
+def same_arch(args, ckpt, path):
+    """The checkpoint knows its architecture: an --arch given beside it must be the same."""
+    if args.arch and args.arch != ckpt.get("arch", "resnet18"):
+        raise UserError(f"{path} holds a {ckpt.get('arch', 'resnet18')}, not a {args.arch}; leave --arch out")
+
+
 def resumed_args(args):
     """The checkpoint's arguments; --epochs, --device, --workers and --max-megapixels may be given anew."""
     ckpt = train.load_checkpoint(args.resume)
+    same_arch(args, ckpt, args.resume)
     given = {k: v for k, v in vars(args).items()
              if k in ("epochs", "device", "workers", "max_megapixels") and v is not None}
     defaults = vars(parse_args(["--scratch"]))  # for options newer than the checkpoint
@@ -145,6 +154,16 @@ def local_first(fn, *a):
 
 
 def load_sets(args):
+    """The data the arguments name, augmented at the sizes args.arch was trained at (resnet18:
+    the book's augmentations)."""
+    settings = models.preprocessing(args.arch)
+    sets = datasets(args)
+    sets[0].transform = data.make_train_augs(settings["crop"], settings["interpolation"])
+    sets[1].transform = data.make_test_augs(settings["resize"], settings["crop"], settings["interpolation"])
+    return sets
+
+
+def datasets(args):
     if args.dummy:
         return data.fake_data()
     if args.dataset == "cifar10":
@@ -165,16 +184,16 @@ def build_net(run, classes, args, ckpt=None):
     torch.manual_seed(args.seed)  # the same initial head on every process
     num_classes = len(classes)
     if run.mode == "scratch":
-        net = models.scratch_net(num_classes)
+        net = models.scratch_net(num_classes, args.arch)
     else:
         hotdog = models.hotdog_class(classes) if args.init_head_from_imagenet else None
-        net = local_first(models.finetune_net, num_classes, args.weights, hotdog)
+        net = local_first(models.finetune_net, num_classes, args.weights, hotdog, args.arch)
         net = models.freeze_features(net) if args.freeze else net
     if ckpt:
         try:
             net.load_state_dict(ckpt["model"])
         except RuntimeError:
-            raise UserError(f"{args.resume} holds another architecture than resnet18 with "
+            raise UserError(f"{args.resume} holds another architecture than {args.arch} with "
                             f"{num_classes} classes; resume it with the program that wrote it") from None
     return net
 
@@ -206,11 +225,9 @@ def train_one(run, args, sets, device, ckpt=None):
     net = build_net(run, classes, args, ckpt)
     train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, args.seed)
     runtime = train.make_runtime(device, args.precision)
-    split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
-    say(f"{run.name}: training on {len(sets[0])} images, testing on {len(sets[1])}{split}, lr {run.lr:g}, "
-        f"{runtime}" + (f" x {world_size()} processes" if world_size() > 1 else ""))
+    say(header(run, args, sets, runtime))
     meta = dict(args=vars(args), run=dict(name=run.name, mode=run.mode, lr=run.lr), classes=classes,
-                transform=data.TEST_AUGS_SETTINGS, arch="resnet18")
+                transform=dict(**models.preprocessing(args.arch), mean=data.MEAN, std=data.STD), arch=args.arch)
     history = ckpt["history"] if ckpt else []
     param_group = RECIPES[run.mode]["param_group"] and not args.no_param_group
     for epoch in train.fine_tuning_epochs(net, run.lr, train_iter, test_iter, args.epochs, param_group,
@@ -223,6 +240,15 @@ def train_one(run, args, sets, device, ckpt=None):
     if rank() == 0:
         report(result, epoch, sets[1], run.out)
     return result
+
+
+def header(run, args, sets, runtime):
+    """The run's first line: the net and its image sizes, the data, the learning rate, the runtime."""
+    size = models.preprocessing(args.arch)
+    split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
+    return (f"{run.name}: {args.arch} at {size['crop']} px (resized to {size['resize']}, {size['interpolation']}), "
+            f"training on {len(sets[0])} images, testing on {len(sets[1])}{split}, lr {run.lr:g}, {runtime}"
+            + (f" x {world_size()} processes" if world_size() > 1 else ""))
 
 
 def summary(run, history, classes, epoch, runtime, args):
@@ -272,6 +298,7 @@ def train_runs(args):
     """Everything one process does: set up, train every planned run, write the outputs. The
     output folder is checked first; a run that fails before writing anything leaves none."""
     args, ckpt = resumed_args(args) if args.resume else (args, None)
+    args.arch = models.check_arch(args.arch or "resnet18")
     args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
     args.workers = data.default_workers() if args.workers is None else args.workers
     device = train.join_processes(train.try_device(args.device))
@@ -329,11 +356,13 @@ def predict(args):
     transforms saved beside it; print a line per image and write predictions.csv."""
     csv_path = os.path.join(data.writable_folder(args.out or "."), "predictions.csv")
     ckpt = train.load_checkpoint(args.model)
+    same_arch(args, ckpt, args.model)
     classes, settings = ckpt["classes"], ckpt["transform"]
     paths = data.image_paths(args.predict)
     if not paths:
         raise UserError(f"found no images in {' '.join(args.predict)}; give image files or folders of them")
-    images = data.ImageFiles(paths, data.make_test_augs(settings["resize"], settings["crop"]), settings["crop"])
+    augs = data.make_test_augs(settings["resize"], settings["crop"], settings.get("interpolation", "bilinear"))
+    images = data.ImageFiles(paths, augs, settings["crop"])
     workers = data.default_workers() if args.workers is None else args.workers
     loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=workers)
     net = models.saved_net(ckpt)
@@ -369,7 +398,7 @@ def show_samples(args):
 # ---------------------------------------------------------------- starting
 # The modules' errors name a Python caller's arguments (`batch_size=3`); here, the flags.
 FLAGS = {"batch_size=": "--batch-size ", "device=": "--device ", "weights_file=": "--weights ",
-         "hotdog_class": "--init-head-from-imagenet"}
+         "hotdog_class": "--init-head-from-imagenet", "arch=": "--arch "}
 
 
 def one_line(error):

@@ -1,4 +1,6 @@
-"""The networks of D2L §14.2: resnet18 fine-tuned from ImageNet, or trained from scratch."""
+"""The networks of D2L §14.2: resnet18 fine-tuned from ImageNet, or trained from scratch; and the
+same recipe for any of torchvision's ImageNet classifiers."""
+import os
 import re
 
 import torch
@@ -10,30 +12,31 @@ from data import UserError, nfc
 HOTDOG_ROW = 934  # ImageNet's class "hotdog, hot dog, red hot"
 
 
-def imagenet_resnet18(weights_file=None):
-    """resnet18 with ImageNet weights: downloaded once into $TORCH_HOME, or read from a file."""
+def pretrained_net(arch="resnet18", weights_file=None):
+    """torchvision's `arch` with its default ImageNet weights (for resnet18, the book's
+    `pretrained=True`): downloaded once into $TORCH_HOME, or read from a state-dict file."""
+    check_arch(arch)
     if weights_file is None:
-        try:  # the book's `pretrained=True` is these weights
-            return torchvision.models.resnet18(weights="IMAGENET1K_V1")
+        try:
+            return torchvision.models.get_model(arch, weights="DEFAULT")
         except OSError as e:
-            raise UserError(f"cannot download the ImageNet resnet18 weights ({e}); fetch "
-                            "resnet18-f37072fd.pth elsewhere and pass weights_file=FILE") from None
-    net = torchvision.models.resnet18()
+            raise UserError(f"cannot download the ImageNet weights of {arch} ({e}); fetch {weights_name(arch)} "
+                            "elsewhere and pass weights_file=FILE") from None
+    net = torchvision.models.get_model(arch)
     try:
         net.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
     except FileNotFoundError:
-        raise UserError(f"weights_file={weights_file} does not exist; give the path of "
-                        "resnet18-f37072fd.pth") from None
-    except Exception as e:  # unpickling or key errors: not a resnet18 state-dict either way
-        raise UserError(f"weights_file={weights_file} is not a resnet18 state-dict "
-                        f"({str(e).splitlines()[0]}); give resnet18-f37072fd.pth") from None
+        raise UserError(f"weights_file={weights_file} does not exist; give the path of {weights_name(arch)}") from None
+    except Exception as e:  # unpickling or key errors: not this architecture's state-dict either way
+        raise UserError(f"weights_file={weights_file} is not a {arch} state-dict "
+                        f"({str(e).splitlines()[0]}); give {weights_name(arch)}") from None
     return net
 
 
-def finetune_net(num_classes=2, weights_file=None, hotdog_class=None):
+def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resnet18"):
     """The pretrained body with a new output layer (§14.2.2.2): xavier-uniform weight, default bias.
     hotdog_class (exercise 4): the index of the class that starts from ImageNet's hot-dog row."""
-    net = imagenet_resnet18(weights_file)
+    net = with_fc(pretrained_net(arch, weights_file))  # resnet18 as it is
     imagenet_fc, net.fc = net.fc, nn.Linear(net.fc.in_features, num_classes)
     nn.init.xavier_uniform_(net.fc.weight)
     if hotdog_class is not None:
@@ -61,11 +64,61 @@ def hotdog_class(classes):
                     "can start from ImageNet's hot-dog row; rename that class's folder, or leave hotdog_class out")
 
 
-def scratch_net(num_classes=2):
+def scratch_net(num_classes=2, arch="resnet18"):
     """The same architecture with torchvision's random initialisation throughout (§14.2.2.2)."""
-    net = torchvision.models.resnet18()
+    net = with_fc(torchvision.models.get_model(check_arch(arch)))
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net
+
+
+# ---------------------------------------------------------------- other architectures
+def check_arch(arch):
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(f"arch={arch} is not one of torchvision's ImageNet classifiers; "
+                        "torchvision.models.list_models(module=torchvision.models) lists them")
+    return arch
+
+
+def weights_name(arch):
+    """The file torchvision downloads for arch's default weights, e.g. resnet18-f37072fd.pth."""
+    return os.path.basename(torchvision.models.get_model_weights(arch).DEFAULT.url)
+
+
+def with_fc(net):
+    """The net with its output layer as `net.fc`, where resnet18 has it, so that the book's code
+    (`net.fc`, `params_1x` by name, --freeze) holds for every architecture. Other torchvision
+    classifiers end in a Linear layer elsewhere (mobilenet, efficientnet, convnext, vgg:
+    classifier[-1]; densenet: classifier; vit: heads.head; swin: head): it is moved out to `fc`."""
+    if getattr(net, "aux_logits", False):  # googlenet, inception_v3: no side outputs in training
+        net.aux_logits, net.AuxLogits, net.aux1, net.aux2 = False, None, None, None
+    name = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)][-1:]
+    if not name or net.get_submodule(name[0]).out_features != 1000:
+        raise UserError(f"{type(net).__name__} does not end in a Linear layer with ImageNet's 1000 "
+                        "outputs, so it has no output layer to replace; choose another arch=")
+    if name[0] == "fc":
+        return net
+    parent, _, attr = name[0].rpartition(".")
+    fc = net.get_submodule(name[0])
+    setattr(net.get_submodule(parent), attr, nn.Identity())
+    return WithFc(net, fc)
+
+
+class WithFc(nn.Module):
+    """A torchvision classifier whose last Linear layer was moved out to `fc` (see with_fc)."""
+
+    def __init__(self, body, fc):
+        super().__init__()
+        self.body, self.fc = body, fc
+
+    def forward(self, X):
+        return self.fc(self.body(X))
+
+
+def preprocessing(arch="resnet18"):
+    """The image sizes and interpolation arch's ImageNet weights were trained with (resnet18: the
+    book's crop of 224 from 256, bilinear), for data.make_train_augs and make_test_augs."""
+    augs = torchvision.models.get_model_weights(check_arch(arch)).DEFAULT.transforms()
+    return dict(crop=augs.crop_size[0], resize=augs.resize_size[0], interpolation=augs.interpolation.value)
 
 
 def freeze_features(net):
@@ -93,7 +146,6 @@ def saved_net(checkpoint):
     """The net a training run saved (train.load_checkpoint), ready to predict. Its BatchNorm
     layers are FrozenBatchNorm2d, which compute as BatchNorm does at test time and so load the
     weights of any mode, --freeze or not."""
-    net = torchvision.models.resnet18(num_classes=len(checkpoint["classes"]),
-                                      norm_layer=torchvision.ops.FrozenBatchNorm2d)
+    net = freeze_features(scratch_net(len(checkpoint["classes"]), checkpoint.get("arch", "resnet18")))
     net.load_state_dict(checkpoint["model"])
-    return net
+    return net.eval()
