@@ -18,6 +18,11 @@ import sys
 import time
 from dataclasses import dataclass
 
+try:
+    import fcntl  # file locks, on Linux and macOS
+except ImportError:
+    fcntl = None
+
 import torch
 import torch.distributed as dist
 import torchvision
@@ -112,11 +117,9 @@ class Run:
     out: str
 
 
-def plan_runs(args, out, ckpt=None):
+def plan_runs(args, out):
     """Every training the arguments ask for: one, both modes (--compare), one per --lr. A single
     run writes into out, several each into a folder of their own inside it."""
-    if ckpt:
-        return [Run(**ckpt["run"], out=out)]
     modes = ["pretrained", "scratch"] if args.mode == "compare" else [args.mode]
     lrs = {mode: args.lr or [DATASETS[args.dataset].get("lr", RECIPES[mode]["lr"])] for mode in modes}
     runs = [(mode if len(lrs[mode]) == 1 else f"{mode}-lr{lr:g}", mode, lr) for mode in modes for lr in lrs[mode]]
@@ -129,15 +132,59 @@ def same_arch(args, ckpt, path):
         raise UserError(f"{path} holds a {ckpt.get('arch', 'resnet18')}, not a {args.arch}; leave --arch out")
 
 
+# What may differ when a run continues; every other option must be the one the run began with.
+MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "out", "resume"}
+PATHS = {"data_dir", "data_root", "weights"}  # compared, and stored, as absolute paths
+
+
 def resumed_args(args):
-    """The checkpoint's arguments; --epochs, --device, --workers and --max-megapixels may be given anew."""
-    ckpt = train.load_checkpoint(args.resume)
-    same_arch(args, ckpt, args.resume)
-    given = {k: v for k, v in vars(args).items()
-             if k in ("epochs", "device", "workers", "max_megapixels") and v is not None}
+    """The arguments of the run --resume names (its model.pt, or its folder): those it began
+    with, and the ones that may change given anew. It continues as a rerun on that folder would."""
+    path = checkpoint_in(args.resume)
+    ckpt = train.load_checkpoint(path)
+    same_arch(args, ckpt, path)
     defaults = vars(parse_args(["--scratch"]))  # for options newer than the checkpoint
-    return argparse.Namespace(**{**defaults, **ckpt["args"], **given, "resume": args.resume,
-                                 "out": os.path.dirname(args.resume) or "."}), ckpt
+    given = {k: v for k, v in vars(args).items() if v != defaults[k] and k not in ("mode", "resume", "arch")}
+    refuse_changes({**defaults, **ckpt["args"]}, given, path)
+    args = argparse.Namespace(**{**defaults, **ckpt["args"], **given, "resume": path})
+    out = os.path.dirname(os.path.abspath(path))
+    args.out = os.path.dirname(out) if len(plan_runs(args, out)) > 1 else out  # --compare: its folder
+    return args
+
+
+def checkpoint_in(path):
+    """A model.pt: path itself, or in the folder path, or in a run's folder inside it (--compare)."""
+    found = [path] if not os.path.isdir(path) else sorted(
+        p for p in [os.path.join(path, "model.pt")] + [os.path.join(path, name, "model.pt") for name in os.listdir(path)]
+        if os.path.exists(p))
+    if not found:
+        raise UserError(f"{path} holds no model.pt; give the model.pt of a training run, or its folder")
+    return found[0]
+
+
+def refuse_changes(before, now, path):
+    """A run continues with the options it began with: name those that differ, in one line."""
+    def same(key, value):
+        return os.path.abspath(value) if key in PATHS and value else value
+    def shown(value):
+        return "the default" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
+    changed = sorted(k for k in before if k in now and k not in MAY_CHANGE and same(k, before[k]) != same(k, now[k]))
+    if changed:
+        options = "; ".join(f"--{k.replace('_', '-')}: {shown(before[k])} there, {shown(now[k])} now" for k in changed)
+        raise UserError(f"{path} was made with other options ({options}); continue it with the same, "
+                        "or choose another --out")
+
+
+def run_checkpoint(run, args):
+    """The checkpoint in the run's folder to continue, or None for a fresh run. Process 0 reads
+    it and sends it to the others, so that all continue from the same epoch (torchrun restarts
+    every process of a job when one fails)."""
+    named = args.resume and os.path.dirname(args.resume) == run.out  # --resume's own file
+    path = args.resume if named else os.path.join(run.out, "model.pt")
+    ckpt = train.from_process_0(train.load_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
+    if ckpt:
+        refuse_changes(ckpt["args"], vars(args), path)
+    return ckpt
 
 
 # ---------------------------------------------------------------- training
@@ -193,23 +240,17 @@ def build_net(run, classes, args, ckpt=None):
         try:
             net.load_state_dict(ckpt["model"])
         except RuntimeError:
-            raise UserError(f"{args.resume} holds another architecture than {args.arch} with "
-                            f"{num_classes} classes; resume it with the program that wrote it") from None
+            raise UserError(f"{os.path.join(run.out, 'model.pt')} holds another architecture than {args.arch} "
+                            f"with {num_classes} classes; continue it with the program that wrote it") from None
     return net
 
 
-def check_out(run, classes, args, ckpt):
-    """The run's folder, refusing to overwrite another run or to resume with other classes."""
+def check_out(run, classes, ckpt):
+    """The run's folder, refusing to continue a run with other classes."""
     checkpoint = os.path.join(run.out, "model.pt")
     if ckpt and ckpt["classes"] != classes:
-        raise UserError(f"{args.resume} was trained on classes {ckpt['classes']}, not {classes}; "
-                        "resume with the data it was trained on")
-    if ckpt and args.epochs <= len(ckpt["history"]):
-        raise UserError(f"{args.resume} has finished {len(ckpt['history'])} epochs already; "
-                        "give --epochs with a larger total to train it further")
-    if not ckpt and os.path.exists(checkpoint):
-        raise UserError(f"{run.out} already holds a run's model.pt; choose another --out, "
-                        f"or continue it with --resume {checkpoint}")
+        raise UserError(f"{checkpoint} was trained on classes {ckpt['classes']}, not {classes}; "
+                        "continue it with the data it was trained on")
     if rank() == 0:
         data.writable_folder(run.out)
     return checkpoint
@@ -219,7 +260,7 @@ def train_one(run, args, sets, device, ckpt=None):
     """Train one net, saving model.pt after every epoch; report it and return its result."""
     random.seed(args.seed)
     classes = class_names(sets[0])
-    checkpoint = check_out(run, classes, args, ckpt)
+    checkpoint = check_out(run, classes, ckpt)
     if rank() == 0 and getattr(sets[1], "held_out", None) is not None:  # which images a split held out
         data.write_whole(os.path.join(run.out, "held_out.txt"), "".join(p + "\n" for p in sets[1].held_out).encode())
     net = build_net(run, classes, args, ckpt)
@@ -248,7 +289,15 @@ def header(run, args, sets, runtime):
     split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
     return (f"{run.name}: {args.arch} at {size['crop']} px (resized to {size['resize']}, {size['interpolation']}), "
             f"training on {len(sets[0])} images, testing on {len(sets[1])}{split}, lr {run.lr:g}, {runtime}"
-            + (f" x {world_size()} processes" if world_size() > 1 else ""))
+            + (f" x {world_size()} processes, {processes_batch(args.batch_size)}" if world_size() > 1 else ""))
+
+
+def processes_batch(batch_size):
+    """How the global batch splits over the processes: evenly, so a batch that does not divide
+    by their number is made smaller (each process must take as many steps as the others)."""
+    each = batch_size // world_size()
+    return f"batch {each} each" + (f", {each * world_size()} in all (not {batch_size})"
+                                   if batch_size % world_size() else "")
 
 
 def summary(run, history, classes, epoch, runtime, args):
@@ -295,33 +344,75 @@ def print_table(results, dataset):
 
 
 def train_runs(args):
-    """Everything one process does: set up, train every planned run, write the outputs. The
-    output folder is checked first; a run that fails before writing anything leaves none."""
-    args, ckpt = resumed_args(args) if args.resume else (args, None)
+    """Everything one process does: set up, train every planned run, write the outputs. A run
+    whose folder holds a checkpoint continues it: after Ctrl-C (--resume), and when torchrun
+    restarts a job's processes."""
+    args = resumed_args(args) if args.resume else args
     args.arch = models.check_arch(args.arch or "resnet18")
     args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
     args.workers = data.default_workers() if args.workers is None else args.workers
+    for key in PATHS:
+        setattr(args, key, getattr(args, key) and os.path.abspath(getattr(args, key)))
     device = train.join_processes(train.try_device(args.device))
-    out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-    new = rank() == 0 and not os.path.exists(out)
+    args.out = os.path.abspath(args.out or default_out(args.mode))
     try:
-        if rank() == 0:
-            data.writable_folder(out)  # before any data is read
-        return train_all(args, out, device, ckpt)
+        with writing_to(args.out) if rank() == 0 else contextlib.nullcontext():
+            return train_all(args, args.out, device)
     finally:
-        if new:
-            remove_empty_folders(out)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train_all(args, out, device, ckpt):
-    """Load the data, train every planned run, and compare them."""
+def default_out(mode):
+    """runs/<mode>-<time>. Under torchrun the time is when torchrun started, the same for every
+    restart of the job's processes: they find their checkpoint there."""
+    started = job_start() if "TORCHELASTIC_RUN_ID" in os.environ else time.time()
+    return os.path.join("runs", f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}")
+
+
+def job_start():
+    """When this process's parent (torchrun, which restarts it) started, from Linux's /proc."""
+    try:
+        ticks = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+@contextlib.contextmanager
+def writing_to(folder):
+    """The output folder while a run writes to it: tried (a probe written) before any data is
+    read, locked against a second run, and removed again if nothing was written to it."""
+    new = not os.path.exists(folder)
+    lock = open(os.path.join(data.writable_folder(folder), ".lock"), "w")
+    try:
+        if fcntl:  # Linux and macOS
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                raise UserError(f"another run is writing to {folder}; wait for it to end, or choose another --out") from None
+        yield folder
+        os.remove(lock.name)
+    finally:
+        lock.close()
+        if new:
+            remove_empty_folders(folder)
+
+
+def train_all(args, out, device):
+    """Load the data, train every planned run (continuing those that have begun), compare them."""
     start = time.perf_counter()
     sets = local_first(load_sets, args)
     say(f"data ready in {time.perf_counter() - start:.1f} s")
-    runs, results = plan_runs(args, out, ckpt), []
+    runs, results = plan_runs(args, out), []
     for run in runs:
+        ckpt = run_checkpoint(run, args)
+        if ckpt and len(ckpt["history"]) >= args.epochs:
+            say(f"{run.name}: finished its {len(ckpt['history'])} epochs already; give more --epochs to train on")
+            results.append(finished(run, ckpt["history"]))
+            continue
         try:
             results.append(train_one(run, args, sets, device, ckpt))
         except KeyboardInterrupt:
@@ -334,9 +425,22 @@ def train_all(args, out, device, ckpt):
     return 0
 
 
+def finished(run, history):
+    """A finished run's result: its metrics.json, or, where the run ended before writing it, the
+    figures its checkpoint holds."""
+    metrics = os.path.join(run.out, "metrics.json")
+    if os.path.exists(metrics):
+        return json.load(open(metrics))
+    return dict(name=run.name, mode=run.mode, lr=run.lr, history=history,
+                **{k: history[-1][k] for k in ("loss", "train_acc", "test_acc")},
+                examples_per_sec=sum(m["examples_per_sec"] for m in history) / len(history))
+
+
 def remove_empty_folders(folder):
-    """Remove folder and the folders in it where nothing was written."""
+    """Remove folder and the folders in it where nothing was written (but a lock)."""
     for root, _, _ in reversed(list(os.walk(folder))):  # the deepest first
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(root, ".lock"))
         with contextlib.suppress(OSError):  # not empty
             os.rmdir(root)
 
@@ -415,8 +519,9 @@ def guarded(fn, args):
     data.Image.MAX_IMAGE_PIXELS = int(args.max_megapixels * 10**6)  # PIL's limit, in every process
     try:
         return fn(args)
-    except UserError as e:
-        print(one_line(e), file=sys.stderr)
+    except UserError as e:  # every process meets the same bad input: process 0 says it
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(one_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return interrupted()
@@ -424,6 +529,21 @@ def guarded(fn, args):
         print(f"error: out of GPU memory at --batch-size {args.batch_size}; "
               f"try --batch-size {max(1, args.batch_size // 2)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # another process died (killed, out of memory): torchrun restarts all
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1 or "gloo" not in str(e) and not isinstance(e, dist.DistError):
+            raise
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("error: another process of this run stopped; with torchrun --max-restarts the "
+                  "run continues from its last epoch", file=sys.stderr)
+        return 1
+
+
+def run_device(args):
+    """The --device a run asks for; a resumed run's own, unless given anew."""
+    if args.device or not args.resume:
+        return args.device
+    with contextlib.suppress(UserError):  # guarded(train_runs) will say what is wrong
+        return train.load_checkpoint(checkpoint_in(args.resume))["args"]["device"]
 
 
 def spawned(local_rank, args, world, port):
@@ -447,9 +567,10 @@ def on_all_gpus(args, gpus):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.mode in ("predict", "show-samples"):
-        return guarded(predict if args.mode == "predict" else show_samples, args)
-    gpus = torch.cuda.device_count() if args.device in (None, "cuda") else 0
+    if args.mode in ("predict", "show-samples"):  # under torchrun, once: by process 0
+        rest = int(os.environ.get("RANK", 0)) > 0
+        return 0 if rest else guarded(predict if args.mode == "predict" else show_samples, args)
+    gpus = torch.cuda.device_count() if run_device(args) in (None, "cuda") else 0
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         return on_all_gpus(args, gpus)
     return guarded(train_runs, args)

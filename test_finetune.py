@@ -1,4 +1,5 @@
 """Tests for the hot-dog fine-tuning recipe, on tiny generated data, offline, on the CPU."""
+import contextlib
 import errno
 import hashlib
 import http.server
@@ -6,9 +7,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 import zipfile
 
@@ -441,8 +444,11 @@ def test_a_finished_run_is_never_overwritten(folder, tmp_path, capsys):
     argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
     assert run_cli(capsys, *argv)[0] == 0
     before = (tmp_path / "model.pt").read_bytes()
-    status, _, err = run_cli(capsys, *argv)
-    assert status == 2 and "already holds a run" in err
+    status, out, err = run_cli(capsys, *argv)  # the same command again: nothing left to do
+    assert status == 0 and "scratch: finished its 1 epochs already" in out, err
+    status, _, err = run_cli(capsys, *argv, "--lr", "1e-3", "--val-split", 0.5)  # another run's options
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "was made with other options (--lr: the default there, 0.001 now; --val-split: 0.2 there, 0.5 now)" in err
     assert (tmp_path / "model.pt").read_bytes() == before
 
 
@@ -550,7 +556,7 @@ def test_resume_refuses_another_class_set(folder, tmp_path, capsys):
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     ckpt["args"]["data_dir"] = write_folder(tmp_path / "three", 1, 1, classes={"a": (0, 0, 0), "b": (1, 1, 1), "c": (2, 2, 2)})
     torch.save(ckpt, tmp_path / "other.pt")
-    status, _, err = run_cli(capsys, "--resume", tmp_path / "other.pt")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "other.pt", "--epochs", 2)
     assert status == 2 and "trained on classes" in err
 
 
@@ -1266,3 +1272,113 @@ def test_each_arch_gets_the_augmentations_its_weights_were_trained_with(folder):
     assert crop.size == (224, 224) and resize.size == [232, 232]
     assert crop.interpolation == resize.interpolation == v2.InterpolationMode.BICUBIC
     assert test_set[0][0].shape == (3, 224, 224)
+
+
+# ---------------------------------------------------------------- torchrun's restarts, many processes
+def torchrun(*argv, processes=2, cwd=None, restarts=0):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--max-restarts={restarts}",
+            "--master_port", str(free_port()), os.path.join(HERE, "finetune.py"), *map(str, argv)]
+
+
+def children(pid):
+    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+@pytest.mark.parametrize("out", [True, False])
+def test_torchrun_restarts_a_killed_worker_and_the_run_finishes(out, folder, tmp_path):
+    """One worker killed after epoch 1: torchrun restarts both, and they continue from the
+    checkpoint, in the default folder too (the same for every restart of one job)."""
+    argv = ["--scratch", "--data-dir", folder, "--epochs", 3, "--batch-size", 8, "--workers", 0, "--device", "cpu"]
+    job = subprocess.Popen(torchrun(*argv, *(["--out", "run"] if out else []), restarts=1), cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint, killed = None, False
+    while job.poll() is None and not killed:
+        found = [os.path.join(root, "model.pt") for root, _, names in os.walk(tmp_path) if "model.pt" in names]
+        with contextlib.suppress(Exception):  # not yet written, or being replaced
+            killed = len(torch.load(found[0], weights_only=True)["history"]) >= 1
+        if killed:
+            checkpoint = found[0]
+            os.kill(children(job.pid)[-1], signal.SIGKILL)
+        time.sleep(0.02)
+    out_text, err = job.communicate(timeout=120)
+    assert killed and job.returncode == 0, err
+    history = json.load(open(os.path.join(os.path.dirname(checkpoint), "metrics.json")))["history"]
+    assert [m["epoch"] for m in history] == [1, 2, 3] and out_text.count("epoch 1:") == 1
+
+
+def test_few_test_images_many_processes_and_a_batch_that_does_not_divide(tmp_path):
+    root = write_folder(tmp_path / "d", train=3, test=1)  # 2 test images for 3 processes
+    result = subprocess.run(torchrun("--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 8,
+                                     "--workers", 0, "--device", "cpu", "--out", tmp_path / "run", processes=3),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "x 3 processes, batch 2 each, 6 in all (not 8)" in result.stdout
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert torch.tensor(metrics["confusion"]).sum() == 2 and metrics["world_size"] == 3
+
+
+def test_an_error_under_torchrun_is_said_once(tmp_path):
+    result = subprocess.run(torchrun("--scratch", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "run"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if "error: " in line] \
+        == [f"error: {tmp_path / 'nowhere' / 'train'} is not a folder; the data folder needs train/ and test/ "
+            "(or val/), each with one subfolder of images per class, or only the class folders, to be split"]
+    assert "[rank" not in result.stderr  # no process's traceback
+
+
+def test_predict_under_torchrun_writes_once(folder, tmp_path, capsys):
+    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0,
+                   "--out", tmp_path / "run")[0] == 0
+    result = subprocess.run(torchrun("--predict", os.path.join(folder, "test"), "--model", tmp_path / "run" / "model.pt",
+                                     "--out", tmp_path / "pred", "--workers", 0),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 4 and result.stderr.count("wrote ") == 1
+
+
+def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, torch_home):
+    argv = ["--data-dir", folder, "--batch-size", 8, "--workers", 0]
+    assert run_cli(capsys, "--compare", *argv, "--epochs", 1, "--out", tmp_path / "both")[0] == 0
+    shutil.rmtree(tmp_path / "both" / "scratch")  # as if stopped before scratch's first epoch
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "both")
+    assert status == 0, err
+    assert "pretrained: finished its 1 epochs already" in out and "scratch: resnet18" in out
+    assert "pretrained " in out.split("\nrun ")[1] and "scratch " in out.split("\nrun ")[1]  # the table
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "both" / "scratch" / "model.pt", "--epochs", 2)
+    assert status == 0 and out.count("epoch 2:") == 2, err  # both runs, to the new total
+    assert [m["epoch"] for m in json.load(open(tmp_path / "both" / "pretrained" / "metrics.json"))["history"]] == [1, 2]
+
+
+def test_resume_refuses_other_options_and_stores_absolute_paths(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(folder, tmp_path / "d")
+    assert run_cli(capsys, "--scratch", "--data-dir", "d", "--epochs", 1, "--batch-size", 8, "--workers", 0,
+                   "--out", "run")[0] == 0
+    ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert ckpt["args"]["data_dir"] == str(tmp_path / "d") and ckpt["args"]["out"] == str(tmp_path / "run")
+    status, _, err = run_cli(capsys, "--resume", "run", "--epochs", 2, "--batch-size", 4, "--precision", "fp32")
+    assert status == 2 and err.strip() == ("error: run/model.pt was made with other options "
+                                           "(--batch-size: 8 there, 4 now; --precision: amp there, fp32 now); "
+                                           "continue it with the same, or choose another --out")
+    monkeypatch.chdir(folder)  # from another folder, with options that may change
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2, "--workers", 1)
+    assert status == 0 and "epoch 2:" in out, err
+
+
+def test_a_second_run_on_the_same_folder_is_refused(folder, tmp_path, capsys):
+    import fcntl
+    os.makedirs(tmp_path / "run")
+    with open(tmp_path / "run" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a run writing there now
+        status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--out", tmp_path / "run")
+    assert status == 2 and f"another run is writing to {tmp_path / 'run'}" in err
+
+
+def test_a_cpu_run_resumes_on_the_cpu_on_a_machine_with_gpus(folder, tmp_path, capsys, monkeypatch):
+    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0,
+                   "--device", "cpu", "--out", tmp_path)[0] == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(finetune, "on_all_gpus", lambda *a: pytest.fail("a process per GPU for a --device cpu run"))
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "model.pt", "--epochs", 2)
+    assert status == 0 and "epoch 2:" in out, err

@@ -126,6 +126,8 @@ def evaluate(net, test_iter, runtime):
         with runtime.autocast():
             probs.append(torch.softmax(net(runtime.input(X)).float(), 1).cpu())
         labels.append(y)
+    if not labels:  # more processes than test images: this one has none
+        probs, labels = [torch.empty(0, 0)], [torch.empty(0, dtype=torch.long)]
     return gather_in_order(torch.cat(probs), torch.cat(labels))
 
 
@@ -301,8 +303,19 @@ def join_processes(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return device
+
+
+def attempt_store():
+    """The processes' meeting point, its keys apart for each restart: torchrun's store outlives
+    the processes it restarts, and a restarted process reading the last attempt's addresses
+    would connect to a process that is gone (pytorch/pytorch#135712)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0  # else torchrun hosts it
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=host)
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
 def parallel(net, devices):
@@ -320,6 +333,15 @@ def allreduce_sum(process_group, bucket):
     is the book's, of the loss summed over the global batch, and its learning rates hold."""
     work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
     return work.get_future().then(lambda future: future.value()[0])
+
+
+def from_process_0(obj):
+    """obj as process 0 has it, on every process (a checkpoint that only process 0 can read)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 def reshuffle(train_iter, epoch):
@@ -348,9 +370,10 @@ def gather_in_order(probs, labels):
     parts = [None] * world_size()
     dist.all_gather_object(parts, (probs, labels))
     n = sum(len(part_labels) for _, part_labels in parts)
-    probs, labels = torch.empty(n, probs.shape[1]), torch.empty(n, dtype=labels.dtype)
+    classes = max(part_probs.shape[1] for part_probs, _ in parts)  # an empty part has 0
+    probs, labels = torch.empty(n, classes), torch.empty(n, dtype=labels.dtype)
     for r, (part_probs, part_labels) in enumerate(parts):
-        probs[r::world_size()], labels[r::world_size()] = part_probs, part_labels
+        probs[r::world_size()], labels[r::world_size()] = part_probs.reshape(-1, classes), part_labels
     return probs, labels
 
 
