@@ -506,8 +506,10 @@ def load_data(batch_size=128, data_dir=None, root="data"):
 
 
 def default_workers():
-    """One loader process per core this process may use, at most 16."""
-    return min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    """One loader process per core this process may use, shared among the processes on this
+    machine (torchrun's LOCAL_WORLD_SIZE), at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def world_size():

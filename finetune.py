@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import random
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -264,6 +263,7 @@ def train_one(run, args, sets, device, ckpt=None):
     if rank() == 0 and getattr(sets[1], "held_out", None) is not None:  # which images a split held out
         data.write_whole(os.path.join(run.out, "held_out.txt"), "".join(p + "\n" for p in sets[1].held_out).encode())
     net = build_net(run, classes, args, ckpt)
+    torch.manual_seed(args.seed + rank())  # then each process draws its own augmentations
     train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, args.seed)
     runtime = train.make_runtime(device, args.precision)
     say(header(run, args, sets, runtime))
@@ -275,8 +275,7 @@ def train_one(run, args, sets, device, ckpt=None):
                                           runtime, ckpt):
         history.append(epoch.metrics)
         say(train.epoch_line(epoch.metrics))
-        if rank() == 0:
-            train.save_checkpoint(checkpoint, epoch, history, meta)
+        train.save_checkpoint(checkpoint, epoch, history, meta)
     result = summary(run, history, classes, epoch, runtime, args)
     if rank() == 0:
         report(result, epoch, sets[1], run.out)
@@ -546,33 +545,39 @@ def run_device(args):
         return train.load_checkpoint(checkpoint_in(args.resume))["args"]["device"]
 
 
-def spawned(local_rank, args, world, port):
-    """A process of a run on all GPUs of this machine, set up as torchrun would."""
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    sys.exit(guarded(train_runs, args))
-
-
-def on_all_gpus(args, gpus):
-    """One process per GPU, as the book's try_all_gpus meant."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def on_all_gpus(argv, gpus):
+    """One process per GPU, as the book's try_all_gpus meant, started by torchrun's own launcher
+    (`torchrun --standalone --nproc_per_node=GPUS finetune.py ...`): the environment torchrun
+    sets, loader workers forked as under torchrun, and a process that dies reported."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args as torchrun_args, run
     try:
-        torch.multiprocessing.spawn(spawned, (args, gpus, port), nprocs=gpus)
-    except torch.multiprocessing.ProcessExitedException as e:
-        return e.exit_code
+        run(torchrun_args(["--standalone", f"--nproc_per_node={gpus}", os.path.abspath(__file__), *argv]))
+    except ChildFailedError as e:
+        return died(e)
     return 0
 
 
+def died(error):
+    """torchrun's report of a failed process as one line, where the process did not say why."""
+    rank, failure = error.get_first_failure()
+    if failure.exitcode >= 0:  # it exited with a status, after saying why
+        return failure.exitcode
+    print(f"error: process {rank} was killed by {failure.signal_name()}"
+          + (" (as the out-of-memory killer does: try a smaller --batch-size or fewer --workers)"
+             if failure.signal_name() == "SIGKILL" else ""), file=sys.stderr)
+    return 1
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
     if args.mode in ("predict", "show-samples"):  # under torchrun, once: by process 0
         rest = int(os.environ.get("RANK", 0)) > 0
         return 0 if rest else guarded(predict if args.mode == "predict" else show_samples, args)
     gpus = torch.cuda.device_count() if run_device(args) in (None, "cuda") else 0
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        return on_all_gpus(args, gpus)
+        return on_all_gpus(argv, gpus)
     return guarded(train_runs, args)
 
 

@@ -689,10 +689,20 @@ def test_torchrun_command_line(folder, tmp_path):
 
 def test_all_gpus_launcher_on_cpu_processes(folder, tmp_path):
     """The processes `python finetune.py` starts on a machine with several GPUs, here on the CPU."""
-    args = finetune.parse_args(["--scratch", "--data-dir", folder, "--epochs", "1", "--batch-size", "8",
-                                "--workers", "0", "--device", "cpu", "--out", str(tmp_path)])
-    torch.multiprocessing.spawn(finetune.spawned, (args, 2, free_port()), nprocs=2)
-    assert json.load(open(tmp_path / "metrics.json"))["world_size"] == 2
+    argv = ["--scratch", "--data-dir", folder, "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+            "--out", str(tmp_path)]
+    assert finetune.on_all_gpus(argv, 2) == 0
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    cores = len(os.sched_getaffinity(0))
+    assert metrics["world_size"] == 2 and metrics["args"]["workers"] == max(1, min(16, cores) // 2)  # shared
+
+
+def test_a_process_killed_is_reported_in_one_line(capsys):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    failure = ProcessFailure(local_rank=1, pid=123, exitcode=-9, error_file="")
+    assert finetune.died(ChildFailedError("finetune.py", {1: failure})) == 1
+    assert capsys.readouterr().err == ("error: process 1 was killed by SIGKILL (as the out-of-memory killer does: "
+                                       "try a smaller --batch-size or fewer --workers)\n")
 
 
 # ---------------------------------------------------------------- data as it really arrives
@@ -1382,3 +1392,81 @@ def test_a_cpu_run_resumes_on_the_cpu_on_a_machine_with_gpus(folder, tmp_path, c
     monkeypatch.setattr(finetune, "on_all_gpus", lambda *a: pytest.fail("a process per GPU for a --device cpu run"))
     status, out, err = run_cli(capsys, "--resume", tmp_path / "model.pt", "--epochs", 2)
     assert status == 0 and "epoch 2:" in out, err
+
+
+# ---------------------------------------------------------------- the GPU paths, checked on the CPU
+def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(monkeypatch):
+    """Older checkpoints held every GPU's random-number state, and taking 8 back on a machine
+    with fewer raised IndexError. CUDA is simulated: is_available says yes, and restoring
+    GPU states fails as it does with fewer GPUs."""
+    net = models.scratch_net(2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    old = {"optimizer": optimizer.state_dict(), "scaler": {}, "history": [{"epoch": 1}],
+           "rng": {"torch": torch.get_rng_state(), "python": __import__("random").getstate(),
+                   "cuda": [torch.cuda.default_generators[0].get_state() if torch.cuda.is_available()
+                            else torch.get_rng_state()] * 8}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: (_ for _ in ()).throw(IndexError("tuple index out of range")))
+    assert train.restore(old, optimizer, torch.amp.GradScaler("cpu", enabled=False)) == 1
+    assert [set(state) for state in train.rng_states()] == [{"torch", "python"}]  # no GPU's state saved
+
+
+def test_each_process_draws_its_own_augmentations(folder, tmp_path):
+    """Two processes, one loader worker each: their random-number states, from which the loader
+    seeds its workers, differ (the same seed once gave every process the same crops)."""
+    result = subprocess.run(torchrun("--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                                     "--workers", 1, "--device", "cpu", "--out", tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    states = torch.load(tmp_path / "model.pt", weights_only=False)["rng"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+
+def test_no_tensor_from_a_list_per_batch(monkeypatch):
+    """A mean and std given as lists are copied to the device on every call, and on CUDA each
+    copy waits for the GPU (pytorch/pytorch#120996): the runtime builds them there once."""
+    runtime = make_runtime(torch.device("cpu"), "fp32")
+    real = torch.as_tensor
+    monkeypatch.setattr(torch, "as_tensor", lambda data, *a, **k: pytest.fail("a tensor from a list")
+                        if isinstance(data, (list, tuple)) else real(data, *a, **k))
+    X = runtime.input(torch.full((2, 3, 8, 8), 255, dtype=torch.uint8))
+    assert torch.allclose(X[0, :, 0, 0], (1 - torch.tensor(data.MEAN)) / torch.tensor(data.STD))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_host_sync_per_batch_on_cuda():
+    runtime = make_runtime(torch.device("cuda"))
+    net = runtime.place(models.scratch_net(2))
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+    batch = [(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8).pin_memory(), torch.tensor([0, 1, 0, 1]))]
+    train_epoch(net, batch * 2, torch.nn.CrossEntropyLoss(reduction="none"), optimizer, runtime)  # warm up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        net.train()
+        for X, y in batch:
+            X, y = runtime.input(X), y.to(runtime.device, non_blocking=True)
+            with runtime.autocast():
+                losses = torch.nn.functional.cross_entropy(net(X), y, reduction="none")
+            optimizer.zero_grad()
+            runtime.scaler.scale(losses.sum()).backward()
+            runtime.scaler.step(optimizer)
+            runtime.scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_named_gpu_is_made_current_and_macs_run_one_process(monkeypatch):
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)  # a CUDA machine, simulated
+    assert train.join_processes(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="gloo cannot carry MPS tensors"):
+        train.join_processes(torch.device("mps"))
+
+
+def test_fp32_is_the_books_arithmetic_without_tf32():
+    make_runtime(torch.device("cpu"), "fp32")
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    make_runtime(torch.device("cpu"), "amp")
+    assert torch.backends.cudnn.allow_tf32  # PyTorch's default, for bf16 runs on GPUs

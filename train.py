@@ -21,7 +21,7 @@ from torch import nn
 
 import data
 import plots
-from data import UserError, normalize, rank, world_size, write_whole
+from data import MEAN, STD, UserError, normalize, rank, world_size, write_whole
 
 
 # ================================================================ the book's recipe
@@ -100,7 +100,7 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
     metric = torch.zeros(3, device=runtime.device)  # loss sum, correct, examples; kept on the device
     batches = Progress(train_iter, metric)
     for X, y in batches:
-        X, y = runtime.input(X), y.to(runtime.device, non_blocking=True)
+        X, y = runtime.input(X), y.to(runtime.device, non_blocking=runtime.device.type == "cuda")
         with runtime.autocast():
             pred = net(X)
             losses = loss(pred, y)
@@ -166,6 +166,8 @@ class Runtime:
     dtype: torch.dtype | None  # autocast's, None for fp32
     memory_format: torch.memory_format
     scaler: torch.amp.GradScaler
+    mean: torch.Tensor  # ImageNet's, on the device once: from a list, each batch would copy it
+    std: torch.Tensor   # there and wait for the copy (a host sync per batch on CUDA)
 
     @property
     def device(self):
@@ -181,8 +183,8 @@ class Runtime:
         """A loader's batch as the net's input. This project's loaders yield uint8 images, which
         become the book's ToTensor + Normalize here, on the device (data.normalize); a batch of
         floats (the book's own loaders) has had them already and passes through untouched."""
-        X = X.to(self.device, non_blocking=True)
-        X = X if X.is_floating_point() else normalize(X)
+        X = X.to(self.device, non_blocking=self.device.type == "cuda")  # pinned memory only there
+        X = X if X.is_floating_point() else normalize(X, self.mean, self.std)
         return X.contiguous(memory_format=self.memory_format)
 
     def __str__(self):
@@ -200,6 +202,9 @@ def make_runtime(devices=None, precision="amp"):
     names = [devices] if isinstance(devices, (str, torch.device)) else devices
     devices = [try_device(str(name)) for name in names] if names else try_all_gpus()
     amp = precision == "amp" and devices[0].type in ("cuda", "cpu")
+    # fp32 is the book's arithmetic: no TF32 (10 bits of mantissa, not 23), which cuDNN uses for
+    # convolutions by default on Ampere and later GPUs (matrix products are fp32 by default)
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
     dtype = amp_dtype(devices[0]) if amp else None
     if len(devices) > 1 and dtype:  # nn.DataParallel's threads autocast to fp16, whatever was asked
         dtype = torch.float16
@@ -208,7 +213,8 @@ def make_runtime(devices=None, precision="amp"):
     # batch of 128, so its gradients are 128x larger and fp16 would overflow for the first steps
     # (the scaler skips those, and then adapts to any batch size).
     scaler = torch.amp.GradScaler(devices[0].type, init_scale=2.0**16 / 128, enabled=dtype == torch.float16)
-    return Runtime(list(devices), dtype, torch.channels_last if amp else torch.contiguous_format, scaler)
+    mean, std = (torch.tensor(stats, device=devices[0]).view(-1, 1, 1) for stats in (MEAN, STD))
+    return Runtime(list(devices), dtype, torch.channels_last if amp else torch.contiguous_format, scaler, mean, std)
 
 
 def amp_dtype(device):
@@ -297,14 +303,19 @@ def live_text():
 # ================================================================ several processes
 def join_processes(device):
     """Under torchrun (or the command line's all-GPUs launcher), join the process group, one
-    GPU each; the device this process trains on."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return device
-    if device.type == "cuda":
+    GPU each; the device this process trains on, made the current one before anything else
+    touches CUDA (the bf16 check and memory figures read the current GPU)."""
+    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if several and device.type == "mps":
+        raise UserError("several processes on a Mac: gloo cannot carry MPS tensors; run one process "
+                        "(python finetune.py), or give device=cpu to each")
+    if several and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    if several:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return device
 
 
@@ -379,31 +390,40 @@ def gather_in_order(probs, labels):
 
 # ================================================================ resuming
 def rng_states():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """Every process's random-number state (each draws its own augmentations). Not the GPUs':
+    nothing in training draws from them, and a machine with fewer GPUs could not take them back."""
+    states = [{"torch": torch.get_rng_state(), "python": random.getstate()}]
+    if world_size() > 1:
+        states = [None] * world_size()
+        dist.all_gather_object(states, {"torch": torch.get_rng_state(), "python": random.getstate()})
+    return states
 
 
 def restore(resume, optimizer, scaler):
     """Continue a loaded checkpoint (the caller has loaded the weights): returns the number of
-    epochs it had finished, 0 for a fresh run."""
+    epochs it had finished, 0 for a fresh run. The random-number states come back where the
+    processes are as many as they were (otherwise each keeps its fresh seed)."""
     if not resume:
         return 0
     optimizer.load_state_dict(resume["optimizer"])
     if resume["scaler"] and scaler.is_enabled():  # empty when written without fp16
         scaler.load_state_dict(resume["scaler"])
-    torch.set_rng_state(resume["rng"]["torch"])
-    random.setstate(resume["rng"]["python"])
-    if resume["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+    states = resume["rng"] if isinstance(resume["rng"], list) else [resume["rng"]]  # older: one dict
+    if len(states) == world_size():
+        torch.set_rng_state(states[rank()]["torch"])
+        random.setstate(states[rank()]["python"])
     return len(resume["history"])
 
 
 def save_checkpoint(path, epoch, history, meta):
-    """Through a temporary name: a crash or a full disk never leaves half a checkpoint. It is made
-    in memory first, so that any failure to write is the file's OSError, not torch.save's."""
-    buffer = io.BytesIO()
-    torch.save({**epoch.state, "history": history, "rng": rng_states(), **meta}, buffer)
-    write_whole(path, buffer.getvalue())
+    """On every process (each adds its random-number state), and written by process 0, through
+    a temporary name: a crash or a full disk never leaves half a checkpoint. It is made in
+    memory first, so that any failure to write is the file's OSError, not torch.save's."""
+    rng = rng_states()
+    if rank() == 0:
+        buffer = io.BytesIO()
+        torch.save({**epoch.state, "history": history, "rng": rng, **meta}, buffer)
+        write_whole(path, buffer.getvalue())
 
 
 def load_checkpoint(path):
