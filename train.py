@@ -126,9 +126,7 @@ def evaluate(net, test_iter, runtime):
         with runtime.autocast():
             probs.append(torch.softmax(net(runtime.input(X)).float(), 1).cpu())
         labels.append(y)
-    if not labels:  # more processes than test images: this one has none
-        probs, labels = [torch.empty(0, 0)], [torch.empty(0, dtype=torch.long)]
-    return gather_in_order(torch.cat(probs), torch.cat(labels))
+    return gather_in_order(probs, labels)
 
 
 def accuracy(probs, labels):
@@ -375,7 +373,11 @@ def same_buffers(net):
 
 
 def gather_in_order(probs, labels):
-    """Process r evaluated examples r, r + world, r + 2 world, ...: put them back in order."""
+    """The batches' probabilities and labels, each joined into one tensor. Process r evaluated
+    examples r, r + world, r + 2 world, ...: put them back in order."""
+    if not labels:  # more processes than test images: this one has none
+        probs, labels = [torch.empty(0, 0)], [torch.empty(0, dtype=torch.long)]
+    probs, labels = torch.cat(probs), torch.cat(labels)
     if world_size() == 1:
         return probs, labels
     parts = [None] * world_size()
