@@ -191,8 +191,10 @@ def upright_rgb(img):
 
 
 def eight_bits(pixels):
-    """16-bit (0 to 65535) or floating-point (0 to 1) values as 0 to 255."""
-    scale = 255 if pixels.dtype.kind == "f" and pixels.max() <= 1 else 255 / 65535
+    """16-bit values (0 to 65535) as 0 to 255; floating-point ones too, or from 0 to 1, or, where
+    none passes 255, as they are."""
+    top = pixels.max()
+    scale = 255 if pixels.dtype.kind == "f" and top <= 1 else 1 if pixels.dtype.kind == "f" and top <= 255 else 255 / 65535
     return np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -280,6 +282,8 @@ def readable(samples):
             kept.append((path, target))
         except UserError as e:
             failed.append(str(e))
+    if failed and not kept:
+        raise UserError(f"none of the {len(failed)} images can be read; the first: {failed[0]}")
     if failed and rank() == 0:
         print(f"note: left out {len(failed)} file(s) that cannot be read as images; the first: {failed[0]}",
               file=sys.stderr)
@@ -358,7 +362,7 @@ def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0,
     available memory; 0: never)."""
     subfolders = [e.name for e in os.scandir(data_dir) if e.is_dir() and not ignored(e.name)] \
         if os.path.isdir(data_dir) else []
-    classes = [name for name in subfolders if name not in SPLITS]
+    classes = [name for name in subfolders if name.lower() not in SPLITS]
     if classes and len(classes) < len(subfolders):
         raise UserError(f"{data_dir} holds both {sorted(set(subfolders) - set(classes))} and class folders "
                         f"{sorted(classes)[:3]}; keep one layout: train/<class>/ and test/<class>/, "
@@ -383,9 +387,10 @@ def book_folders(data_dir):
 def split_folder(data_dir, names):
     """The first of names that is a folder in data_dir: the evaluation split is test/, or where
     a data set has none, its val/ (valid/, validation/)."""
-    for name in names:
-        if os.path.isdir(os.path.join(data_dir, name)):
-            return os.path.join(data_dir, name)
+    found = {e.name.lower(): e.path for e in os.scandir(data_dir) if e.is_dir()} if os.path.isdir(data_dir) else {}
+    for name in names:  # Train/ as well as train/
+        if name in found:
+            return found[name]
     raise UserError(f"{os.path.join(data_dir, names[0])} is not a folder; the data folder needs "
                     "train/ and test/ (or val/), each with one subfolder of images per class, "
                     "or only the class folders, to be split")

@@ -57,6 +57,21 @@ def fraction(text):
 
 
 def parse_args(argv=None):
+    """The command line's arguments; args.typed names the options given on it, whatever their value."""
+    p = parser()
+    args = p.parse_args(argv)
+    args.mode = "predict" if args.predict else "resume" if args.resume else args.mode
+    if not args.mode:
+        p.error("say what to do: --pretrained, --scratch, --compare, --predict, --show-samples or --resume")
+    if args.predict and not args.model:
+        p.error("--predict needs --model PATH (a model.pt written by training)")
+    untouched = object()  # argparse sets only what was typed on a namespace that has every option
+    typed = vars(p.parse_args(argv, argparse.Namespace(**{key: untouched for key in vars(args)})))
+    args.typed = sorted(key for key, value in typed.items() if value is not untouched)
+    return args
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     for flag, text in (("pretrained", "fine-tune the ImageNet resnet18"),
@@ -97,13 +112,7 @@ def parse_args(argv=None):
                    help="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native "
                         "bf16 (fp16 on older GPUs); fp32: the book's arithmetic")
     p.add_argument("--out", help="output folder (default: runs/<mode>-<time>)")
-    args = p.parse_args(argv)
-    args.mode = "predict" if args.predict else "resume" if args.resume else args.mode
-    if not args.mode:
-        p.error("say what to do: --pretrained, --scratch, --compare, --predict, --show-samples or --resume")
-    if args.predict and not args.model:
-        p.error("--predict needs --model PATH (a model.pt written by training)")
-    return args
+    return p
 
 
 # ---------------------------------------------------------------- what to train
@@ -132,20 +141,22 @@ def same_arch(args, ckpt, path):
 
 
 # What may differ when a run continues; every other option must be the one the run began with.
-MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "out", "resume"}
+MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "out", "resume", "typed"}
 PATHS = {"data_dir", "data_root", "weights"}  # compared, and stored, as absolute paths
 
 
 def resumed_args(args):
     """The arguments of the run --resume names (its model.pt, or its folder): those it began
     with, and the ones that may change given anew. It continues as a rerun on that folder would."""
-    path = checkpoint_in(args.resume)
+    path = os.path.abspath(checkpoint_in(args.resume))
     ckpt = train.load_checkpoint(path)
     same_arch(args, ckpt, path)
     defaults = vars(parse_args(["--scratch"]))  # for options newer than the checkpoint
-    given = {k: v for k, v in vars(args).items() if v != defaults[k] and k not in ("mode", "resume", "arch")}
-    refuse_changes({**defaults, **ckpt["args"]}, given, path)
-    args = argparse.Namespace(**{**defaults, **ckpt["args"], **given, "resume": path})
+    given = {k: getattr(args, k) for k in args.typed if k not in ("resume", "arch", "out")}
+    typed_then = ckpt["args"].get("typed", ["workers"])
+    before = {k: v for k, v in ckpt["args"].items() if k != "workers" or k in typed_then}  # else this machine's
+    refuse_changes({**defaults, **before}, given, path)
+    args = argparse.Namespace(**{**defaults, **before, **given, "resume": path, "typed": args.typed})
     out = os.path.dirname(os.path.abspath(path))
     args.out = os.path.dirname(out) if len(plan_runs(args, out)) > 1 else out  # --compare: its folder
     return args
@@ -167,9 +178,12 @@ def refuse_changes(before, now, path):
         return os.path.abspath(value) if key in PATHS and value else value
     def shown(value):
         return "the default" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
+
+    def flag(key):
+        return "--pretrained, --scratch or --compare" if key == "mode" else "--" + key.replace("_", "-")
     changed = sorted(k for k in before if k in now and k not in MAY_CHANGE and same(k, before[k]) != same(k, now[k]))
     if changed:
-        options = "; ".join(f"--{k.replace('_', '-')}: {shown(before[k])} there, {shown(now[k])} now" for k in changed)
+        options = "; ".join(f"{flag(k)}: {shown(before[k])} there, {shown(now[k])} now" for k in changed)
         raise UserError(f"{path} was made with other options ({options}); continue it with the same, "
                         "or choose another --out")
 
@@ -216,8 +230,8 @@ def datasets(args):
         return data.cifar10(args.data_root)
     folder = args.data_dir or data.get_hotdog(args.data_root)
     budget = None if args.cache_gb is None else int(args.cache_gb * 2**30)
-    held_out = os.path.join(args.out or ".", "held_out.txt")  # a resumed run's split, as it was
-    held_out = open(held_out).read().splitlines() if args.resume and os.path.exists(held_out) else None
+    held_out = os.path.join(args.out or "", "held_out.txt")  # a continued run's split, as it was
+    held_out = open(held_out, encoding="utf-8").read().splitlines() if args.out and os.path.exists(held_out) else None
     return data.image_folders(folder, budget, args.workers or 1, args.val_split, args.seed, held_out)
 
 
@@ -260,8 +274,6 @@ def train_one(run, args, sets, device, ckpt=None):
     random.seed(args.seed)
     classes = class_names(sets[0])
     checkpoint = check_out(run, classes, ckpt)
-    if rank() == 0 and getattr(sets[1], "held_out", None) is not None:  # which images a split held out
-        data.write_whole(os.path.join(run.out, "held_out.txt"), "".join(p + "\n" for p in sets[1].held_out).encode())
     net = build_net(run, classes, args, ckpt)
     torch.manual_seed(args.seed + rank())  # then each process draws its own augmentations
     train_iter, test_iter = data.make_loaders(*sets, args.batch_size, args.workers, args.seed)
@@ -405,6 +417,8 @@ def train_all(args, out, device):
     start = time.perf_counter()
     sets = local_first(load_sets, args)
     say(f"data ready in {time.perf_counter() - start:.1f} s")
+    if rank() == 0 and getattr(sets[1], "held_out", None) is not None:  # which images a split held out
+        data.write_whole(os.path.join(out, "held_out.txt"), "".join(p + "\n" for p in sets[1].held_out).encode())
     runs, results = plan_runs(args, out), []
     for run in runs:
         ckpt = run_checkpoint(run, args)
@@ -445,7 +459,9 @@ def remove_empty_folders(folder):
 
 
 def interrupted(checkpoint=None):
-    """Ctrl-C: say how to continue, if an epoch had finished."""
+    """Ctrl-C: say how to continue, if an epoch had finished (process 0 says it)."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        return 130
     print("\ninterrupted; " + (f"{checkpoint} holds the last whole epoch: continue with "
                                f"python finetune.py --resume {checkpoint}"
                                if checkpoint and os.path.exists(checkpoint) else
@@ -457,9 +473,9 @@ def interrupted(checkpoint=None):
 def predict(args):
     """Classify images and folders of them with a trained model.pt, in batches, through the test
     transforms saved beside it; print a line per image and write predictions.csv."""
-    csv_path = os.path.join(data.writable_folder(args.out or "."), "predictions.csv")
     ckpt = train.load_checkpoint(args.model)
     same_arch(args, ckpt, args.model)
+    csv_path = os.path.join(data.writable_folder(args.out or "."), "predictions.csv")
     classes, settings = ckpt["classes"], ckpt["transform"]
     paths = data.image_paths(args.predict)
     if not paths:
@@ -549,12 +565,15 @@ def on_all_gpus(argv, gpus):
     """One process per GPU, as the book's try_all_gpus meant, started by torchrun's own launcher
     (`torchrun --standalone --nproc_per_node=GPUS finetune.py ...`): the environment torchrun
     sets, loader workers forked as under torchrun, and a process that dies reported."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args as torchrun_args, run
     try:
         run(torchrun_args(["--standalone", f"--nproc_per_node={gpus}", os.path.abspath(__file__), *argv]))
     except ChildFailedError as e:
         return died(e)
+    except SignalException:  # Ctrl-C: the processes have said how to continue
+        return 130
     return 0
 
 

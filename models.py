@@ -89,8 +89,9 @@ def with_fc(net):
     (`net.fc`, `params_1x` by name, --freeze) holds for every architecture. Other torchvision
     classifiers end in a Linear layer elsewhere (mobilenet, efficientnet, convnext, vgg:
     classifier[-1]; densenet: classifier; vit: heads.head; swin: head): it is moved out to `fc`."""
-    if getattr(net, "aux_logits", False):  # googlenet, inception_v3: no side outputs in training
+    if getattr(net, "aux_logits", False):  # googlenet, inception_v3: no side outputs in training,
         net.aux_logits, net.AuxLogits, net.aux1, net.aux2 = False, None, None, None
+        net.transform_input = True  # and, in every mode, the input their ImageNet weights expect
     name = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)][-1:]
     if not name or net.get_submodule(name[0]).out_features != 1000:
         raise UserError(f"{type(net).__name__} does not end in a Linear layer with ImageNet's 1000 "

@@ -1368,9 +1368,11 @@ def test_resume_refuses_other_options_and_stores_absolute_paths(folder, tmp_path
     ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert ckpt["args"]["data_dir"] == str(tmp_path / "d") and ckpt["args"]["out"] == str(tmp_path / "run")
     status, _, err = run_cli(capsys, "--resume", "run", "--epochs", 2, "--batch-size", 4, "--precision", "fp32")
-    assert status == 2 and err.strip() == ("error: run/model.pt was made with other options "
+    assert status == 2 and err.strip() == (f"error: {tmp_path / 'run' / 'model.pt'} was made with other options "
                                            "(--batch-size: 8 there, 4 now; --precision: amp there, fp32 now); "
                                            "continue it with the same, or choose another --out")
+    status, _, err = run_cli(capsys, "--resume", "run", "--batch-size", 128)  # typed, though the default
+    assert status == 2 and "--batch-size: 8 there, 128 now" in err
     monkeypatch.chdir(folder)  # from another folder, with options that may change
     status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2, "--workers", 1)
     assert status == 0 and "epoch 2:" in out, err
@@ -1457,8 +1459,14 @@ def test_no_host_sync_per_batch_on_cuda():
 
 def test_the_named_gpu_is_made_current_and_macs_run_one_process(monkeypatch):
     current = []
-    monkeypatch.setattr(torch.cuda, "set_device", current.append)  # a CUDA machine, simulated
+
+    def set_device(device):  # a CUDA machine, simulated; torch refuses a device without an index
+        if device.index is None:
+            raise ValueError("Expected a torch.device with a specified index or an integer")
+        current.append(device)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     assert train.join_processes(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert train.join_processes(torch.device("cuda")) == torch.device("cuda")  # --device cuda: the current one
     assert current == [torch.device("cuda", 1)]
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="gloo cannot carry MPS tensors"):

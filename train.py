@@ -100,7 +100,7 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
     metric = torch.zeros(3, device=runtime.device)  # loss sum, correct, examples; kept on the device
     batches = Progress(train_iter, metric)
     for X, y in batches:
-        X, y = runtime.input(X), y.to(runtime.device, non_blocking=runtime.device.type == "cuda")
+        X, y = runtime.input(X), runtime.target(y)
         with runtime.autocast():
             pred = net(X)
             losses = loss(pred, y)
@@ -184,6 +184,9 @@ class Runtime:
         X = X.to(self.device, non_blocking=self.device.type == "cuda")  # pinned memory only there
         X = X if X.is_floating_point() else normalize(X, self.mean, self.std)
         return X.contiguous(memory_format=self.memory_format)
+
+    def target(self, y):
+        return y.to(self.device, non_blocking=self.device.type == "cuda")
 
     def __str__(self):
         return (f"{self.device}" + (f" and {len(self.devices) - 1} more" if len(self.devices) > 1 else "")
@@ -309,7 +312,10 @@ def join_processes(device):
                         "(python finetune.py), or give device=cpu to each")
     if several and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"process {device.index} of this machine has no GPU of its own: it has "
+                            f"{torch.cuda.device_count()}; start as many processes, or fewer")
+    if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current one
         torch.cuda.set_device(device)
     if several:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(),
