@@ -15,6 +15,7 @@ import itertools  # noqa: E402
 import resource  # noqa: E402
 
 import torch  # noqa: E402
+import torchvision  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
@@ -58,6 +59,9 @@ def main():
     args = p.parse_args()
     if not (args.dummy or args.data_dir):
         p.error("give --data-dir DIR or --dummy")
+    if args.arch not in torchvision.models.list_models(module=torchvision.models):
+        p.error(f"--arch {args.arch} is not one of torchvision's ImageNet classifiers; "
+                "torchvision.models.list_models(module=torchvision.models) lists them")
     device = try_device(args.device)
     start = time.perf_counter()
     budget = 0 if args.no_cache else None
@@ -70,7 +74,7 @@ def main():
 
     # the recipe's net, optimizer and precision; speed does not depend on the weights
     runtime = make_runtime(device, args.precision)
-    net = runtime.place(models.scratch_net(2, args.arch))
+    net = runtime.place(models.scratch_net(len(getattr(sets[0], "classes", [])) or 2, args.arch))
     optimizer = torch.optim.SGD(net.parameters(), lr=5e-5, weight_decay=1e-3)
 
     start = time.perf_counter()

@@ -124,6 +124,9 @@ def extract(zip_path, root):
     except (zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"{zip_path} is not a whole zip file ({e}); "
                         "delete it and download it again") from None
+    except OSError as e:  # a full disk, a folder that cannot be written
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise UserError(f"cannot extract {zip_path} into {root} ({e.strerror or e}); {what_to_do(e)}") from None
     for name in os.listdir(scratch):
         os.replace(os.path.join(scratch, name), os.path.join(root, name))
     os.rmdir(scratch)
@@ -133,8 +136,7 @@ def get_hotdog(root="data", url=HOTDOG_URL, sha1=HOTDOG_SHA1):
     """The hot-dog set (D2L §14.2.2.1) under root/hotdog, downloaded and extracted on first use."""
     folder = os.path.join(root, "hotdog")
     if not os.path.isdir(folder):
-        os.makedirs(root, exist_ok=True)
-        extract(download(url, os.path.join(root, "hotdog.zip"), sha1), root)
+        extract(download(url, os.path.join(writable_folder(root), "hotdog.zip"), sha1), root)
     return folder
 
 

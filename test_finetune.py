@@ -353,6 +353,17 @@ def test_interrupted_extraction_is_redone(tmp_path, server):
     assert not os.path.exists(tmp_path / ".extracting")
 
 
+def test_a_full_disk_while_extracting_is_one_line(tmp_path, server, monkeypatch):
+    url, files, _ = server
+    body = make_zip(tmp_path)
+    files["/hotdog.zip"] = (body, len(body))
+    monkeypatch.setattr(zipfile.ZipFile, "extractall",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(UserError, match=r"cannot extract .*hotdog\.zip .*\(No space left on device\); free some space"):
+        data.get_hotdog(str(tmp_path), url + "/hotdog.zip", hashlib.sha1(body).hexdigest())
+    assert not os.path.exists(tmp_path / ".extracting") and not os.path.exists(tmp_path / "hotdog")
+
+
 # ---------------------------------------------------------------- command line
 def test_cli_pretrained_and_scratch(folder, tmp_path, capsys):
     for mode in ("--pretrained", "--scratch"):
