@@ -74,7 +74,7 @@ def main():
 
     # the recipe's net, optimizer and precision; speed does not depend on the weights
     runtime = make_runtime(device, args.precision)
-    net = runtime.place(models.scratch_net(len(getattr(sets[0], "classes", [])) or 2, args.arch))
+    net = runtime.place(models.scratch_net(len(data.class_names(sets[0])), args.arch))
     optimizer = torch.optim.SGD(net.parameters(), lr=5e-5, weight_decay=1e-3)
 
     start = time.perf_counter()

@@ -193,11 +193,12 @@ def upright_rgb(img):
 
 
 def eight_bits(pixels):
-    """16-bit values (0 to 65535) as 0 to 255; floating-point ones too, or from 0 to 1, or, where
-    none passes 255, as they are."""
-    top = pixels.max()
-    scale = 255 if pixels.dtype.kind == "f" and top <= 1 else 1 if pixels.dtype.kind == "f" and top <= 255 else 255 / 65535
-    return np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8)
+    """Pixels as 0 to 255, from their full scale: 65535 for 16-bit integers; for floating-point
+    ones, 1 or 255 where none passes it, else 65535."""
+    full = 65535
+    if pixels.dtype.kind == "f" and pixels.max() <= 255:
+        full = 1 if pixels.max() <= 1 else 255
+    return np.clip(pixels * (255 / full) + 0.5, 0, 255).astype(np.uint8)
 
 
 def image_size(path):
@@ -512,6 +513,11 @@ def load_data(batch_size=128, data_dir=None, root="data"):
     return make_loaders(*image_folders(data_dir or get_hotdog(root), workers=workers), batch_size, workers)
 
 
+def class_names(dataset):
+    """A data set's class names; FakeData (--dummy) has only a number of classes."""
+    return getattr(dataset, "classes", None) or [str(i) for i in range(dataset.num_classes)]
+
+
 def default_workers():
     """One loader process per core this process may use, shared among the processes on this
     machine (torchrun's LOCAL_WORLD_SIZE), at most 16."""
@@ -524,7 +530,9 @@ def world_size():
 
 
 def rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    """This process's rank: the process group's, or before it is joined (and after it is left)
+    the one torchrun gave it; 0 on its own."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0):

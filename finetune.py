@@ -157,7 +157,7 @@ def resumed_args(args):
     before = {k: v for k, v in ckpt["args"].items() if k != "workers" or k in typed_then}  # else this machine's
     refuse_changes({**defaults, **before}, given, path)
     args = argparse.Namespace(**{**defaults, **before, **given, "resume": path, "typed": args.typed})
-    out = os.path.dirname(os.path.abspath(path))
+    out = os.path.dirname(path)
     args.out = os.path.dirname(out) if len(plan_runs(args, out)) > 1 else out  # --compare: its folder
     return args
 
@@ -176,11 +176,13 @@ def refuse_changes(before, now, path):
     """A run continues with the options it began with: name those that differ, in one line."""
     def same(key, value):
         return os.path.abspath(value) if key in PATHS and value else value
+
     def shown(value):
         return "the default" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
 
     def flag(key):
         return "--pretrained, --scratch or --compare" if key == "mode" else "--" + key.replace("_", "-")
+
     changed = sorted(k for k in before if k in now and k not in MAY_CHANGE and same(k, before[k]) != same(k, now[k]))
     if changed:
         options = "; ".join(f"{flag(k)}: {shown(before[k])} there, {shown(now[k])} now" for k in changed)
@@ -230,13 +232,9 @@ def datasets(args):
         return data.cifar10(args.data_root)
     folder = args.data_dir or data.get_hotdog(args.data_root)
     budget = None if args.cache_gb is None else int(args.cache_gb * 2**30)
-    held_out = os.path.join(args.out or "", "held_out.txt")  # a continued run's split, as it was
-    held_out = open(held_out, encoding="utf-8").read().splitlines() if args.out and os.path.exists(held_out) else None
+    split = args.out and os.path.join(args.out, "held_out.txt")  # a continued run's split, as it was
+    held_out = open(split, encoding="utf-8").read().splitlines() if split and os.path.exists(split) else None
     return data.image_folders(folder, budget, args.workers or 1, args.val_split, args.seed, held_out)
-
-
-def class_names(dataset):
-    return getattr(dataset, "classes", None) or [str(i) for i in range(dataset.num_classes)]
 
 
 def build_net(run, classes, args, ckpt=None):
@@ -272,7 +270,7 @@ def check_out(run, classes, ckpt):
 def train_one(run, args, sets, device, ckpt=None):
     """Train one net, saving model.pt after every epoch; report it and return its result."""
     random.seed(args.seed)
-    classes = class_names(sets[0])
+    classes = data.class_names(sets[0])
     checkpoint = check_out(run, classes, ckpt)
     net = build_net(run, classes, args, ckpt)
     torch.manual_seed(args.seed + rank())  # then each process draws its own augmentations
@@ -396,20 +394,18 @@ def writing_to(folder):
     """The output folder while a run writes to it: tried (a probe written) before any data is
     read, locked against a second run, and removed again if nothing was written to it."""
     new = not os.path.exists(folder)
-    lock = open(os.path.join(data.writable_folder(folder), ".lock"), "w")
-    try:
+    with open(os.path.join(data.writable_folder(folder), ".lock"), "w") as lock:
         if fcntl:  # Linux and macOS
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.close()
+            except BlockingIOError:  # the lock is the other run's: leave it
                 raise UserError(f"another run is writing to {folder}; wait for it to end, or choose another --out") from None
-        yield folder
-        os.remove(lock.name)
-    finally:
-        lock.close()
-        if new:
-            remove_empty_folders(folder)
+        try:
+            yield folder
+        finally:
+            os.remove(lock.name)  # still held, so no other run takes the folder meanwhile
+            if new:
+                remove_empty_folders(folder)
 
 
 def train_all(args, out, device):
@@ -450,17 +446,15 @@ def finished(run, history):
 
 
 def remove_empty_folders(folder):
-    """Remove folder and the folders in it where nothing was written (but a lock)."""
+    """Remove folder and the folders in it where nothing was written."""
     for root, _, _ in reversed(list(os.walk(folder))):  # the deepest first
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(root, ".lock"))
         with contextlib.suppress(OSError):  # not empty
             os.rmdir(root)
 
 
 def interrupted(checkpoint=None):
     """Ctrl-C: say how to continue, if an epoch had finished (process 0 says it)."""
-    if int(os.environ.get("RANK", 0)) > 0:
+    if rank() > 0:
         return 130
     print("\ninterrupted; " + (f"{checkpoint} holds the last whole epoch: continue with "
                                f"python finetune.py --resume {checkpoint}"
@@ -535,7 +529,7 @@ def guarded(fn, args):
     try:
         return fn(args)
     except UserError as e:  # every process meets the same bad input: process 0 says it
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank() == 0:
             print(one_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -547,7 +541,7 @@ def guarded(fn, args):
     except RuntimeError as e:  # another process died (killed, out of memory): torchrun restarts all
         if int(os.environ.get("WORLD_SIZE", 1)) == 1 or "gloo" not in str(e) and not isinstance(e, dist.DistError):
             raise
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank() == 0:
             print("error: another process of this run stopped; with torchrun --max-restarts the "
                   "run continues from its last epoch", file=sys.stderr)
         return 1
@@ -592,8 +586,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
     if args.mode in ("predict", "show-samples"):  # under torchrun, once: by process 0
-        rest = int(os.environ.get("RANK", 0)) > 0
-        return 0 if rest else guarded(predict if args.mode == "predict" else show_samples, args)
+        return 0 if rank() > 0 else guarded(predict if args.mode == "predict" else show_samples, args)
     gpus = torch.cuda.device_count() if run_device(args) in (None, "cuda") else 0
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         return on_all_gpus(argv, gpus)

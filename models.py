@@ -92,14 +92,14 @@ def with_fc(net):
     if getattr(net, "aux_logits", False):  # googlenet, inception_v3: no side outputs in training,
         net.aux_logits, net.AuxLogits, net.aux1, net.aux2 = False, None, None, None
         net.transform_input = True  # and, in every mode, the input their ImageNet weights expect
-    name = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)][-1:]
-    if not name or net.get_submodule(name[0]).out_features != 1000:
+    name = ([name for name, module in net.named_modules() if isinstance(module, nn.Linear)] or [None])[-1]
+    fc = name and net.get_submodule(name)
+    if fc is None or fc.out_features != 1000:
         raise UserError(f"{type(net).__name__} does not end in a Linear layer with ImageNet's 1000 "
                         "outputs, so it has no output layer to replace; choose another arch=")
-    if name[0] == "fc":
+    if name == "fc":
         return net
-    parent, _, attr = name[0].rpartition(".")
-    fc = net.get_submodule(name[0])
+    parent, _, attr = name.rpartition(".")
     setattr(net.get_submodule(parent), attr, nn.Identity())
     return WithFc(net, fc)
 

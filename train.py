@@ -350,6 +350,15 @@ def allreduce_sum(process_group, bucket):
     return work.get_future().then(lambda future: future.value()[0])
 
 
+def gathered(obj):
+    """[obj of process 0, obj of process 1, ...], on every process; [obj] on one."""
+    if world_size() == 1:
+        return [obj]
+    objs = [None] * world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 def from_process_0(obj):
     """obj as process 0 has it, on every process (a checkpoint that only process 0 can read)."""
     if world_size() == 1:
@@ -386,8 +395,7 @@ def gather_in_order(probs, labels):
     probs, labels = torch.cat(probs), torch.cat(labels)
     if world_size() == 1:
         return probs, labels
-    parts = [None] * world_size()
-    dist.all_gather_object(parts, (probs, labels))
+    parts = gathered((probs, labels))
     n = sum(len(part_labels) for _, part_labels in parts)
     classes = max(part_probs.shape[1] for part_probs, _ in parts)  # an empty part has 0
     probs, labels = torch.empty(n, classes), torch.empty(n, dtype=labels.dtype)
@@ -400,11 +408,7 @@ def gather_in_order(probs, labels):
 def rng_states():
     """Every process's random-number state (each draws its own augmentations). Not the GPUs':
     nothing in training draws from them, and a machine with fewer GPUs could not take them back."""
-    states = [{"torch": torch.get_rng_state(), "python": random.getstate()}]
-    if world_size() > 1:
-        states = [None] * world_size()
-        dist.all_gather_object(states, {"torch": torch.get_rng_state(), "python": random.getstate()})
-    return states
+    return gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
 
 
 def restore(resume, optimizer, scaler):
