@@ -1,35 +1,28 @@
-"""Data for D2L §14.2: the hot-dog download, the book's augmentations, datasets and loaders."""
-import contextlib
+"""The data of D2L §14.2: the hot-dog download, the book's augmentations, the training and
+evaluation sets of a data folder (its layout, a split of class folders alone, the decoded cache),
+and the loaders."""
 import copy
-import errno
-import functools
 import hashlib
 import http.client
 import itertools
 import os
-import shutil
 import sys
-import unicodedata
 import urllib.request
-import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
+
+from photos import ImageFolder, class_folders, ignored, load_rgb, nfc
+from processes import local_processes, rank, say, world_size
+from utils import UserError, what_to_do, whole, writable_folder
 
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torchvision checks its MD5
-
-
-class UserError(Exception):
-    """Bad input: the message names the problem and the fix, and is shown as one line."""
 
 
 # ---------------------------------------------------------------- download
@@ -42,21 +35,17 @@ def sha1_of(path):
 
 
 def download(url, path, sha1=None):
-    """Fetch url into path through a temporary name; a bad file is removed, never kept."""
+    """Fetch url into path (through a temporary name); a bad file is removed, never kept."""
     if not os.path.exists(path):
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
+            with whole(path) as part, urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
                 expected = int(r.headers.get("Content-Length", -1))
                 copy_with_progress(r, f, os.path.basename(path), expected)
-                size = f.tell()
-            if expected >= 0 and size != expected:
-                raise OSError(f"the connection closed after {size} of {expected} bytes")
+                if expected >= 0 and f.tell() != expected:
+                    raise OSError(f"the connection closed after {f.tell()} of {expected} bytes")
         except (OSError, http.client.HTTPException) as e:  # no network, refused, truncated
-            if os.path.exists(path + ".part"):
-                os.remove(path + ".part")
             raise UserError(f"cannot download {url} ({e}); fetch it on a machine with network "
                             f"and put it at {path}") from None
-        os.replace(path + ".part", path)
     if sha1 and sha1_of(path) != sha1:
         os.remove(path)
         raise UserError(f"{path} has the wrong SHA-1 (expected {sha1}), so it was removed; "
@@ -76,67 +65,31 @@ def copy_with_progress(source, target, name, total):
         print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
-def write_whole(path, content):
-    """Write bytes to path through a temporary name: a crash or a full disk never leaves half a
-    file, and the last whole one stays. A failed write is one UserError naming the path."""
+def extract(zip_path, folder):
+    """Unzip the folder zip_path holds (hotdog.zip: hotdog/) into folder, through a temporary
+    name: never half a data set."""
+    name = os.path.basename(folder)
     try:
-        with open(path + ".part", "wb") as f:
-            f.write(content)
-        os.replace(path + ".part", path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".part")
-        raise UserError(f"cannot write {path} ({e.strerror or e}); {what_to_do(e)}") from None
-
-
-def writable_folder(path):
-    """path, created if need be, once a probe file has been written in it: a folder that cannot
-    be written to is found before any work is done."""
-    probe = os.path.join(path, ".write-probe")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write in the folder {path} ({e.strerror or e}); {what_to_do(e)}") from None
-    return path
-
-
-def what_to_do(error):
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free some space there, or write to another folder"
-    return "choose a folder you can write to"
-
-
-def extract(zip_path, root):
-    """Unzip into a scratch folder, then move its contents into root: never half a data set."""
-    scratch = os.path.join(root, ".extracting")
-    shutil.rmtree(scratch, ignore_errors=True)  # what an interrupted run left behind
-    try:
-        with zipfile.ZipFile(zip_path) as z:
-            for name in z.namelist():
-                target = os.path.realpath(os.path.join(scratch, name))
-                if not target.startswith(os.path.realpath(scratch) + os.sep):
-                    raise UserError(f"{zip_path} holds a path outside the data root ({name}); "
+        with whole(folder) as part, zipfile.ZipFile(zip_path) as z:
+            for info in z.infolist():
+                target = os.path.realpath(os.path.join(part, info.filename))
+                if not target.startswith(os.path.realpath(part) + os.sep):
+                    raise UserError(f"{zip_path} holds a path outside the data root ({info.filename}); "
                                     "delete it and download it again")
-            z.extractall(scratch)
+                top, _, info.filename = info.filename.partition("/")
+                if top == name and info.filename:
+                    z.extract(info, part)
     except (zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"{zip_path} is not a whole zip file ({e}); "
-                        "delete it and download it again") from None
+        raise UserError(f"{zip_path} is not a whole zip file ({e}); delete it and download it again") from None
     except OSError as e:  # a full disk, a folder that cannot be written
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise UserError(f"cannot extract {zip_path} into {root} ({e.strerror or e}); {what_to_do(e)}") from None
-    for name in os.listdir(scratch):
-        os.replace(os.path.join(scratch, name), os.path.join(root, name))
-    os.rmdir(scratch)
+        raise UserError(f"cannot extract {zip_path} into {folder} ({e.strerror or e}); {what_to_do(e)}") from None
 
 
 def get_hotdog(root="data", url=HOTDOG_URL, sha1=HOTDOG_SHA1):
     """The hot-dog set (D2L §14.2.2.1) under root/hotdog, downloaded and extracted on first use."""
     folder = os.path.join(root, "hotdog")
     if not os.path.isdir(folder):
-        extract(download(url, os.path.join(writable_folder(root), "hotdog.zip"), sha1), root)
+        extract(download(url, os.path.join(writable_folder(root), "hotdog.zip"), sha1), folder)
     return folder
 
 
@@ -170,199 +123,33 @@ def normalize(X, mean=MEAN, std=STD):
     return v2.functional.normalize(X.float() / 255, mean, std)
 
 
-# ---------------------------------------------------------------- reading images
-# torchvision's image types, and what phones and the web also give: GIF, and HEIC (read where the
-# pillow-heif plugin is installed, and otherwise named as unreadable, never skipped unsaid).
-IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", ".heic", ".heif")
-# PIL refuses images over 89 megapixels as possible decompression bombs, and phones take 108.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+def with_augs(sets, sizes):
+    """The training and evaluation sets with the book's augmentations at the sizes a net's
+    ImageNet weights were trained with (models.preprocessing; resnet18: the book's own)."""
+    sets[0].transform = make_train_augs(sizes["crop"], sizes["interpolation"])
+    sets[1].transform = make_test_augs(sizes["resize"], sizes["crop"], sizes["interpolation"])
+    return sets
 
 
-def load_rgb(path):
-    """Any image as 8-bit RGB, the way up it was taken: the EXIF orientation applied (phones store
-    portraits sideways), 16-bit and floating-point pixels scaled to 8 bits (PIL would clip them),
-    grey, palette, alpha and CMYK converted, a GIF's first frame."""
-    return read_image(path, upright_rgb)
-
-
-def upright_rgb(img):
-    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the pixels
-    if img.mode.startswith("I") or img.mode == "F":  # 16-bit grey (I;16, I) and float (F)
-        img = Image.fromarray(eight_bits(np.asarray(img)))
-    return img.convert("RGB")
-
-
-def eight_bits(pixels):
-    """Pixels as 0 to 255, from their full scale: 65535 for 16-bit integers; for floating-point
-    ones, 1 or 255 where none passes it, else 65535."""
-    full = 65535
-    if pixels.dtype.kind == "f" and pixels.max() <= 255:
-        full = 1 if pixels.max() <= 1 else 255
-    return np.clip(pixels * (255 / full) + 0.5, 0, 255).astype(np.uint8)
-
-
-def image_size(path):
-    """(width, height) from the image's header, without decoding its pixels; an EXIF turn swaps
-    them, which changes no pixel count."""
-    return read_image(path, lambda img: img.size)
-
-
-def read_image(path, read):
-    """read(the opened image), naming the file if it is damaged, not an image, or so large that
-    it could be a decompression bomb."""
-    heif_plugin()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return read(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"cannot read image {path} ({e}); raise the limit to read it: "
-                        "PIL.Image.MAX_IMAGE_PIXELS (--max-megapixels on the command line)") from None
-    except OSError as e:
-        fix = ("install the HEIC plugin: pip install pillow-heif" if path.lower().endswith((".heic", ".heif"))
-               else "delete or replace that file")
-        raise UserError(f"cannot read image {path} ({e.strerror or e}); {fix}") from None
-
-
-@functools.cache
-def heif_plugin():
-    """Let PIL read HEIC photos (iPhones' default), where the pillow-heif plugin is installed."""
-    with contextlib.suppress(ImportError):
-        from pillow_heif import register_heif_opener
-        register_heif_opener()
-
-
-# ---------------------------------------------------------------- finding images in folders
-def ignored(name):
-    """Never a class or an image: hidden names (.ipynb_checkpoints, .DS_Store, macOS's ._x.jpg),
-    what NAS boxes and Windows add (Synology's @eaDir, Thumbs.db, desktop.ini), and __MACOSX."""
-    return name.startswith((".", "@")) or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
-
-
-def nfc(name):
-    """A name in Unicode's composed form: a Mac writes "é" as "e" and an accent (NFD), others as one
-    character (NFC), and the two must be one class."""
-    return unicodedata.normalize("NFC", name)
-
-
-def image_files(folder):
-    """The image files under folder, sorted: links to files and folders followed, but no folder
-    read twice (a link back up would loop) and no file taken twice; ignored names skipped."""
-    found, seen = {}, set()
-    for root, folders, names in os.walk(folder, followlinks=True):
-        if os.path.realpath(root) in seen:
-            folders[:] = []
-            continue
-        seen.add(os.path.realpath(root))
-        folders[:] = [name for name in folders if not ignored(name)]
-        for path in sorted(os.path.join(root, name) for name in names
-                           if not ignored(name) and has_file_allowed_extension(name, IMAGE_EXTENSIONS)):
-            found.setdefault(os.path.realpath(path), path)
-    return sorted(found.values())
-
-
-def class_folders(split):
-    """The class folders of a split, in the order of their NFC names; the layout is
-    split/<class>/<image>, with two classes or more."""
-    entries = [e for e in os.scandir(split) if not ignored(e.name)]
-    classes = sorted((e.name for e in entries if e.is_dir()), key=nfc)
-    loose = [e.name for e in entries if e.is_file() and has_file_allowed_extension(e.name, IMAGE_EXTENSIONS)]
-    if loose or len(classes) < 2:
-        found = f"images ({loose[0]}, ...) but " if loose else ""
-        raise UserError(f"{split} holds {found}{len(classes)} class folder(s) {classes}; the layout is "
-                        f"{os.path.basename(split)}/<class>/<image>, with two classes or more")
-    return classes
-
-
-def readable(samples):
-    """The samples whose images can be read, and their sizes, from the headers alone. Those that
-    cannot be read are left out, with one note: how many, and what the first one needs."""
-    kept, sizes, failed = [], [], []
-    for path, target in samples:
-        try:
-            sizes.append(image_size(path))
-            kept.append((path, target))
-        except UserError as e:
-            failed.append(str(e))
-    if failed and not kept:
-        raise UserError(f"none of the {len(failed)} images can be read; the first: {failed[0]}")
-    if failed and rank() == 0:
-        print(f"note: left out {len(failed)} file(s) that cannot be read as images; the first: {failed[0]}",
-              file=sys.stderr)
-    return kept, sizes
-
-
-class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder, for folders as people's devices write them: ignored names are
-    never classes or images (pytorch/vision#2831: Jupyter's .ipynb_checkpoints/ would be a class),
-    links are followed but no folder is read twice, classes sort by their NFC names, and images
-    are read by load_rgb. Those that cannot be read are left out with a note (`readable`);
-    `sizes` holds the (width, height) of the others."""
-
-    def __init__(self, split, transform=None):
-        super().__init__(split, transform, loader=load_rgb)
-        self.samples, self.sizes = readable(self.samples)
-        self.imgs, self.targets = self.samples, [target for _, target in self.samples]
-        self.where = f"in {os.path.basename(os.path.normpath(split))}/"  # for the run's header line
-        self.held_out = None  # where split_by_class made it: the held-out paths
-
-    def find_classes(self, directory):
-        classes = class_folders(directory)
-        return classes, {name: i for i, name in enumerate(classes)}
-
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        samples = []
-        for name, target in class_to_idx.items():
-            paths = image_files(os.path.join(directory, name))
-            if not paths:
-                raise UserError(f"{os.path.join(directory, name)} holds no images; put images in every "
-                                "class folder, or remove it")
-            samples += [(path, target) for path in paths]
-        return samples
-
-
-class DecodedImages(torch.utils.data.Dataset):
-    """An ImageFolder decoded once into uint8 pixels, then augmented afresh per item.
-
-    Where we differ from ImageFolder + PIL, and why: decoding a PNG costs several times the
-    augmentations, so decoding every epoch starves a GPU. All images share one buffer, sized from
-    their headers, so worker processes receive it whole (and cheaply) on every platform.
-    """
-
-    def __init__(self, folder, workers=1):
-        self.classes, self.targets, self.transform = folder.classes, folder.targets, folder.transform
-        self.samples, self.root, self.where, self.held_out = folder.samples, folder.root, folder.where, folder.held_out
-        self.shapes = [(3, height, width) for width, height in folder.sizes]
-        self.offsets = [0, *itertools.accumulate(3 * width * height for width, height in folder.sizes)]
-        self.pixels = torch.empty(self.offsets[-1], dtype=torch.uint8)
-        with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
-            list(pool.map(self.decode, range(len(self))))
-
-    def decode(self, i):
-        pixels = v2.functional.pil_to_tensor(load_rgb(self.samples[i][0]))
-        self.shapes[i] = tuple(pixels.shape)  # turned upright: the same pixels, perhaps (3, w, h)
-        self.image(i).copy_(pixels)
-
-    def image(self, i):
-        return self.pixels[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
-
-    def __len__(self):
-        return len(self.shapes)
-
-    def __getitem__(self, i):
-        return self.transform(self.image(i)), self.targets[i]
-
-
+# ---------------------------------------------------------------- a data folder's sets
 SPLITS = ("train", "test", "val", "valid", "validation")
 
 
 def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0, held_out=None):
     """The training and evaluation ImageFolders of data_dir with the book's augmentations: its
-    train/ and test/ (or val/), or, where it holds class folders and no train/, a split of them
+    train/ and test/ (or val/), or, where it holds class folders alone, a split of them
     (split_by_class). Decoded once if their pixels fit in cache_budget bytes (default: half the
     available memory; 0: never)."""
+    if layout(data_dir) == "classes":
+        folders = split_by_class(data_dir, val_split, seed, held_out)
+    else:
+        folders = book_folders(data_dir)
+    return decoded(folders, cache_budget, workers)
+
+
+def layout(data_dir):
+    """How data_dir holds its images: "splits" (train/ and test/ or val/, as the book's), or
+    "classes" (class folders alone, to be split)."""
     subfolders = [e.name for e in os.scandir(data_dir) if e.is_dir() and not ignored(e.name)] \
         if os.path.isdir(data_dir) else []
     classes = [name for name in subfolders if name.lower() not in SPLITS]
@@ -370,11 +157,12 @@ def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0,
         raise UserError(f"{data_dir} holds both {sorted(set(subfolders) - set(classes))} and class folders "
                         f"{sorted(classes)[:3]}; keep one layout: train/<class>/ and test/<class>/, "
                         "or <class>/ alone, to be split")
-    if classes:
-        folders = split_by_class(data_dir, val_split, seed, held_out)
-    else:
-        folders = book_folders(data_dir)
-    return decoded(folders, cache_budget, workers)
+    return "classes" if classes else "splits"
+
+
+def training_folder(data_dir):
+    """The folder of class folders that data_dir trains on: its train/, or itself."""
+    return data_dir if layout(data_dir) == "classes" else split_folder(data_dir, ["train"])
 
 
 def book_folders(data_dir):
@@ -432,6 +220,39 @@ def hold_out(folder, val_split, seed):
     return held
 
 
+# ---------------------------------------------------------------- the decoded cache
+class DecodedImages(torch.utils.data.Dataset):
+    """An ImageFolder decoded once into uint8 pixels, then augmented afresh per item.
+
+    Where we differ from ImageFolder + PIL, and why: decoding a PNG costs several times the
+    augmentations, so decoding every epoch starves a GPU. All images share one buffer, sized from
+    their headers, so worker processes receive it whole (and cheaply) on every platform.
+    """
+
+    def __init__(self, folder, workers=1):
+        self.classes, self.targets, self.transform = folder.classes, folder.targets, folder.transform
+        self.samples, self.root, self.where, self.held_out = folder.samples, folder.root, folder.where, folder.held_out
+        self.shapes = [(3, height, width) for width, height in folder.sizes]
+        self.offsets = [0, *itertools.accumulate(3 * width * height for width, height in folder.sizes)]
+        self.pixels = torch.empty(self.offsets[-1], dtype=torch.uint8)
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
+            list(pool.map(self.decode, range(len(self))))
+
+    def decode(self, i):
+        pixels = v2.functional.pil_to_tensor(load_rgb(self.samples[i][0]))
+        self.shapes[i] = tuple(pixels.shape)  # turned upright: the same pixels, perhaps (3, w, h)
+        self.image(i).copy_(pixels)
+
+    def image(self, i):
+        return self.pixels[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __getitem__(self, i):
+        return self.transform(self.image(i)), self.targets[i]
+
+
 def available_memory():
     """Bytes the machine can still give (Linux's MemAvailable), else half of all memory."""
     try:
@@ -447,45 +268,16 @@ def decoded(folders, cache_budget=None, workers=1):
     if cache_budget == 0:
         return folders
     # Each process on this machine holds its own copy: they share half of the free memory.
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     needed = sum(3 * width * height for folder in folders for width, height in folder.sizes)
-    budget = cache_budget or available_memory() // (2 * local_processes)
+    budget = cache_budget or available_memory() // (2 * local_processes())
     if needed > budget:
-        if rank() == 0:
-            print(f"note: decoding images every epoch: decoded they would take {needed / 2**30:.1f} GB, "
-                  f"more than the cache's {budget / 2**30:.1f} GB (cache_budget; --cache-gb)", file=sys.stderr)
+        say(f"note: decoding images every epoch: decoded they would take {needed / 2**30:.1f} GB, "
+            f"more than the cache's {budget / 2**30:.1f} GB (cache_budget; --cache-gb)", file=sys.stderr)
         return folders
     return [DecodedImages(folder, workers) for folder in folders]
 
 
-def image_paths(items):
-    """The images among items, each once however often it is named: files as given, folders
-    searched (image_files)."""
-    paths = [path for item in items for path in (image_files(item) if os.path.isdir(item) else [item])]
-    first = {}
-    for path in paths:
-        first.setdefault(os.path.realpath(path), path)
-    return list(first.values())
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Images to predict, each with its index; one that cannot be read is named on stderr and
-    comes as a blank image with index -1, so the others are still predicted."""
-
-    def __init__(self, paths, augs, crop):
-        self.paths, self.augs, self.crop = paths, augs, crop
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return self.augs(load_rgb(self.paths[i])), i
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), -1
-
-
+# ---------------------------------------------------------------- other data sets
 def cifar10(root="data"):
     """CIFAR-10 through the same augmentations, upsampled to 224 as the pretrained net expects."""
     fetch = not os.path.isdir(os.path.join(root, "cifar-10-batches-py"))
@@ -505,6 +297,16 @@ def fake_data(train=2000, test=800, num_classes=2):
             for n, augs, o in ((train, train_augs, 0), (test, test_augs, train))]
 
 
+def datasets(data_dir=None, dataset="hotdog", root="data", **folders):
+    """The training and evaluation sets: data_dir's (image_folders, given **folders), else the
+    dataset "hotdog" or "cifar10", downloaded into root on first use, or "dummy", random images."""
+    if dataset == "dummy":
+        return fake_data()
+    if dataset == "cifar10":
+        return cifar10(root)
+    return image_folders(data_dir or get_hotdog(root), **folders)
+
+
 # ---------------------------------------------------------------- loaders
 def load_data(batch_size=128, data_dir=None, root="data"):
     """The book's train_iter and test_iter (§14.2.2.3) over data_dir's train/ and test/ folders,
@@ -520,19 +322,9 @@ def class_names(dataset):
 
 def default_workers():
     """One loader process per core this process may use, shared among the processes on this
-    machine (torchrun's LOCAL_WORLD_SIZE), at most 16."""
+    machine, at most 16."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def rank():
-    """This process's rank: the process group's, or before it is joined (and after it is left)
-    the one torchrun gave it; 0 on its own."""
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))
+    return max(1, min(16, cores // local_processes()))
 
 
 def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0):

@@ -7,7 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from data import UserError, nfc
+from photos import nfc
+from utils import UserError, first_line
 
 HOTDOG_ROW = 934  # ImageNet's class "hotdog, hot dog, red hot"
 
@@ -22,15 +23,8 @@ def pretrained_net(arch="resnet18", weights_file=None):
         except OSError as e:
             raise UserError(f"cannot download the ImageNet weights of {arch} ({e}); fetch {weights_name(arch)} "
                             "elsewhere and pass weights_file=FILE") from None
-    net = torchvision.models.get_model(arch)
-    try:
-        net.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
-    except FileNotFoundError:
-        raise UserError(f"weights_file={weights_file} does not exist; give the path of {weights_name(arch)}") from None
-    except Exception as e:  # unpickling or key errors: not this architecture's state-dict either way
-        raise UserError(f"weights_file={weights_file} is not a {arch} state-dict "
-                        f"({str(e).splitlines()[0]}); give {weights_name(arch)}") from None
-    return net
+    return load_file(weights_file, f"a {arch} state-dict", f"give {weights_name(arch)}",
+                     f"weights_file={weights_file}", into=torchvision.models.get_model(arch))
 
 
 def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resnet18"):
@@ -41,6 +35,7 @@ def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resn
     nn.init.xavier_uniform_(net.fc.weight)
     if hotdog_class is not None:
         init_hotdog_head(net.fc, imagenet_fc, hotdog_class)
+    net.arch = arch  # a checkpoint records it, to build the same net again
     return net
 
 
@@ -68,6 +63,7 @@ def scratch_net(num_classes=2, arch="resnet18"):
     """The same architecture with torchvision's random initialisation throughout (§14.2.2.2)."""
     net = with_fc(torchvision.models.get_model(check_arch(arch)))
     net.fc = nn.Linear(net.fc.in_features, num_classes)
+    net.arch = arch
     return net
 
 
@@ -143,8 +139,24 @@ def frozen_batch_norm(bn):
     return frozen
 
 
+def load_file(path, what, fix, name=None, into=None):
+    """torch.load of a file of tensors (weights, a checkpoint) onto the CPU, or, given a net
+    `into`, that net with the weights loaded. A file that is missing, or is not `what`, is one
+    UserError naming it (as name) and the fix."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if into is None:
+            return loaded
+        into.load_state_dict(loaded)
+        return into
+    except FileNotFoundError:
+        raise UserError(f"{name or path} does not exist; {fix}") from None
+    except Exception as e:  # unpickling or an empty file: not what was asked for either way
+        raise UserError(f"{name or path} is not {what} ({first_line(e)}); {fix}") from None
+
+
 def saved_net(checkpoint):
-    """The net a training run saved (train.load_checkpoint), ready to predict. Its BatchNorm
+    """The net a training run saved (checkpoints.load_checkpoint), ready to predict. Its BatchNorm
     layers are FrozenBatchNorm2d, which compute as BatchNorm does at test time and so load the
     weights of any mode, --freeze or not."""
     net = freeze_features(scratch_net(len(checkpoint["classes"]), checkpoint.get("arch", "resnet18")))

@@ -6,11 +6,14 @@ built with matplotlib's object API, never pyplot, so the caller's backend stays 
 notebook's inline figures keep working).
 """
 import io
+import os
 import sys
 
 import torch
 
-from data import write_whole
+import data
+from photos import ImageFolder
+from utils import write_whole, writable_folder
 
 
 def figure(**kwargs):
@@ -112,8 +115,16 @@ def mistakes(images, captions, path):
     return grid(rows, [captions[i:i + 8] for i in range(0, len(images), 8)], path, scale=2) if images else None
 
 
-def samples(images, augmented, path):
-    """The book's first figure (two rows of 8, as loaded) and the same images after train_augs."""
+def samples(data_dir, out="."):
+    """The book's first look at the data (§14.2.2.1): 8 images of the first class and 8 of the
+    last (fewer where a class has fewer), as loaded and after train_augs; writes out/samples.png
+    and returns its path."""
+    folder = ImageFolder(data.training_folder(data_dir))
+    first, last = folder.targets[0], folder.targets[-1]
+    picks = ([i for i, t in enumerate(folder.targets) if t == first][:8]
+             + [i for i, t in enumerate(folder.targets) if t == last][-8:])
+    images = [folder[i][0] for i in picks]
+    augmented = [data.train_augs(img) for img in images]
     rows = [images[:8], images[8:], augmented[:8], augmented[8:]]
     captions = [["as loaded"] * 8] * 2 + [["train_augs"] * 8] * 2
-    return grid(rows, captions, path)
+    return grid(rows, captions, os.path.join(writable_folder(out), "samples.png"))

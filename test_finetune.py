@@ -22,11 +22,17 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
+import checkpoints
 import data
 import finetune
 import models
-from data import UserError
+import photos
+import plots
+import processes
+import runs
 import train
+import utils
+from utils import UserError
 from train import evaluate, fine_tuning_epochs, make_runtime, train_epoch, try_device
 
 CPU = make_runtime(torch.device("cpu"), "fp32")
@@ -228,16 +234,16 @@ def test_image_modes_load_as_rgb(tmp_path):
     for mode in ("L", "P", "RGBA", "CMYK"):
         img.convert(mode).save(tmp_path / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
     for path in tmp_path.iterdir():
-        assert data.load_rgb(str(path)).mode == "RGB"
+        assert photos.load_rgb(str(path)).mode == "RGB"
 
 
 def test_unreadable_and_huge_images_are_named(tmp_path, monkeypatch):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
     with pytest.raises(UserError, match="cut.png"):
-        data.load_rgb(str(tmp_path / "cut.png"))
+        photos.load_rgb(str(tmp_path / "cut.png"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    for read in (data.load_rgb, data.image_size):  # the cache's size estimate reads headers too
+    for read in (photos.load_rgb, photos.image_size):  # the cache's size estimate reads headers too
         with pytest.raises(UserError, match="ok.png"):
             read(str(tmp_path / "ok.png"))
 
@@ -250,7 +256,7 @@ def test_non_image_files_are_skipped(tmp_path):
 
 def test_dummy_run(tmp_path, capsys, monkeypatch):
     real = data.fake_data
-    monkeypatch.setattr(finetune.data, "fake_data", lambda: real(8, 4))  # a hot-dog set is 2000 + 800
+    monkeypatch.setattr(data, "fake_data", lambda: real(8, 4))  # a hot-dog set is 2000 + 800
     status, out, _ = run_cli(capsys, "--scratch", "--dummy", "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path)
     assert status == 0 and "training on 8 images, testing on 4" in out
@@ -347,21 +353,21 @@ def test_interrupted_extraction_is_redone(tmp_path, server):
     url, files, _ = server
     body = make_zip(tmp_path)
     files["/hotdog.zip"] = (body, len(body))
-    os.makedirs(tmp_path / ".extracting" / "hotdog" / "train")  # what a killed run leaves
+    os.makedirs(tmp_path / "hotdog.part" / "train")  # what a killed run leaves
     folder = data.get_hotdog(str(tmp_path), url + "/hotdog.zip", hashlib.sha1(body).hexdigest())
     assert os.path.isfile(os.path.join(folder, "test", "hotdog", "0.png"))
-    assert not os.path.exists(tmp_path / ".extracting")
+    assert not os.path.exists(tmp_path / "hotdog.part")
 
 
 def test_a_full_disk_while_extracting_is_one_line(tmp_path, server, monkeypatch):
     url, files, _ = server
     body = make_zip(tmp_path)
     files["/hotdog.zip"] = (body, len(body))
-    monkeypatch.setattr(zipfile.ZipFile, "extractall",
+    monkeypatch.setattr(zipfile.ZipFile, "extract",
                         lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(UserError, match=r"cannot extract .*hotdog\.zip .*\(No space left on device\); free some space"):
         data.get_hotdog(str(tmp_path), url + "/hotdog.zip", hashlib.sha1(body).hexdigest())
-    assert not os.path.exists(tmp_path / ".extracting") and not os.path.exists(tmp_path / "hotdog")
+    assert not os.path.exists(tmp_path / "hotdog.part") and not os.path.exists(tmp_path / "hotdog")
 
 
 # ---------------------------------------------------------------- command line
@@ -428,8 +434,8 @@ def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
         a, b = tmp_path / "d" / "test" / "hotdog" / name, tmp_path / "d" / "test" / "not-hotdog" / name
         a.rename(tmp_path / "swap.png"), b.rename(a), (tmp_path / "swap.png").rename(b)
     shown = {}
-    real = finetune.plots.mistakes
-    monkeypatch.setattr(finetune.plots, "mistakes", lambda images, captions, path: shown.update(
+    real = plots.mistakes
+    monkeypatch.setattr(plots, "mistakes", lambda images, captions, path: shown.update(
         images=images, captions=captions, path=real(images, captions, path)))
     status, out, _ = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--precision", "fp32", "--out", tmp_path / "out")
@@ -580,7 +586,7 @@ def test_batch_larger_than_the_training_set(folder, tmp_path, capsys):
 def test_out_of_memory_names_the_batch_size(folder, tmp_path, capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(finetune.train, "fine_tuning_epochs", oom)
+    monkeypatch.setattr(train, "fine_tuning_epochs", oom)
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--batch-size", 64,
                              "--out", tmp_path)
     assert status == 2 and "--batch-size 64" in err and "--batch-size 32" in err
@@ -609,7 +615,7 @@ def test_cifar10_through_the_same_dataset_function(tmp_path, capsys, monkeypatch
 def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    assert finetune.plots.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
+    assert plots.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
                                  str(tmp_path / "curves.png")) is None
     assert "pip install matplotlib" in capsys.readouterr().out
     assert not (tmp_path / "curves.png").exists()
@@ -658,7 +664,7 @@ def one_step(net, X, y):
     so that the step does not depend on how the batch is split."""
     net.eval().train = lambda mode=True: net
     before = net.fc.weight.detach().clone()
-    model = train.parallel(net, [torch.device("cpu")])
+    model = processes.parallel(net, [torch.device("cpu")])
     train_epoch(model, [(X, y)], torch.nn.CrossEntropyLoss(reduction="none"),
                 torch.optim.SGD(net.parameters(), lr=1e-3), CPU)
     return net.fc.weight.detach() - before
@@ -803,7 +809,7 @@ def test_cache_only_when_it_fits(folder, capsys):
                  for img in (Image.open(p) for p, _ in s.samples))
     assert train_set.pixels.numel() + test_set.pixels.numel() == pixels  # the estimate is exact
     for i in range(len(test_set)):  # and each image sits where its header said
-        assert torch.equal(test_set.image(i), v2.functional.pil_to_tensor(data.load_rgb(test_set.samples[i][0])))
+        assert torch.equal(test_set.image(i), v2.functional.pil_to_tensor(photos.load_rgb(test_set.samples[i][0])))
     capsys.readouterr()
     train_set, _ = data.image_folders(folder, cache_budget=pixels - 1)
     assert not isinstance(train_set, data.DecodedImages)
@@ -850,7 +856,7 @@ def full_disk(monkeypatch, name, at_call):
         f = open(path, mode, *args, **kwargs)
         calls.append(path) if path.endswith(name + ".part") else None
         return HalfWritten(f) if path.endswith(name + ".part") and len(calls) == at_call else f
-    monkeypatch.setattr(data, "open", open_, raising=False)
+    monkeypatch.setattr(utils, "open", open_, raising=False)
 
 
 def test_full_disk_keeps_the_last_whole_checkpoint(folder, tmp_path, capsys, monkeypatch):
@@ -928,12 +934,12 @@ def test_fp16_with_its_gradient_scaler_on_the_cpu(folder, tmp_path, monkeypatch)
     epochs = list(fine_tuning_epochs(net, 0.01, train_iter, test_iter, num_epochs=1, runtime=fp16))
     assert not torch.equal(net.fc.weight.detach(), before) and torch.isfinite(net.fc.weight).all()
     assert epochs[-1].state["scaler"]["scale"] == fp16.scaler.get_scale() > 0
-    train.save_checkpoint(str(tmp_path / "model.pt"), epochs[-1], [epochs[-1].metrics], {})
+    checkpoints.save_checkpoint(str(tmp_path / "model.pt"), epochs[-1], [epochs[-1].metrics], {})
     resumed = runtime(monkeypatch, torch.float16)
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     groups = [{"params": [p for n, p in net.named_parameters() if not n.startswith("fc.")]},
               {"params": net.fc.parameters()}]  # as fine_tuning_epochs's
-    assert train.restore(ckpt, torch.optim.SGD(groups, lr=0.01), resumed.scaler) == 1
+    assert checkpoints.restore(ckpt, net, torch.optim.SGD(groups, lr=0.01), resumed.scaler) == 1
     assert resumed.scaler.state_dict() == fp16.scaler.state_dict()
 
 
@@ -1003,7 +1009,7 @@ def test_pictures_keep_the_callers_backend(tmp_path):
     before = matplotlib.get_backend()
     matplotlib.use("pdf")
     try:
-        path = finetune.plots.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
+        path = plots.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
                                      str(tmp_path / "curves.png"))
         assert matplotlib.get_backend() == "pdf" and open(path, "rb").read(4) == b"\x89PNG"
     finally:
@@ -1052,11 +1058,11 @@ def test_every_reader_turns_photos_upright_and_scales_16_bits(tmp_path):
     assert Image.open(tmp_path / "scan16.png").mode == "I;16"
     Image.fromarray(grey).save(tmp_path / "scan8.png")
     upright.save(tmp_path / "anim.gif")
-    assert np.array_equal(np.asarray(data.load_rgb(str(tmp_path / "sideways.png"))), np.asarray(upright))
-    assert np.array_equal(np.asarray(data.load_rgb(str(tmp_path / "scan16.png"))),
-                          np.asarray(data.load_rgb(str(tmp_path / "scan8.png"))))
-    assert data.load_rgb(str(tmp_path / "anim.gif")).size == (40, 60)
-    assert data.image_files(str(tmp_path)) == [str(tmp_path / n) for n in
+    assert np.array_equal(np.asarray(photos.load_rgb(str(tmp_path / "sideways.png"))), np.asarray(upright))
+    assert np.array_equal(np.asarray(photos.load_rgb(str(tmp_path / "scan16.png"))),
+                          np.asarray(photos.load_rgb(str(tmp_path / "scan8.png"))))
+    assert photos.load_rgb(str(tmp_path / "anim.gif")).size == (40, 60)
+    assert photos.image_files(str(tmp_path)) == [str(tmp_path / n) for n in
                                                ("anim.gif", "scan16.png", "scan8.png", "sideways.png")]
 
 
@@ -1109,10 +1115,10 @@ def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_p
     assert train_set.classes == ["hotdog", "not-hotdog"]
     assert sorted(os.path.relpath(p, hotdog) for p, _ in train_set.samples if "/hotdog/" in p) \
         == ["0.png", "1.png", "more/0.png"]
-    photos = tmp_path / "photos"
-    os.makedirs(photos)
-    os.symlink(hotdog, photos / "linked")  # --predict follows linked folders too
-    assert sorted(map(os.path.basename, data.image_paths([str(photos), str(photos / "linked"), str(hotdog / "0.png")]))) \
+    folder = tmp_path / "photos"
+    os.makedirs(folder)
+    os.symlink(hotdog, folder / "linked")  # --predict follows linked folders too
+    assert sorted(map(os.path.basename, photos.image_paths([str(folder), str(folder / "linked"), str(hotdog / "0.png")]))) \
         == ["0.png", "0.png", "1.png"]  # each file once (test/'s 0.png too), however often it is named
 
 
@@ -1285,9 +1291,8 @@ def test_arch_on_the_command_line(folder, tmp_path, capsys, arch_weights):
 
 
 def test_each_arch_gets_the_augmentations_its_weights_were_trained_with(folder):
-    args = finetune.parse_args(["--scratch", "--data-dir", folder, "--arch", "swin_t"])
-    args.workers, args.arch = 0, "swin_t"
-    train_set, test_set = finetune.load_sets(args)
+    options = runs.settled("scratch", dict(data_dir=folder, arch="swin_t", workers=0))
+    train_set, test_set = runs.load_sets(options, folder)
     crop, = [t for t in train_set.transform.transforms if isinstance(t, v2.RandomResizedCrop)]
     resize, = [t for t in test_set.transform.transforms if isinstance(t, v2.Resize)]
     assert crop.size == (224, 224) and resize.size == [232, 232]
@@ -1414,14 +1419,14 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(monkeypatch):
     GPU states fails as it does with fewer GPUs."""
     net = models.scratch_net(2)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    old = {"optimizer": optimizer.state_dict(), "scaler": {}, "history": [{"epoch": 1}],
+    old = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": {}, "history": [{"epoch": 1}],
            "rng": {"torch": torch.get_rng_state(), "python": __import__("random").getstate(),
                    "cuda": [torch.cuda.default_generators[0].get_state() if torch.cuda.is_available()
                             else torch.get_rng_state()] * 8}}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: (_ for _ in ()).throw(IndexError("tuple index out of range")))
-    assert train.restore(old, optimizer, torch.amp.GradScaler("cpu", enabled=False)) == 1
-    assert [set(state) for state in train.rng_states()] == [{"torch", "python"}]  # no GPU's state saved
+    assert checkpoints.restore(old, net, optimizer, torch.amp.GradScaler("cpu", enabled=False)) == 1
+    assert [set(state) for state in checkpoints.rng_states()] == [{"torch", "python"}]  # no GPU's state saved
 
 
 def test_each_process_draws_its_own_augmentations(folder, tmp_path):
@@ -1476,12 +1481,12 @@ def test_the_named_gpu_is_made_current_and_macs_run_one_process(monkeypatch):
             raise ValueError("Expected a torch.device with a specified index or an integer")
         current.append(device)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    assert train.join_processes(torch.device("cuda", 1)) == torch.device("cuda", 1)
-    assert train.join_processes(torch.device("cuda")) == torch.device("cuda")  # --device cuda: the current one
+    assert processes.join_processes(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert processes.join_processes(torch.device("cuda")) == torch.device("cuda")  # --device cuda: the current one
     assert current == [torch.device("cuda", 1)]
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="gloo cannot carry MPS tensors"):
-        train.join_processes(torch.device("mps"))
+        processes.join_processes(torch.device("mps"))
 
 
 def test_fp32_is_the_books_arithmetic_without_tf32():

@@ -2,38 +2,45 @@
 
 The book's recipe comes first and reads top to bottom; `train_fine_tuning` and `train_ch13` take
 the book's arguments, train, and return the history, from Python or a notebook as in the book.
-The command line drives the same loop one epoch at a time (`fine_tuning_epochs`), printing and
-saving between epochs. What the book leaves out comes after the recipe: where and how the
-arithmetic runs, several processes, what a run shows, and resuming. Each is a wrapper around the
-recipe's objects or a one-line helper, and does nothing where it does not apply (one device,
-fp32, a fresh run).
+What the book leaves out comes after the recipe: where and how the arithmetic runs, and what a
+run shows; several processes and checkpoints have rooms of their own (processes.py,
+checkpoints.py). Each is a wrapper around the recipe's objects or a one-line helper, and does
+nothing where it does not apply (one device, fp32, no output folder).
 """
-import io
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+import checkpoints
 import data
 import plots
-from data import MEAN, STD, UserError, normalize, rank, world_size, write_whole
+from data import MEAN, STD, normalize
+from processes import all_reduce_sum, gather_in_order, parallel, rank, reshuffle, same_buffers, say, world_size
+from utils import UserError
 
 
 # ================================================================ the book's recipe
 def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_group=True, *,
-                      data_dir=None, devices=None, precision="amp"):
+                      data_dir=None, devices=None, precision="amp", out=None):
     """§14.2.2.3, called as the book calls it: trains on data_dir's train/ and test/ folders
     (default: the hot-dog set, downloaded on first use) on all GPUs (else MPS, else the CPU),
-    and returns the history, one dict of metrics per epoch."""
+    and returns the history, one dict of metrics per epoch. With out, a folder: model.pt after
+    every epoch, metrics.json and the curves at the end; called again with the same out, it
+    continues from the last whole epoch (a finished run returns its history)."""
     runtime = make_runtime(devices, precision)
     train_iter, test_iter = data.load_data(batch_size, data_dir)
-    epochs = fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs, param_group, runtime)
-    return train_and_show(epochs, runtime)
+    with checkpoints.writing_to(out):  # the output folder, where there is one
+        options = dict(learning_rate=learning_rate, batch_size=batch_size, param_group=param_group,
+                       data_dir=data_dir and os.path.abspath(data_dir), precision=precision)
+        about = checkpoints.described(options, getattr(net, "arch", "resnet18"), train_iter.dataset, runtime)
+        resume = checkpoints.continued(out, about)  # None: a fresh run
+        epochs = fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs, param_group, runtime, resume)
+        history = resume["history"] if resume else []
+        return train_and_show(checkpoints.saved(epochs, out, about, history, test_iter.dataset), runtime, history)
 
 
 def fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs=5, param_group=True,
@@ -78,8 +85,8 @@ def ch13_epochs(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime
     """§14.1's loop: each epoch, one pass over the training data, then the accuracy on the test
     data; yields an `Epoch` after each."""
     net = runtime.place(net)  # in place: the optimizer's parameters are still the net's
+    first_epoch = checkpoints.restore(resume, net, optimizer, runtime.scaler)  # 0 for a fresh run
     model = parallel(net, runtime.devices)  # `net` itself on one device
-    first_epoch = restore(resume, optimizer, runtime.scaler)  # 0 for a fresh run
     for epoch in range(first_epoch, num_epochs):
         reshuffle(train_iter, epoch)
         start = time.perf_counter()
@@ -131,7 +138,6 @@ def evaluate(net, test_iter, runtime):
 
 def accuracy(probs, labels):
     return (probs.argmax(1) == labels).float().mean().item()
-
 
 # ================================================================ where and how it runs
 def try_device(name=None):
@@ -229,24 +235,19 @@ def amp_dtype(device):
 
 
 # ================================================================ what a run shows
-def train_and_show(epochs, runtime):
+def train_and_show(epochs, runtime, history=()):
     """Train, showing it as the book's train_ch13 does: a line per epoch, the curves redrawn in
-    place in a notebook (the book's Animator), and the book's summary. Returns the history."""
-    history, animate = [], plots.animator()
+    place in a notebook (the book's Animator), and the book's summary. Returns the history: the
+    one given (a continued run's) and the new epochs'."""
+    history, animate = list(history), plots.animator()
     for epoch in epochs:
         history.append(epoch.metrics)
         say(epoch_line(epoch.metrics))
         animate(history)
     if history:
         say(summary_line(history[-1]))
-        say(f"{sum(m['examples_per_sec'] for m in history) / len(history):.1f} examples/sec on {runtime}")
+        say(f"{checkpoints.last_figures(history)['examples_per_sec']:.1f} examples/sec on {runtime}")
     return history
-
-
-def say(*args):
-    """print, on process 0 only."""
-    if rank() == 0:
-        print(*args, flush=True)
 
 
 def epoch_line(m):
@@ -300,153 +301,3 @@ def live_text():
         return lambda text: print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
     return None
 
-
-# ================================================================ several processes
-def join_processes(device):
-    """Under torchrun (or the command line's all-GPUs launcher), join the process group, one
-    GPU each; the device this process trains on, made the current one before anything else
-    touches CUDA (the bf16 check and memory figures read the current GPU)."""
-    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if several and device.type == "mps":
-        raise UserError("several processes on a Mac: gloo cannot carry MPS tensors; run one process "
-                        "(python finetune.py), or give device=cpu to each")
-    if several and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"process {device.index} of this machine has no GPU of its own: it has "
-                            f"{torch.cuda.device_count()}; start as many processes, or fewer")
-    if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current one
-        torch.cuda.set_device(device)
-    if several:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(),
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    return device
-
-
-def attempt_store():
-    """The processes' meeting point, its keys apart for each restart: torchrun's store outlives
-    the processes it restarts, and a restarted process reading the last attempt's addresses
-    would connect to a process that is gone (pytorch/pytorch#135712)."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0  # else torchrun hosts it
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=host)
-    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-
-
-def parallel(net, devices):
-    """The net over several devices: DistributedDataParallel over processes (the command line's
-    way), else in one process the book's nn.DataParallel over several GPUs; `net` itself on one."""
-    if world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(net, devices if devices[0].type == "cuda" else None)
-        model.register_comm_hook(None, allreduce_sum)
-        return model
-    return nn.DataParallel(net, devices) if len(devices) > 1 else net
-
-
-def allreduce_sum(process_group, bucket):
-    """DDP's own hook averages the gradients over processes: sum them instead, so the gradient
-    is the book's, of the loss summed over the global batch, and its learning rates hold."""
-    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
-    return work.get_future().then(lambda future: future.value()[0])
-
-
-def gathered(obj):
-    """[obj of process 0, obj of process 1, ...], on every process; [obj] on one."""
-    if world_size() == 1:
-        return [obj]
-    objs = [None] * world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-def from_process_0(obj):
-    """obj as process 0 has it, on every process (a checkpoint that only process 0 can read)."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, 0)
-    return box[0]
-
-
-def reshuffle(train_iter, epoch):
-    """A new shuffle each epoch under DistributedSampler (the plain loader reshuffles itself)."""
-    if hasattr(train_iter.sampler, "set_epoch"):
-        train_iter.sampler.set_epoch(epoch)
-
-
-def all_reduce_sum(tensor):
-    if world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def same_buffers(net):
-    """Give every process process 0's BatchNorm statistics. DDP sends them before each training
-    forward, not after the last one, so the processes would evaluate different nets."""
-    for buffer in net.buffers() if world_size() > 1 else []:
-        dist.broadcast(buffer, 0)
-
-
-def gather_in_order(probs, labels):
-    """The batches' probabilities and labels, each joined into one tensor. Process r evaluated
-    examples r, r + world, r + 2 world, ...: put them back in order."""
-    if not labels:  # more processes than test images: this one has none
-        probs, labels = [torch.empty(0, 0)], [torch.empty(0, dtype=torch.long)]
-    probs, labels = torch.cat(probs), torch.cat(labels)
-    if world_size() == 1:
-        return probs, labels
-    parts = gathered((probs, labels))
-    n = sum(len(part_labels) for _, part_labels in parts)
-    classes = max(part_probs.shape[1] for part_probs, _ in parts)  # an empty part has 0
-    probs, labels = torch.empty(n, classes), torch.empty(n, dtype=labels.dtype)
-    for r, (part_probs, part_labels) in enumerate(parts):
-        probs[r::world_size()], labels[r::world_size()] = part_probs.reshape(-1, classes), part_labels
-    return probs, labels
-
-
-# ================================================================ resuming
-def rng_states():
-    """Every process's random-number state (each draws its own augmentations). Not the GPUs':
-    nothing in training draws from them, and a machine with fewer GPUs could not take them back."""
-    return gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
-
-
-def restore(resume, optimizer, scaler):
-    """Continue a loaded checkpoint (the caller has loaded the weights): returns the number of
-    epochs it had finished, 0 for a fresh run. The random-number states come back where the
-    processes are as many as they were (otherwise each keeps its fresh seed)."""
-    if not resume:
-        return 0
-    optimizer.load_state_dict(resume["optimizer"])
-    if resume["scaler"] and scaler.is_enabled():  # empty when written without fp16
-        scaler.load_state_dict(resume["scaler"])
-    states = resume["rng"] if isinstance(resume["rng"], list) else [resume["rng"]]  # older: one dict
-    if len(states) == world_size():
-        torch.set_rng_state(states[rank()]["torch"])
-        random.setstate(states[rank()]["python"])
-    return len(resume["history"])
-
-
-def save_checkpoint(path, epoch, history, meta):
-    """On every process (each adds its random-number state), and written by process 0, through
-    a temporary name: a crash or a full disk never leaves half a checkpoint. It is made in
-    memory first, so that any failure to write is the file's OSError, not torch.save's."""
-    rng = rng_states()
-    if rank() == 0:
-        buffer = io.BytesIO()
-        torch.save({**epoch.state, "history": history, "rng": rng, **meta}, buffer)
-        write_whole(path, buffer.getvalue())
-
-
-def load_checkpoint(path):
-    """A model.pt that training wrote: the weights, the classes, the test transforms' settings,
-    and what resuming needs."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; give the model.pt of a training run") from None
-    except Exception as e:
-        raise UserError(f"{path} is not a checkpoint of this program ({str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or "history" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this program; give the model.pt of a training run")
-    return ckpt

@@ -1,0 +1,182 @@
+"""Photos as devices write them: reading any image upright as 8-bit RGB (EXIF turns, 16-bit and
+float pixels, CMYK, GIF, HEIC), and finding images in folders as people's machines fill them
+(hidden and system files, links, names in either Unicode form, files that cannot be read)."""
+import contextlib
+import functools
+import os
+import sys
+import unicodedata
+import warnings
+
+import numpy as np
+import torchvision
+from PIL import Image, ImageOps
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+from processes import say
+from utils import UserError
+
+# torchvision's image types, and what phones and the web also give: GIF, and HEIC (read where the
+# pillow-heif plugin is installed, and otherwise named as unreadable, never skipped unsaid).
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", ".heic", ".heif")
+# PIL refuses images over 89 megapixels as possible decompression bombs, and phones take 108.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+# ---------------------------------------------------------------- reading an image
+def load_rgb(path):
+    """Any image as 8-bit RGB, the way up it was taken: the EXIF orientation applied (phones store
+    portraits sideways), 16-bit and floating-point pixels scaled to 8 bits (PIL would clip them),
+    grey, palette, alpha and CMYK converted, a GIF's first frame."""
+    return read_image(path, upright_rgb)
+
+
+def upright_rgb(img):
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the pixels
+    if img.mode.startswith("I") or img.mode == "F":  # 16-bit grey (I;16, I) and float (F)
+        img = Image.fromarray(eight_bits(np.asarray(img)))
+    return img.convert("RGB")
+
+
+def eight_bits(pixels):
+    """Pixels as 0 to 255, from their full scale: 65535 for 16-bit integers; for floating-point
+    ones, 1 or 255 where none passes it, else 65535."""
+    full = 65535
+    if pixels.dtype.kind == "f" and pixels.max() <= 255:
+        full = 1 if pixels.max() <= 1 else 255
+    return np.clip(pixels * (255 / full) + 0.5, 0, 255).astype(np.uint8)
+
+
+def image_size(path):
+    """(width, height) from the image's header, without decoding its pixels; an EXIF turn swaps
+    them, which changes no pixel count."""
+    return read_image(path, lambda img: img.size)
+
+
+def read_image(path, read):
+    """read(the opened image), naming the file if it is damaged, not an image, or so large that
+    it could be a decompression bomb."""
+    heif_plugin()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return read(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"cannot read image {path} ({e}); raise the limit to read it: "
+                        "PIL.Image.MAX_IMAGE_PIXELS (--max-megapixels on the command line)") from None
+    except OSError as e:
+        fix = ("install the HEIC plugin: pip install pillow-heif" if path.lower().endswith((".heic", ".heif"))
+               else "delete or replace that file")
+        raise UserError(f"cannot read image {path} ({e.strerror or e}); {fix}") from None
+
+
+@functools.cache
+def heif_plugin():
+    """Let PIL read HEIC photos (iPhones' default), where the pillow-heif plugin is installed."""
+    with contextlib.suppress(ImportError):
+        from pillow_heif import register_heif_opener
+        register_heif_opener()
+
+
+# ---------------------------------------------------------------- finding images in folders
+def ignored(name):
+    """Never a class or an image: hidden names (.ipynb_checkpoints, .DS_Store, macOS's ._x.jpg),
+    what NAS boxes and Windows add (Synology's @eaDir, Thumbs.db, desktop.ini), and __MACOSX."""
+    return name.startswith((".", "@")) or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
+
+
+def nfc(name):
+    """A name in Unicode's composed form: a Mac writes "é" as "e" and an accent (NFD), others as one
+    character (NFC), and the two must be one class."""
+    return unicodedata.normalize("NFC", name)
+
+
+def image_files(folder):
+    """The image files under folder, sorted: links to files and folders followed, but no folder
+    read twice (a link back up would loop) and no file taken twice; ignored names skipped."""
+    found, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            folders[:] = []
+            continue
+        seen.add(os.path.realpath(root))
+        folders[:] = [name for name in folders if not ignored(name)]
+        found += sorted(os.path.join(root, name) for name in names
+                        if not ignored(name) and has_file_allowed_extension(name, IMAGE_EXTENSIONS))
+    return sorted(once(found))
+
+
+def once(paths):
+    """paths, each file once however many paths lead to it (links): the first path to it."""
+    first = {}
+    for path in paths:
+        first.setdefault(os.path.realpath(path), path)
+    return list(first.values())
+
+
+def class_folders(split):
+    """The class folders of a split, in the order of their NFC names; the layout is
+    split/<class>/<image>, with two classes or more."""
+    entries = [e for e in os.scandir(split) if not ignored(e.name)]
+    classes = sorted((e.name for e in entries if e.is_dir()), key=nfc)
+    loose = [e.name for e in entries if e.is_file() and has_file_allowed_extension(e.name, IMAGE_EXTENSIONS)]
+    if loose or len(classes) < 2:
+        found = f"images ({loose[0]}, ...) but " if loose else ""
+        raise UserError(f"{split} holds {found}{len(classes)} class folder(s) {classes}; the layout is "
+                        f"{os.path.basename(split)}/<class>/<image>, with two classes or more")
+    return classes
+
+
+def readable(samples):
+    """The samples whose images can be read, and their sizes, from the headers alone. Those that
+    cannot be read are left out, with one note: how many, and what the first one needs."""
+    kept, sizes, failed = [], [], []
+    for path, target in samples:
+        try:
+            sizes.append(image_size(path))
+            kept.append((path, target))
+        except UserError as e:
+            failed.append(str(e))
+    if failed and not kept:
+        raise UserError(f"none of the {len(failed)} images can be read; the first: {failed[0]}")
+    if failed:
+        say(f"note: left out {len(failed)} file(s) that cannot be read as images; the first: {failed[0]}",
+            file=sys.stderr)
+    return kept, sizes
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder, for folders as people's devices write them: ignored names are
+    never classes or images (pytorch/vision#2831: Jupyter's .ipynb_checkpoints/ would be a class),
+    links are followed but no folder is read twice, classes sort by their NFC names, and images
+    are read by load_rgb. Those that cannot be read are left out with a note (`readable`);
+    `sizes` holds the (width, height) of the others."""
+
+    def __init__(self, split, transform=None):
+        super().__init__(split, transform, loader=load_rgb)
+        self.samples, self.sizes = readable(self.samples)
+        self.imgs, self.targets = self.samples, [target for _, target in self.samples]
+        self.where = f"in {os.path.basename(os.path.normpath(split))}/"  # for the run's header line
+        self.held_out = None  # where split_by_class made it: the held-out paths
+
+    def find_classes(self, directory):
+        classes = class_folders(directory)
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples = []
+        for name, target in class_to_idx.items():
+            paths = image_files(os.path.join(directory, name))
+            if not paths:
+                raise UserError(f"{os.path.join(directory, name)} holds no images; put images in every "
+                                "class folder, or remove it")
+            samples += [(path, target) for path in paths]
+        return samples
+
+
+def image_paths(items):
+    """The images among items, each once however often it is named: files as given, folders
+    searched (image_files)."""
+    return once(path for item in items for path in (image_files(item) if os.path.isdir(item) else [item]))

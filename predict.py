@@ -1,0 +1,77 @@
+"""Prediction: a trained model.pt classifies image files and folders of them, in batches, through
+the test augmentations its run used.
+
+    import predict
+    for p in predict.predict("runs/pretrained/model.pt", ["photos/"]):
+        print(p.path, p.label, p.probability)
+"""
+import csv
+import io
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import checkpoints
+import data
+import models
+import train
+from photos import image_paths, load_rgb
+from utils import UserError, write_whole
+
+
+@dataclass
+class Prediction:
+    """One image's prediction: the most likely class, its probability, and every class's."""
+    path: str
+    label: str
+    probability: float
+    probabilities: dict  # class name: probability
+
+
+def predict(model, images, batch_size=128, workers=None, device=None, precision="amp"):
+    """Classify images (files, and folders searched for them) with model, a model.pt written by
+    training (or its run's folder). Returns one Prediction per image that could be read, in the
+    order given; each one that could not is named on stderr."""
+    ckpt = checkpoints.load_checkpoint(checkpoints.checkpoint_in(model))
+    paths = image_paths(images)
+    if not paths:
+        raise UserError(f"found no images in {' '.join(map(str, images))}; give image files or folders of them")
+    settings, classes = ckpt["transform"], ckpt["classes"]
+    augs = data.make_test_augs(settings["resize"], settings["crop"], settings.get("interpolation", "bilinear"))
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, augs, settings["crop"]), batch_size,
+                                         num_workers=data.default_workers() if workers is None else workers)
+    runtime = train.make_runtime(device, precision)
+    probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)
+    return [Prediction(paths[i], classes[p.argmax()], p.max().item(), dict(zip(classes, p.tolist())))
+            for i, p in zip(index.tolist(), probs) if i >= 0]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images to predict, each with its index; one that cannot be read is named on stderr and
+    comes as a blank image with index -1, so the others are still predicted."""
+
+    def __init__(self, paths, augs, crop):
+        self.paths, self.augs, self.crop = paths, augs, crop
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.augs(load_rgb(self.paths[i])), i
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), -1
+
+
+def write_csv(predictions, path):
+    """predictions.csv: a row per image, its path, class and probability, then every class's."""
+    classes = list(predictions[0].probabilities) if predictions else []
+    table = io.StringIO()
+    csv.writer(table).writerows([["path", "class", "probability", *classes]]
+                                + [[p.path, p.label, f"{p.probability:.4f}", *(f"{q:.4f}" for q in p.probabilities.values())]
+                                   for p in predictions])
+    write_whole(path, table.getvalue().encode())
+    return path

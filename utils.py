@@ -1,0 +1,67 @@
+"""The ground floor every other module stands on: the error bad input raises, and writing files
+whole through a temporary name."""
+import contextlib
+import errno
+import os
+import shutil
+
+
+class UserError(Exception):
+    """Bad input: the message names the problem and the fix, and is shown as one line."""
+
+
+@contextlib.contextmanager
+def whole(path):
+    """The temporary name to write path under (a file or a folder): renamed to path when the
+    block ends, removed if it fails. A crash or a full disk never leaves half a file, and the
+    last whole one stays."""
+    part = path + ".part"
+    remove(part)  # what an interrupted run left
+    try:
+        yield part
+        os.replace(part, path)
+    except BaseException:
+        remove(part)
+        raise
+
+
+def remove(path):
+    """Remove a file or a folder, if there is one."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def write_whole(path, content):
+    """Write bytes to path (through `whole`); a failed write is one UserError naming the path."""
+    try:
+        with whole(path) as part, open(part, "wb") as f:
+            f.write(content)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); {what_to_do(e)}") from None
+
+
+def writable_folder(path):
+    """path, created if need be, once a probe file has been written in it: a folder that cannot
+    be written to is found before any work is done."""
+    probe = os.path.join(path, ".write-probe")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write in the folder {path} ({e.strerror or e}); {what_to_do(e)}") from None
+    return path
+
+
+def what_to_do(error):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space there, or write to another folder"
+    return "choose a folder you can write to"
+
+
+def first_line(error):
+    """An exception's message as one line; its type's name where the message is empty."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
