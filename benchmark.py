@@ -15,11 +15,12 @@ import itertools  # noqa: E402
 import resource  # noqa: E402
 
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
-from train import make_runtime, train_epoch, try_device  # noqa: E402
+import runs  # noqa: E402
+from train import fine_tuning_optimizer, make_runtime, train_epoch, try_device  # noqa: E402
+from utils import UserError  # noqa: E402
 
 IMPORT_SEC = time.perf_counter() - START
 
@@ -59,15 +60,14 @@ def main():
     args = p.parse_args()
     if not (args.dummy or args.data_dir):
         p.error("give --data-dir DIR or --dummy")
-    if args.arch not in torchvision.models.list_models(module=torchvision.models):
-        p.error(f"--arch {args.arch} is not one of torchvision's ImageNet classifiers; "
-                "torchvision.models.list_models(module=torchvision.models) lists them")
-    device = try_device(args.device)
+    try:
+        options = runs.settled("scratch", dict(data_dir=args.data_dir, dummy=args.dummy, arch=args.arch,
+                                               workers=args.workers, cache_gb=0 if args.no_cache else None))
+        device = try_device(args.device)
+    except UserError as e:
+        p.error(str(e))
     start = time.perf_counter()
-    budget = 0 if args.no_cache else None
-    sets = data.fake_data() if args.dummy else data.image_folders(args.data_dir, budget, args.workers)
-    size = models.preprocessing(args.arch)
-    sets[0].transform = data.make_train_augs(size["crop"], size["interpolation"])
+    sets = runs.load_sets(options)  # the command line's data, at the sizes the arch was trained at
     data_sec = time.perf_counter() - start
     train_iter, _ = data.make_loaders(*sets, args.batch_size, args.workers)
     batches = args.batches or len(train_iter)
@@ -75,7 +75,8 @@ def main():
     # the recipe's net, optimizer and precision; speed does not depend on the weights
     runtime = make_runtime(device, args.precision)
     net = runtime.place(models.scratch_net(len(data.class_names(sets[0])), args.arch))
-    optimizer = torch.optim.SGD(net.parameters(), lr=5e-5, weight_decay=1e-3)
+    optimizer = fine_tuning_optimizer(net, 5e-5)
+    size = models.preprocessing(args.arch)
 
     start = time.perf_counter()
     X, y = next(iter(train_iter))  # starts the (persistent) workers

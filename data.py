@@ -320,9 +320,11 @@ def class_names(dataset):
     return getattr(dataset, "classes", None) or [str(i) for i in range(dataset.num_classes)]
 
 
-def default_workers():
-    """One loader process per core this process may use, shared among the processes on this
-    machine, at most 16."""
+def default_workers(workers=None):
+    """workers, where given; else one loader process per core this process may use, shared
+    among the processes on this machine, at most 16."""
+    if workers is not None:
+        return workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(16, cores // local_processes()))
 

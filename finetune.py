@@ -21,7 +21,7 @@ import plots
 import predict
 import runs
 from photos import Image, image_paths
-from processes import rank, say
+from processes import job_size, rank, say, under_torchrun
 from utils import UserError, writable_folder
 
 MODES = {"pretrained": "fine-tune the ImageNet resnet18", "scratch": "train resnet18 from random weights",
@@ -104,12 +104,11 @@ def train(options):
     """--pretrained, --scratch, --compare and --resume: train, then the results."""
     resume = options.pop("resume", None)
     trained = runs.resume(resume, **options) if resume else runs.train_runs(options.pop("mode"), **options)
-    if rank() == 0:
-        for result in trained.results:
-            print_confusion(result)
-        if len(trained.results) > 1:
-            print_table(trained.results)
-        print(f"wrote {trained.out}")
+    for result in trained.results:
+        print_confusion(result)
+    if len(trained.results) > 1:
+        print_table(trained.results)
+    say(f"wrote {trained.out}")
     return 0
 
 
@@ -117,20 +116,20 @@ def print_confusion(result):
     """The confusion matrix of a run's evaluation, up to 10 classes."""
     classes = result["classes"]
     if "confusion" in result and len(classes) <= 10:
-        print(f"{result['name']}: confusion (rows: true class, columns: predicted):")
+        say(f"{result['name']}: confusion (rows: true class, columns: predicted):")
         for c, row in zip(classes, result["confusion"]):
-            print(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row))
+            say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row))
 
 
 def print_table(results):
-    print(f"\n{'run':<24} {'loss':>6} {'train acc':>9} {'test acc':>8} {'ex/sec':>8}   book")
+    say(f"\n{'run':<24} {'loss':>6} {'train acc':>9} {'test acc':>8} {'ex/sec':>8}   book")
     for r in results:
         if r["args"]["dataset"] == "cifar10":
             book = f"test acc {runs.DATASETS['cifar10']['book_test_acc']}"
         else:
             book = "loss {:.3f}, train acc {:.3f}, test acc {:.3f}".format(*runs.RECIPES[r["mode"]]["book"])
-        print(f"{r['name']:<24} {r['loss']:6.3f} {r['train_acc']:9.3f} {r['test_acc']:8.3f} "
-              f"{r['examples_per_sec']:8.1f}   {book}")
+        say(f"{r['name']:<24} {r['loss']:6.3f} {r['train_acc']:9.3f} {r['test_acc']:8.3f} "
+            f"{r['examples_per_sec']:8.1f}   {book}")
 
 
 def predict_images(options):
@@ -190,7 +189,7 @@ def guarded(fn, options):
               file=sys.stderr)
         return 2
     except RuntimeError as e:  # another process died (killed, out of memory): torchrun restarts all
-        if int(os.environ.get("WORLD_SIZE", 1)) == 1 or "gloo" not in str(e) and not isinstance(e, dist.DistError):
+        if job_size() == 1 or "gloo" not in str(e) and not isinstance(e, dist.DistError):
             raise
         say("error: another process of this run stopped; with torchrun --max-restarts the "
             "run continues from its last epoch", file=sys.stderr)
@@ -248,7 +247,7 @@ def main(argv=None):
     if "predict" in options or options.get("mode") == "show-samples":  # under torchrun, once: by process 0
         return 0 if rank() > 0 else guarded(predict_images if "predict" in options else show_samples, options)
     gpus = torch.cuda.device_count() if run_device(options) in (None, "cuda") else 0
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+    if gpus > 1 and not under_torchrun():
         return on_all_gpus(argv, gpus)
     return guarded(train, options)
 

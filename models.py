@@ -1,5 +1,6 @@
 """The networks of D2L §14.2: resnet18 fine-tuned from ImageNet, or trained from scratch; and the
 same recipe for any of torchvision's ImageNet classifiers."""
+import functools
 import os
 import re
 
@@ -111,6 +112,7 @@ class WithFc(nn.Module):
         return self.fc(self.body(X))
 
 
+@functools.cache  # each run's data, checkpoint and header ask for it
 def preprocessing(arch="resnet18"):
     """The image sizes and interpolation arch's ImageNet weights were trained with (resnet18: the
     book's crop of 224 from 256, bilinear), for data.make_train_augs and make_test_augs."""

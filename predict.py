@@ -41,7 +41,7 @@ def predict(model, images, batch_size=128, workers=None, device=None, precision=
     settings, classes = ckpt["transform"], ckpt["classes"]
     augs = data.make_test_augs(settings["resize"], settings["crop"], settings.get("interpolation", "bilinear"))
     loader = torch.utils.data.DataLoader(ImageFiles(paths, augs, settings["crop"]), batch_size,
-                                         num_workers=data.default_workers() if workers is None else workers)
+                                         num_workers=data.default_workers(workers))
     runtime = train.make_runtime(device, precision)
     probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)
     return [Prediction(paths[i], classes[p.argmax()], p.max().item(), dict(zip(classes, p.tolist())))

@@ -21,6 +21,16 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def under_torchrun():
+    """Whether torchrun (or the command line's all-GPUs start) started this process."""
+    return "WORLD_SIZE" in os.environ
+
+
+def job_size():
+    """How many processes torchrun started for this job, before they join (WORLD_SIZE); 1 alone."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def local_rank():
     """This process's rank among those on its machine (torchrun's LOCAL_RANK)."""
     return int(os.environ.get("LOCAL_RANK", 0))
@@ -53,7 +63,7 @@ def join_processes(device):
     """Under torchrun (or the command line's all-GPUs start), join the process group, one GPU
     each; the device this process trains on, made the current one before anything else touches
     CUDA (the bf16 check and memory figures read the current GPU)."""
-    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    several = job_size() > 1
     if several and device.type == "mps":
         raise UserError("several processes on a Mac: gloo cannot carry MPS tensors; run one process "
                         "(python finetune.py), or give device=cpu to each")
@@ -66,7 +76,7 @@ def join_processes(device):
         torch.cuda.set_device(device)
     if several:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(),
-                                rank=rank(), world_size=int(os.environ["WORLD_SIZE"]))
+                                rank=rank(), world_size=job_size())
     return device
 
 
@@ -80,8 +90,7 @@ def attempt_store():
     the processes it restarts, and a restarted process reading the last attempt's addresses
     would connect to a process that is gone (pytorch/pytorch#135712)."""
     host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank() == 0  # else torchrun hosts it
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          int(os.environ["WORLD_SIZE"]), is_master=host)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), job_size(), is_master=host)
     return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 

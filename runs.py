@@ -79,7 +79,7 @@ def settled(mode, given):
     options = {**OPTIONS, **given, "mode": mode, "typed": given.get("typed", sorted(given))}
     options["arch"] = models.check_arch(options["arch"])
     options["epochs"] = options["epochs"] or DATASETS[options["dataset"]]["epochs"]
-    options["workers"] = data.default_workers() if options["workers"] is None else options["workers"]
+    options["workers"] = data.default_workers(options["workers"])
     for key in checkpoints.PATHS:
         options[key] = options[key] and os.path.abspath(options[key])
     return options
@@ -157,11 +157,11 @@ def train_all(options, out, device):
     return results
 
 
-def load_sets(options, out):
+def load_sets(options, out=None):
     """The data the options name, augmented at the sizes the arch was trained at (resnet18: the
-    book's augmentations). A continued run holds out the images it held out before."""
-    split = os.path.join(out, "held_out.txt")
-    held_out = open(split, encoding="utf-8").read().splitlines() if os.path.exists(split) else None
+    book's augmentations). A run continued in out holds out the images it held out before."""
+    split = out and os.path.join(out, "held_out.txt")
+    held_out = open(split, encoding="utf-8").read().splitlines() if split and os.path.exists(split) else None
     budget = None if options["cache_gb"] is None else int(options["cache_gb"] * 2**30)
     sets = data.datasets(options["data_dir"], "dummy" if options["dummy"] else options["dataset"],
                          options["data_root"], cache_budget=budget, workers=options["workers"] or 1,

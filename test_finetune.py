@@ -28,6 +28,7 @@ import finetune
 import models
 import photos
 import plots
+import predict
 import processes
 import runs
 import train
@@ -979,6 +980,50 @@ def test_the_books_train_fine_tuning_trains_and_returns_the_history(folder, caps
     assert len(history) == 1 and history[0]["examples"] == 8
 
 
+def test_the_books_call_with_out_keeps_a_run_that_continues_and_predicts(folder, tmp_path, capsys):
+    """train_fine_tuning(..., out=DIR): model.pt after every epoch, metrics.json and the curves
+    at the end; called again with more epochs it trains only those; a finished run returns its
+    history untrained; another learning rate is refused; predict.predict reads the model.pt."""
+    out = str(tmp_path / "run")
+    fine_tune = lambda lr, epochs: train.train_fine_tuning(models.scratch_net(), lr, 4, epochs, param_group=False,
+                                                           data_dir=folder, precision="fp32", out=out)
+    first = fine_tune(5e-4, 1)
+    assert len(first) == 1 and {"model.pt", "metrics.json", "curves.png"} <= set(os.listdir(out))
+    capsys.readouterr()
+    both = fine_tune(5e-4, 2)
+    printed = capsys.readouterr().out
+    assert [m["epoch"] for m in both] == [1, 2] and both[0] == first[0]
+    assert "epoch 2:" in printed and "epoch 1:" not in printed
+    assert json.load(open(os.path.join(out, "metrics.json")))["history"] == both
+    assert fine_tune(5e-4, 2) == both and "epoch " not in capsys.readouterr().out  # finished: nothing trained
+    with pytest.raises(UserError, match=r"model.pt was made with other options \(learning_rate: 0.0005 there, 0.001 now\)"):
+        fine_tune(1e-3, 3)
+    test = os.path.join(folder, "test")
+    predictions = predict.predict(os.path.join(out, "model.pt"), [test], workers=0, precision="fp32")
+    assert [p.path for p in predictions] == photos.image_files(test)
+    net = models.saved_net(torch.load(os.path.join(out, "model.pt"), weights_only=True))
+    _, test_set = data.image_folders(folder)
+    probs, _ = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
+    for p, q in zip(predictions, probs):
+        assert list(p.probabilities.values()) == pytest.approx(q.tolist(), abs=1e-5)
+        assert p.label == test_set.classes[q.argmax()] and p.probability == pytest.approx(q.max().item(), abs=1e-5)
+
+
+def test_whole_runs_from_python_return_their_results(folder, tmp_path, capsys):
+    """runs.train_runs and runs.resume: the command line's runs, with keyword arguments."""
+    out = str(tmp_path / "run")
+    trained = runs.train_runs("scratch", out, data_dir=folder, epochs=1, batch_size=8, workers=0)
+    assert trained.out == out and len(trained.results) == 1
+    assert trained.results[0] == json.load(open(os.path.join(out, "metrics.json")))
+    resumed = runs.resume(out, epochs=2)
+    assert [m["epoch"] for m in resumed.results[0]["history"]] == [1, 2]
+    for call, message in ((lambda: runs.train_runs("scratch", out, data_dir=folder, batch_sise=8), "batch_sise"),
+                          (lambda: runs.resume(out, batch_size=4), "batch_size: 8 there, 4 now"),
+                          (lambda: runs.resume(out, out=str(tmp_path / "elsewhere")), "continues in its own folder")):
+        with pytest.raises(UserError, match=message):
+            call()
+
+
 def test_train_ch13_takes_the_books_float_loaders_and_normalises_once(folder):
     """The book's own loaders (ToTensor + Normalize) reach the net as they are; uint8 batches
     would be normalised on the device instead."""
@@ -1038,6 +1083,11 @@ def test_the_notebook_runs_cell_by_cell_in_a_kernel(tmp_path, monkeypatch):
     assert "epoch 5: loss" in text and "batch 1/1" in text and images == 1  # curves redrawn in place
     assert outputs("plots.show_images(hotdogs + not_hotdogs, 2, 8, scale=1.4)")[1] == 1
     assert "inline" in outputs("matplotlib.get_backend()")[0]
+    text, _ = outputs("num_epochs=2, out='runs/kept')")
+    assert "epoch 2: loss" in text and "epoch 1: loss" not in text  # continued, not trained again
+    assert len(json.load(open(tmp_path / "runs" / "kept" / "metrics.json"))["history"]) == 2
+    lines = outputs("predict.predict('runs/kept/model.pt'")[0].splitlines()
+    assert len(lines) == 4 and all(line.split()[1] in ("hotdog", "not-hotdog") for line in lines)
     assert not os.path.exists(os.path.join(HERE, "data", "hotdog", "train", "hotdog", "7.png"))
 
 

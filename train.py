@@ -27,16 +27,15 @@ from utils import UserError
 def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_group=True, *,
                       data_dir=None, devices=None, precision="amp", out=None):
     """§14.2.2.3, called as the book calls it: trains on data_dir's train/ and test/ folders
-    (default: the hot-dog set, downloaded on first use) on all GPUs (else MPS, else the CPU),
-    and returns the history, one dict of metrics per epoch. With out, a folder: model.pt after
-    every epoch, metrics.json and the curves at the end; called again with the same out, it
-    continues from the last whole epoch (a finished run returns its history)."""
+    (default: the hot-dog set, downloaded on first use) on all GPUs (else MPS, else the CPU), and
+    returns the history, one dict of metrics per epoch. With out, a folder keeps the run
+    (checkpoints.saved), and the same call again continues it."""
     runtime = make_runtime(devices, precision)
     train_iter, test_iter = data.load_data(batch_size, data_dir)
     with checkpoints.writing_to(out):  # the output folder, where there is one
-        options = dict(learning_rate=learning_rate, batch_size=batch_size, param_group=param_group,
-                       data_dir=data_dir and os.path.abspath(data_dir), precision=precision)
-        about = checkpoints.described(options, getattr(net, "arch", "resnet18"), train_iter.dataset, runtime)
+        about = checkpoints.described(dict(learning_rate=learning_rate, batch_size=batch_size, param_group=param_group,
+                                           data_dir=data_dir and os.path.abspath(data_dir), precision=precision),
+                                      getattr(net, "arch", "resnet18"), train_iter.dataset, runtime)
         resume = checkpoints.continued(out, about)  # None: a fresh run
         epochs = fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs, param_group, runtime, resume)
         history = resume["history"] if resume else []
@@ -45,23 +44,26 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
 
 def fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs=5, param_group=True,
                        runtime=None, resume=None):
-    """The recipe one epoch at a time: yields an `Epoch` after each. With param_group, the new
-    output layer learns at 10x the base learning rate."""
+    """The recipe one epoch at a time: yields an `Epoch` after each."""
     # The book sums the loss over the batch, and its learning rates (5e-5, 5e-4) assume that
     # sum: with the mean they would be 128x too small.
     loss = nn.CrossEntropyLoss(reduction="none")
+    optimizer = fine_tuning_optimizer(net, learning_rate, param_group)
+    yield from ch13_epochs(net, train_iter, test_iter, loss, optimizer, num_epochs,
+                           runtime or make_runtime(), resume)
+
+
+def fine_tuning_optimizer(net, learning_rate, param_group=True):
+    """The book's SGD. With param_group, the new output layer learns at 10x the base learning rate."""
     if param_group:
         params_1x = [param for name, param in net.named_parameters()
                      if name not in ["fc.weight", "fc.bias"]]
-        optimizer = torch.optim.SGD([{'params': params_1x},
-                                     {'params': net.fc.parameters(),
-                                      'lr': learning_rate * 10}],
-                                    lr=learning_rate, weight_decay=0.001)
-    else:
-        optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate,
-                                    weight_decay=0.001)
-    yield from ch13_epochs(net, train_iter, test_iter, loss, optimizer, num_epochs,
-                           runtime or make_runtime(), resume)
+        return torch.optim.SGD([{'params': params_1x},
+                                {'params': net.fc.parameters(),
+                                 'lr': learning_rate * 10}],
+                               lr=learning_rate, weight_decay=0.001)
+    return torch.optim.SGD(net.parameters(), lr=learning_rate,
+                           weight_decay=0.001)
 
 
 def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=None, *, precision="amp"):
