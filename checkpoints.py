@@ -20,7 +20,7 @@ import data
 import models
 import plots
 from processes import from_process_0, gathered, rank, world_size
-from utils import UserError, first_line, writable_folder, write_whole
+from utils import UserError, first_line, remove_empty_folders, writable_folder, write_whole
 
 # What may differ when a run continues; every other option must be the one the run began with.
 MAY_CHANGE = {"epochs", "num_epochs", "device", "devices", "workers", "max_megapixels", "cache_gb",
@@ -51,13 +51,6 @@ def writing_to(folder):
                 remove_empty_folders(folder)
 
 
-def remove_empty_folders(folder):
-    """Remove folder and the folders in it where nothing was written."""
-    for root, _, _ in reversed(list(os.walk(folder))):  # the deepest first
-        with contextlib.suppress(OSError):  # not empty
-            os.rmdir(root)
-
-
 # ---------------------------------------------------------------- continuing
 def load_checkpoint(path):
     """A model.pt that training wrote: the weights, the classes, the test transforms' settings,
@@ -67,6 +60,15 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or "history" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this program; {fix}")
     return ckpt
+
+
+def held_out(folder):
+    """The images a run in folder held out for testing (a split of class folders), as its
+    checkpoint keeps them; None where no run there has finished an epoch. What a run that never
+    began left behind is never reused."""
+    with contextlib.suppress(UserError):
+        return load_checkpoint(checkpoint_in(folder)).get("held_out")
+    return None
 
 
 def checkpoint_in(path):
@@ -162,6 +164,7 @@ def saved(epochs, folder, about, history=(), test_set=None):
         history.append(epoch.metrics)
         if folder:
             save_checkpoint(os.path.join(folder, "model.pt"), epoch, history, about)
+            write_held_out(folder, about.get("held_out"))
         yield epoch
     if folder and epoch and rank() == 0:
         write_results(folder, results(history, epoch, about), epoch, test_set)
@@ -178,13 +181,19 @@ def save_checkpoint(path, epoch, history, about):
         write_whole(path, buffer.getvalue())
 
 
+def write_held_out(folder, paths):
+    """held_out.txt, beside the checkpoint that keeps the same list: the images a split held out."""
+    if paths is not None and rank() == 0:
+        write_whole(os.path.join(folder, "held_out.txt"), "".join(p + "\n" for p in paths).encode())
+
+
 def results(history, epoch, about):
     """What metrics.json holds: the run's description, the last epoch's figures, the mean
     examples/sec, the history, the confusion matrix (rows: true class) and the versions."""
     classes = about["classes"]
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     confusion.index_put_((epoch.labels, epoch.probs.argmax(1)), torch.ones_like(epoch.labels), accumulate=True)
-    return dict(**{k: v for k, v in about.items() if k != "transform"}, **last_figures(history),
+    return dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")}, **last_figures(history),
                 world_size=world_size(), history=history, confusion=confusion.tolist(),
                 versions=dict(python=platform.python_version(), torch=torch.__version__,
                               torchvision=torchvision.__version__))

@@ -5,6 +5,7 @@ import copy
 import hashlib
 import http.client
 import itertools
+import math
 import os
 import sys
 import urllib.request
@@ -16,9 +17,9 @@ import torchvision
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2
 
-from photos import ImageFolder, class_folders, ignored, load_rgb, nfc
+from photos import ImageFolder, class_folders, ignored, left_out, load_rgb, nfc
 from processes import local_processes, rank, say, world_size
-from utils import UserError, what_to_do, whole, writable_folder
+from utils import UserError, missing_folders, remove_empty_folders, what_to_do, whole, writable_folder
 
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
@@ -35,8 +36,11 @@ def sha1_of(path):
 
 
 def download(url, path, sha1=None):
-    """Fetch url into path (through a temporary name); a bad file is removed, never kept."""
+    """Fetch url into path (through a temporary name); a bad file is removed, never kept, and a
+    folder made for it and left empty too."""
     if not os.path.exists(path):
+        new = missing_folders(os.path.dirname(path) or ".")
+        writable_folder(os.path.dirname(path) or ".")
         try:
             with whole(path) as part, urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
                 expected = int(r.headers.get("Content-Length", -1))
@@ -44,6 +48,8 @@ def download(url, path, sha1=None):
                 if expected >= 0 and f.tell() != expected:
                     raise OSError(f"the connection closed after {f.tell()} of {expected} bytes")
         except (OSError, http.client.HTTPException) as e:  # no network, refused, truncated
+            for folder in new:
+                remove_empty_folders(folder)
             raise UserError(f"cannot download {url} ({e}); fetch it on a machine with network "
                             f"and put it at {path}") from None
     if sha1 and sha1_of(path) != sha1:
@@ -89,7 +95,7 @@ def get_hotdog(root="data", url=HOTDOG_URL, sha1=HOTDOG_SHA1):
     """The hot-dog set (D2L §14.2.2.1) under root/hotdog, downloaded and extracted on first use."""
     folder = os.path.join(root, "hotdog")
     if not os.path.isdir(folder):
-        extract(download(url, os.path.join(writable_folder(root), "hotdog.zip"), sha1), folder)
+        extract(download(url, os.path.join(root, "hotdog.zip"), sha1), folder)
     return folder
 
 
@@ -148,16 +154,21 @@ def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0,
 
 
 def layout(data_dir):
-    """How data_dir holds its images: "splits" (train/ and test/ or val/, as the book's), or
-    "classes" (class folders alone, to be split)."""
-    subfolders = [e.name for e in os.scandir(data_dir) if e.is_dir() and not ignored(e.name)] \
+    """How data_dir holds its images: "splits" (train/ beside test/ or val/, as the book's: any
+    other folder beside them is left unused), or "classes" (class folders alone, to be split)."""
+    splits = [name for name in subfolders(data_dir) if name.lower() in SPLITS]
+    classes = [name for name in subfolders(data_dir) if name.lower() not in SPLITS]
+    if not classes or "train" in map(str.lower, splits) and len(splits) > 1:
+        return "splits"
+    if splits:  # train/ alone (or test/) beside class folders: which is meant?
+        raise UserError(f"{data_dir} holds both {sorted(splits)} and class folders {sorted(classes)[:3]}; "
+                        "keep one layout: train/<class>/ and test/<class>/, or <class>/ alone, to be split")
+    return "classes"
+
+
+def subfolders(data_dir):
+    return [e.name for e in os.scandir(data_dir) if e.is_dir() and not ignored(e.name)] \
         if os.path.isdir(data_dir) else []
-    classes = [name for name in subfolders if name.lower() not in SPLITS]
-    if classes and len(classes) < len(subfolders):
-        raise UserError(f"{data_dir} holds both {sorted(set(subfolders) - set(classes))} and class folders "
-                        f"{sorted(classes)[:3]}; keep one layout: train/<class>/ and test/<class>/, "
-                        "or <class>/ alone, to be split")
-    return "classes" if classes else "splits"
 
 
 def training_folder(data_dir):
@@ -168,11 +179,15 @@ def training_folder(data_dir):
 def book_folders(data_dir):
     """data_dir's train/ and test/ (or val/, valid/, validation/) ImageFolders, as the book's."""
     splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", "val", "valid", "validation"])]
-    classes = [class_folders(s) for s in splits]
-    if list(map(nfc, classes[0])) != list(map(nfc, classes[1])):
+    classes = [list(dict.fromkeys(map(nfc, class_folders(s)))) for s in splits]
+    if classes[0] != classes[1]:
         raise UserError(f"{splits[0]} has classes {classes[0]} but {splits[1]} has {classes[1]}; "
                         "give both the same class folders")
-    return [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs))]
+    folders = [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs))]
+    unused = sorted(set(subfolders(data_dir)) - {os.path.basename(s) for s in splits})
+    if unused:
+        folders[1].where += f" ({', '.join(name + '/' for name in unused)} left unused)"
+    return folders
 
 
 def split_folder(data_dir, names):
@@ -233,18 +248,32 @@ class DecodedImages(torch.utils.data.Dataset):
         self.classes, self.targets, self.transform = folder.classes, folder.targets, folder.transform
         self.samples, self.root, self.where, self.held_out = folder.samples, folder.root, folder.where, folder.held_out
         self.shapes = [(3, height, width) for width, height in folder.sizes]
-        self.offsets = [0, *itertools.accumulate(3 * width * height for width, height in folder.sizes)]
-        self.pixels = torch.empty(self.offsets[-1], dtype=torch.uint8)
+        self.starts = [0, *itertools.accumulate(3 * width * height for width, height in folder.sizes)]
+        self.pixels = torch.empty(self.starts.pop(), dtype=torch.uint8)
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
-            list(pool.map(self.decode, range(len(self))))
+            failed = [error for error in pool.map(self.decode, range(len(self))) if error]
+        self.leave_out(failed)
 
     def decode(self, i):
-        pixels = v2.functional.pil_to_tensor(load_rgb(self.samples[i][0]))
+        """Decode image i into its place; the error, where its pixels cannot be read (a file cut
+        short after a whole header)."""
+        try:
+            pixels = v2.functional.pil_to_tensor(load_rgb(self.samples[i][0]))
+        except UserError as e:
+            self.shapes[i] = None
+            return str(e)
         self.shapes[i] = tuple(pixels.shape)  # turned upright: the same pixels, perhaps (3, w, h)
         self.image(i).copy_(pixels)
 
+    def leave_out(self, failed):
+        """Leave out the images that could not be decoded, with one note."""
+        left_out(failed, len(self.samples))
+        kept = [i for i, shape in enumerate(self.shapes) if shape]
+        self.samples, self.targets, self.shapes, self.starts = (
+            [items[i] for i in kept] for items in (self.samples, self.targets, self.shapes, self.starts))
+
     def image(self, i):
-        return self.pixels[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
+        return self.pixels[self.starts[i]:self.starts[i] + math.prod(self.shapes[i])].view(self.shapes[i])
 
     def __len__(self):
         return len(self.shapes)
@@ -283,7 +312,7 @@ def cifar10(root="data"):
     fetch = not os.path.isdir(os.path.join(root, "cifar-10-batches-py"))
     try:
         if fetch:  # our download, for its progress line; torchvision checks the MD5 and extracts
-            download(CIFAR10_URL, os.path.join(writable_folder(root), "cifar-10-python.tar.gz"))
+            download(CIFAR10_URL, os.path.join(root, "cifar-10-python.tar.gz"))
         return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=fetch)
                 for t, augs in ((True, train_augs), (False, test_augs))]
     except (OSError, http.client.HTTPException) as e:

@@ -69,11 +69,24 @@ def scratch_net(num_classes=2, arch="resnet18"):
 
 
 # ---------------------------------------------------------------- other architectures
+@functools.cache
 def check_arch(arch):
+    """arch, where it is one of torchvision's ImageNet classifiers with an output layer to
+    replace (checked on the meta device: no weights made, no time spent)."""
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise UserError(f"arch={arch} is not one of torchvision's ImageNet classifiers; "
                         "torchvision.models.list_models(module=torchvision.models) lists them")
+    with torch.device("meta"):
+        with_fc(torchvision.models.get_model(arch))
     return arch
+
+
+def check_outputs(net, classes):
+    """The net's output layer gives one output per class of the data."""
+    if net.fc.out_features != len(classes):
+        raise UserError(f"the net has {net.fc.out_features} outputs (net.fc) but the data has {len(classes)} "
+                        f"classes {classes[:5]}; give the net one output per class: "
+                        f"models.finetune_net({len(classes)}) or models.scratch_net({len(classes)})")
 
 
 def weights_name(arch):

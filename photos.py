@@ -3,6 +3,7 @@ float pixels, CMYK, GIF, HEIC), and finding images in folders as people's machin
 (hidden and system files, links, names in either Unicode form, files that cannot be read)."""
 import contextlib
 import functools
+import itertools
 import os
 import sys
 import unicodedata
@@ -65,6 +66,8 @@ def read_image(path, read):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"cannot read image {path} ({e}); raise the limit to read it: "
                         "PIL.Image.MAX_IMAGE_PIXELS (--max-megapixels on the command line)") from None
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; check the path") from None
     except OSError as e:
         fix = ("install the HEIC plugin: pip install pillow-heif" if path.lower().endswith((".heic", ".heif"))
                else "delete or replace that file")
@@ -116,21 +119,22 @@ def once(paths):
 
 
 def class_folders(split):
-    """The class folders of a split, in the order of their NFC names; the layout is
-    split/<class>/<image>, with two classes or more."""
+    """The class folders of a split, in the order of their NFC names (twins, one name in either
+    form, come one after the other); the layout is split/<class>/<image>, with two classes or more."""
     entries = [e for e in os.scandir(split) if not ignored(e.name)]
-    classes = sorted((e.name for e in entries if e.is_dir()), key=nfc)
+    folders = sorted((e.name for e in entries if e.is_dir()), key=lambda name: (nfc(name), name))
+    classes = list(dict.fromkeys(map(nfc, folders)))
     loose = [e.name for e in entries if e.is_file() and has_file_allowed_extension(e.name, IMAGE_EXTENSIONS)]
     if loose or len(classes) < 2:
         found = f"images ({loose[0]}, ...) but " if loose else ""
         raise UserError(f"{split} holds {found}{len(classes)} class folder(s) {classes}; the layout is "
                         f"{os.path.basename(split)}/<class>/<image>, with two classes or more")
-    return classes
+    return folders
 
 
 def readable(samples):
     """The samples whose images can be read, and their sizes, from the headers alone. Those that
-    cannot be read are left out, with one note: how many, and what the first one needs."""
+    cannot be read are left out, with one note (left_out)."""
     kept, sizes, failed = [], [], []
     for path, target in samples:
         try:
@@ -138,12 +142,18 @@ def readable(samples):
             kept.append((path, target))
         except UserError as e:
             failed.append(str(e))
-    if failed and not kept:
-        raise UserError(f"none of the {len(failed)} images can be read; the first: {failed[0]}")
+    left_out(failed, len(samples))
+    return kept, sizes
+
+
+def left_out(failed, of):
+    """One note for the files that cannot be read (failed: their errors): how many, and what the
+    first one needs. Where none of them can be read, an error."""
+    if failed and len(failed) == of:
+        raise UserError(f"none of the {of} images can be read; the first: {failed[0]}")
     if failed:
         say(f"note: left out {len(failed)} file(s) that cannot be read as images; the first: {failed[0]}",
             file=sys.stderr)
-    return kept, sizes
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
@@ -159,21 +169,52 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         self.imgs, self.targets = self.samples, [target for _, target in self.samples]
         self.where = f"in {os.path.basename(os.path.normpath(split))}/"  # for the run's header line
         self.held_out = None  # where split_by_class made it: the held-out paths
+        self.unread = set()  # images whose pixels could not be read (__getitem__)
+        unread = [name for target, name in enumerate(self.classes) if target not in self.targets]
+        if unread:
+            raise UserError(f"{os.path.join(split, unread[0])} holds no image that can be read; put readable "
+                            "images in every class folder, or remove it")
+
+    def __getitem__(self, i):
+        """The image and its class. One whose pixels cannot be read now, though its header could
+        (a file cut short: found where images are decoded every epoch), is named once and left
+        out: the next image of its class stands in."""
+        target = self.targets[i]
+        for j in (k for k in itertools.chain(range(i, len(self)), range(i)) if self.targets[k] == target):
+            try:
+                return super().__getitem__(j)
+            except UserError as e:
+                if self.samples[j][0] not in self.unread:
+                    self.unread.add(self.samples[j][0])
+                    say(f"note: left out {self.samples[j][0]}, which cannot be read now: {e}", file=sys.stderr)
+        raise UserError(f"no image of class {self.classes[target]} can be read now; put readable images in its folder")
 
     def find_classes(self, directory):
-        classes = class_folders(directory)
-        return classes, {name: i for i, name in enumerate(classes)}
+        folders = class_folders(directory)
+        classes = list(dict.fromkeys(map(nfc, folders)))  # one class for twin folders
+        return [next(f for f in folders if nfc(f) == c) for c in classes], \
+            {f: classes.index(nfc(f)) for f in folders}
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """Each image once, under the class whose folder really holds it (a link back up from one
+        class folder reaches the others' images), else under the first class that reaches it."""
         samples = []
         for name, target in class_to_idx.items():
-            paths = image_files(os.path.join(directory, name))
+            folder = os.path.join(directory, name)
+            paths = image_files(folder)
             if not paths:
-                raise UserError(f"{os.path.join(directory, name)} holds no images; put images in every "
-                                "class folder, or remove it")
-            samples += [(path, target) for path in paths]
-        return samples
+                raise UserError(f"{folder} holds no images; put images in every class folder, or remove it")
+            samples += [(path, target, inside(path, folder)) for path in paths]
+        owner = {}
+        for path, target, really in sorted(samples, key=lambda s: not s[2]):  # the real holder first
+            owner.setdefault(os.path.realpath(path), (path, target))
+        return sorted({owner[os.path.realpath(path)] for path, _, _ in samples}, key=lambda s: (s[1], s[0]))
+
+
+def inside(path, folder):
+    """Whether the file path leads to lies in folder itself, links followed."""
+    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
 
 
 def image_paths(items):

@@ -53,8 +53,14 @@ def finish(fig, path=None):
 
 
 def as_picture(img):
-    """A uint8 CHW tensor (or a PIL image) as something imshow shows."""
-    return img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img
+    """An image as imshow shows it: a PIL image as it is; a tensor, uint8 or float in [0, 1],
+    channels first (this project's loaders) or last (the book's figures) or grey."""
+    if not isinstance(img, torch.Tensor):
+        return img
+    img = img.detach().cpu()
+    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):  # channels first
+        img = img.permute(1, 2, 0)
+    return img.squeeze(-1).numpy() if img.ndim == 3 and img.shape[-1] == 1 else img.numpy()
 
 
 def show_images(imgs, num_rows, num_cols, titles=None, scale=1.5, path=None):
@@ -67,7 +73,7 @@ def show_images(imgs, num_rows, num_cols, titles=None, scale=1.5, path=None):
         ax.axis("off")
         if i < len(imgs) and imgs[i] is not None:
             ax.imshow(as_picture(imgs[i]))
-            ax.set_title(titles[i] if titles else "", fontsize=7)
+            ax.set_title(titles[i] if titles and i < len(titles) else "", fontsize=7)
     return finish(fig, path)
 
 

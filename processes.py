@@ -31,6 +31,19 @@ def job_size():
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def torchrun_start():
+    """When torchrun started this job, the same for every restart of its processes (the time its
+    process, this one's parent, started, from Linux's /proc); None when torchrun did not."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        ticks = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def local_rank():
     """This process's rank among those on its machine (torchrun's LOCAL_RANK)."""
     return int(os.environ.get("LOCAL_RANK", 0))

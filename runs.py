@@ -20,8 +20,8 @@ import data
 import models
 import plots
 import train
-from processes import join_processes, leave_processes, local_first, rank, say, world_size
-from utils import UserError, write_whole
+from processes import join_processes, leave_processes, local_first, rank, say, torchrun_start, world_size
+from utils import UserError
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
 RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
@@ -79,6 +79,7 @@ def settled(mode, given):
     options = {**OPTIONS, **given, "mode": mode, "typed": given.get("typed", sorted(given))}
     options["arch"] = models.check_arch(options["arch"])
     options["epochs"] = options["epochs"] or DATASETS[options["dataset"]]["epochs"]
+    options["lr"] = [options["lr"]] if isinstance(options["lr"], (int, float)) else options["lr"]  # lr=5e-5 too
     options["workers"] = data.default_workers(options["workers"])
     for key in checkpoints.PATHS:
         options[key] = options[key] and os.path.abspath(options[key])
@@ -89,19 +90,24 @@ def resume(path, **given):
     """Continue the run that wrote path (its model.pt, or its folder; for "compare", every run in
     it) with the options it began with. Those in checkpoints.MAY_CHANGE (epochs, device, workers,
     ...) may be given anew; any other given must be the one the run began with."""
+    named = path if not os.path.isdir(path) else None  # a run's model.pt: that run alone
     path = os.path.abspath(checkpoints.checkpoint_in(path))
     ckpt = checkpoints.load_checkpoint(path)
     same_arch(given.pop("arch", None), ckpt, path)
-    if given.get("out") and os.path.abspath(given.pop("out")) != ckpt["args"]["out"]:
-        raise UserError(f"{path} continues in its own folder, {ckpt['args']['out']}; leave out= out "
+    own = ckpt["args"].get("out", os.path.dirname(path))
+    if given.get("out") and os.path.abspath(given.pop("out")) != own:
+        raise UserError(f"{path} continues in its own folder, {own}; leave out= out "
                         "(or copy that folder where you want it, and continue the copy)")
-    before = {k: v for k, v in ckpt["args"].items() if k != "workers" or k in ckpt["args"]["typed"]}  # else this machine's
+    before = {k: v for k, v in ckpt["args"].items() if k != "workers" or k in ckpt["args"].get("typed", [])}  # else this machine's
+    out = os.path.dirname(path)
+    planned = plan_runs(before["mode"], {**OPTIONS, **before}, out)
+    recipe = [run.lr for run in planned]
+    if before["lr"] is None and given.get("lr") in (recipe, recipe[0] if len(recipe) == 1 else None):
+        given.pop("lr", None)  # the recipe's lr, which the run began with, typed out
     checkpoints.refuse_changes({**OPTIONS, **before}, given, path)
     options = {k: v for k, v in {**before, **given}.items() if k in OPTIONS}
-    out = os.path.dirname(path)
-    several = len(plan_runs(before["mode"], {**OPTIONS, **options}, out)) > 1
-    return train_runs(before["mode"], os.path.dirname(out) if several else out, resume=path,
-                 typed=sorted({*before["typed"], *given}), **options)
+    return train_runs(before["mode"], os.path.dirname(out) if len(planned) > 1 else out, resume=named and path,
+                      typed=sorted({*before.get("typed", []), *given}), **options)
 
 
 def same_arch(arch, ckpt, path):
@@ -113,18 +119,8 @@ def same_arch(arch, ckpt, path):
 def default_out(mode):
     """runs/<mode>-<time>. Under torchrun the time is when torchrun started, the same for every
     restart of the job's processes: they find their checkpoint there."""
-    started = job_start() if "TORCHELASTIC_RUN_ID" in os.environ else time.time()
+    started = torchrun_start() or time.time()
     return os.path.join("runs", f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}")
-
-
-def job_start():
-    """When this process's parent (torchrun, which restarts it) started, from Linux's /proc."""
-    try:
-        ticks = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
 
 
 def plan_runs(mode, options, out):
@@ -141,11 +137,11 @@ def train_all(options, out, device):
     """Load the data, train every planned run (continuing those that have begun), and draw their
     curves side by side. Returns their results."""
     start = time.perf_counter()
-    sets = local_first(load_sets, options, out)
+    sets = local_first(load_sets, options, checkpoints.held_out(out))
     say(f"data ready in {time.perf_counter() - start:.1f} s")
-    if rank() == 0 and getattr(sets[1], "held_out", None) is not None:  # which images a split held out
-        write_whole(os.path.join(out, "held_out.txt"), "".join(p + "\n" for p in sets[1].held_out).encode())
     runs, results = plan_runs(options["mode"], options, out), []
+    if options.get("resume"):  # a run's model.pt named: that run alone
+        runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
     for run in runs:
         try:
             results.append(train_one(run, options, sets, device))
@@ -157,11 +153,9 @@ def train_all(options, out, device):
     return results
 
 
-def load_sets(options, out=None):
+def load_sets(options, held_out=None):
     """The data the options name, augmented at the sizes the arch was trained at (resnet18: the
-    book's augmentations). A run continued in out holds out the images it held out before."""
-    split = out and os.path.join(out, "held_out.txt")
-    held_out = open(split, encoding="utf-8").read().splitlines() if split and os.path.exists(split) else None
+    book's augmentations). held_out: the images a continued run held out (a split of class folders)."""
     budget = None if options["cache_gb"] is None else int(options["cache_gb"] * 2**30)
     sets = data.datasets(options["data_dir"], "dummy" if options["dummy"] else options["dataset"],
                          options["data_root"], cache_budget=budget, workers=options["workers"] or 1,
@@ -172,7 +166,8 @@ def load_sets(options, out=None):
 def train_one(run, options, sets, device):
     """Train one net into its folder, continuing its checkpoint; return its result."""
     runtime = train.make_runtime(device, options["precision"])
-    about = checkpoints.described(options, options["arch"], sets[0], runtime, name=run.name, mode=run.mode, lr=run.lr)
+    about = checkpoints.described(options, options["arch"], sets[0], runtime, name=run.name, mode=run.mode, lr=run.lr,
+                                  held_out=getattr(sets[1], "held_out", None))
     ckpt = checkpoints.continued(run.out, about, checkpoint_name(run, options))
     history = ckpt["history"] if ckpt else []
     if len(history) >= options["epochs"]:

@@ -1260,11 +1260,18 @@ def test_a_split_run_says_so_writes_the_split_and_resumes_it(tmp_path, capsys):
 
 
 def test_train_and_class_folders_together_is_one_line(tmp_path, capsys):
+    """With train/ and test/ the book's layout is plain, and any other folder is left unused (and
+    said so); train/ beside class folders, with no test/ or val/, is ambiguous."""
     root = write_folder(tmp_path / "d", train=2, test=1)
-    os.makedirs(tmp_path / "d" / "pizza")
-    status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--out", tmp_path / "out")
+    os.makedirs(tmp_path / "d" / "predict" / "x")
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "predict" / "x" / "0.png")
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
+                               "--workers", 0, "--out", tmp_path / "out")
+    assert status == 0 and "testing on 2 in test/ (predict/ left unused)" in out, err
+    shutil.rmtree(tmp_path / "d" / "test")
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--out", tmp_path / "out2")
     assert status == 2 and len(err.strip().splitlines()) == 1
-    assert "holds both ['test', 'train'] and class folders ['pizza']" in err
+    assert "holds both ['train'] and class folders ['predict']" in err
     with pytest.raises(SystemExit):
         finetune.parse_args(["--scratch", "--val-split", "1"])
 
@@ -1342,7 +1349,7 @@ def test_arch_on_the_command_line(folder, tmp_path, capsys, arch_weights):
 
 def test_each_arch_gets_the_augmentations_its_weights_were_trained_with(folder):
     options = runs.settled("scratch", dict(data_dir=folder, arch="swin_t", workers=0))
-    train_set, test_set = runs.load_sets(options, folder)
+    train_set, test_set = runs.load_sets(options)
     crop, = [t for t in train_set.transform.transforms if isinstance(t, v2.RandomResizedCrop)]
     resize, = [t for t in test_set.transform.transforms if isinstance(t, v2.Resize)]
     assert crop.size == (224, 224) and resize.size == [232, 232]
@@ -1422,7 +1429,10 @@ def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, torch_
     assert "pretrained: finished its 1 epochs already" in out and "scratch: resnet18" in out
     assert "pretrained " in out.split("\nrun ")[1] and "scratch " in out.split("\nrun ")[1]  # the table
     status, out, err = run_cli(capsys, "--resume", tmp_path / "both" / "scratch" / "model.pt", "--epochs", 2)
-    assert status == 0 and out.count("epoch 2:") == 2, err  # both runs, to the new total
+    assert status == 0 and out.count("epoch 2:") == 1 and "scratch: resnet18" in out, err  # the run named, alone
+    assert [m["epoch"] for m in json.load(open(tmp_path / "both" / "pretrained" / "metrics.json"))["history"]] == [1]
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "both", "--epochs", 2)
+    assert status == 0 and out.count("epoch 2:") == 1 and "pretrained: resnet18" in out, err  # the folder: every run
     assert [m["epoch"] for m in json.load(open(tmp_path / "both" / "pretrained" / "metrics.json"))["history"]] == [1, 2]
 
 
@@ -1544,3 +1554,141 @@ def test_fp32_is_the_books_arithmetic_without_tf32():
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     make_runtime(torch.device("cpu"), "amp")
     assert torch.backends.cudnn.allow_tf32  # PyTorch's default, for bf16 runs on GPUs
+
+
+# ---------------------------------------------------------------- nothing silently wrong
+def test_a_split_is_reused_only_from_a_run_that_began(tmp_path, capsys):
+    """A run that stopped before its first epoch ended leaves no split behind: the next run on
+    that folder splits as it is told. A begun run's split lives in its checkpoint."""
+    root = class_folders_alone(tmp_path / "flat", counts=(6, 6))
+    argv = ["--data-dir", root, "--epochs", 1, "--batch-size", 4, "--workers", 0, "--out", tmp_path / "run"]
+    status, _, err = run_cli(capsys, "--pretrained", "--weights", tmp_path / "none.pth", *argv)
+    assert status == 2 and "does not exist" in err and not (tmp_path / "run" / "held_out.txt").exists()
+    status, out, err = run_cli(capsys, "--scratch", "--val-split", 0.5, *argv)
+    assert status == 0 and "testing on 6 of 12 images, split 0.5" in out, err
+    held_out = (tmp_path / "run" / "held_out.txt").read_text().splitlines()
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["held_out"] == held_out and len(held_out) == 6
+
+
+def test_a_link_back_up_labels_each_image_once_by_its_own_folder(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", train=2, test=1)
+    os.symlink("..", tmp_path / "d" / "train" / "hotdog" / "loop")  # hotdog/loop/not-hotdog/...
+    (tmp_path / "d" / "train" / "not-hotdog" / "broken.png").write_bytes(b"\x89PNG broken")
+    train_set, _ = data.image_folders(root)
+    assert len({os.path.realpath(p) for p, _ in train_set.samples}) == len(train_set) == 4
+    for path, target in train_set.samples:
+        assert os.path.basename(os.path.dirname(os.path.realpath(path))) == train_set.classes[target], path
+    notes = [line for line in capsys.readouterr().err.splitlines() if "left out" in line]
+    assert len(notes) == 1 and "left out 1 file(s)" in notes[0]
+
+
+def test_twin_class_folders_are_one_class(tmp_path, capsys):
+    """café written by a Mac (NFD) beside café written elsewhere (NFC): one class, both folders' images."""
+    import unicodedata
+    root = write_folder(tmp_path / "d", train=2, test=1, classes={"café": (200, 0, 0), "tea": (0, 0, 200)})
+    for split in ("train", "test"):
+        twin = tmp_path / "d" / split / unicodedata.normalize("NFD", "café")
+        os.makedirs(twin)
+        Image.new("RGB", (40, 48), (200, 0, 0)).save(twin / "mac.png")
+    train_set, test_set = data.image_folders(root)
+    assert train_set.targets == [0, 0, 0, 1, 1] and test_set.targets == [0, 0, 1]
+    assert [unicodedata.normalize("NFC", c) for c in train_set.classes] == ["café", "tea"]
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
+                             "--workers", 0, "--out", tmp_path / "out")
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert status == 0 and len(metrics["classes"]) == 2 and torch.tensor(metrics["confusion"]).sum() == 3, err
+
+
+def test_resume_refuses_another_out_and_takes_the_recipes_lr_typed(folder, tmp_path, capsys):
+    argv = ["--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0]
+    assert run_cli(capsys, "--scratch", *argv, "--out", tmp_path / "run")[0] == 0
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--out", tmp_path / "new", "--epochs", 2)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "continues in its own folder" in err
+    assert "leave --out out" in err and not (tmp_path / "new").exists()
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--lr", "5e-4", "--epochs", 2)
+    assert status == 0 and "epoch 2:" in out, err  # the recipe's 5e-4, which the run began with
+
+
+def test_a_class_with_no_readable_image_is_refused(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", train=2, test=1)
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / "d" / split / "pizza")
+        (tmp_path / "d" / split / "pizza" / "0.png").write_bytes(b"\x89PNG broken")
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--out", tmp_path / "out")
+    assert status == 2 and "train/pizza holds no image that can be read" in err.strip().splitlines()[-1]
+
+
+def test_an_empty_checkpoint_and_missing_data_for_samples_are_one_line(folder, tmp_path, capsys):
+    (tmp_path / "e.pt").touch()
+    for argv, message in ((["--resume", tmp_path / "e.pt"], "e.pt is not a checkpoint of this program"),
+                          (["--predict", folder, "--model", tmp_path / "e.pt"], "e.pt is not a checkpoint of this program"),
+                          (["--show-samples", "--data-dir", tmp_path / "missing", "--out", tmp_path / "ss"],
+                           "missing/train is not a folder")):
+        status, _, err = run_cli(capsys, *argv)
+        assert status == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+        assert message in err
+    assert not (tmp_path / "ss").exists()
+
+
+@pytest.mark.parametrize("cache", [[], ["--no-cache"]])
+def test_a_truncated_image_is_left_out_with_a_note(cache, tmp_path, capsys):
+    root = write_folder(tmp_path / "d", train=3, test=1)
+    rng = np.random.default_rng(0)
+    cut = tmp_path / "d" / "train" / "hotdog" / "cut.png"
+    Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:20000])  # the header whole, the pixels cut short
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
+                               "--workers", 0, *cache, "--out", tmp_path / "out")
+    assert status == 0 and "epoch 1:" in out, err
+    assert "note: left out" in err and "cut.png" in err
+
+
+def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, capsys, monkeypatch):
+    real = train.fine_tuning_epochs
+
+    def stopped_in_scratch(net, lr, *args, **kwargs):
+        if lr == 5e-4:  # the scratch run, after pretrained finished
+            raise KeyboardInterrupt
+        return real(net, lr, *args, **kwargs)
+    monkeypatch.setattr(train, "fine_tuning_epochs", stopped_in_scratch)
+    status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path / "both")
+    assert status == 130 and f"--resume {tmp_path / 'both'}\n" in err, err
+
+
+def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(folder, tmp_path, capsys):
+    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0,
+                   "--out", tmp_path / "run")[0] == 0
+    status, _, err = run_cli(capsys, "--predict", tmp_path / "nope.jpg", "--model", tmp_path / "run", "--workers", 0,
+                             "--out", tmp_path / "p1")
+    assert status == 1 and "nope.jpg does not exist; check the path" in err
+    os.makedirs(tmp_path / "empty")
+    status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", tmp_path / "run", "--out", tmp_path / "p2")
+    assert status == 2 and "found no images" in err and not (tmp_path / "p2").exists()
+
+
+def test_downloads_offline_leave_no_folder_and_a_headless_arch_is_refused_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(UserError, match="cannot download"):
+        data.cifar10(str(tmp_path / "new" / "root"))
+    assert not (tmp_path / "new").exists()
+    status, _, err = run_cli(capsys, "--scratch", "--arch", "squeezenet1_0", "--data-dir", tmp_path / "nowhere")
+    assert status == 2 and "SqueezeNet does not end in a Linear layer" in err and "--arch" in err
+
+
+def test_the_python_calls_check_what_they_are_given(folder, tmp_path):
+    """A list of batches for train_ch13; a net sized for other classes; an unknown precision;
+    the book's height x width x channel float images and a short list of titles."""
+    X, y = tiny_set()
+    net = models.scratch_net()
+    history = train.train_ch13(net, [(X, y)], [(X, y)], torch.nn.CrossEntropyLoss(reduction="none"),
+                               torch.optim.SGD(net.parameters(), lr=1e-3), 1, "cpu")
+    assert len(history) == 1
+    three = write_folder(tmp_path / "three", 1, 1, classes={"a": (0, 0, 0), "b": (90, 90, 90), "c": (200, 200, 200)})
+    for net, classes in ((models.finetune_net(), 3), (models.scratch_net(3), 2)):
+        with pytest.raises(UserError, match=rf"the net has {net.fc.out_features} outputs .* the data has {classes} classes"):
+            train.train_fine_tuning(net, 5e-5, data_dir=three if classes == 3 else folder)
+    with pytest.raises(UserError, match='precision=fp16 is not one this program computes in; give "amp" or "fp32"'):
+        train.make_runtime("cpu", "fp16")
+    images = [torch.rand(20, 30, 3), torch.rand(20, 30, 3)]  # the book's: height x width x channels, floats
+    assert plots.show_images(images, 1, 2, titles=["one"], path=str(tmp_path / "grid.png")) == str(tmp_path / "grid.png")

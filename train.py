@@ -17,6 +17,7 @@ from torch import nn
 
 import checkpoints
 import data
+import models
 import plots
 from data import MEAN, STD, normalize
 from processes import all_reduce_sum, gather_in_order, parallel, rank, reshuffle, same_buffers, say, world_size
@@ -32,6 +33,7 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
     (checkpoints.saved), and the same call again continues it."""
     runtime = make_runtime(devices, precision)
     train_iter, test_iter = data.load_data(batch_size, data_dir)
+    models.check_outputs(net, data.class_names(train_iter.dataset))
     with checkpoints.writing_to(out):  # the output folder, where there is one
         about = checkpoints.described(dict(learning_rate=learning_rate, batch_size=batch_size, param_group=param_group,
                                            data_dir=data_dir and os.path.abspath(data_dir), precision=precision),
@@ -208,6 +210,8 @@ def make_runtime(devices=None, precision="amp"):
     on the CPU; the usual advice for GPUs with tensor cores), and autocast to the type the
     device computes fastest without losing accuracy (see amp_dtype). With "fp32", and on MPS:
     the book's arithmetic."""
+    if precision not in ("amp", "fp32"):
+        raise UserError(f"precision={precision} is not one this program computes in; give \"amp\" or \"fp32\"")
     names = [devices] if isinstance(devices, (str, torch.device)) else devices
     devices = [try_device(str(name)) for name in names] if names else try_all_gpus()
     amp = precision == "amp" and devices[0].type in ("cuda", "cpu")

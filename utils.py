@@ -56,6 +56,22 @@ def writable_folder(path):
     return path
 
 
+def remove_empty_folders(folder):
+    """Remove folder and the folders in it where nothing was written."""
+    for root, _, _ in reversed(list(os.walk(folder))):  # the deepest first
+        with contextlib.suppress(OSError):  # not empty
+            os.rmdir(root)
+
+
+def missing_folders(path):
+    """path and those of its parents that do not exist yet, the deepest first."""
+    missing = []
+    while path and not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
 def what_to_do(error):
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free some space there, or write to another folder"
