@@ -20,11 +20,10 @@ import data
 import models
 import plots
 from processes import from_process_0, gathered, rank, world_size
-from utils import UserError, first_line, remove_empty_folders, writable_folder, write_whole
+from utils import UserError, first_line, load_file, remove_empty_folders, writable_folder, write_whole
 
 # What may differ when a run continues; every other option must be the one the run began with.
-MAY_CHANGE = {"epochs", "num_epochs", "device", "devices", "workers", "max_megapixels", "cache_gb",
-              "out", "resume", "typed"}
+MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "out", "resume", "typed"}
 PATHS = {"data_dir", "data_root", "weights"}  # compared as absolute paths
 
 
@@ -56,10 +55,16 @@ def load_checkpoint(path):
     """A model.pt that training wrote: the weights, the classes, the test transforms' settings,
     and what continuing needs."""
     fix = "give the model.pt of a training run"
-    ckpt = models.load_file(path, "a checkpoint of this program", fix)
+    ckpt = load_file(path, "a checkpoint of this program", fix)
     if not isinstance(ckpt, dict) or "history" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this program; {fix}")
     return ckpt
+
+
+def same_arch(arch, ckpt, path):
+    """The checkpoint knows its architecture: an arch given beside it must be the same."""
+    if arch and arch != ckpt.get("arch", "resnet18"):
+        raise UserError(f"{path} holds a {ckpt.get('arch', 'resnet18')}, not a {arch}; leave arch= out")
 
 
 def held_out(folder):
@@ -67,7 +72,7 @@ def held_out(folder):
     checkpoint keeps them; None where no run there has finished an epoch. What a run that never
     began left behind is never reused."""
     with contextlib.suppress(UserError):
-        return load_checkpoint(checkpoint_in(folder)).get("held_out")
+        return folder and load_checkpoint(checkpoint_in(folder)).get("held_out")
     return None
 
 
@@ -85,8 +90,8 @@ def described(args, arch, train_set, runtime, **run):
     """What a run's checkpoint and metrics.json say of it: its options (args), its architecture
     and classes, the test transforms' settings (for prediction), how it computes, and the run's
     own figures (name, mode, lr)."""
-    return dict(**run, args=args, arch=arch, classes=data.class_names(train_set),
-                transform=dict(**models.preprocessing(arch), mean=data.MEAN, std=data.STD),
+    return dict(**run, args=args, arch=arch, classes=data.class_names(train_set),  # arch None: a net of one's own
+                transform=dict(**models.preprocessing(arch or "resnet18"), mean=data.MEAN, std=data.STD),
                 device=str(runtime.device), precision=str(runtime.dtype or torch.float32),
                 memory_format=str(runtime.memory_format))
 
@@ -100,6 +105,9 @@ def continued(folder, about, name="model.pt"):
     ckpt = from_process_0(load_checkpoint(path) if rank() == 0 and path and os.path.exists(path) else None)
     if ckpt:
         classes = about["classes"]
+        if ("mode" in ckpt["args"]) != ("mode" in about["args"]):  # one has the command line's options
+            raise UserError(f"{path} was written by {'runs' if 'mode' in ckpt['args'] else 'train_fine_tuning'}; "
+                            "continue it the way it began, or choose another out=")
         refuse_changes(ckpt["args"], about["args"], path)
         if ckpt["classes"] != classes:
             raise UserError(f"{path} was trained on classes {ckpt['classes']}, not {classes}; "
@@ -130,6 +138,8 @@ def restore(resume, net, optimizer, scaler):
     (otherwise each keeps its fresh seed)."""
     if not resume:
         return 0
+    if "model" not in resume:  # the epochs before ran in this process (two phases): all is in place
+        return len(resume["history"])
     try:
         net.load_state_dict(resume["model"])
     except RuntimeError as e:
@@ -155,30 +165,41 @@ def rng_states():
 def saved(epochs, folder, about, history=(), test_set=None):
     """The epochs of train.fine_tuning_epochs, with the run's folder kept: model.pt after each
     (the run's description `about`, its history and every process's random-number state beside
-    the weights), and after the last, metrics.json, the curves and, given the test set, the test
-    images the net gets wrong. Without a folder, the epochs as they are."""
+    the weights), best.pt after each that is the best so far (best_epoch), and after the last,
+    metrics.json, the curves and, given the test set, the test images the net gets wrong.
+    Without a folder, the epochs as they are."""
     history, epoch = list(history), None
     if folder and rank() == 0:
         writable_folder(folder)  # a run of several has a folder of its own in out
     for epoch in epochs:
         history.append(epoch.metrics)
         if folder:
-            save_checkpoint(os.path.join(folder, "model.pt"), epoch, history, about)
+            save_checkpoint(os.path.join(folder, "model.pt"), epoch, history, about,
+                            best=best_epoch(history) is history[-1])
             write_held_out(folder, about.get("held_out"))
         yield epoch
     if folder and epoch and rank() == 0:
         write_results(folder, results(history, epoch, about), epoch, test_set)
 
 
-def save_checkpoint(path, epoch, history, about):
+def save_checkpoint(path, epoch, history, about, best=False):
     """On every process (each adds its random-number state), and written by process 0, through
     a temporary name: a crash or a full disk never leaves half a checkpoint. It is made in
-    memory first, so that any failure to write is the file's OSError, not torch.save's."""
+    memory first, so that any failure to write is the file's OSError, not torch.save's. With
+    best, best.pt beside it too."""
     rng = rng_states()
     if rank() == 0:
         buffer = io.BytesIO()
         torch.save({**epoch.state, "history": history, "rng": rng, **about}, buffer)
         write_whole(path, buffer.getvalue())
+        if best:
+            write_whole(os.path.join(os.path.dirname(path), "best.pt"), buffer.getvalue())
+
+
+def best_epoch(history):
+    """The epoch with the highest accuracy on the evaluation set (the earliest, where several
+    tie): the one best.pt keeps."""
+    return max(history, key=lambda m: m["test_acc"])
 
 
 def write_held_out(folder, paths):
@@ -189,14 +210,33 @@ def write_held_out(folder, paths):
 
 def results(history, epoch, about):
     """What metrics.json holds: the run's description, the last epoch's figures, the mean
-    examples/sec, the history, the confusion matrix (rows: true class) and the versions."""
-    classes = about["classes"]
-    confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
-    confusion.index_put_((epoch.labels, epoch.probs.argmax(1)), torch.ones_like(epoch.labels), accumulate=True)
+    examples/sec, the history, the last evaluation's figures (figures), the epoch best.pt keeps,
+    and the versions."""
+    best = best_epoch(history)
     return dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")}, **last_figures(history),
-                world_size=world_size(), history=history, confusion=confusion.tolist(),
+                world_size=world_size(), history=history, **figures(epoch.probs, epoch.labels, about["classes"]),
+                kept=dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=not about.get("final_split"),
+                          note=OPTIMISTIC if not about.get("final_split") else None),
                 versions=dict(python=platform.python_version(), torch=torch.__version__,
                               torchvision=torchvision.__version__))
+
+
+OPTIMISTIC = ("the epoch was chosen on the test set itself, so its accuracy is optimistic; "
+              "a val/ folder beside train/ and test/ gives a test set kept apart for one honest figure")
+
+
+def figures(probs, labels, classes):
+    """An evaluation's figures: the confusion matrix (rows: the true class), each class's
+    precision, recall, F1 and count, and the balanced accuracy (the mean recall)."""
+    confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    confusion.index_put_((labels, probs.argmax(1)), torch.ones_like(labels), accumulate=True)
+    right, count, predicted = confusion.diag().double(), confusion.sum(1).double(), confusion.sum(0).double()
+    precision, recall = (torch.nan_to_num(right / n) for n in (predicted, count))  # 0 where none
+    f1 = torch.nan_to_num(2 * precision * recall / (precision + recall))
+    per_class = {name: dict(precision=p, recall=r, f1=f, count=int(n))
+                 for name, p, r, f, n in zip(classes, precision.tolist(), recall.tolist(), f1.tolist(), count.tolist())}
+    return dict(confusion=confusion.tolist(), per_class=per_class,
+                balanced_accuracy=recall[count > 0].mean().item() if (count > 0).any() else 0.0)
 
 
 def last_figures(history):
@@ -208,7 +248,7 @@ def last_figures(history):
 def write_results(folder, result, epoch, test_set=None):
     """metrics.json, curves.png and, given the test set, mistakes.png: up to 16 test images the
     net gets wrong, with their true and predicted class."""
-    write_whole(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1).encode())
+    write_metrics(folder, result)
     plots.curves({result.get("name", ""): result["history"]}, os.path.join(folder, "curves.png"))
     if test_set is not None:
         classes, probs, labels = result["classes"], epoch.probs, epoch.labels
@@ -219,12 +259,18 @@ def write_results(folder, result, epoch, test_set=None):
                        os.path.join(folder, "mistakes.png"))
 
 
+def write_metrics(folder, result):
+    write_whole(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1).encode())
+
+
 def finished(folder, ckpt):
     """A finished run's result: its metrics.json, or, where the run ended before writing it, the
     figures its checkpoint holds."""
     metrics = os.path.join(folder, "metrics.json")
     if os.path.exists(metrics):
         with open(metrics) as f:
-            return json.load(f)
+            result = json.load(f)
+        if len(result["history"]) == len(ckpt["history"]):  # else written before later epochs
+            return result
     about = {k: v for k, v in ckpt.items() if k in ("name", "mode", "lr", "classes", "args")}
     return dict(**about, **last_figures(ckpt["history"]), history=ckpt["history"])

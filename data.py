@@ -130,21 +130,23 @@ def normalize(X, mean=MEAN, std=STD):
 
 
 def with_augs(sets, sizes):
-    """The training and evaluation sets with the book's augmentations at the sizes a net's
-    ImageNet weights were trained with (models.preprocessing; resnet18: the book's own)."""
+    """The training set and the evaluation sets with the book's augmentations at the sizes a
+    net's ImageNet weights were trained with (models.preprocessing; resnet18: the book's own)."""
     sets[0].transform = make_train_augs(sizes["crop"], sizes["interpolation"])
-    sets[1].transform = make_test_augs(sizes["resize"], sizes["crop"], sizes["interpolation"])
+    for evaluation in sets[1:]:
+        evaluation.transform = make_test_augs(sizes["resize"], sizes["crop"], sizes["interpolation"])
     return sets
 
 
 # ---------------------------------------------------------------- a data folder's sets
-SPLITS = ("train", "test", "val", "valid", "validation")
+VAL = ["val", "valid", "validation"]
+SPLITS = ("train", "test", *VAL)
 
 
 def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0, held_out=None):
     """The training and evaluation ImageFolders of data_dir with the book's augmentations: its
-    train/ and test/ (or val/), or, where it holds class folders alone, a split of them
-    (split_by_class). Decoded once if their pixels fit in cache_budget bytes (default: half the
+    train/ and test/ (or val/; with both, a third, book_folders), or, where it holds class folders
+    alone, a split of them (split_by_class). Decoded once if their pixels fit in cache_budget bytes (default: half the
     available memory; 0: never)."""
     if layout(data_dir) == "classes":
         folders = split_by_class(data_dir, val_split, seed, held_out)
@@ -177,13 +179,18 @@ def training_folder(data_dir):
 
 
 def book_folders(data_dir):
-    """data_dir's train/ and test/ (or val/, valid/, validation/) ImageFolders, as the book's."""
-    splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", "val", "valid", "validation"])]
+    """data_dir's train/ and test/ ImageFolders, as the book's (where it has no test/, its val/,
+    valid/ or validation/). Where it holds val/ and test/ together, the epochs are evaluated on
+    val/, and test/ comes third: the final test, evaluated once, at the end."""
+    splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", *VAL])]
+    if os.path.basename(splits[1]).lower() == "test" and set(VAL) & set(map(str.lower, subfolders(data_dir))):
+        splits.insert(1, split_folder(data_dir, VAL))
     classes = [list(dict.fromkeys(map(nfc, class_folders(s)))) for s in splits]
-    if classes[0] != classes[1]:
-        raise UserError(f"{splits[0]} has classes {classes[0]} but {splits[1]} has {classes[1]}; "
-                        "give both the same class folders")
-    folders = [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs))]
+    for split, names in zip(splits, classes):
+        if names != classes[0]:
+            raise UserError(f"{splits[0]} has classes {classes[0]} but {split} has {names}; "
+                            "give both the same class folders")
+    folders = [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs, test_augs))]
     unused = sorted(set(subfolders(data_dir)) - {os.path.basename(s) for s in splits})
     if unused:
         folders[1].where += f" ({', '.join(name + '/' for name in unused)} left unused)"
@@ -337,11 +344,13 @@ def datasets(data_dir=None, dataset="hotdog", root="data", **folders):
 
 
 # ---------------------------------------------------------------- loaders
-def load_data(batch_size=128, data_dir=None, root="data"):
+def load_data(batch_size=128, data_dir=None, root="data", held_out=None):
     """The book's train_iter and test_iter (§14.2.2.3) over data_dir's train/ and test/ folders,
-    default the hot-dog set, downloaded into root on first use."""
+    or its class folders split (held_out: as a run split them before; image_folders), default
+    the hot-dog set, downloaded into root on first use."""
     workers = default_workers()
-    return make_loaders(*image_folders(data_dir or get_hotdog(root), workers=workers), batch_size, workers)
+    train_set, test_set, *_ = image_folders(data_dir or get_hotdog(root), workers=workers, held_out=held_out)
+    return make_loaders(train_set, test_set, batch_size, workers)
 
 
 def class_names(dataset):

@@ -20,7 +20,7 @@ import data
 import plots
 import predict
 import runs
-from photos import Image, image_paths
+from photos import image_paths, limit_megapixels
 from processes import job_size, rank, say, under_torchrun
 from utils import UserError, writable_folder
 
@@ -52,8 +52,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not any(hasattr(args, key) for key in ("mode", "predict", "resume")):
         p.error("say what to do: --pretrained, --scratch, --compare, --predict, --show-samples or --resume")
-    if hasattr(args, "predict") and not hasattr(args, "model"):
-        p.error("--predict needs --model PATH (a model.pt written by training)")
+    if hasattr(args, "predict") != hasattr(args, "model"):
+        p.error("--predict needs --model PATH (a model.pt written by training), and --model goes with --predict")
     return args
 
 
@@ -84,6 +84,9 @@ def parser():
     p.add_argument("--no-param-group", action="store_true", help="fc at the base lr, not 10x")
     p.add_argument("--freeze", action="store_true", help="train only the new output layer")
     p.add_argument("--init-head-from-imagenet", action="store_true", help="start from ImageNet's hot-dog row")
+    p.add_argument("--patience", type=positive(int), help="stop when the test acc has not improved for N epochs")
+    p.add_argument("--freeze-epochs", type=positive(int), metavar="N", help="train the output layer alone first, N epochs")
+    p.add_argument("--class-weights", choices=["balanced"], help="weigh each image's loss so every class counts the same")
     p.add_argument("--workers", type=positive(int, zero=True),
                    help="loader processes (default: one per core, at most 16)")
     p.add_argument("--max-megapixels", type=positive(float),
@@ -105,20 +108,35 @@ def train(options):
     resume = options.pop("resume", None)
     trained = runs.resume(resume, **options) if resume else runs.train_runs(options.pop("mode"), **options)
     for result in trained.results:
-        print_confusion(result)
+        print_result(result)
     if len(trained.results) > 1:
         print_table(trained.results)
     say(f"wrote {trained.out}")
     return 0
 
 
-def print_confusion(result):
-    """The confusion matrix of a run's evaluation, up to 10 classes."""
-    classes = result["classes"]
+def print_result(result):
+    """A run's last evaluation (up to 10 classes: the confusion matrix and each class's figures),
+    the epoch it kept, and its final test."""
+    name, classes, history = result["name"], result["classes"], result["history"]
     if "confusion" in result and len(classes) <= 10:
-        say(f"{result['name']}: confusion (rows: true class, columns: predicted):")
+        say(f"{name}: confusion (rows: true class, columns: predicted), then precision, recall, F1, count:")
         for c, row in zip(classes, result["confusion"]):
-            say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row))
+            figures = result["per_class"][c]
+            say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row) + "   {precision:.3f} {recall:.3f} {f1:.3f} "
+                "{count:5d}".format(**figures))
+        say(f"  balanced accuracy {result['balanced_accuracy']:.3f}")
+    if len(history) < result["args"]["epochs"]:
+        say(f"{name}: stopped early after epoch {history[-1]['epoch']}: no better test acc in "
+            f"{result['args']['patience']} epochs")
+    if "kept" in result:
+        kept = result["kept"]
+        say(f"{name}: best.pt keeps epoch {kept['epoch']}, test acc {kept['test_acc']:.3f}"
+            + (f"; {kept['note']}" if kept["optimistic"] else ""))
+    if "final_test" in result:
+        final = result["final_test"]
+        say(f"{name}: {final['split']}, once, with epoch {final['epoch']}'s weights: acc {final['acc']:.3f}, "
+            f"balanced accuracy {final['balanced_accuracy']:.3f}")
 
 
 def print_table(results):
@@ -134,17 +152,16 @@ def print_table(results):
 
 def predict_images(options):
     """--predict: a line per image, and predictions.csv."""
-    ckpt_path = checkpoints.checkpoint_in(options["model"])
-    runs.same_arch(options.get("arch"), checkpoints.load_checkpoint(ckpt_path), ckpt_path)
-    paths = image_paths(options["predict"])
-    predictions = predict.predict(ckpt_path, paths, options.get("batch_size", 128), options.get("workers"),
-                                  options.get("device"), options.get("precision", "amp"))
+    keywords = {key: options[key] for key in ("batch_size", "workers", "device", "precision", "arch") if key in options}
+    out = options.get("out", ".")
+    predictions = predict.predict(options["model"], options["predict"], out=out, **keywords)
     for p in predictions:
         print(f"{p.path}: {p.label} {p.probability:.3f}")
-    csv_path = predict.write_csv(predictions, os.path.join(writable_folder(options.get("out", ".")), "predictions.csv"))
-    print(f"wrote {csv_path}" + (f"; {len(paths) - len(predictions)} of {len(paths)} images could not be read"
-                                 if len(predictions) < len(paths) else ""), file=sys.stderr)
-    return 0 if len(predictions) == len(paths) else 1
+    found = len(image_paths(options["predict"]))
+    print(f"wrote {os.path.join(out, 'predictions.csv')}" + (f"; {found - len(predictions)} of {found} images "
+                                                             "could not be read" if len(predictions) < found else ""),
+          file=sys.stderr)
+    return 0 if len(predictions) == found else 1
 
 
 def show_samples(options):
@@ -163,9 +180,9 @@ def one_line(error):
     named as flags."""
     message = str(error).strip().splitlines()[-1].removeprefix("utils.UserError: ")
     message = message.replace("hotdog_class", "--init-head-from-imagenet").replace("weights_file=", "weights=")
-    for name in [*runs.OPTIONS, "out", "mode"]:
-        message = re.sub(rf"\b{name}=(?=\S)", flag(name) + " ", message)  # batch_size=3: --batch-size 3
-        message = re.sub(rf"\b{name}(=|(?=: ))", flag(name), message)  # lr: ... and "another out="
+    for name in [*runs.OPTIONS, "out", "mode"]:  # not inside a path such as runs/lr=0.1
+        message = re.sub(rf"(?<![\w/.=-]){name}=(?=\S)", flag(name) + " ", message)  # batch_size=3: --batch-size 3
+        message = re.sub(rf"(?<![\w/.=-]){name}(=|(?=: ))", flag(name), message)  # lr: ... and "another out="
     return f"error: {message}"
 
 
@@ -175,7 +192,7 @@ def flag(name):
 
 def guarded(fn, options):
     """Run fn(options), turning bad input and Ctrl-C into a one-line message and an exit status."""
-    Image.MAX_IMAGE_PIXELS = int(options.get("max_megapixels", runs.OPTIONS["max_megapixels"]) * 10**6)
+    limit_megapixels(options.get("max_megapixels", runs.OPTIONS["max_megapixels"]))
     try:
         return fn(options)
     except UserError as e:  # every process meets the same bad input: process 0 says it
@@ -189,7 +206,7 @@ def guarded(fn, options):
               file=sys.stderr)
         return 2
     except RuntimeError as e:  # another process died (killed, out of memory): torchrun restarts all
-        if job_size() == 1 or "gloo" not in str(e) and not isinstance(e, dist.DistError):
+        if job_size() == 1 or ("gloo" not in str(e) and not isinstance(e, dist.DistError)):
             raise
         say("error: another process of this run stopped; with torchrun --max-restarts the "
             "run continues from its last epoch", file=sys.stderr)
@@ -209,7 +226,7 @@ def run_device(options):
     if "device" in options or "resume" not in options:
         return options.get("device")
     try:
-        return checkpoints.load_checkpoint(checkpoints.checkpoint_in(options["resume"]))["args"]["device"]
+        return checkpoints.load_checkpoint(checkpoints.checkpoint_in(options["resume"]))["args"].get("device")
     except UserError:  # guarded(train) will say what is wrong
         return None
 
@@ -232,10 +249,10 @@ def on_all_gpus(argv, gpus):
 
 def died(error):
     """torchrun's report of a failed process as one line, where the process did not say why."""
-    rank, failure = error.get_first_failure()
+    process, failure = error.get_first_failure()
     if failure.exitcode >= 0:  # it exited with a status, after saying why
         return failure.exitcode
-    print(f"error: process {rank} was killed by {failure.signal_name()}"
+    print(f"error: process {process} was killed by {failure.signal_name()}"
           + (" (as the out-of-memory killer does: try a smaller --batch-size or fewer --workers)"
              if failure.signal_name() == "SIGKILL" else ""), file=sys.stderr)
     return 1

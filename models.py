@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from photos import nfc
-from utils import UserError, first_line
+from utils import UserError, load_file
 
 HOTDOG_ROW = 934  # ImageNet's class "hotdog, hot dog, red hot"
 
@@ -31,7 +31,7 @@ def pretrained_net(arch="resnet18", weights_file=None):
 def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resnet18"):
     """The pretrained body with a new output layer (§14.2.2.2): xavier-uniform weight, default bias.
     hotdog_class (exercise 4): the index of the class that starts from ImageNet's hot-dog row."""
-    net = with_fc(pretrained_net(arch, weights_file))  # resnet18 as it is
+    net = with_fc(pretrained_net(arch, weights_file))  # resnet18 has its fc already
     imagenet_fc, net.fc = net.fc, nn.Linear(net.fc.in_features, num_classes)
     nn.init.xavier_uniform_(net.fc.weight)
     if hotdog_class is not None:
@@ -154,26 +154,14 @@ def frozen_batch_norm(bn):
     return frozen
 
 
-def load_file(path, what, fix, name=None, into=None):
-    """torch.load of a file of tensors (weights, a checkpoint) onto the CPU, or, given a net
-    `into`, that net with the weights loaded. A file that is missing, or is not `what`, is one
-    UserError naming it (as name) and the fix."""
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        if into is None:
-            return loaded
-        into.load_state_dict(loaded)
-        return into
-    except FileNotFoundError:
-        raise UserError(f"{name or path} does not exist; {fix}") from None
-    except Exception as e:  # unpickling or an empty file: not what was asked for either way
-        raise UserError(f"{name or path} is not {what} ({first_line(e)}); {fix}") from None
-
-
 def saved_net(checkpoint):
     """The net a training run saved (checkpoints.load_checkpoint), ready to predict. Its BatchNorm
     layers are FrozenBatchNorm2d, which compute as BatchNorm does at test time and so load the
     weights of any mode, --freeze or not."""
-    net = freeze_features(scratch_net(len(checkpoint["classes"]), checkpoint.get("arch", "resnet18")))
+    arch = checkpoint.get("arch", "resnet18")
+    if arch is None:
+        raise UserError("the checkpoint holds the weights of a net of your own, which this program cannot build; "
+                        "build it and load them: net.load_state_dict(torch.load(path)['model'])")
+    net = freeze_features(scratch_net(len(checkpoint["classes"]), arch))
     net.load_state_dict(checkpoint["model"])
     return net.eval()

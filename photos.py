@@ -20,8 +20,16 @@ from utils import UserError
 # torchvision's image types, and what phones and the web also give: GIF, and HEIC (read where the
 # pillow-heif plugin is installed, and otherwise named as unreadable, never skipped unsaid).
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", ".heic", ".heif")
-# PIL refuses images over 89 megapixels as possible decompression bombs, and phones take 108.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+def limit_megapixels(megapixels=200):
+    """Refuse larger images as possible decompression bombs: PIL's limit, 89 megapixels, is
+    below what phones take (108), so 200 by default. For this process and the loader worker
+    processes it forks."""
+    Image.MAX_IMAGE_PIXELS = int(megapixels * 10**6)
+
+
+limit_megapixels()
 
 
 # ---------------------------------------------------------------- reading an image
@@ -65,7 +73,7 @@ def read_image(path, read):
                 return read(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"cannot read image {path} ({e}); raise the limit to read it: "
-                        "PIL.Image.MAX_IMAGE_PIXELS (--max-megapixels on the command line)") from None
+                        "photos.limit_megapixels(N) (--max-megapixels on the command line)") from None
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; check the path") from None
     except OSError as e:
@@ -170,9 +178,9 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         self.where = f"in {os.path.basename(os.path.normpath(split))}/"  # for the run's header line
         self.held_out = None  # where split_by_class made it: the held-out paths
         self.unread = set()  # images whose pixels could not be read (__getitem__)
-        unread = [name for target, name in enumerate(self.classes) if target not in self.targets]
-        if unread:
-            raise UserError(f"{os.path.join(split, unread[0])} holds no image that can be read; put readable "
+        empty = [name for target, name in enumerate(self.classes) if target not in self.targets]
+        if empty:
+            raise UserError(f"{os.path.join(split, empty[0])} holds no image that can be read; put readable "
                             "images in every class folder, or remove it")
 
     def __getitem__(self, i):

@@ -127,10 +127,9 @@ def samples(data_dir, out="."):
     and returns its path."""
     folder = ImageFolder(data.training_folder(data_dir))
     first, last = folder.targets[0], folder.targets[-1]
-    picks = ([i for i, t in enumerate(folder.targets) if t == first][:8]
-             + [i for i, t in enumerate(folder.targets) if t == last][-8:])
-    images = [folder[i][0] for i in picks]
-    augmented = [data.train_augs(img) for img in images]
-    rows = [images[:8], images[8:], augmented[:8], augmented[8:]]
+    picks = [[i for i, t in enumerate(folder.targets) if t == first][:8],
+             [i for i, t in enumerate(folder.targets) if t == last][-8:]]
+    images = [[folder[i][0] for i in row] for row in picks]
+    rows = images + [[data.train_augs(img) for img in row] for row in images]
     captions = [["as loaded"] * 8] * 2 + [["train_augs"] * 8] * 2
     return grid(rows, captions, os.path.join(writable_folder(out), "samples.png"))

@@ -18,7 +18,7 @@ import data
 import models
 import train
 from photos import image_paths, load_rgb
-from utils import UserError, write_whole
+from utils import UserError, writable_folder, write_whole
 
 
 @dataclass
@@ -30,22 +30,29 @@ class Prediction:
     probabilities: dict  # class name: probability
 
 
-def predict(model, images, batch_size=128, workers=None, device=None, precision="amp"):
+def predict(model, images, *, out=None, batch_size=128, workers=None, device=None, precision="amp", arch=None):
     """Classify images (files, and folders searched for them) with model, a model.pt written by
-    training (or its run's folder). Returns one Prediction per image that could be read, in the
-    order given; each one that could not is named on stderr."""
-    ckpt = checkpoints.load_checkpoint(checkpoints.checkpoint_in(model))
+    training (or its run's folder), on one device. Returns one Prediction per image that could be
+    read, in the order given; each one that could not is named on stderr. With out, a folder:
+    predictions.csv there too. arch, where given, must be the model's."""
+    path = checkpoints.checkpoint_in(model)
+    ckpt = checkpoints.load_checkpoint(path)
+    checkpoints.same_arch(arch, ckpt, path)
     paths = image_paths(images)
     if not paths:
         raise UserError(f"found no images in {' '.join(map(str, images))}; give image files or folders of them")
+    csv_path = out and os.path.join(writable_folder(out), "predictions.csv")  # tried before the work
     settings, classes = ckpt["transform"], ckpt["classes"]
     augs = data.make_test_augs(settings["resize"], settings["crop"], settings.get("interpolation", "bilinear"))
     loader = torch.utils.data.DataLoader(ImageFiles(paths, augs, settings["crop"]), batch_size,
                                          num_workers=data.default_workers(workers))
-    runtime = train.make_runtime(device, precision)
-    probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)
-    return [Prediction(paths[i], classes[p.argmax()], p.max().item(), dict(zip(classes, p.tolist())))
-            for i, p in zip(index.tolist(), probs) if i >= 0]
+    runtime = train.make_runtime(train.try_device(device), precision)
+    probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)  # index for the label
+    predictions = [Prediction(paths[i], classes[p.argmax()], p.max().item(), dict(zip(classes, p.tolist())))
+                   for i, p in zip(index.tolist(), probs) if i >= 0]
+    if csv_path:
+        write_csv(predictions, classes, csv_path)
+    return predictions
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -66,9 +73,8 @@ class ImageFiles(torch.utils.data.Dataset):
             return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), -1
 
 
-def write_csv(predictions, path):
+def write_csv(predictions, classes, path):
     """predictions.csv: a row per image, its path, class and probability, then every class's."""
-    classes = list(predictions[0].probabilities) if predictions else []
     table = io.StringIO()
     csv.writer(table).writerows([["path", "class", "probability", *classes]]
                                 + [[p.path, p.label, f"{p.probability:.4f}", *(f"{q:.4f}" for q in p.probabilities.values())]

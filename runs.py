@@ -14,13 +14,15 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 import checkpoints
 import data
 import models
 import plots
 import train
-from processes import join_processes, leave_processes, local_first, rank, say, torchrun_start, world_size
+from processes import from_process_0, join_processes, leave_processes, local_first, rank, say, torchrun_start, world_size
+from photos import limit_megapixels
 from utils import UserError
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
@@ -34,8 +36,12 @@ OPTIONS = dict(
     cache_gb=None, val_split=0.2, max_megapixels=200,                 # how to read it
     arch="resnet18", weights=None, freeze=False, init_head_from_imagenet=False,  # the net
     epochs=None, batch_size=128, lr=None, no_param_group=False, seed=0,  # the book's recipe
+    patience=None, freeze_epochs=0, class_weights=None,               # beyond it: off by default
     workers=None, device=None, precision="amp",                       # where it runs
 )
+
+
+PRETRAINED_ONLY = ("weights", "freeze", "init_head_from_imagenet", "freeze_epochs")
 
 
 @dataclass
@@ -64,6 +70,7 @@ def train_runs(mode="pretrained", out=None, **options):
         raise UserError(f"train_runs takes a mode of {[*RECIPES, 'compare']} and the options {list(OPTIONS)}, "
                         f"not {unknown or mode}")
     options = settled(mode, options)
+    limit_megapixels(options["max_megapixels"])
     device = join_processes(train.try_device(options["device"]))
     out = options["out"] = os.path.abspath(out or default_out(mode))
     try:
@@ -77,9 +84,13 @@ def settled(mode, given):
     """The options of a run: the defaults, the ones given (recorded as `typed`, so that a
     continued run can tell them apart), paths made absolute, and the machine's defaults."""
     options = {**OPTIONS, **given, "mode": mode, "typed": given.get("typed", sorted(given))}
+    ignored = [key for key in PRETRAINED_ONLY if mode == "scratch" and options[key]]
+    if ignored:
+        raise UserError(f"{ignored[0]}= changes the pretrained net, and scratch trains from random weights; "
+                        f"leave {ignored[0]}= out, or train pretrained (or compare: it applies to the pretrained run)")
     options["arch"] = models.check_arch(options["arch"])
     options["epochs"] = options["epochs"] or DATASETS[options["dataset"]]["epochs"]
-    options["lr"] = [options["lr"]] if isinstance(options["lr"], (int, float)) else options["lr"]  # lr=5e-5 too
+    options["lr"] = lrs(options["lr"])
     options["workers"] = data.default_workers(options["workers"])
     for key in checkpoints.PATHS:
         options[key] = options[key] and os.path.abspath(options[key])
@@ -87,33 +98,37 @@ def settled(mode, given):
 
 
 def resume(path, **given):
-    """Continue the run that wrote path (its model.pt, or its folder; for "compare", every run in
-    it) with the options it began with. Those in checkpoints.MAY_CHANGE (epochs, device, workers,
-    ...) may be given anew; any other given must be the one the run began with."""
-    named = path if not os.path.isdir(path) else None  # a run's model.pt: that run alone
+    """Continue the run that wrote path with the options it began with: path is a run's model.pt
+    (that run alone) or its folder (for "compare", every run in it). Those in
+    checkpoints.MAY_CHANGE (epochs, device, workers, ...) may be given anew; any other given
+    must be the one the run began with."""
+    alone = not os.path.isdir(path)
     path = os.path.abspath(checkpoints.checkpoint_in(path))
     ckpt = checkpoints.load_checkpoint(path)
-    same_arch(given.pop("arch", None), ckpt, path)
-    own = ckpt["args"].get("out", os.path.dirname(path))
-    if given.get("out") and os.path.abspath(given.pop("out")) != own:
-        raise UserError(f"{path} continues in its own folder, {own}; leave out= out "
+    began = ckpt["args"]
+    if "mode" not in began:
+        raise UserError(f"{path} was written by train.train_fine_tuning(..., out=); continue it with that call again")
+    checkpoints.same_arch(given.pop("arch", None), ckpt, path)
+    folder = os.path.dirname(path)  # where the run is now, wherever it began
+    planned = plan_runs(began["mode"], {**OPTIONS, **began}, folder)
+    out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: each has a folder in out
+    asked = given.pop("out", None)
+    if asked and os.path.abspath(asked) != out:
+        raise UserError(f"{path} continues in its own folder, {out}; leave out= out "
                         "(or copy that folder where you want it, and continue the copy)")
-    before = {k: v for k, v in ckpt["args"].items() if k != "workers" or k in ckpt["args"].get("typed", [])}  # else this machine's
-    out = os.path.dirname(path)
-    planned = plan_runs(before["mode"], {**OPTIONS, **before}, out)
-    recipe = [run.lr for run in planned]
-    if before["lr"] is None and given.get("lr") in (recipe, recipe[0] if len(recipe) == 1 else None):
-        given.pop("lr", None)  # the recipe's lr, which the run began with, typed out
-    checkpoints.refuse_changes({**OPTIONS, **before}, given, path)
-    options = {k: v for k, v in {**before, **given}.items() if k in OPTIONS}
-    return train_runs(before["mode"], os.path.dirname(out) if len(planned) > 1 else out, resume=named and path,
-                      typed=sorted({*before.get("typed", []), *given}), **options)
+    if "workers" not in began["typed"]:  # the default of the machine it began on: this one's now
+        began = {k: v for k, v in began.items() if k != "workers"}
+    if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in planned]:
+        del given["lr"]  # the recipe's own, which the run began with, typed out
+    checkpoints.refuse_changes({**OPTIONS, **began}, given, path)
+    options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
+    return train_runs(began["mode"], out, resume=path if alone else None,
+                      typed=sorted({*began["typed"], *given}), **options)
 
 
-def same_arch(arch, ckpt, path):
-    """The checkpoint knows its architecture: an arch given beside it must be the same."""
-    if arch and arch != ckpt.get("arch", "resnet18"):
-        raise UserError(f"{path} holds a {ckpt.get('arch', 'resnet18')}, not a {arch}; leave arch= out")
+def lrs(lr):
+    """lr as a list of learning rates, each of which gives a run (lr=5e-5 gives one)."""
+    return [lr] if isinstance(lr, (int, float)) else lr
 
 
 def default_out(mode):
@@ -127,9 +142,9 @@ def plan_runs(mode, options, out):
     """Every training asked for: one, both modes ("compare"), one per lr. A single run writes
     into out, several each into a folder of their own inside it."""
     modes = ["pretrained", "scratch"] if mode == "compare" else [mode]
-    lrs = {m: options["lr"] or [DATASETS[options["dataset"]].get("lr", RECIPES[m]["lr"])] for m in modes}
-    runs = [(m if len(lrs[m]) == 1 else f"{m}-lr{lr:g}", m, lr) for m in modes for lr in lrs[m]]
-    return [Run(name, m, lr, out if len(runs) == 1 else os.path.join(out, name)) for name, m, lr in runs]
+    rates = {m: options["lr"] or [DATASETS[options["dataset"]].get("lr", RECIPES[m]["lr"])] for m in modes}
+    named = [(m if len(rates[m]) == 1 else f"{m}-lr{lr:g}", m, lr) for m in modes for lr in rates[m]]
+    return [Run(name, m, lr, out if len(named) == 1 else os.path.join(out, name)) for name, m, lr in named]
 
 
 # ---------------------------------------------------------------- training
@@ -167,20 +182,117 @@ def train_one(run, options, sets, device):
     """Train one net into its folder, continuing its checkpoint; return its result."""
     runtime = train.make_runtime(device, options["precision"])
     about = checkpoints.described(options, options["arch"], sets[0], runtime, name=run.name, mode=run.mode, lr=run.lr,
-                                  held_out=getattr(sets[1], "held_out", None))
+                                  held_out=getattr(sets[1], "held_out", None), final_split=final_test_name(sets))
     ckpt = checkpoints.continued(run.out, about, checkpoint_name(run, options))
     history = ckpt["history"] if ckpt else []
-    if len(history) >= options["epochs"]:
-        say(f"{run.name}: finished its {len(history)} epochs already; give more epochs to train on")
+    if len(history) >= options["epochs"] or stalled(history, options["patience"]):
+        say(f"{run.name}: finished its {len(history)} epochs already; " + ("give more epochs to train on" if len(
+            history) >= options["epochs"] else f"it stopped early (patience {options['patience']})"))
         return checkpoints.finished(run.out, ckpt)
     net = build_net(run.mode, about["classes"], options)
     torch.manual_seed(options["seed"] + rank())  # then each process draws its own augmentations
-    train_iter, test_iter = data.make_loaders(*sets, options["batch_size"], options["workers"], options["seed"])
-    say(header(run, options, sets, runtime))
+    train_iter, test_iter = data.make_loaders(*sets[:2], options["batch_size"], options["workers"], options["seed"])
     param_group = RECIPES[run.mode]["param_group"] and not options["no_param_group"]
-    epochs = train.fine_tuning_epochs(net, run.lr, train_iter, test_iter, options["epochs"], param_group, runtime, ckpt)
-    history = train.train_and_show(checkpoints.saved(epochs, run.out, about, history, sets[1]), runtime, history)
-    return checkpoints.finished(run.out, dict(about, history=history))
+    weights = class_weights(options["class_weights"], sets[0], runtime.device)
+    say(header(run, options, sets, runtime, weights))
+
+    def epochs_of(num_epochs, resume):  # the book's recipe, for one phase
+        return train.fine_tuning_epochs(net, run.lr, train_iter, test_iter, num_epochs, param_group, runtime, resume,
+                                        weights)
+    epochs = two_phases(epochs_of, net, freeze_epochs(run, options), options["epochs"], ckpt)
+    epochs = checkpoints.saved(stopping(epochs, options["patience"], history), run.out, about, history, sets[1])
+    history = train.train_and_show(epochs, runtime, history)
+    result = checkpoints.finished(run.out, dict(about, history=history))
+    if len(sets) > 2:  # the final test, once, with the epoch kept
+        result["final_test"] = final_test(run, net, sets, options, runtime)
+        if rank() == 0:
+            checkpoints.write_metrics(run.out, result)
+    return result
+
+
+# ---------------------------------------------------------------- beyond the book
+def two_phases(epochs_of, net, freeze_epochs, num_epochs, resume):
+    """Two-phase fine-tuning, a linear probe and then every layer (Kumar et al., ICLR 2022): the
+    first freeze_epochs epochs train only the output layer, the features and their BatchNorm
+    statistics fixed (features_frozen); the others every layer, with the book's groups.
+    With freeze_epochs 0, the book's epochs as they are."""
+    history = list(resume["history"]) if resume else []
+    if len(history) < freeze_epochs:
+        with features_frozen(net):
+            for epoch in epochs_of(min(freeze_epochs, num_epochs), resume):
+                history.append(epoch.metrics)
+                yield epoch
+        resume = {"history": history}  # the first phase ran here: its weights and state are in place
+    yield from epochs_of(num_epochs, resume)
+
+
+@contextlib.contextmanager
+def features_frozen(net):
+    """For a while, exercise 3: only the output layer learns, and the BatchNorm layers compute as
+    at test time, their statistics fixed. The layers stay the same objects (models.freeze_features
+    replaces them for good), so a checkpoint written meanwhile loads into the whole net."""
+    features = [param for name, param in net.named_parameters() if not name.startswith("fc.")]
+    norms = [module for module in net.modules() if isinstance(module, nn.BatchNorm2d)]
+    for param in features:
+        param.requires_grad_(False)
+    for bn in norms:  # net.train() leaves them in eval mode
+        bn.train = lambda mode=True, bn=bn: nn.Module.train(bn, False)
+    try:
+        yield net
+    finally:
+        for param in features:
+            param.requires_grad_(True)
+        for bn in norms:
+            del bn.train
+
+
+def freeze_epochs(run, options):
+    """The epochs of the first phase: only a pretrained net has features worth keeping fixed."""
+    return options["freeze_epochs"] if run.mode == "pretrained" else 0
+
+
+def stopping(epochs, patience, history=()):
+    """The epochs until the accuracy on the evaluation set has not improved for patience epochs
+    (early stopping); with patience None, all of them."""
+    history = list(history)
+    for epoch in epochs:
+        history.append(epoch.metrics)
+        yield epoch
+        if stalled(history, patience):
+            return
+
+
+def stalled(history, patience):
+    """Whether the best epoch lies patience epochs or more behind the last."""
+    return bool(patience and history) and history[-1]["epoch"] - checkpoints.best_epoch(history)["epoch"] >= patience
+
+
+def class_weights(kind, train_set, device):
+    """None (the book's: every image counts the same), or for "balanced", a weight per class that
+    makes every class count the same in the summed loss: n / (classes x n_class), as
+    scikit-learn's "balanced" (n images in all, n_class of the class)."""
+    if kind is None:
+        return None
+    if kind != "balanced":
+        raise UserError(f"class_weights={kind} is not a kind this program knows; give \"balanced\"")
+    counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=len(train_set.classes)).double()
+    return (counts.sum() / (len(counts) * counts)).float().to(device)
+
+
+def final_test_name(sets):
+    """The final test's folder, where the data set holds one beside val/ (data.book_folders)."""
+    return os.path.basename(os.path.normpath(sets[2].root)) + "/" if len(sets) > 2 else None
+
+
+def final_test(run, net, sets, options, runtime):
+    """The final test set evaluated once, with the weights best.pt keeps: which epoch's, the
+    accuracy, and the figures (checkpoints.figures)."""
+    best = from_process_0(checkpoints.load_checkpoint(os.path.join(run.out, "best.pt")) if rank() == 0 else None)
+    net.load_state_dict(best["model"])
+    loader = data.make_loaders(sets[2], sets[2], options["batch_size"], options["workers"])[1]
+    probs, labels = train.evaluate(net, loader, runtime)
+    return dict(split=final_test_name(sets), epoch=best["history"][-1]["epoch"], acc=train.accuracy(probs, labels),
+                **checkpoints.figures(probs, labels, best["classes"]))
 
 
 def checkpoint_name(run, options):
@@ -211,13 +323,17 @@ def build_net(mode, classes, options):
     return models.freeze_features(net) if options["freeze"] else net
 
 
-def header(run, options, sets, runtime):
-    """The run's first line: the net and its image sizes, the data, the learning rate, the runtime."""
+def header(run, options, sets, runtime, weights=None):
+    """The run's first line: the net and its image sizes, the data, the learning rate, what goes
+    beyond the book's recipe, the runtime."""
     size = models.preprocessing(options["arch"])
     split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
+    final = f", and once, at the end, {len(sets[2])} in {final_test_name(sets)}" if len(sets) > 2 else ""
+    phase = f", the output layer alone for the first {n} epoch(s)" if (n := freeze_epochs(run, options)) else ""
+    weighed = f", class weights balanced ({', '.join(f'{w:.2f}' for w in weights.tolist())})" if weights is not None else ""
     return (f"{run.name}: {options['arch']} at {size['crop']} px (resized to {size['resize']}, {size['interpolation']}), "
-            f"training on {len(sets[0])} images, testing on {len(sets[1])}{split}, lr {run.lr:g}, {runtime}"
-            + (f" x {world_size()} processes, {processes_batch(options['batch_size'])}" if world_size() > 1 else ""))
+            f"training on {len(sets[0])} images, testing on {len(sets[1])}{split}{final}, lr {run.lr:g}{phase}{weighed}, "
+            f"{runtime}" + (f" x {world_size()} processes, {processes_batch(options['batch_size'])}" if world_size() > 1 else ""))
 
 
 def processes_batch(batch_size):

@@ -1692,3 +1692,135 @@ def test_the_python_calls_check_what_they_are_given(folder, tmp_path):
         train.make_runtime("cpu", "fp16")
     images = [torch.rand(20, 30, 3), torch.rand(20, 30, 3)]  # the book's: height x width x channels, floats
     assert plots.show_images(images, 1, 2, titles=["one"], path=str(tmp_path / "grid.png")) == str(tmp_path / "grid.png")
+
+
+# ---------------------------------------------------------------- a model to trust: best epoch, stopping, phases, weights
+def test_two_phases_keep_the_features_fixed_then_train_them(folder, tmp_path, capsys, torch_home):
+    argv = ["--pretrained", "--data-dir", folder, "--batch-size", 4, "--workers", 0, "--lr", "1e-2"]
+    status, out, err = run_cli(capsys, *argv, "--freeze-epochs", 2, "--epochs", 2, "--out", tmp_path / "frozen")
+    assert status == 0 and "the output layer alone for the first 2 epoch(s)" in out, err
+    state = torch.load(tmp_path / "frozen" / "model.pt", weights_only=True)["model"]
+    features = [k for k in torch_home if not k.startswith("fc.")]
+    assert any("running_mean" in k for k in features) and any(k.endswith("num_batches_tracked") for k in features)
+    assert all(torch.equal(state[k], torch_home[k]) for k in features)  # weights and BatchNorm statistics
+    assert not torch.equal(state["fc.weight"], models.finetune_net().fc.weight)
+    status, _, err = run_cli(capsys, *argv, "--freeze-epochs", 1, "--epochs", 2, "--out", tmp_path / "whole")
+    whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    assert status == 0 and not all(torch.equal(whole["model"][k], torch_home[k]) for k in features), err
+    status, _, err = run_cli(capsys, *argv, "--freeze-epochs", 1, "--epochs", 1, "--out", tmp_path / "cut")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "cut", "--epochs", 2)
+    cut = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    assert status == 0 and "epoch 2:" in out and "epoch 1:" not in out, err
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])  # continued across the phases
+    assert json.load(open(tmp_path / "cut" / "metrics.json"))["args"]["freeze_epochs"] == 1
+
+
+def plateau(monkeypatch, accuracies):
+    """Each evaluation's accuracy taken from accuracies, in turn."""
+    turn = iter(accuracies)
+    monkeypatch.setattr(train, "accuracy", lambda probs, labels: next(turn))
+
+
+def test_patience_stops_and_best_pt_keeps_the_epoch_metrics_names(folder, tmp_path, capsys, monkeypatch):
+    plateau(monkeypatch, [0.5, 0.75, 0.75, 0.5, 1.0, 1.0])
+    argv = ["--scratch", "--data-dir", folder, "--epochs", 6, "--patience", 2, "--batch-size", 8, "--workers", 0,
+            "--out", tmp_path / "run"]
+    status, out, err = run_cli(capsys, *argv)
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert status == 0 and [m["epoch"] for m in metrics["history"]] == [1, 2, 3, 4], err
+    assert "stopped early after epoch 4: no better test acc in 2 epochs" in out
+    assert metrics["kept"]["epoch"] == 2 and metrics["kept"]["optimistic"]  # the first of the two best
+    assert len([line for line in out.splitlines() if "chosen on the test set itself" in line]) == 1
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["history"][-1]["epoch"] == 2 and best["history"][-1]["test_acc"] == 0.75
+    status, out, _ = run_cli(capsys, *argv)  # the same command again: it stopped, so it is finished
+    assert status == 0 and "scratch: finished its 4 epochs already" in out and "epoch 5:" not in out
+    status, out, _ = run_cli(capsys, "--predict", os.path.join(folder, "test"), "--model", tmp_path / "run" / "best.pt",
+                             "--workers", 0, "--out", tmp_path)
+    assert status == 0 and len(out.splitlines()) == 4
+
+
+def test_with_val_and_test_the_epoch_is_chosen_on_val_and_test_is_evaluated_once(tmp_path, capsys, monkeypatch):
+    root = write_folder(tmp_path / "d", train=3, test=2)
+    shutil.copytree(tmp_path / "d" / "test", tmp_path / "d" / "val")
+    seen = []
+    real = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda net, loader, runtime: seen.append(
+        os.path.basename(loader.dataset.root)) or real(net, loader, runtime))
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 2, "--batch-size", 4,
+                               "--workers", 0, "--out", tmp_path / "run")
+    assert status == 0, err
+    assert "testing on 4 in val/, and once, at the end, 4 in test/" in out
+    assert seen == ["val", "val", "test"]  # every epoch on val/, test/ once
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    final = metrics["final_test"]
+    assert final["split"] == "test/" and final["epoch"] == metrics["kept"]["epoch"] and not metrics["kept"]["optimistic"]
+    assert sum(map(sum, final["confusion"])) == 4 and "test/, once, with epoch" in out
+    assert "optimistic" not in out
+
+
+def test_balanced_class_weights_change_the_loss_as_the_formula_says(tmp_path, capsys, monkeypatch):
+    targets = [0] * 6 + [1] * 2
+    weights = runs.class_weights("balanced", type("Set", (), {"targets": targets, "classes": ["a", "b"]}), "cpu")
+    assert weights.tolist() == pytest.approx([8 / (2 * 6), 8 / (2 * 2)])  # n / (classes x n_class)
+    with monkeypatch.context() as patched:  # the loss the recipe hands to its loop
+        patched.setattr(train, "ch13_epochs", lambda net, train_iter, test_iter, loss, optimizer, *a: iter([loss]))
+        loss = next(fine_tuning_epochs(models.scratch_net(), 0.1, None, None, class_weights=weights))
+    pred, y = torch.randn(8, 2), torch.tensor(targets)
+    plain = torch.nn.functional.cross_entropy(pred, y, reduction="none")
+    assert loss(pred, y).sum().item() == pytest.approx((weights[y] * plain).sum().item())
+    root = write_folder(tmp_path / "d", train=1, test=1)
+    for i in range(1, 4):
+        shutil.copy(tmp_path / "d" / "train" / "hotdog" / "0.png", tmp_path / "d" / "train" / "hotdog" / f"x{i}.png")
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--class-weights", "balanced", "--epochs", 1,
+                               "--batch-size", 4, "--workers", 0, "--out", tmp_path / "run")
+    assert status == 0 and "class weights balanced (0.62, 2.50)" in out, err
+    assert json.load(open(tmp_path / "run" / "metrics.json"))["args"]["class_weights"] == "balanced"
+
+
+def test_per_class_figures_match_a_hand_count(folder, tmp_path, capsys):
+    labels, preds = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2])
+    result = checkpoints.figures(torch.nn.functional.one_hot(preds, 3).float(), labels, ["a", "b", "c"])
+    assert result["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    a, b, c = (result["per_class"][name] for name in "abc")
+    assert (a["precision"], a["recall"], a["count"]) == (1.0, pytest.approx(2 / 3), 3)
+    assert (b["precision"], b["recall"], b["f1"]) == (0.5, 0.5, 0.5)
+    assert (c["precision"], c["recall"], c["f1"]) == (0.5, 1.0, pytest.approx(2 / 3))
+    assert a["f1"] == pytest.approx(2 * (2 / 3) / (1 + 2 / 3)) and result["balanced_accuracy"] == pytest.approx((2 / 3 + 0.5 + 1) / 3)
+    status, out, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path / "run")
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert status == 0 and set(metrics["per_class"]) == {"hotdog", "not-hotdog"}
+    assert sum(f["count"] for f in metrics["per_class"].values()) == 4 and "balanced accuracy" in out
+
+
+def test_runs_of_either_kind_continue_only_as_they_began_and_flags_stay_apart_from_paths(folder, tmp_path, capsys,
+                                                                                          monkeypatch):
+    out = str(tmp_path / "python")
+    train.train_fine_tuning(models.scratch_net(), 5e-4, 8, 1, param_group=False, data_dir=folder, out=out)
+    status, _, err = run_cli(capsys, "--resume", out, "--epochs", 2)
+    assert status == 2 and "written by train.train_fine_tuning" in err and len(err.strip().splitlines()) == 1
+    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0,
+                   "--out", tmp_path / "cli")[0] == 0
+    with pytest.raises(UserError, match="written by runs"):
+        train.train_fine_tuning(models.scratch_net(), 5e-3, 8, 2, param_group=False, data_dir=folder, out=str(tmp_path / "cli"))
+    for argv in (["--scratch", "--model", "x.pt"], ["--resume", "run", "--model", "x.pt"]):
+        with pytest.raises(SystemExit):
+            finetune.main(argv)
+        assert "--model goes with --predict" in capsys.readouterr().err
+    status, _, err = run_cli(capsys, "--scratch", "--freeze", "--data-dir", folder, "--out", tmp_path / "x")
+    assert status == 2 and "--freeze changes the pretrained net" in err
+    monkeypatch.chdir(tmp_path)  # a failed first run leaves no run folder behind, and a path keeps its = signs
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", tmp_path / "lr=0.1")
+    assert status == 2 and f"{tmp_path / 'lr=0.1' / 'train'} is not a folder" in err
+    assert not list((tmp_path / "runs").glob("*"))
+
+
+def test_a_run_continued_past_its_metrics_reports_its_checkpoint(folder, tmp_path, capsys):
+    argv = ["--scratch", "--data-dir", folder, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
+    assert run_cli(capsys, *argv, "--epochs", 1)[0] == 0
+    metrics = (tmp_path / "metrics.json").read_text()
+    assert run_cli(capsys, *argv, "--epochs", 2)[0] == 0
+    (tmp_path / "metrics.json").write_text(metrics)  # as if stopped after epoch 2's checkpoint
+    trained = runs.resume(str(tmp_path), epochs=2)
+    assert [m["epoch"] for m in trained.results[0]["history"]] == [1, 2]

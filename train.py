@@ -27,17 +27,18 @@ from utils import UserError
 # ================================================================ the book's recipe
 def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_group=True, *,
                       data_dir=None, devices=None, precision="amp", out=None):
-    """§14.2.2.3, called as the book calls it: trains on data_dir's train/ and test/ folders
-    (default: the hot-dog set, downloaded on first use) on all GPUs (else MPS, else the CPU), and
-    returns the history, one dict of metrics per epoch. With out, a folder keeps the run
+    """§14.2.2.3, called as the book calls it: trains on data_dir (data.load_data; default: the
+    hot-dog set, downloaded on first use) on all GPUs (else MPS, else the CPU), and returns the
+    history, one dict of metrics per epoch. With out, a folder keeps the run
     (checkpoints.saved), and the same call again continues it."""
     runtime = make_runtime(devices, precision)
-    train_iter, test_iter = data.load_data(batch_size, data_dir)
+    train_iter, test_iter = data.load_data(batch_size, data_dir, held_out=checkpoints.held_out(out))
     models.check_outputs(net, data.class_names(train_iter.dataset))
     with checkpoints.writing_to(out):  # the output folder, where there is one
         about = checkpoints.described(dict(learning_rate=learning_rate, batch_size=batch_size, param_group=param_group,
                                            data_dir=data_dir and os.path.abspath(data_dir), precision=precision),
-                                      getattr(net, "arch", "resnet18"), train_iter.dataset, runtime)
+                                      getattr(net, "arch", None), train_iter.dataset, runtime,
+                                      held_out=getattr(test_iter.dataset, "held_out", None))
         resume = checkpoints.continued(out, about)  # None: a fresh run
         epochs = fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs, param_group, runtime, resume)
         history = resume["history"] if resume else []
@@ -45,11 +46,12 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
 
 
 def fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs=5, param_group=True,
-                       runtime=None, resume=None):
-    """The recipe one epoch at a time: yields an `Epoch` after each."""
+                       runtime=None, resume=None, class_weights=None):
+    """The recipe one epoch at a time: yields an `Epoch` after each. class_weights (on the
+    device; None, the book's: all 1) weigh each image's loss by its class."""
     # The book sums the loss over the batch, and its learning rates (5e-5, 5e-4) assume that
     # sum: with the mean they would be 128x too small.
-    loss = nn.CrossEntropyLoss(reduction="none")
+    loss = nn.CrossEntropyLoss(weight=class_weights, reduction="none")
     optimizer = fine_tuning_optimizer(net, learning_rate, param_group)
     yield from ch13_epochs(net, train_iter, test_iter, loss, optimizer, num_epochs,
                            runtime or make_runtime(), resume)

@@ -1,9 +1,12 @@
-"""The ground floor every other module stands on: the error bad input raises, and writing files
-whole through a temporary name."""
+"""The ground floor every other module stands on: the error bad input raises (and its message as
+one line), writing files and folders whole through a temporary name, leaving none empty, and
+reading files of tensors."""
 import contextlib
 import errno
 import os
 import shutil
+
+import torch
 
 
 class UserError(Exception):
@@ -76,6 +79,22 @@ def what_to_do(error):
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free some space there, or write to another folder"
     return "choose a folder you can write to"
+
+
+def load_file(path, what, fix, name=None, into=None):
+    """torch.load of a file of tensors (weights, a checkpoint) onto the CPU, or, given a net
+    `into`, that net with the weights loaded. A file that is missing, or is not `what`, is one
+    UserError naming it (as name) and the fix."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if into is None:
+            return loaded
+        into.load_state_dict(loaded)
+        return into
+    except FileNotFoundError:
+        raise UserError(f"{name or path} does not exist; {fix}") from None
+    except Exception as e:  # unpickling or an empty file: not what was asked for either way
+        raise UserError(f"{name or path} is not {what} ({first_line(e)}); {fix}") from None
 
 
 def first_line(error):
