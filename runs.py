@@ -65,14 +65,18 @@ def train_runs(mode="pretrained", out=None, **options):
     """Train the runs mode asks for ("pretrained", "scratch" or "compare") with the options given
     (see OPTIONS), into out (default runs/<mode>-<time>). A run whose folder holds a checkpoint
     continues it: after Ctrl-C, and when torchrun restarts a job's processes."""
-    unknown = sorted(set(options) - set(OPTIONS) - {"typed", "resume"})  # those two: from resume
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown or mode not in (*RECIPES, "compare"):
         raise UserError(f"train_runs takes a mode of {[*RECIPES, 'compare']} and the options {list(OPTIONS)}, "
                         f"not {unknown or mode}")
-    options = settled(mode, options)
+    return train_settled(settled(mode, options), out)
+
+
+def train_settled(options, out=None):
+    """train_runs, given every option (settled)."""
     limit_megapixels(options["max_megapixels"])
     device = join_processes(train.try_device(options["device"]))
-    out = options["out"] = os.path.abspath(out or default_out(mode))
+    out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
     try:
         with checkpoints.writing_to(out):
             return Trained(out, train_all(options, out, device))
@@ -80,10 +84,10 @@ def train_runs(mode="pretrained", out=None, **options):
         leave_processes()
 
 
-def settled(mode, given):
+def settled(mode, given, typed=None):
     """The options of a run: the defaults, the ones given (recorded as `typed`, so that a
     continued run can tell them apart), paths made absolute, and the machine's defaults."""
-    options = {**OPTIONS, **given, "mode": mode, "typed": given.get("typed", sorted(given))}
+    options = {**OPTIONS, **given, "mode": mode, "typed": sorted(typed or given), "resume": None}
     ignored = [key for key in PRETRAINED_ONLY if mode == "scratch" and options[key]]
     if ignored:
         raise UserError(f"{ignored[0]}= changes the pretrained net, and scratch trains from random weights; "
@@ -121,9 +125,9 @@ def resume(path, **given):
     if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in planned]:
         del given["lr"]  # the recipe's own, which the run began with, typed out
     checkpoints.refuse_changes({**OPTIONS, **began}, given, path)
-    options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
-    return train_runs(began["mode"], out, resume=path if alone else None,
-                      typed=sorted({*began["typed"], *given}), **options)
+    options = settled(began["mode"], {k: v for k, v in {**began, **given}.items() if k in OPTIONS},
+                      {*began["typed"], *given})
+    return train_settled({**options, "resume": path if alone else None}, out)
 
 
 def lrs(lr):
