@@ -69,7 +69,7 @@ def main():
     start = time.perf_counter()
     sets = runs.load_sets(options)  # the command line's data, at the sizes the arch was trained at
     data_sec = time.perf_counter() - start
-    train_iter, _ = data.make_loaders(*sets, args.batch_size, args.workers)
+    train_iter, _ = data.make_loaders(*sets[:2], args.batch_size, args.workers)
     batches = args.batches or len(train_iter)
 
     # the recipe's net, optimizer and precision; speed does not depend on the weights

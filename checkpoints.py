@@ -108,7 +108,8 @@ def continued(folder, about, name="model.pt"):
         if ("mode" in ckpt["args"]) != ("mode" in about["args"]):  # one has the command line's options
             raise UserError(f"{path} was written by {'runs' if 'mode' in ckpt['args'] else 'train_fine_tuning'}; "
                             "continue it the way it began, or choose another out=")
-        refuse_changes(ckpt["args"], about["args"], path)
+        refuse_changes({**ckpt["args"], "layout": ckpt.get("final_split")},
+                       {**about["args"], "layout": about.get("final_split")}, path)
         if ckpt["classes"] != classes:
             raise UserError(f"{path} was trained on classes {ckpt['classes']}, not {classes}; "
                             "continue it with the data it was trained on")
@@ -191,9 +192,9 @@ def save_checkpoint(path, epoch, history, about, best=False):
     if rank() == 0:
         buffer = io.BytesIO()
         torch.save({**epoch.state, "history": history, "rng": rng, **about}, buffer)
-        write_whole(path, buffer.getvalue())
-        if best:
+        if best:  # first: model.pt naming a best epoch that best.pt lacks would mislead
             write_whole(os.path.join(os.path.dirname(path), "best.pt"), buffer.getvalue())
+        write_whole(path, buffer.getvalue())
 
 
 def best_epoch(history):
@@ -212,17 +213,22 @@ def results(history, epoch, about):
     """What metrics.json holds: the run's description, the last epoch's figures, the mean
     examples/sec, the history, the last evaluation's figures (figures), the epoch best.pt keeps,
     and the versions."""
-    best = best_epoch(history)
     return dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")}, **last_figures(history),
                 world_size=world_size(), history=history, **figures(epoch.probs, epoch.labels, about["classes"]),
-                kept=dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=not about.get("final_split"),
-                          note=OPTIMISTIC if not about.get("final_split") else None),
-                versions=dict(python=platform.python_version(), torch=torch.__version__,
-                              torchvision=torchvision.__version__))
+                kept=kept(history, about), versions=dict(python=platform.python_version(), torch=torch.__version__,
+                                                         torchvision=torchvision.__version__))
 
 
-OPTIMISTIC = ("the epoch was chosen on the test set itself, so its accuracy is optimistic; "
-              "a val/ folder beside train/ and test/ gives a test set kept apart for one honest figure")
+def kept(history, about):
+    """The epoch best.pt keeps, its accuracy, and whether that figure is optimistic: chosen on the
+    test set itself, where the data has no val/ beside its test/."""
+    best, optimistic = best_epoch(history), not about.get("final_split")
+    return dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=optimistic,
+                note=OPTIMISTIC if optimistic else None)
+
+
+OPTIMISTIC = ("the epoch was chosen on the test set itself, so its accuracy is optimistic; in a data folder, "
+              "val/ beside train/ and test/ keeps test/ apart for one honest figure")
 
 
 def figures(probs, labels, classes):
@@ -270,7 +276,7 @@ def finished(folder, ckpt):
     if os.path.exists(metrics):
         with open(metrics) as f:
             result = json.load(f)
-        if len(result["history"]) == len(ckpt["history"]):  # else written before later epochs
+        if len(result["history"]) == len(ckpt["history"]):  # else written before the later epochs
             return result
-    about = {k: v for k, v in ckpt.items() if k in ("name", "mode", "lr", "classes", "args")}
-    return dict(**about, **last_figures(ckpt["history"]), history=ckpt["history"])
+    about = {k: v for k, v in ckpt.items() if k in ("name", "mode", "lr", "classes", "args", "arch", "final_split")}
+    return dict(**about, **last_figures(ckpt["history"]), history=ckpt["history"], kept=kept(ckpt["history"], ckpt))

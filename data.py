@@ -345,11 +345,11 @@ def datasets(data_dir=None, dataset="hotdog", root="data", **folders):
 
 # ---------------------------------------------------------------- loaders
 def load_data(batch_size=128, data_dir=None, root="data", held_out=None):
-    """The book's train_iter and test_iter (§14.2.2.3) over data_dir's train/ and test/ folders,
-    or its class folders split (held_out: as a run split them before; image_folders), default
-    the hot-dog set, downloaded into root on first use."""
+    """The book's train_iter and test_iter (§14.2.2.3) over data_dir's train/ and test/ folders
+    (val/ where it has no test/), or its class folders split (held_out: as a run split them
+    before; image_folders), default the hot-dog set, downloaded into root on first use."""
     workers = default_workers()
-    train_set, test_set, *_ = image_folders(data_dir or get_hotdog(root), workers=workers, held_out=held_out)
+    train_set, *_, test_set = image_folders(data_dir or get_hotdog(root), workers=workers, held_out=held_out)
     return make_loaders(train_set, test_set, batch_size, workers)
 
 

@@ -85,8 +85,8 @@ def parser():
     p.add_argument("--freeze", action="store_true", help="train only the new output layer")
     p.add_argument("--init-head-from-imagenet", action="store_true", help="start from ImageNet's hot-dog row")
     p.add_argument("--patience", type=positive(int), help="stop when the test acc has not improved for N epochs")
-    p.add_argument("--freeze-epochs", type=positive(int), metavar="N", help="train the output layer alone first, N epochs")
-    p.add_argument("--class-weights", choices=["balanced"], help="weigh each image's loss so every class counts the same")
+    p.add_argument("--freeze-epochs", type=positive(int), metavar="N", help="first train the output layer alone, N epochs")
+    p.add_argument("--class-weights", choices=["balanced"], help="weigh the loss so that every class counts the same")
     p.add_argument("--workers", type=positive(int, zero=True),
                    help="loader processes (default: one per core, at most 16)")
     p.add_argument("--max-megapixels", type=positive(float),
@@ -119,16 +119,16 @@ def print_result(result):
     """A run's last evaluation (up to 10 classes: the confusion matrix and each class's figures),
     the epoch it kept, and its final test."""
     name, classes, history = result["name"], result["classes"], result["history"]
-    if "confusion" in result and len(classes) <= 10:
+    if "per_class" in result and len(classes) <= 10:
         say(f"{name}: confusion (rows: true class, columns: predicted), then precision, recall, F1, count:")
         for c, row in zip(classes, result["confusion"]):
-            figures = result["per_class"][c]
-            say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row) + "   {precision:.3f} {recall:.3f} {f1:.3f} "
-                "{count:5d}".format(**figures))
+            figure = result["per_class"][c]
+            say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row)
+                + f"   {figure['precision']:.3f} {figure['recall']:.3f} {figure['f1']:.3f} {figure['count']:5d}")
         say(f"  balanced accuracy {result['balanced_accuracy']:.3f}")
-    if len(history) < result["args"]["epochs"]:
-        say(f"{name}: stopped early after epoch {history[-1]['epoch']}: no better test acc in "
-            f"{result['args']['patience']} epochs")
+    patience = result["args"].get("patience")
+    if len(history) < result["args"]["epochs"] and runs.stalled(history, patience, result["args"].get("freeze_epochs", 0)):
+        say(f"{name}: stopped early after epoch {history[-1]['epoch']}: no better test acc in {patience} epochs")
     if "kept" in result:
         kept = result["kept"]
         say(f"{name}: best.pt keeps epoch {kept['epoch']}, test acc {kept['test_acc']:.3f}"

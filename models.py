@@ -158,10 +158,11 @@ def saved_net(checkpoint):
     """The net a training run saved (checkpoints.load_checkpoint), ready to predict. Its BatchNorm
     layers are FrozenBatchNorm2d, which compute as BatchNorm does at test time and so load the
     weights of any mode, --freeze or not."""
-    arch = checkpoint.get("arch", "resnet18")
-    if arch is None:
-        raise UserError("the checkpoint holds the weights of a net of your own, which this program cannot build; "
-                        "build it and load them: net.load_state_dict(torch.load(path)['model'])")
+    arch = checkpoint.get("arch") or "resnet18"  # None: a net of one's own, perhaps the book's resnet18
     net = freeze_features(scratch_net(len(checkpoint["classes"]), arch))
-    net.load_state_dict(checkpoint["model"])
+    try:
+        net.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise UserError(f"the checkpoint holds the weights of another net than a {arch}; build that net and load "
+                        "them into it: net.load_state_dict(torch.load(path)['model'])") from None
     return net.eval()

@@ -35,6 +35,7 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     training (or its run's folder), on one device. Returns one Prediction per image that could be
     read, in the order given; each one that could not is named on stderr. With out, a folder:
     predictions.csv there too. arch, where given, must be the model's."""
+    images = [images] if isinstance(images, (str, os.PathLike)) else images  # one file or folder
     path = checkpoints.checkpoint_in(model)
     ckpt = checkpoints.load_checkpoint(path)
     checkpoints.same_arch(arch, ckpt, path)

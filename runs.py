@@ -21,7 +21,8 @@ import data
 import models
 import plots
 import train
-from processes import from_process_0, join_processes, leave_processes, local_first, rank, say, torchrun_start, world_size
+from processes import (from_process_0, join_processes, leave_processes, local_first, rank, say, torchrun_start,
+                       world_size)
 from photos import limit_megapixels
 from utils import UserError
 
@@ -88,6 +89,7 @@ def settled(mode, given, typed=None):
     """The options of a run: the defaults, the ones given (recorded as `typed`, so that a
     continued run can tell them apart), paths made absolute, and the machine's defaults."""
     options = {**OPTIONS, **given, "mode": mode, "typed": sorted(typed or given), "resume": None}
+    check_beyond(options)
     ignored = [key for key in PRETRAINED_ONLY if mode == "scratch" and options[key]]
     if ignored:
         raise UserError(f"{ignored[0]}= changes the pretrained net, and scratch trains from random weights; "
@@ -101,11 +103,27 @@ def settled(mode, given, typed=None):
     return options
 
 
+def check_beyond(options):
+    """The options beyond the book's recipe, as a Python caller may give them wrong."""
+    if options["class_weights"] not in (None, "balanced"):
+        raise UserError(f"class_weights={options['class_weights']} is not a kind this program knows; give \"balanced\"")
+    if options["class_weights"] and options["dummy"]:
+        raise UserError("class_weights= needs labelled images, and dummy's are random; leave one out")
+    for key in ("patience", "freeze_epochs"):
+        if options[key] is not None and not (isinstance(options[key], int) and options[key] >= 0):
+            raise UserError(f"{key}={options[key]} is not a number of epochs; give a whole number, 0 or more")
+
+
 def resume(path, **given):
     """Continue the run that wrote path with the options it began with: path is a run's model.pt
     (that run alone) or its folder (for "compare", every run in it). Those in
     checkpoints.MAY_CHANGE (epochs, device, workers, ...) may be given anew; any other given
     must be the one the run began with."""
+    unknown = sorted(set(given) - set(OPTIONS) - {"out"})
+    if unknown:
+        raise UserError(f"resume takes the options {list(OPTIONS)}, not {unknown}")
+    if os.path.basename(path) == "best.pt":
+        raise UserError(f"{path} is the epoch a run kept, for prediction; continue the run from its model.pt or folder")
     alone = not os.path.isdir(path)
     path = os.path.abspath(checkpoints.checkpoint_in(path))
     ckpt = checkpoints.load_checkpoint(path)
@@ -189,41 +207,51 @@ def train_one(run, options, sets, device):
                                   held_out=getattr(sets[1], "held_out", None), final_split=final_test_name(sets))
     ckpt = checkpoints.continued(run.out, about, checkpoint_name(run, options))
     history = ckpt["history"] if ckpt else []
-    if len(history) >= options["epochs"] or stalled(history, options["patience"]):
-        say(f"{run.name}: finished its {len(history)} epochs already; " + ("give more epochs to train on" if len(
-            history) >= options["epochs"] else f"it stopped early (patience {options['patience']})"))
-        return checkpoints.finished(run.out, ckpt)
-    net = build_net(run.mode, about["classes"], options)
-    torch.manual_seed(options["seed"] + rank())  # then each process draws its own augmentations
-    train_iter, test_iter = data.make_loaders(*sets[:2], options["batch_size"], options["workers"], options["seed"])
-    param_group = RECIPES[run.mode]["param_group"] and not options["no_param_group"]
-    weights = class_weights(options["class_weights"], sets[0], runtime.device)
-    say(header(run, options, sets, runtime, weights))
-
-    def epochs_of(num_epochs, resume):  # the book's recipe, for one phase
-        return train.fine_tuning_epochs(net, run.lr, train_iter, test_iter, num_epochs, param_group, runtime, resume,
-                                        weights)
-    epochs = two_phases(epochs_of, net, freeze_epochs(run, options), options["epochs"], ckpt)
-    epochs = checkpoints.saved(stopping(epochs, options["patience"], history), run.out, about, history, sets[1])
-    history = train.train_and_show(epochs, runtime, history)
-    result = checkpoints.finished(run.out, dict(about, history=history))
-    if len(sets) > 2:  # the final test, once, with the epoch kept
-        result["final_test"] = final_test(run, net, sets, options, runtime)
+    stopped = stalled(history, options["patience"], frozen_epochs(run, options))
+    if len(history) >= options["epochs"] or stopped:
+        why = f"it stopped early (patience {options['patience']})" if stopped else "give more epochs to train on"
+        say(f"{run.name}: finished its {len(history)} epochs already; {why}")
+        result = checkpoints.finished(run.out, ckpt)
+    else:
+        result = train_net(run, options, sets, runtime, about, ckpt)
+    if len(sets) > 2 and "final_test" not in result:  # once, with the epoch kept; also after Ctrl-C in it
+        result["final_test"] = final_test(run, sets, options, runtime)
         if rank() == 0:
             checkpoints.write_metrics(run.out, result)
     return result
 
 
+def train_net(run, options, sets, runtime, about, ckpt):
+    """Build the run's net, train it (continuing ckpt), and return its result."""
+    history = ckpt["history"] if ckpt else []
+    net = build_net(run.mode, about["classes"], options)
+    torch.manual_seed(options["seed"] + rank())  # then each process draws its own augmentations
+    train_iter, test_iter = data.make_loaders(*sets[:2], options["batch_size"], options["workers"], options["seed"])
+    param_group = RECIPES[run.mode]["param_group"] and not options["no_param_group"]
+    weights = loss_weights(options["class_weights"], sets[0], runtime.device)
+    say(header(run, options, sets, runtime, weights))
+
+    def epochs_of(num_epochs, resume):  # the book's recipe, for one phase
+        return train.fine_tuning_epochs(net, run.lr, train_iter, test_iter, num_epochs, param_group, runtime, resume,
+                                        weights)
+    frozen = frozen_epochs(run, options)
+    epochs = stopping(two_phases(epochs_of, net, frozen, options["epochs"], ckpt), options["patience"], frozen, history)
+    history = train.train_and_show(checkpoints.saved(epochs, run.out, about, history, sets[1]), runtime, history)
+    return checkpoints.finished(run.out, dict(about, history=history))
+
+
 # ---------------------------------------------------------------- beyond the book
-def two_phases(epochs_of, net, freeze_epochs, num_epochs, resume):
+def two_phases(epochs_of, net, frozen, num_epochs, resume):
     """Two-phase fine-tuning, a linear probe and then every layer (Kumar et al., ICLR 2022): the
-    first freeze_epochs epochs train only the output layer, the features and their BatchNorm
+    first `frozen` epochs train only the output layer, the features and their BatchNorm
     statistics fixed (features_frozen); the others every layer, with the book's groups.
-    With freeze_epochs 0, the book's epochs as they are."""
+    With frozen 0, the book's epochs as they are. epochs_of(num_epochs, resume) gives the
+    book's epochs; the second phase's resume holds only the history: checkpoints.restore then
+    leaves the net, the optimizer and the random state as the first phase left them."""
     history = list(resume["history"]) if resume else []
-    if len(history) < freeze_epochs:
+    if len(history) < frozen:
         with features_frozen(net):
-            for epoch in epochs_of(min(freeze_epochs, num_epochs), resume):
+            for epoch in epochs_of(min(frozen, num_epochs), resume):
                 history.append(epoch.metrics)
                 yield epoch
         resume = {"history": history}  # the first phase ran here: its weights and state are in place
@@ -235,50 +263,56 @@ def features_frozen(net):
     """For a while, exercise 3: only the output layer learns, and the BatchNorm layers compute as
     at test time, their statistics fixed. The layers stay the same objects (models.freeze_features
     replaces them for good), so a checkpoint written meanwhile loads into the whole net."""
-    features = [param for name, param in net.named_parameters() if not name.startswith("fc.")]
-    norms = [module for module in net.modules() if isinstance(module, nn.BatchNorm2d)]
-    for param in features:
+    features = [(param, param.requires_grad) for name, param in net.named_parameters() if not name.startswith("fc.")]
+    norms = [module for module in net.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    for param, _ in features:
         param.requires_grad_(False)
-    for bn in norms:  # net.train() leaves them in eval mode
-        bn.train = lambda mode=True, bn=bn: nn.Module.train(bn, False)
+    for bn in norms:  # net.train() calls each layer's train(): this one's keeps it in eval mode
+        bn.train = in_eval_mode(bn)
     try:
         yield net
     finally:
-        for param in features:
-            param.requires_grad_(True)
+        for param, learned in features:  # as they were (--freeze keeps its own frozen)
+            param.requires_grad_(learned)
         for bn in norms:
             del bn.train
 
 
-def freeze_epochs(run, options):
+def in_eval_mode(module):
+    """A train(mode) for module that leaves it in eval mode, whatever the mode."""
+    return lambda mode=True: nn.Module.train(module, False)
+
+
+def frozen_epochs(run, options):
     """The epochs of the first phase: only a pretrained net has features worth keeping fixed."""
     return options["freeze_epochs"] if run.mode == "pretrained" else 0
 
 
-def stopping(epochs, patience, history=()):
+def stopping(epochs, patience, frozen=0, history=()):
     """The epochs until the accuracy on the evaluation set has not improved for patience epochs
-    (early stopping); with patience None, all of them."""
+    (early stopping; stalled); with patience None, all of them."""
     history = list(history)
     for epoch in epochs:
         history.append(epoch.metrics)
         yield epoch
-        if stalled(history, patience):
+        if stalled(history, patience, frozen):
             return
 
 
-def stalled(history, patience):
-    """Whether the best epoch lies patience epochs or more behind the last."""
-    return bool(patience and history) and history[-1]["epoch"] - checkpoints.best_epoch(history)["epoch"] >= patience
+def stalled(history, patience, frozen=0):
+    """Whether patience epochs or more have passed since the best epoch, counted from the end of
+    the first `frozen` epochs at the earliest (every layer learns only then: two_phases)."""
+    if not (patience and history):
+        return False
+    return history[-1]["epoch"] - max(checkpoints.best_epoch(history)["epoch"], frozen) >= patience
 
 
-def class_weights(kind, train_set, device):
+def loss_weights(kind, train_set, device):
     """None (the book's: every image counts the same), or for "balanced", a weight per class that
     makes every class count the same in the summed loss: n / (classes x n_class), as
     scikit-learn's "balanced" (n images in all, n_class of the class)."""
     if kind is None:
         return None
-    if kind != "balanced":
-        raise UserError(f"class_weights={kind} is not a kind this program knows; give \"balanced\"")
     counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=len(train_set.classes)).double()
     return (counts.sum() / (len(counts) * counts)).float().to(device)
 
@@ -288,12 +322,14 @@ def final_test_name(sets):
     return os.path.basename(os.path.normpath(sets[2].root)) + "/" if len(sets) > 2 else None
 
 
-def final_test(run, net, sets, options, runtime):
-    """The final test set evaluated once, with the weights best.pt keeps: which epoch's, the
-    accuracy, and the figures (checkpoints.figures)."""
-    best = from_process_0(checkpoints.load_checkpoint(os.path.join(run.out, "best.pt")) if rank() == 0 else None)
-    net.load_state_dict(best["model"])
-    loader = data.make_loaders(sets[2], sets[2], options["batch_size"], options["workers"])[1]
+def final_test(run, sets, options, runtime):
+    """The final test set evaluated once, with the weights best.pt keeps (model.pt's, for a run
+    begun before best.pt was kept): which epoch's, the accuracy, and the figures."""
+    best = os.path.join(run.out, "best.pt")
+    best = from_process_0(checkpoints.load_checkpoint(best if os.path.exists(best) else
+                                                      os.path.join(run.out, "model.pt")) if rank() == 0 else None)
+    net = runtime.place(models.saved_net(best))
+    loader = data.make_loaders(sets[2], sets[2], options["batch_size"], options["workers"])[1]  # the test loader
     probs, labels = train.evaluate(net, loader, runtime)
     return dict(split=final_test_name(sets), epoch=best["history"][-1]["epoch"], acc=train.accuracy(probs, labels),
                 **checkpoints.figures(probs, labels, best["classes"]))
@@ -333,11 +369,13 @@ def header(run, options, sets, runtime, weights=None):
     size = models.preprocessing(options["arch"])
     split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
     final = f", and once, at the end, {len(sets[2])} in {final_test_name(sets)}" if len(sets) > 2 else ""
-    phase = f", the output layer alone for the first {n} epoch(s)" if (n := freeze_epochs(run, options)) else ""
-    weighed = f", class weights balanced ({', '.join(f'{w:.2f}' for w in weights.tolist())})" if weights is not None else ""
+    frozen = frozen_epochs(run, options)
+    phase = f", the output layer alone for the first {frozen} epoch(s)" if frozen else ""
+    weighed = "" if weights is None else f", class weights balanced ({', '.join(f'{w:.2f}' for w in weights.tolist())})"
+    several = f" x {world_size()} processes, {processes_batch(options['batch_size'])}" if world_size() > 1 else ""
     return (f"{run.name}: {options['arch']} at {size['crop']} px (resized to {size['resize']}, {size['interpolation']}), "
             f"training on {len(sets[0])} images, testing on {len(sets[1])}{split}{final}, lr {run.lr:g}{phase}{weighed}, "
-            f"{runtime}" + (f" x {world_size()} processes, {processes_batch(options['batch_size'])}" if world_size() > 1 else ""))
+            f"{runtime}{several}")
 
 
 def processes_batch(batch_size):

@@ -1761,7 +1761,7 @@ def test_with_val_and_test_the_epoch_is_chosen_on_val_and_test_is_evaluated_once
 
 def test_balanced_class_weights_change_the_loss_as_the_formula_says(tmp_path, capsys, monkeypatch):
     targets = [0] * 6 + [1] * 2
-    weights = runs.class_weights("balanced", type("Set", (), {"targets": targets, "classes": ["a", "b"]}), "cpu")
+    weights = runs.loss_weights("balanced", type("Set", (), {"targets": targets, "classes": ["a", "b"]}), "cpu")
     assert weights.tolist() == pytest.approx([8 / (2 * 6), 8 / (2 * 2)])  # n / (classes x n_class)
     with monkeypatch.context() as patched:  # the loss the recipe hands to its loop
         patched.setattr(train, "ch13_epochs", lambda net, train_iter, test_iter, loss, optimizer, *a: iter([loss]))
@@ -1824,3 +1824,35 @@ def test_a_run_continued_past_its_metrics_reports_its_checkpoint(folder, tmp_pat
     (tmp_path / "metrics.json").write_text(metrics)  # as if stopped after epoch 2's checkpoint
     trained = runs.resume(str(tmp_path), epochs=2)
     assert [m["epoch"] for m in trained.results[0]["history"]] == [1, 2]
+
+
+def test_the_extras_keep_their_promises_at_the_edges(folder, tmp_path, capsys, monkeypatch):
+    """--freeze stays frozen after a first phase; patience counts from the second phase; the
+    final test is made up after Ctrl-C in it; best.pt is not continued; the options a Python
+    caller gives are checked first."""
+    net = models.freeze_features(models.finetune_net())
+    with runs.features_frozen(net):
+        assert not any(p.requires_grad for p in net.parameters() if p is not net.fc.weight and p is not net.fc.bias)
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    flat = [{"epoch": e, "test_acc": 0.5} for e in range(1, 5)]
+    assert runs.stalled(flat, 2) and not runs.stalled(flat, 2, frozen=3) and runs.stalled(flat + [dict(epoch=5, test_acc=0.5)], 2, 3)
+    root = write_folder(tmp_path / "d", train=2, test=1)
+    shutil.copytree(tmp_path / "d" / "test", tmp_path / "d" / "val")
+    real = runs.final_test
+    monkeypatch.setattr(runs, "final_test", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    argv = ["--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4, "--workers", 0, "--out", tmp_path / "run"]
+    assert run_cli(capsys, *argv)[0] == 130
+    monkeypatch.setattr(runs, "final_test", real)
+    status, out, err = run_cli(capsys, *argv)
+    assert status == 0 and "finished its 1 epochs already" in out and "test/, once, with epoch 1" in out, err
+    assert json.load(open(tmp_path / "run" / "metrics.json"))["final_test"]["split"] == "test/"
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run" / "best.pt", "--epochs", 2)
+    assert status == 2 and "is the epoch a run kept, for prediction" in err
+    for options, message in ((dict(class_weights="balance"), "class_weights=balance is not a kind"),
+                             (dict(class_weights="balanced", dummy=True), "needs labelled images"),
+                             (dict(patience=-1), "patience=-1 is not a number of epochs")):
+        with pytest.raises(UserError, match=message):
+            runs.train_runs("scratch", str(tmp_path / "never"), **options)
+    assert len(predict.predict(tmp_path / "run", os.path.join(folder, "test", "hotdog", "0.png"), workers=0)) == 1
+    train_iter, test_iter = data.load_data(4, root)  # the book's call: train/ and test/, whatever else is there
+    assert os.path.basename(test_iter.dataset.root) == "test"
