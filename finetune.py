@@ -22,7 +22,7 @@ import predict
 import runs
 from photos import image_paths, limit_megapixels
 from processes import job_size, rank, say, under_torchrun
-from utils import UserError, writable_folder
+from utils import UserError
 
 MODES = {"pretrained": "fine-tune the ImageNet resnet18", "scratch": "train resnet18 from random weights",
          "compare": "both, with a table against the book", "show-samples": "write samples.png and exit"}
