@@ -17,9 +17,9 @@ import torchvision
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2
 
-from photos import ImageFolder, class_folders, ignored, left_out, load_rgb, nfc
-from processes import local_processes, rank, say, world_size
-from utils import UserError, missing_folders, remove_empty_folders, what_to_do, whole, writable_folder
+from images import ImageFolder, class_folders, grid, ignored, left_out, load_rgb, nfc
+from utils import (UserError, local_processes, missing_folders, rank, remove_empty_folders, say, what_to_do, whole,
+                   world_size, writable_folder)
 
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
@@ -318,7 +318,7 @@ def cifar10(root="data"):
     """CIFAR-10 through the same augmentations, upsampled to 224 as the pretrained net expects."""
     fetch = not os.path.isdir(os.path.join(root, "cifar-10-batches-py"))
     try:
-        if fetch:  # our download, for its progress line; torchvision checks the MD5 and extracts
+        if fetch:  # ours: written whole, and a failure is one line; torchvision checks the MD5 and extracts
             download(CIFAR10_URL, os.path.join(root, "cifar-10-python.tar.gz"))
         return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=fetch)
                 for t, augs in ((True, train_augs), (False, test_augs))]
@@ -344,13 +344,17 @@ def datasets(data_dir=None, dataset="hotdog", root="data", **folders):
 
 
 # ---------------------------------------------------------------- loaders
-def load_data(batch_size=128, data_dir=None, root="data", held_out=None):
-    """The book's train_iter and test_iter (§14.2.2.3) over data_dir's train/ and test/ folders
-    (val/ where it has no test/), or its class folders split (held_out: as a run split them
-    before; image_folders), default the hot-dog set, downloaded into root on first use."""
-    workers = default_workers()
-    train_set, *_, test_set = image_folders(data_dir or get_hotdog(root), workers=workers, held_out=held_out)
-    return make_loaders(train_set, test_set, batch_size, workers)
+def load_data(batch_size=128, data_dir=None, root="data"):
+    """The book's train_iter and test_iter, which its train_fine_tuning builds inline
+    (§14.2.2.3): torchvision's ImageFolders of data_dir's train/ and test/ (where it has no
+    test/, its val/) with train_augs and test_augs, shuffled for training; default the hot-dog
+    set, downloaded into root on first use. The command line reads a data folder as devices
+    write it instead (datasets: phone photos turned upright, hidden folders skipped, class
+    folders alone split, images decoded once)."""
+    data_dir = data_dir or get_hotdog(root)
+    train_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["train"]), transform=train_augs)
+    test_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["test", *VAL]), transform=test_augs)
+    return make_loaders(train_imgs, test_imgs, batch_size, default_workers())
 
 
 def class_names(dataset):
@@ -381,3 +385,17 @@ def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0):
                 persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     return (DataLoader(train_set, batch_size // world, shuffle=sampler is None, sampler=sampler, **opts),
             DataLoader(test_set, batch_size // world, **opts))
+
+
+def samples(data_dir, out="."):
+    """The book's first look at the data (§14.2.2.1): 8 images of the first class and 8 of the
+    last (fewer where a class has fewer), as loaded and after train_augs; writes out/samples.png
+    and returns its path."""
+    folder = ImageFolder(training_folder(data_dir))
+    first, last = folder.targets[0], folder.targets[-1]
+    picks = [[i for i, t in enumerate(folder.targets) if t == first][:8],
+             [i for i, t in enumerate(folder.targets) if t == last][-8:]]
+    images = [[folder[i][0] for i in row] for row in picks]
+    rows = images + [[train_augs(img) for img in row] for row in images]
+    captions = [["as loaded"] * 8] * 2 + [["train_augs"] * 8] * 2
+    return grid(rows, captions, os.path.join(writable_folder(out), "samples.png"))

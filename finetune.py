@@ -3,9 +3,10 @@
     python finetune.py --pretrained     # fine-tune the ImageNet net (book: test acc 0.940)
     python finetune.py --scratch        # the same net from random weights (book: 0.850)
 
-This file is the command line only: it parses the arguments, calls the modules' functions (runs.py
-for training, predict.py, plots.py), prints what they return, and turns errors and Ctrl-C into
-one line and an exit status.
+This file is the command line: it parses the arguments (each option as runs.OPTIONS defines
+it), asks runs.py once for the runs (or predict.py, or data.py for samples), prints what they
+return, and turns errors and Ctrl-C into one line and an exit status. On a machine with several
+GPUs it starts one process per GPU through torchrun's own launcher.
 """
 import argparse
 import os
@@ -15,39 +16,20 @@ import sys
 import torch
 import torch.distributed as dist
 
-import checkpoints
 import data
-import plots
+import models
 import predict
 import runs
-from photos import image_paths, limit_megapixels
-from processes import job_size, rank, say, under_torchrun
-from utils import UserError
+from images import image_paths, limit_megapixels
+from utils import UserError, job_size, rank, say, under_torchrun
 
 MODES = {"pretrained": "fine-tune the ImageNet resnet18", "scratch": "train resnet18 from random weights",
          "compare": "both, with a table against the book", "show-samples": "write samples.png and exit"}
 
 
-def positive(kind, zero=False):
-    """An argparse type: a number above 0 (or, with zero, at least 0)."""
-    def parse(text):
-        value = kind(text)
-        if value < 0 or value == 0 and not zero:
-            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'positive'}, got {text}")
-        return value
-    return parse
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def parse_args(argv=None):
     """The mode, and the options typed on the command line (those left out are not in the
-    namespace: runs.OPTIONS holds their defaults, and --resume tells typed ones apart)."""
+    namespace: runs.DEFAULTS holds their defaults, and --resume tells typed ones apart)."""
     p = parser()
     args = p.parse_args(argv)
     if not any(hasattr(args, key) for key in ("mode", "predict", "resume")):
@@ -57,8 +39,23 @@ def parse_args(argv=None):
     return args
 
 
+def parsed(name):
+    """The type of option `name` on the command line: its text converted, then checked by the
+    same rule as a Python caller's value (runs.checked)."""
+    kind = runs.OPTIONS[name][1]
+
+    def parse(text):
+        try:
+            return runs.checked(name, kind(text))
+        except (UserError, ValueError):
+            raise argparse.ArgumentTypeError(f"give {runs.takes(*runs.OPTIONS[name][1:])}, not {text}") from None
+    return parse
+
+
 def parser():
-    d = runs.OPTIONS
+    """The command line's flags: the modes, and one for each option of runs.OPTIONS (and
+    --no-cache, --model and --out), each converted and checked by the rule defined there (parsed)."""
+    d = runs.DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     mode = p.add_mutually_exclusive_group()
     for flag, text in MODES.items():
@@ -66,37 +63,40 @@ def parser():
     mode.add_argument("--predict", nargs="+", metavar="IMAGE", help="classify images with --model")
     mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH (model.pt, or its folder)")
     p.add_argument("--model", metavar="PATH", help="a model.pt written by training, for --predict")
-    p.add_argument("--dataset", choices=runs.DATASETS, help=f"default: {d['dataset']}")
-    p.add_argument("--data-dir", help="a folder with train/ and test/ ImageFolders, or class folders alone")
-    p.add_argument("--data-root", help=f"where downloads go (default: ./{d['data_root']})")
-    p.add_argument("--dummy", action="store_true", help="random hot-dog-shaped data, for speed")
-    p.add_argument("--cache-gb", type=positive(float, zero=True), metavar="GB",
-                   help="decode images once if they fit in GB (default: half the free memory)")
+
+    def option(name, help, **kwargs):
+        if runs.OPTIONS[name][1] is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = parsed(name)
+        p.add_argument("--" + name.replace("_", "-"), help=help, **kwargs)
+    option("dataset", f"hotdog or cifar10 (default: {d['dataset']})")
+    option("data_dir", "a folder with train/ and test/ ImageFolders, or class folders alone")
+    option("data_root", f"where downloads go (default: ./{d['data_root']})")
+    option("dummy", "random hot-dog-shaped data, for speed")
+    option("cache_gb", "decode images once if they fit in GB (default: half the free memory)", metavar="GB")
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
                    help="decode images every epoch, not once (--cache-gb 0)")
-    p.add_argument("--arch", help="any ImageNet classifier of torchvision's, e.g. resnet50, mobilenet_v3_small, "
-                                  f"convnext_tiny (default: {d['arch']}, the book's)")
-    p.add_argument("--weights", metavar="FILE", help="the arch's ImageNet state-dict, for offline use")
-    p.add_argument("--epochs", type=positive(int), help="default: 5 (cifar10: 10)")
-    p.add_argument("--batch-size", type=positive(int), help=f"global, over all processes (default: {d['batch_size']})")
-    p.add_argument("--lr", type=positive(float), nargs="+",
-                   help="base lr; several give one run each (default: 5e-5 pretrained, 5e-4 scratch)")
-    p.add_argument("--no-param-group", action="store_true", help="fc at the base lr, not 10x")
-    p.add_argument("--freeze", action="store_true", help="train only the new output layer")
-    p.add_argument("--init-head-from-imagenet", action="store_true", help="start from ImageNet's hot-dog row")
-    p.add_argument("--patience", type=positive(int), help="stop when the test acc has not improved for N epochs")
-    p.add_argument("--freeze-epochs", type=positive(int), metavar="N", help="first train the output layer alone, N epochs")
-    p.add_argument("--class-weights", choices=["balanced"], help="weigh the loss so that every class counts the same")
-    p.add_argument("--workers", type=positive(int, zero=True),
-                   help="loader processes (default: one per core, at most 16)")
-    p.add_argument("--max-megapixels", type=positive(float),
-                   help=f"larger images are refused as possible decompression bombs (default: {d['max_megapixels']})")
-    p.add_argument("--val-split", type=fraction, metavar="FRACTION", help="a --data-dir of class folders "
-                   f"alone: the share of each class held out for testing (default: {d['val_split']})")
-    p.add_argument("--seed", type=int, help=f"for the initial head, the shuffles and --val-split (default: {d['seed']})")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best there is)")
-    p.add_argument("--precision", choices=["amp", "fp32"],
-                   help="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native "
+    option("arch", "an ImageNet classifier of torchvision's that ends in one Linear layer, e.g. resnet50, "
+                   f"mobilenet_v3_small, convnext_tiny (default: {d['arch']}, the book's)")
+    option("weights", "the arch's ImageNet state-dict, for offline use", metavar="FILE")
+    option("epochs", "default: 5 (cifar10: 10)")
+    option("batch_size", f"global, over all processes (default: {d['batch_size']})")
+    option("lr", "base lr; several give one run each (default: the recipe's, 5e-5 pretrained and 5e-4 "
+                 "scratch; 5e-4 for both with cifar10)", nargs="+")
+    option("no_param_group", "fc at the base lr, not 10x")
+    option("freeze", "train only the new output layer")
+    option("init_head_from_imagenet", "start from ImageNet's hot-dog row")
+    option("patience", "stop when the test acc has not improved for N epochs")
+    option("freeze_epochs", "first train the output layer alone, N epochs", metavar="N")
+    option("class_weights", "balanced: weigh the loss so that every class counts the same")
+    option("workers", "loader processes (default: one per core, at most 16)")
+    option("max_megapixels", f"larger images are refused as possible decompression bombs (default: {d['max_megapixels']})")
+    option("val_split", "a --data-dir of class folders alone: the share of each class held out for testing "
+                        f"(default: {d['val_split']})", metavar="FRACTION")
+    option("seed", f"for the initial head, the shuffles and --val-split (default: {d['seed']})")
+    option("device", "cpu, cuda, cuda:1, mps (default: the best there is)")
+    option("precision", "amp (default): channels-last, and bf16 autocast where the CPU or GPU has native "
                         "bf16 (fp16 on older GPUs); fp32: the book's arithmetic")
     p.add_argument("--out", help="output folder (default: runs/<mode>-<time>)")
     return p
@@ -167,7 +167,7 @@ def predict_images(options):
 def show_samples(options):
     """--show-samples: the book's first look at the data, and the same images augmented."""
     data_dir = options.get("data_dir") or data.get_hotdog(options.get("data_root", "data"))
-    path = plots.samples(data_dir, options.get("out", "."))
+    path = data.samples(data_dir, options.get("out", "."))
     if path:
         print(f"wrote {path}")
     return 0
@@ -192,7 +192,7 @@ def flag(name):
 
 def guarded(fn, options):
     """Run fn(options), turning bad input and Ctrl-C into a one-line message and an exit status."""
-    limit_megapixels(options.get("max_megapixels", runs.OPTIONS["max_megapixels"]))
+    limit_megapixels(options.get("max_megapixels", runs.DEFAULTS["max_megapixels"]))
     try:
         return fn(options)
     except UserError as e:  # every process meets the same bad input: process 0 says it
@@ -201,7 +201,7 @@ def guarded(fn, options):
     except KeyboardInterrupt as e:
         return interrupted(getattr(e, "checkpoint", None))
     except torch.OutOfMemoryError:
-        batch_size = options.get("batch_size", runs.OPTIONS["batch_size"])
+        batch_size = options.get("batch_size", runs.DEFAULTS["batch_size"])
         print(f"error: out of GPU memory at --batch-size {batch_size}; try --batch-size {max(1, batch_size // 2)}",
               file=sys.stderr)
         return 2
@@ -226,7 +226,7 @@ def run_device(options):
     if "device" in options or "resume" not in options:
         return options.get("device")
     try:
-        return checkpoints.load_checkpoint(checkpoints.checkpoint_in(options["resume"]))["args"].get("device")
+        return models.load_checkpoint(models.checkpoint_in(options["resume"]))["args"].get("device")
     except UserError:  # guarded(train) will say what is wrong
         return None
 
@@ -263,8 +263,8 @@ def main(argv=None):
     options = vars(parse_args(argv))
     if "predict" in options or options.get("mode") == "show-samples":  # under torchrun, once: by process 0
         return 0 if rank() > 0 else guarded(predict_images if "predict" in options else show_samples, options)
-    gpus = torch.cuda.device_count() if run_device(options) in (None, "cuda") else 0
-    if gpus > 1 and not under_torchrun():
+    gpus = torch.cuda.device_count()
+    if gpus > 1 and not under_torchrun() and run_device(options) in (None, "cuda"):
         return on_all_gpus(argv, gpus)
     return guarded(train, options)
 

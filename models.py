@@ -1,5 +1,7 @@
-"""The networks of D2L §14.2: resnet18 fine-tuned from ImageNet, or trained from scratch; and the
-same recipe for any of torchvision's ImageNet classifiers."""
+"""The networks of D2L §14.2: resnet18 fine-tuned from ImageNet, or trained from scratch; the
+same recipe for torchvision's other ImageNet classifiers that end in one Linear layer; and
+freezing the copied layers (exercise 3), for good or for a while."""
+import contextlib
 import functools
 import os
 import re
@@ -8,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from photos import nfc
+from images import nfc
 from utils import UserError, load_file
 
 HOTDOG_ROW = 934  # ImageNet's class "hotdog, hot dog, red hot"
@@ -147,6 +149,31 @@ def freeze_features(net):
     return net
 
 
+@contextlib.contextmanager
+def features_frozen(net):
+    """For a while, exercise 3: only the output layer learns, and the BatchNorm layers compute as
+    at test time, their statistics fixed. The layers stay the same objects (models.freeze_features
+    replaces them for good), so a checkpoint written meanwhile loads into the whole net."""
+    features = [(param, param.requires_grad) for name, param in net.named_parameters() if not name.startswith("fc.")]
+    norms = [module for module in net.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    for param, _ in features:
+        param.requires_grad_(False)
+    for bn in norms:  # net.train() calls each layer's train(): this one's keeps it in eval mode
+        bn.train = in_eval_mode(bn)
+    try:
+        yield net
+    finally:
+        for param, learned in features:  # as they were (--freeze keeps its own frozen)
+            param.requires_grad_(learned)
+        for bn in norms:
+            del bn.train
+
+
+def in_eval_mode(module):
+    """A train(mode) for module that leaves it in eval mode, whatever the mode."""
+    return lambda mode=True: nn.Module.train(module, False)
+
+
 def frozen_batch_norm(bn):
     """A BatchNorm2d as it computes at test time, with its weights and statistics."""
     frozen = torchvision.ops.FrozenBatchNorm2d(bn.num_features, bn.eps).to(bn.weight.device)
@@ -154,8 +181,38 @@ def frozen_batch_norm(bn):
     return frozen
 
 
+# ---------------------------------------------------------------- a saved net
+def checkpoint_in(path):
+    """A model.pt: path itself, or in the folder path, or in a run's folder inside it (--compare)."""
+    found = [path] if not os.path.isdir(path) else sorted(
+        p for p in [os.path.join(path, "model.pt")] + [os.path.join(path, name, "model.pt") for name in os.listdir(path)]
+        if os.path.exists(p))
+    if not found:
+        raise UserError(f"{path} holds no model.pt; give the model.pt of a training run, or its folder")
+    return found[0]
+
+
+def load_checkpoint(path):
+    """A model.pt or best.pt a run wrote: the weights, the classes, the test transforms'
+    settings, and what continuing needs."""
+    fix = "give the model.pt of a training run"
+    ckpt = load_file(path, "a checkpoint of this program", fix)
+    if not isinstance(ckpt, dict) or "history" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this program; {fix}")
+    if "mode" not in ckpt["args"]:
+        raise UserError(f"{path} was written by an older train.train_fine_tuning(..., out=), which this program "
+                        "no longer continues; train a run with runs.train_runs, or predict with the file as it is")
+    return dict(ckpt, path=path)
+
+
+def same_arch(arch, ckpt, path):
+    """The checkpoint knows its architecture: an arch given beside it must be the same."""
+    if arch and arch != ckpt.get("arch", "resnet18"):
+        raise UserError(f"{path} holds a {ckpt.get('arch', 'resnet18')}, not a {arch}; leave arch= out")
+
+
 def saved_net(checkpoint):
-    """The net a training run saved (checkpoints.load_checkpoint), ready to predict. Its BatchNorm
+    """The net a training run saved (load_checkpoint), ready to predict. Its BatchNorm
     layers are FrozenBatchNorm2d, which compute as BatchNorm does at test time and so load the
     weights of any mode, --freeze or not."""
     arch = checkpoint.get("arch") or "resnet18"  # None: a net of one's own, perhaps the book's resnet18

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-import checkpoints
 import data
 import models
 import train
-from photos import image_paths, load_rgb
+from images import image_paths, load_rgb
 from utils import UserError, writable_folder, write_whole
 
 
@@ -36,9 +35,9 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     read, in the order given; each one that could not is named on stderr. With out, a folder:
     predictions.csv there too. arch, where given, must be the model's."""
     images = [images] if isinstance(images, (str, os.PathLike)) else images  # one file or folder
-    path = checkpoints.checkpoint_in(model)
-    ckpt = checkpoints.load_checkpoint(path)
-    checkpoints.same_arch(arch, ckpt, path)
+    path = models.checkpoint_in(model)
+    ckpt = models.load_checkpoint(path)
+    models.same_arch(arch, ckpt, path)
     paths = image_paths(images)
     if not paths:
         raise UserError(f"found no images in {' '.join(map(str, images))}; give image files or folders of them")

@@ -1,48 +1,87 @@
-"""Whole runs, as the command line makes them and as a notebook can: the runs asked for (one, both
-modes for "compare", one per learning rate), each a net built for its mode and trained with the
-book's recipe into a folder of its own, continued where that folder holds a checkpoint; and
-`resume`, which continues a run with the options it began with.
+"""A run: everything the book's recipe leaves out of a training, in one owner. The options (each
+defined once, and checked once for the command line and for Python alike); the runs asked for
+(one, both modes for "compare", one per learning rate); a run's folder and its lock; and its life,
+which drives the book's own loop (train.ch13_epochs) from outside, as torchvision's references
+drive train_one_epoch: the checkpoint restored before the loop; after each epoch, model.pt (and
+best.pt) saved and patience checked; after the last, metrics.json, the pictures and the final
+test. Also what continuing may change (`resume`), two phases, and class weights.
 
     import runs
     trained = runs.train_runs("pretrained", data_dir="photos", epochs=3, out="runs/photos")
-    trained = runs.resume("runs/photos", epochs=5)     # two more epochs
+    trained = runs.resume("runs/photos", epochs=5)     # two more epochs, after a restart too
 """
 import contextlib
+import io
+import json
 import os
+import platform
 import random
 import time
 from dataclasses import dataclass
 
 import torch
+import torchvision
 from torch import nn
 
-import checkpoints
 import data
+import images
 import models
-import plots
 import train
-from processes import (from_process_0, join_processes, leave_processes, local_first, rank, say, torchrun_start,
-                       world_size)
-from photos import limit_megapixels
-from utils import UserError
+from images import limit_megapixels
+from utils import (UserError, first_line, from_process_0, gathered, join_processes, leave_processes, local_first,
+                   processes_batch, rank, say, torchrun_start, writable_folder, world_size, write_whole, writing_to)
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
 RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
            "scratch": dict(lr=5e-4, param_group=False, book=(0.352, 0.846, 0.850))}
 DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}
 
-# Every option of a run, by its Python name (the command line's, with - for _), and its default.
+# ---------------------------------------------------------------- the options, defined once
+AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: v >= 0)
+ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: v > 0), ("between 0 and 1", lambda v: 0 < v < 1)
+
+# Every option of a run, by its Python name (the command line's, with - for _): its default, its
+# type, and the values it takes (a list of them, or a rule). `checked` holds a Python caller's
+# keywords to them, and finetune.py's parser each flag, once converted: the same rules both ways,
+# before any data is read. A default of None is worked out later (settled).
 OPTIONS = dict(
-    dataset="hotdog", data_dir=None, data_root="data", dummy=False,  # what to train on
-    cache_gb=None, val_split=0.2, max_megapixels=200,                 # how to read it
-    arch="resnet18", weights=None, freeze=False, init_head_from_imagenet=False,  # the net
-    epochs=None, batch_size=128, lr=None, no_param_group=False, seed=0,  # the book's recipe
-    patience=None, freeze_epochs=0, class_weights=None,               # beyond it: off by default
-    workers=None, device=None, precision="amp",                       # where it runs
+    dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None), data_root=("data", str, None),
+    dummy=(False, bool, None), cache_gb=(None, float, ZERO_OR_MORE), val_split=(0.2, float, BETWEEN_0_AND_1),
+    max_megapixels=(200, float, ABOVE_0),                                        # what to train on, how to read it
+    arch=("resnet18", str, None), weights=(None, str, None), freeze=(False, bool, None),
+    init_head_from_imagenet=(False, bool, None),                                 # the net
+    epochs=(None, int, AT_LEAST_1), batch_size=(128, int, AT_LEAST_1), lr=(None, float, ABOVE_0),
+    no_param_group=(False, bool, None), seed=(0, int, None),                    # the book's recipe
+    patience=(None, int, AT_LEAST_1), freeze_epochs=(0, int, ZERO_OR_MORE),
+    class_weights=(None, str, ["balanced"]),                                     # beyond it: off by default
+    workers=(None, int, ZERO_OR_MORE), device=(None, str, None), precision=("amp", str, ["amp", "fp32"]),  # where
 )
-
-
+DEFAULTS = {name: default for name, (default, _, _) in OPTIONS.items()}
+PATHS = {"data_dir", "data_root", "weights"}  # made absolute, and compared so
 PRETRAINED_ONLY = ("weights", "freeze", "init_head_from_imagenet", "freeze_epochs")
+# What may differ when a run continues; every other option must be the one the run began with.
+MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "out", "resume", "typed"}
+
+
+def checked(name, value):
+    """value, where option `name` takes it (lr: one number or a list, one run each); else a
+    UserError naming the option and what it takes."""
+    default, kind, allowed = OPTIONS[name]
+    for v in (value if name == "lr" and isinstance(value, list) and value else [value]):
+        if v is None and default is None:
+            continue  # the default
+        typed = type(v) is kind or kind is float and type(v) is int or kind is str and isinstance(v, os.PathLike)
+        if not typed or (v not in allowed if isinstance(allowed, list) else allowed and not allowed[1](v)):
+            raise UserError(f"{name}={v!r} is not {takes(kind, allowed)}; give {takes(kind, allowed)}")
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def takes(kind, allowed):
+    """What an option takes, in words."""
+    if isinstance(allowed, list):
+        return "one of " + ", ".join(map(repr, allowed))
+    words = {int: "a whole number", float: "a number", str: "a text", bool: "True or False"}[kind]
+    return f"{words}, {allowed[0]}" if allowed else words
 
 
 @dataclass
@@ -66,73 +105,26 @@ def train_runs(mode="pretrained", out=None, **options):
     """Train the runs mode asks for ("pretrained", "scratch" or "compare") with the options given
     (see OPTIONS), into out (default runs/<mode>-<time>). A run whose folder holds a checkpoint
     continues it: after Ctrl-C, and when torchrun restarts a job's processes."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown or mode not in (*RECIPES, "compare"):
-        raise UserError(f"train_runs takes a mode of {[*RECIPES, 'compare']} and the options {list(OPTIONS)}, "
-                        f"not {unknown or mode}")
-    return train_settled(settled(mode, options), out)
-
-
-def train_settled(options, out=None):
-    """train_runs, given every option (settled)."""
-    limit_megapixels(options["max_megapixels"])
-    device = join_processes(train.try_device(options["device"]))
-    out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
-    try:
-        with checkpoints.writing_to(out):
-            return Trained(out, train_all(options, out, device))
-    finally:
-        leave_processes()
-
-
-def settled(mode, given, typed=None):
-    """The options of a run: the defaults, the ones given (recorded as `typed`, so that a
-    continued run can tell them apart), paths made absolute, and the machine's defaults."""
-    options = {**OPTIONS, **given, "mode": mode, "typed": sorted(typed or given), "resume": None}
-    check_beyond(options)
-    ignored = [key for key in PRETRAINED_ONLY if mode == "scratch" and options[key]]
-    if ignored:
-        raise UserError(f"{ignored[0]}= changes the pretrained net, and scratch trains from random weights; "
-                        f"leave {ignored[0]}= out, or train pretrained (or compare: it applies to the pretrained run)")
-    options["arch"] = models.check_arch(options["arch"])
-    options["epochs"] = options["epochs"] or DATASETS[options["dataset"]]["epochs"]
-    options["lr"] = lrs(options["lr"])
-    options["workers"] = data.default_workers(options["workers"])
-    for key in checkpoints.PATHS:
-        options[key] = options[key] and os.path.abspath(options[key])
-    return options
-
-
-def check_beyond(options):
-    """The options beyond the book's recipe, as a Python caller may give them wrong."""
-    if options["class_weights"] not in (None, "balanced"):
-        raise UserError(f"class_weights={options['class_weights']} is not a kind this program knows; give \"balanced\"")
-    if options["class_weights"] and options["dummy"]:
-        raise UserError("class_weights= needs labelled images, and dummy's are random; leave one out")
-    for key in ("patience", "freeze_epochs"):
-        if options[key] is not None and not (isinstance(options[key], int) and options[key] >= 0):
-            raise UserError(f"{key}={options[key]} is not a number of epochs; give a whole number, 0 or more")
+    return trained(settled(mode, options), out)
 
 
 def resume(path, **given):
     """Continue the run that wrote path with the options it began with: path is a run's model.pt
-    (that run alone) or its folder (for "compare", every run in it). Those in
-    checkpoints.MAY_CHANGE (epochs, device, workers, ...) may be given anew; any other given
-    must be the one the run began with."""
+    (that run alone) or its folder (for "compare", every run in it). Those in MAY_CHANGE (epochs,
+    device, workers, ...) may be given anew; any other given must be the one the run began with."""
     unknown = sorted(set(given) - set(OPTIONS) - {"out"})
     if unknown:
         raise UserError(f"resume takes the options {list(OPTIONS)}, not {unknown}")
-    if os.path.basename(path) == "best.pt":
+    given = {key: checked(key, value) if key in OPTIONS else value for key, value in given.items()}
+    if os.path.basename(os.path.normpath(path)) == "best.pt":
         raise UserError(f"{path} is the epoch a run kept, for prediction; continue the run from its model.pt or folder")
     alone = not os.path.isdir(path)
-    path = os.path.abspath(checkpoints.checkpoint_in(path))
-    ckpt = checkpoints.load_checkpoint(path)
+    path = os.path.abspath(models.checkpoint_in(path))
+    ckpt = models.load_checkpoint(path)  # the only time this process reads it
     began = ckpt["args"]
-    if "mode" not in began:
-        raise UserError(f"{path} was written by train.train_fine_tuning(..., out=); continue it with that call again")
-    checkpoints.same_arch(given.pop("arch", None), ckpt, path)
+    models.same_arch(given.pop("arch", None), ckpt, path)
     folder = os.path.dirname(path)  # where the run is now, wherever it began
-    planned = plan_runs(began["mode"], {**OPTIONS, **began}, folder)
+    planned = plan_runs(began["mode"], {**DEFAULTS, **began}, folder)
     out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: each has a folder in out
     asked = given.pop("out", None)
     if asked and os.path.abspath(asked) != out:
@@ -142,10 +134,34 @@ def resume(path, **given):
         began = {k: v for k, v in began.items() if k != "workers"}
     if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in planned]:
         del given["lr"]  # the recipe's own, which the run began with, typed out
-    checkpoints.refuse_changes({**OPTIONS, **began}, given, path)
+    refuse_changes({**DEFAULTS, **began}, given, path)
     options = settled(began["mode"], {k: v for k, v in {**began, **given}.items() if k in OPTIONS},
                       {*began["typed"], *given})
-    return train_settled({**options, "resume": path if alone else None}, out)
+    return trained({**options, "resume": path if alone else None}, out, {path: ckpt})
+
+
+def settled(mode, given, typed=None):
+    """The options of a run, checked: the defaults, the ones given (recorded as `typed`, so that
+    a continued run can tell them apart), paths made absolute, and the machine's defaults."""
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown or mode not in (*RECIPES, "compare"):
+        raise UserError(f"train_runs takes a mode of {[*RECIPES, 'compare']} and the options {list(OPTIONS)}, "
+                        f"not {unknown or mode}")
+    options = {**DEFAULTS, **{k: checked(k, v) for k, v in given.items()},
+               "mode": mode, "typed": sorted(typed or given), "resume": None}
+    if options["class_weights"] and options["dummy"]:
+        raise UserError("class_weights= needs labelled images, and dummy's are random; leave one out")
+    ignored = [key for key in PRETRAINED_ONLY if mode == "scratch" and options[key]]
+    if ignored:
+        raise UserError(f"{ignored[0]}= changes the pretrained net, and scratch trains from random weights; "
+                        f"leave {ignored[0]}= out, or train pretrained (or compare: it applies to the pretrained run)")
+    options["arch"] = models.check_arch(options["arch"])
+    options["epochs"] = options["epochs"] or DATASETS[options["dataset"]]["epochs"]
+    options["lr"] = lrs(options["lr"])
+    options["workers"] = data.default_workers(options["workers"])
+    for key in PATHS:
+        options[key] = options[key] and os.path.abspath(options[key])
+    return options
 
 
 def lrs(lr):
@@ -169,25 +185,28 @@ def plan_runs(mode, options, out):
     return [Run(name, m, lr, out if len(named) == 1 else os.path.join(out, name)) for name, m, lr in named]
 
 
-# ---------------------------------------------------------------- training
-def train_all(options, out, device):
-    """Load the data, train every planned run (continuing those that have begun), and draw their
-    curves side by side. Returns their results."""
-    start = time.perf_counter()
-    sets = local_first(load_sets, options, checkpoints.held_out(out))
-    say(f"data ready in {time.perf_counter() - start:.1f} s")
-    runs, results = plan_runs(options["mode"], options, out), []
-    if options.get("resume"):  # a run's model.pt named: that run alone
-        runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
-    for run in runs:
-        try:
-            results.append(train_one(run, options, sets, device))
-        except KeyboardInterrupt as e:
-            e.checkpoint = resumable(run, out)  # for the caller to say how to continue
-            raise
-    if rank() == 0 and len(runs) > 1:
-        plots.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
-    return results
+# ---------------------------------------------------------------- a run's life
+def trained(options, out, read=None):
+    """Train every planned run into out, each continuing its checkpoint where it has one (read:
+    those resume read already), and draw their curves side by side. Returns what they wrote."""
+    limit_megapixels(options["max_megapixels"])
+    device = join_processes(train.try_device(options["device"]))
+    out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
+    try:
+        with writing_to(out):
+            runs = plan_runs(options["mode"], options, out)
+            if options["resume"]:  # a run's model.pt named: that run alone
+                runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
+            ckpts = [checkpoint_of(run, options, read or {}) for run in runs]
+            start = time.perf_counter()
+            sets = local_first(load_sets, options, next((c.get("held_out") for c in ckpts if c), None))
+            say(f"data ready in {time.perf_counter() - start:.1f} s")
+            results = [train_one(run, options, sets, device, ckpt) for run, ckpt in zip(runs, ckpts)]
+            if rank() == 0 and len(runs) > 1:
+                images.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
+            return Trained(out, results)
+    finally:
+        leave_processes()
 
 
 def load_sets(options, held_out=None):
@@ -200,87 +219,78 @@ def load_sets(options, held_out=None):
     return data.with_augs(sets, models.preprocessing(options["arch"]))
 
 
-def train_one(run, options, sets, device):
-    """Train one net into its folder, continuing its checkpoint; return its result."""
+def train_one(run, options, sets, device, ckpt):
+    """Train one net into its folder, continuing ckpt; then, where the data has a final test
+    set, that test. Returns the run's result. Ctrl-C says what continues it."""
     runtime = train.make_runtime(device, options["precision"])
-    about = checkpoints.described(options, options["arch"], sets[0], runtime, name=run.name, mode=run.mode, lr=run.lr,
-                                  held_out=getattr(sets[1], "held_out", None), final_split=final_test_name(sets))
-    ckpt = checkpoints.continued(run.out, about, checkpoint_name(run, options))
+    about = described(run, options, sets, runtime)
+    if ckpt:
+        refuse_changes({**ckpt["args"], "layout": ckpt.get("final_split")},
+                       {**about["args"], "layout": about["final_split"]}, ckpt["path"])
+        if ckpt["classes"] != about["classes"]:
+            raise UserError(f"{ckpt['path']} was trained on classes {ckpt['classes']}, not {about['classes']}; "
+                            "continue it with the data it was trained on")
     history = ckpt["history"] if ckpt else []
-    stopped = stalled(history, options["patience"], frozen_epochs(run, options))
-    if len(history) >= options["epochs"] or stopped:
-        why = f"it stopped early (patience {options['patience']})" if stopped else "give more epochs to train on"
-        say(f"{run.name}: finished its {len(history)} epochs already; {why}")
-        result = checkpoints.finished(run.out, ckpt)
-    else:
-        result = train_net(run, options, sets, runtime, about, ckpt)
-    if len(sets) > 2 and "final_test" not in result:  # once, with the epoch kept; also after Ctrl-C in it
-        result["final_test"] = final_test(run, sets, options, runtime)
-        if rank() == 0:
-            checkpoints.write_metrics(run.out, result)
+    try:
+        if len(history) >= options["epochs"] or stalled(history, options["patience"], frozen_epochs(run, options)):
+            say(f"{run.name}: finished its {len(history)} epochs already; "
+                + (f"it stopped early (patience {options['patience']})" if len(history) < options["epochs"]
+                   else "give more epochs to train on"))
+            result = finished(run.out, ckpt)
+        else:
+            result = train_net(run, options, sets, runtime, about, ckpt)
+        if len(sets) > 2 and "final_test" not in result:  # once, with the epoch kept; also after Ctrl-C in it
+            result["final_test"] = final_test(run, sets, options, runtime)
+            if rank() == 0:
+                write_metrics(run.out, result)
+    except KeyboardInterrupt as e:
+        e.checkpoint = resumable(run, options["out"])  # for the caller to say how to continue
+        raise
     return result
 
 
 def train_net(run, options, sets, runtime, about, ckpt):
-    """Build the run's net, train it (continuing ckpt), and return its result."""
-    history = ckpt["history"] if ckpt else []
-    net = build_net(run.mode, about["classes"], options)
+    """Build the run's net and drive the book's loop over it: the checkpoint restored before;
+    after each epoch, the epoch shown, model.pt saved and patience checked; after the last,
+    metrics.json and the pictures. Returns the run's result."""
+    net = runtime.place(build_net(run.mode, about["classes"], options))
     torch.manual_seed(options["seed"] + rank())  # then each process draws its own augmentations
     train_iter, test_iter = data.make_loaders(*sets[:2], options["batch_size"], options["workers"], options["seed"])
-    param_group = RECIPES[run.mode]["param_group"] and not options["no_param_group"]
     weights = loss_weights(options["class_weights"], sets[0], runtime.device)
+    loss = nn.CrossEntropyLoss(weight=weights, reduction="none")  # the book's; weighed by class where asked
+    optimizer = train.fine_tuning_optimizer(net, run.lr, RECIPES[run.mode]["param_group"] and not options["no_param_group"])
+    history = restore(ckpt, net, optimizer, runtime.scaler)  # [] for a fresh run
     say(header(run, options, sets, runtime, weights))
+    if rank() == 0:
+        writable_folder(run.out)  # a run of several has a folder of its own in out
 
-    def epochs_of(num_epochs, resume):  # the book's recipe, for one phase
-        return train.fine_tuning_epochs(net, run.lr, train_iter, test_iter, num_epochs, param_group, runtime, resume,
-                                        weights)
-    frozen = frozen_epochs(run, options)
-    epochs = stopping(two_phases(epochs_of, net, frozen, options["epochs"], ckpt), options["patience"], frozen, history)
-    history = train.train_and_show(checkpoints.saved(epochs, run.out, about, history, sets[1]), runtime, history)
-    return checkpoints.finished(run.out, dict(about, history=history))
+    def book_epochs(start, end):  # the book's loop, over epochs start + 1 to end
+        return train.ch13_epochs(net, train_iter, test_iter, loss, optimizer, range(start, end), runtime)
+    animator, frozen = images.animator(), frozen_epochs(run, options)
+    for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
+        history.append(epoch.metrics)
+        train.show_epoch(history, animator)
+        save(run.out, history, about, dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
+                                           scaler=runtime.scaler.state_dict()))
+        if stalled(history, options["patience"], frozen):
+            break
+    train.show_summary(history, runtime)
+    result = results(history, epoch, about)
+    if rank() == 0:
+        write_results(run.out, result, epoch, sets[1])
+    return result
 
 
 # ---------------------------------------------------------------- beyond the book
-def two_phases(epochs_of, net, frozen, num_epochs, resume):
-    """Two-phase fine-tuning, a linear probe and then every layer (Kumar et al., ICLR 2022): the
-    first `frozen` epochs train only the output layer, the features and their BatchNorm
-    statistics fixed (features_frozen); the others every layer, with the book's groups.
-    With frozen 0, the book's epochs as they are. epochs_of(num_epochs, resume) gives the
-    book's epochs; the second phase's resume holds only the history: checkpoints.restore then
-    leaves the net, the optimizer and the random state as the first phase left them."""
-    history = list(resume["history"]) if resume else []
-    if len(history) < frozen:
-        with features_frozen(net):
-            for epoch in epochs_of(min(frozen, num_epochs), resume):
-                history.append(epoch.metrics)
-                yield epoch
-        resume = {"history": history}  # the first phase ran here: its weights and state are in place
-    yield from epochs_of(num_epochs, resume)
-
-
-@contextlib.contextmanager
-def features_frozen(net):
-    """For a while, exercise 3: only the output layer learns, and the BatchNorm layers compute as
-    at test time, their statistics fixed. The layers stay the same objects (models.freeze_features
-    replaces them for good), so a checkpoint written meanwhile loads into the whole net."""
-    features = [(param, param.requires_grad) for name, param in net.named_parameters() if not name.startswith("fc.")]
-    norms = [module for module in net.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    for param, _ in features:
-        param.requires_grad_(False)
-    for bn in norms:  # net.train() calls each layer's train(): this one's keeps it in eval mode
-        bn.train = in_eval_mode(bn)
-    try:
-        yield net
-    finally:
-        for param, learned in features:  # as they were (--freeze keeps its own frozen)
-            param.requires_grad_(learned)
-        for bn in norms:
-            del bn.train
-
-
-def in_eval_mode(module):
-    """A train(mode) for module that leaves it in eval mode, whatever the mode."""
-    return lambda mode=True: nn.Module.train(module, False)
+def two_phases(book_epochs, net, first, frozen, num_epochs):
+    """The book's epochs from epoch first + 1 on, in two phases, a linear probe and then every
+    layer (Kumar et al., ICLR 2022): the first `frozen` epochs train only the output layer, the
+    features and their BatchNorm statistics fixed (models.features_frozen); the others every
+    layer, with the book's groups. With frozen 0, the book's epochs as they are."""
+    if first < frozen:
+        with models.features_frozen(net):
+            yield from book_epochs(first, min(frozen, num_epochs))
+    yield from book_epochs(max(first, frozen), num_epochs)
 
 
 def frozen_epochs(run, options):
@@ -288,23 +298,19 @@ def frozen_epochs(run, options):
     return options["freeze_epochs"] if run.mode == "pretrained" else 0
 
 
-def stopping(epochs, patience, frozen=0, history=()):
-    """The epochs until the accuracy on the evaluation set has not improved for patience epochs
-    (early stopping; stalled); with patience None, all of them."""
-    history = list(history)
-    for epoch in epochs:
-        history.append(epoch.metrics)
-        yield epoch
-        if stalled(history, patience, frozen):
-            return
-
-
 def stalled(history, patience, frozen=0):
     """Whether patience epochs or more have passed since the best epoch, counted from the end of
-    the first `frozen` epochs at the earliest (every layer learns only then: two_phases)."""
+    the first `frozen` epochs at the earliest (every layer learns only then: two_phases). With
+    patience None, never: early stopping is off."""
     if not (patience and history):
         return False
-    return history[-1]["epoch"] - max(checkpoints.best_epoch(history)["epoch"], frozen) >= patience
+    return history[-1]["epoch"] - max(best_epoch(history)["epoch"], frozen) >= patience
+
+
+def best_epoch(history):
+    """The epoch with the highest accuracy on the evaluation set (the earliest, where several
+    tie): the one best.pt keeps."""
+    return max(history, key=lambda m: m["test_acc"])
 
 
 def loss_weights(kind, train_set, device):
@@ -326,30 +332,13 @@ def final_test(run, sets, options, runtime):
     """The final test set evaluated once, with the weights best.pt keeps (model.pt's, for a run
     begun before best.pt was kept): which epoch's, the accuracy, and the figures."""
     best = os.path.join(run.out, "best.pt")
-    best = from_process_0(checkpoints.load_checkpoint(best if os.path.exists(best) else
-                                                      os.path.join(run.out, "model.pt")) if rank() == 0 else None)
+    best = from_process_0(models.load_checkpoint(best if os.path.exists(best) else os.path.join(run.out, "model.pt"))
+                          if rank() == 0 else None)
     net = runtime.place(models.saved_net(best))
     loader = data.make_loaders(sets[2], sets[2], options["batch_size"], options["workers"])[1]  # the test loader
     probs, labels = train.evaluate(net, loader, runtime)
     return dict(split=final_test_name(sets), epoch=best["history"][-1]["epoch"], acc=train.accuracy(probs, labels),
-                **checkpoints.figures(probs, labels, best["classes"]))
-
-
-def checkpoint_name(run, options):
-    """The checkpoint a run continues: the file resume named, where it is this run's, else model.pt."""
-    named = options.get("resume")
-    return os.path.basename(named) if named and os.path.dirname(named) == run.out else "model.pt"
-
-
-def resumable(run, out):
-    """What continues a run stopped now: its model.pt; else, where another run of out has
-    finished an epoch, out; else None."""
-    mine = os.path.join(run.out, "model.pt")
-    if os.path.exists(mine):
-        return mine
-    with contextlib.suppress(UserError):
-        return checkpoints.checkpoint_in(out) and out
-    return None
+                **train.figures(probs, labels, best["classes"]))
 
 
 def build_net(mode, classes, options):
@@ -378,9 +367,145 @@ def header(run, options, sets, runtime, weights=None):
             f"{runtime}{several}")
 
 
-def processes_batch(batch_size):
-    """How the global batch splits over the processes: evenly, so a batch that does not divide
-    by their number is made smaller (each process must take as many steps as the others)."""
-    each = batch_size // world_size()
-    return f"batch {each} each" + (f", {each * world_size()} in all (not {batch_size})"
-                                   if batch_size % world_size() else "")
+
+
+# ---------------------------------------------------------------- a run's files
+def checkpoint_of(run, options, read):
+    """The checkpoint run continues (the file resume named, where it is this run's, else its
+    model.pt), or None for a fresh run. resume read it already; else process 0 reads it and sends
+    it to the others, so that all continue from the same epoch (torchrun restarts them all)."""
+    named = options["resume"]
+    path = named if named and os.path.dirname(named) == run.out else os.path.join(run.out, "model.pt")
+    if path in read:
+        return read[path]
+    return from_process_0(models.load_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
+
+
+def described(run, options, sets, runtime):
+    """What a run's checkpoint and metrics.json say of it: its name, mode and lr, its options,
+    its architecture and classes, the test transforms' settings (for prediction), how it
+    computes, the images a split held out, and the final test's folder."""
+    return dict(name=run.name, mode=run.mode, lr=run.lr, args=options, arch=options["arch"],
+                classes=data.class_names(sets[0]),
+                transform=dict(**models.preprocessing(options["arch"]), mean=data.MEAN, std=data.STD),
+                device=str(runtime.device), precision=str(runtime.dtype or torch.float32),
+                memory_format=str(runtime.memory_format), held_out=getattr(sets[1], "held_out", None),
+                final_split=final_test_name(sets))
+
+
+def refuse_changes(before, now, path):
+    """A run continues with the options it began with: name those that differ, in one line."""
+    def same(key, value):
+        return os.path.abspath(value) if key in PATHS and value else value
+
+    def shown(value):
+        return "the default" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
+
+    changed = sorted(k for k in before if k in now and k not in MAY_CHANGE and same(k, before[k]) != same(k, now[k]))
+    if changed:
+        options = "; ".join(f"{k}: {shown(before[k])} there, {shown(now[k])} now" for k in changed)
+        raise UserError(f"{path} was made with other options ({options}); continue it with the same, "
+                        "or choose another out=")
+
+
+def restore(ckpt, net, optimizer, scaler):
+    """A checkpoint's state back in place: the weights, the optimizer's, the gradient scaler's
+    and the random-number states. Returns its history; [] for a fresh run (ckpt None). The
+    random-number states come back where the processes are as many as they were (otherwise each
+    keeps its fresh seed)."""
+    if not ckpt:
+        return []
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{ckpt['path']} holds another architecture than this net ({first_line(e)}); "
+                        "continue it with the net it was trained with") from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] and scaler.is_enabled():  # empty when written without fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # older: one dict
+    if len(states) == world_size():
+        torch.set_rng_state(states[rank()]["torch"])
+        random.setstate(states[rank()]["python"])
+    return list(ckpt["history"])
+
+
+def save(folder, history, about, state):
+    """model.pt after every epoch: the state (weights, optimizer, scaler), the history, every
+    process's random-number state (each draws its own augmentations; not the GPUs', which nothing
+    draws from) and the run's description. best.pt, the same, after an epoch that is the best so
+    far, and held_out.txt where a split held images out. Process 0 writes, through a temporary
+    name; the file is made in memory first, so any failure to write is the file's OSError."""
+    rng = gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
+    if rank() == 0:
+        buffer = io.BytesIO()
+        torch.save({**state, "history": history, "rng": rng, **about}, buffer)
+        if best_epoch(history) is history[-1]:  # first: model.pt naming a best epoch best.pt lacks would mislead
+            write_whole(os.path.join(folder, "best.pt"), buffer.getvalue())
+        write_whole(os.path.join(folder, "model.pt"), buffer.getvalue())
+        if about["held_out"] is not None:
+            write_whole(os.path.join(folder, "held_out.txt"), "".join(p + "\n" for p in about["held_out"]).encode())
+
+
+def results(history, epoch, about):
+    """What metrics.json holds: the run's description, the last epoch's figures, the mean
+    examples/sec, the history, the last evaluation's figures, the epoch best.pt keeps, and the
+    versions."""
+    return dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")}, **last_figures(history),
+                world_size=world_size(), history=history, **train.figures(epoch.probs, epoch.labels, about["classes"]),
+                kept=kept(history, about), versions=dict(python=platform.python_version(), torch=torch.__version__,
+                                                         torchvision=torchvision.__version__))
+
+
+def last_figures(history):
+    """The last epoch's loss and accuracies, and the mean examples/sec over every epoch."""
+    return dict(**{k: history[-1][k] for k in ("loss", "train_acc", "test_acc")},
+                examples_per_sec=train.mean_speed(history))
+
+
+def kept(history, about):
+    """The epoch best.pt keeps, its accuracy, and whether that figure is optimistic: chosen on the
+    test set itself, where the data has no val/ beside its test/."""
+    best, optimistic = best_epoch(history), not about.get("final_split")
+    return dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=optimistic,
+                note=OPTIMISTIC if optimistic else None)
+
+
+OPTIMISTIC = ("the epoch was chosen on the test set itself, so its accuracy is optimistic; in a data folder, "
+              "val/ beside train/ and test/ keeps test/ apart for one honest figure")
+
+
+def write_results(folder, result, epoch, test_set):
+    """metrics.json, curves.png and mistakes.png: up to 16 test images the net gets wrong, with
+    their true and predicted class."""
+    write_metrics(folder, result)
+    images.curves({result["name"]: result["history"]}, os.path.join(folder, "curves.png"))
+    images.mistakes(test_set, epoch.probs, epoch.labels, result["classes"], os.path.join(folder, "mistakes.png"))
+
+
+def write_metrics(folder, result):
+    write_whole(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1).encode())
+
+
+def finished(folder, ckpt):
+    """A finished run's result: its metrics.json, or, where the run ended before writing it, the
+    figures its checkpoint holds."""
+    metrics = os.path.join(folder, "metrics.json")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            result = json.load(f)
+        if len(result["history"]) == len(ckpt["history"]):  # else written before the later epochs
+            return result
+    about = {k: v for k, v in ckpt.items() if k in ("name", "mode", "lr", "classes", "args", "arch", "final_split")}
+    return dict(**about, **last_figures(ckpt["history"]), history=ckpt["history"], kept=kept(ckpt["history"], ckpt))
+
+
+def resumable(run, out):
+    """What continues a run stopped now: its model.pt; else, where another run of out has
+    finished an epoch, out; else None."""
+    mine = os.path.join(run.out, "model.pt")
+    if os.path.exists(mine):
+        return mine
+    with contextlib.suppress(UserError):
+        return models.checkpoint_in(out) and out
+    return None

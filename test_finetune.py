@@ -6,6 +6,7 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,19 +23,16 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
-import checkpoints
 import data
 import finetune
+import images
 import models
-import photos
-import plots
 import predict
-import processes
 import runs
 import train
 import utils
 from utils import UserError
-from train import evaluate, fine_tuning_epochs, make_runtime, train_epoch, try_device
+from train import evaluate, make_runtime, train_epoch, try_device
 
 CPU = make_runtime(torch.device("cpu"), "fp32")
 
@@ -69,6 +67,12 @@ def torch_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("hotdog"))
+
+
+def one_epoch(net, train_iter, test_iter, runtime=CPU, lr=0.01):
+    """The book's loop for one epoch, with the recipe's summed loss and optimizer: its Epochs."""
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    return list(train.ch13_epochs(net, train_iter, test_iter, loss, train.fine_tuning_optimizer(net, lr), range(1), runtime))
 
 
 def run_cli(capsys, *argv):
@@ -117,9 +121,12 @@ def test_weights_not_downloadable(tmp_path, monkeypatch):
 
 
 def recipe_optimizer(monkeypatch, net, lr, param_group=True):
-    """The loss and optimizer that the recipe hands to its training loop."""
-    monkeypatch.setattr(train, "ch13_epochs", lambda net, train_iter, test_iter, loss, optimizer, *a: iter([(loss, optimizer)]))
-    return next(fine_tuning_epochs(net, lr, None, None, param_group=param_group))
+    """The loss and optimizer that the book's train_fine_tuning hands to train_ch13."""
+    classes = [str(c) for c in range(net.fc.out_features)]
+    loader = type("Loader", (), {"dataset": type("Set", (), {"classes": classes})})
+    monkeypatch.setattr(data, "load_data", lambda *a: (loader, loader))
+    monkeypatch.setattr(train, "train_ch13", lambda net, train_iter, test_iter, loss, optimizer, *a: (loss, optimizer))
+    return train.train_fine_tuning(net, lr, param_group=param_group)
 
 
 def test_param_groups(monkeypatch):
@@ -191,7 +198,7 @@ def test_freeze_trains_only_the_head(folder):
     models.freeze_features(net)  # as a statement: in place
     before = {k: v.clone() for k, v in net.state_dict().items()}
     train_iter, test_iter = data.make_loaders(*data.image_folders(folder), batch_size=4)
-    list(fine_tuning_epochs(net, 0.01, train_iter, test_iter, num_epochs=1))
+    one_epoch(net, train_iter, test_iter)
     after = net.state_dict()
     for name in before:  # weights and BatchNorm statistics alike
         assert torch.equal(before[name], after[name]) == (not name.startswith("fc.")), name
@@ -235,16 +242,16 @@ def test_image_modes_load_as_rgb(tmp_path):
     for mode in ("L", "P", "RGBA", "CMYK"):
         img.convert(mode).save(tmp_path / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
     for path in tmp_path.iterdir():
-        assert photos.load_rgb(str(path)).mode == "RGB"
+        assert images.load_rgb(str(path)).mode == "RGB"
 
 
 def test_unreadable_and_huge_images_are_named(tmp_path, monkeypatch):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
     with pytest.raises(UserError, match="cut.png"):
-        photos.load_rgb(str(tmp_path / "cut.png"))
+        images.load_rgb(str(tmp_path / "cut.png"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    for read in (photos.load_rgb, photos.image_size):  # the cache's size estimate reads headers too
+    for read in (images.load_rgb, images.image_size):  # the cache's size estimate reads headers too
         with pytest.raises(UserError, match="ok.png"):
             read(str(tmp_path / "ok.png"))
 
@@ -388,7 +395,7 @@ def test_cli_pretrained_and_scratch(folder, tmp_path, capsys):
 
 
 def test_cli_as_a_user_runs_it(folder, tmp_path):
-    """The real command in a fresh process, with loader worker processes."""
+    """The real command in a fresh process, with loader worker utils."""
     result = subprocess.run([sys.executable, os.path.join(HERE, "finetune.py"), "--pretrained",
                              "--data-dir", folder, "--epochs", "1", "--batch-size", "8",
                              "--workers", "2", "--out", str(tmp_path)],
@@ -435,9 +442,9 @@ def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
         a, b = tmp_path / "d" / "test" / "hotdog" / name, tmp_path / "d" / "test" / "not-hotdog" / name
         a.rename(tmp_path / "swap.png"), b.rename(a), (tmp_path / "swap.png").rename(b)
     shown = {}
-    real = plots.mistakes
-    monkeypatch.setattr(plots, "mistakes", lambda images, captions, path: shown.update(
-        images=images, captions=captions, path=real(images, captions, path)))
+    real = images.grid
+    monkeypatch.setattr(images, "grid", lambda rows, captions, path, scale: shown.update(
+        images=sum(rows, []), captions=sum(captions, []), path=real(rows, captions, path, scale)))
     status, out, _ = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--precision", "fp32", "--out", tmp_path / "out")
     assert status == 0
@@ -587,7 +594,7 @@ def test_batch_larger_than_the_training_set(folder, tmp_path, capsys):
 def test_out_of_memory_names_the_batch_size(folder, tmp_path, capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(train, "fine_tuning_epochs", oom)
+    monkeypatch.setattr(train, "ch13_epochs", oom)
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--batch-size", 64,
                              "--out", tmp_path)
     assert status == 2 and "--batch-size 64" in err and "--batch-size 32" in err
@@ -616,7 +623,7 @@ def test_cifar10_through_the_same_dataset_function(tmp_path, capsys, monkeypatch
 def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    assert plots.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
+    assert images.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
                                  str(tmp_path / "curves.png")) is None
     assert "pip install matplotlib" in capsys.readouterr().out
     assert not (tmp_path / "curves.png").exists()
@@ -631,7 +638,7 @@ def ddp_worker(rank, root, out, port):
     net = models.scratch_net(2)
     train_iter, test_iter = data.make_loaders(*data.image_folders(root), batch_size=4)
     seen = list(train_iter.sampler)  # epoch 0's share, as train() will draw it
-    epochs = list(fine_tuning_epochs(net, 0.01, train_iter, test_iter, num_epochs=1, runtime=CPU))
+    epochs = one_epoch(net, train_iter, test_iter)
     torch.save({"model": net.state_dict(), "seen": seen, "test_acc": epochs[-1].metrics["test_acc"],
                 "n": epochs[-1].metrics}, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
@@ -665,7 +672,7 @@ def one_step(net, X, y):
     so that the step does not depend on how the batch is split."""
     net.eval().train = lambda mode=True: net
     before = net.fc.weight.detach().clone()
-    model = processes.parallel(net, [torch.device("cpu")])
+    model = utils.parallel(net, [torch.device("cpu")])
     train_epoch(model, [(X, y)], torch.nn.CrossEntropyLoss(reduction="none"),
                 torch.optim.SGD(net.parameters(), lr=1e-3), CPU)
     return net.fc.weight.detach() - before
@@ -810,7 +817,7 @@ def test_cache_only_when_it_fits(folder, capsys):
                  for img in (Image.open(p) for p, _ in s.samples))
     assert train_set.pixels.numel() + test_set.pixels.numel() == pixels  # the estimate is exact
     for i in range(len(test_set)):  # and each image sits where its header said
-        assert torch.equal(test_set.image(i), v2.functional.pil_to_tensor(photos.load_rgb(test_set.samples[i][0])))
+        assert torch.equal(test_set.image(i), v2.functional.pil_to_tensor(images.load_rgb(test_set.samples[i][0])))
     capsys.readouterr()
     train_set, _ = data.image_folders(folder, cache_budget=pixels - 1)
     assert not isinstance(train_set, data.DecodedImages)
@@ -932,15 +939,15 @@ def test_fp16_with_its_gradient_scaler_on_the_cpu(folder, tmp_path, monkeypatch)
     net = models.scratch_net(2)
     before = net.fc.weight.detach().clone()
     train_iter, test_iter = data.make_loaders(*data.image_folders(folder), batch_size=4)
-    epochs = list(fine_tuning_epochs(net, 0.01, train_iter, test_iter, num_epochs=1, runtime=fp16))
+    epochs = one_epoch(net, train_iter, test_iter, fp16)
     assert not torch.equal(net.fc.weight.detach(), before) and torch.isfinite(net.fc.weight).all()
-    assert epochs[-1].state["scaler"]["scale"] == fp16.scaler.get_scale() > 0
-    checkpoints.save_checkpoint(str(tmp_path / "model.pt"), epochs[-1], [epochs[-1].metrics], {})
+    assert fp16.scaler.get_scale() > 0
+    optimizer = train.fine_tuning_optimizer(net, 0.01)
+    runs.save(str(tmp_path), [epochs[-1].metrics], {"held_out": None},
+              dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=fp16.scaler.state_dict()))
     resumed = runtime(monkeypatch, torch.float16)
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
-    groups = [{"params": [p for n, p in net.named_parameters() if not n.startswith("fc.")]},
-              {"params": net.fc.parameters()}]  # as fine_tuning_epochs's
-    assert checkpoints.restore(ckpt, net, torch.optim.SGD(groups, lr=0.01), resumed.scaler) == 1
+    assert runs.restore(ckpt, net, train.fine_tuning_optimizer(net, 0.01), resumed.scaler) == [epochs[-1].metrics]
     assert resumed.scaler.state_dict() == fp16.scaler.state_dict()
 
 
@@ -973,34 +980,31 @@ def test_the_books_train_fine_tuning_trains_and_returns_the_history(folder, caps
     assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5]  # the book's 5 epochs
     assert not torch.equal(finetune_net.fc.weight.detach().cpu(), before)
     last_two = out.strip().splitlines()[-2:]  # the book's closing lines
-    assert "epoch 5: loss" in out and last_two[0] == train.summary_line(history[-1])
+    m = history[-1]
+    assert "epoch 5: loss" in out and last_two[0] == f"loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, test acc {m['test_acc']:.3f}"
     assert last_two[1].endswith("examples/sec on cpu, " + str(train.make_runtime()).split(", ", 1)[1])
     scratch_net = models.scratch_net()
     history = train.train_fine_tuning(scratch_net, 5e-4, 4, 1, param_group=False, data_dir=folder)
     assert len(history) == 1 and history[0]["examples"] == 8
 
 
-def test_the_books_call_with_out_keeps_a_run_that_continues_and_predicts(folder, tmp_path, capsys):
-    """train_fine_tuning(..., out=DIR): model.pt after every epoch, metrics.json and the curves
-    at the end; called again with more epochs it trains only those; a finished run returns its
-    history untrained; another learning rate is refused; predict.predict reads the model.pt."""
+def test_a_notebook_keeps_continues_and_predicts_a_run_in_three_calls(folder, tmp_path, capsys):
+    """runs.train_runs keeps a run (model.pt after every epoch, metrics.json and the curves at
+    the end); runs.resume continues it with more epochs, training only those (after a kernel
+    restart too: all it needs is in the folder); predict.predict classifies a folder with it."""
     out = str(tmp_path / "run")
-    fine_tune = lambda lr, epochs: train.train_fine_tuning(models.scratch_net(), lr, 4, epochs, param_group=False,
-                                                           data_dir=folder, precision="fp32", out=out)
-    first = fine_tune(5e-4, 1)
-    assert len(first) == 1 and {"model.pt", "metrics.json", "curves.png"} <= set(os.listdir(out))
+    first = runs.train_runs("scratch", out, data_dir=folder, epochs=1, batch_size=4, workers=0, precision="fp32")
+    assert {"model.pt", "metrics.json", "curves.png"} <= set(os.listdir(out))
     capsys.readouterr()
-    both = fine_tune(5e-4, 2)
+    both = runs.resume(out, epochs=2).results[0]["history"]
     printed = capsys.readouterr().out
-    assert [m["epoch"] for m in both] == [1, 2] and both[0] == first[0]
+    assert [m["epoch"] for m in both] == [1, 2] and both[0] == first.results[0]["history"][0]
     assert "epoch 2:" in printed and "epoch 1:" not in printed
     assert json.load(open(os.path.join(out, "metrics.json")))["history"] == both
-    assert fine_tune(5e-4, 2) == both and "epoch " not in capsys.readouterr().out  # finished: nothing trained
-    with pytest.raises(UserError, match=r"model.pt was made with other options \(learning_rate: 0.0005 there, 0.001 now\)"):
-        fine_tune(1e-3, 3)
+    assert runs.resume(out, epochs=2).results[0]["history"] == both and "epoch " not in capsys.readouterr().out
     test = os.path.join(folder, "test")
-    predictions = predict.predict(os.path.join(out, "model.pt"), [test], workers=0, precision="fp32")
-    assert [p.path for p in predictions] == photos.image_files(test)
+    predictions = predict.predict(out, [test], workers=0, precision="fp32")
+    assert [p.path for p in predictions] == images.image_files(test)
     net = models.saved_net(torch.load(os.path.join(out, "model.pt"), weights_only=True))
     _, test_set = data.image_folders(folder)
     probs, _ = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
@@ -1054,7 +1058,7 @@ def test_pictures_keep_the_callers_backend(tmp_path):
     before = matplotlib.get_backend()
     matplotlib.use("pdf")
     try:
-        path = plots.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
+        path = images.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
                                      str(tmp_path / "curves.png"))
         assert matplotlib.get_backend() == "pdf" and open(path, "rb").read(4) == b"\x89PNG"
     finally:
@@ -1079,14 +1083,14 @@ def test_the_notebook_runs_cell_by_cell_in_a_kernel(tmp_path, monkeypatch):
         cell = next(cell for cell in nb.cells if source in cell.source)
         text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in cell.outputs)
         return text, sum("image/png" in o.get("data", {}) for o in cell.outputs)
-    text, images = outputs("finetune_history = train.train_fine_tuning(finetune_net, 5e-5)")
-    assert "epoch 5: loss" in text and "batch 1/1" in text and images == 1  # curves redrawn in place
-    assert outputs("plots.show_images(hotdogs + not_hotdogs, 2, 8, scale=1.4)")[1] == 1
+    text, pictures = outputs("finetune_history = train.train_fine_tuning(finetune_net, 5e-5)")
+    assert "epoch 5: loss" in text and "batch 1/1" in text and pictures == 1  # curves redrawn in place
+    assert outputs("images.show_images(hotdogs + not_hotdogs, 2, 8, scale=1.4)")[1] == 1
     assert "inline" in outputs("matplotlib.get_backend()")[0]
-    text, _ = outputs("num_epochs=2, out='runs/kept')")
+    text, _ = outputs("runs.resume('runs/kept', epochs=2)")
     assert "epoch 2: loss" in text and "epoch 1: loss" not in text  # continued, not trained again
     assert len(json.load(open(tmp_path / "runs" / "kept" / "metrics.json"))["history"]) == 2
-    lines = outputs("predict.predict('runs/kept/model.pt'")[0].splitlines()
+    lines = outputs("predict.predict('runs/kept'")[0].splitlines()
     assert len(lines) == 4 and all(line.split()[1] in ("hotdog", "not-hotdog") for line in lines)
     assert not os.path.exists(os.path.join(HERE, "data", "hotdog", "train", "hotdog", "7.png"))
 
@@ -1108,11 +1112,11 @@ def test_every_reader_turns_photos_upright_and_scales_16_bits(tmp_path):
     assert Image.open(tmp_path / "scan16.png").mode == "I;16"
     Image.fromarray(grey).save(tmp_path / "scan8.png")
     upright.save(tmp_path / "anim.gif")
-    assert np.array_equal(np.asarray(photos.load_rgb(str(tmp_path / "sideways.png"))), np.asarray(upright))
-    assert np.array_equal(np.asarray(photos.load_rgb(str(tmp_path / "scan16.png"))),
-                          np.asarray(photos.load_rgb(str(tmp_path / "scan8.png"))))
-    assert photos.load_rgb(str(tmp_path / "anim.gif")).size == (40, 60)
-    assert photos.image_files(str(tmp_path)) == [str(tmp_path / n) for n in
+    assert np.array_equal(np.asarray(images.load_rgb(str(tmp_path / "sideways.png"))), np.asarray(upright))
+    assert np.array_equal(np.asarray(images.load_rgb(str(tmp_path / "scan16.png"))),
+                          np.asarray(images.load_rgb(str(tmp_path / "scan8.png"))))
+    assert images.load_rgb(str(tmp_path / "anim.gif")).size == (40, 60)
+    assert images.image_files(str(tmp_path)) == [str(tmp_path / n) for n in
                                                ("anim.gif", "scan16.png", "scan8.png", "sideways.png")]
 
 
@@ -1168,7 +1172,7 @@ def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_p
     folder = tmp_path / "photos"
     os.makedirs(folder)
     os.symlink(hotdog, folder / "linked")  # --predict follows linked folders too
-    assert sorted(map(os.path.basename, photos.image_paths([str(folder), str(folder / "linked"), str(hotdog / "0.png")]))) \
+    assert sorted(map(os.path.basename, images.image_paths([str(folder), str(folder / "linked"), str(hotdog / "0.png")]))) \
         == ["0.png", "0.png", "1.png"]  # each file once (test/'s 0.png too), however often it is named
 
 
@@ -1205,7 +1209,7 @@ def test_output_folder_checked_first_and_none_left_by_an_early_failure(tmp_path,
 def test_numbers_and_very_large_photos(folder, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         finetune.parse_args(["--scratch", "--workers", "-1"])
-    assert "--workers: must be 0 or more, got -1" in capsys.readouterr().err
+    assert "--workers: give a whole number, 0 or more, not -1" in capsys.readouterr().err
     status, _, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
                            "--workers", 0, "--out", tmp_path / "run")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
@@ -1485,8 +1489,7 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(monkeypatch):
                             else torch.get_rng_state()] * 8}}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: (_ for _ in ()).throw(IndexError("tuple index out of range")))
-    assert checkpoints.restore(old, net, optimizer, torch.amp.GradScaler("cpu", enabled=False)) == 1
-    assert [set(state) for state in checkpoints.rng_states()] == [{"torch", "python"}]  # no GPU's state saved
+    assert len(runs.restore(old, net, optimizer, torch.amp.GradScaler("cpu", enabled=False))) == 1
 
 
 def test_each_process_draws_its_own_augmentations(folder, tmp_path):
@@ -1541,12 +1544,12 @@ def test_the_named_gpu_is_made_current_and_macs_run_one_process(monkeypatch):
             raise ValueError("Expected a torch.device with a specified index or an integer")
         current.append(device)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    assert processes.join_processes(torch.device("cuda", 1)) == torch.device("cuda", 1)
-    assert processes.join_processes(torch.device("cuda")) == torch.device("cuda")  # --device cuda: the current one
+    assert utils.join_processes(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert utils.join_processes(torch.device("cuda")) == torch.device("cuda")  # --device cuda: the current one
     assert current == [torch.device("cuda", 1)]
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="gloo cannot carry MPS tensors"):
-        processes.join_processes(torch.device("mps"))
+        utils.join_processes(torch.device("mps"))
 
 
 def test_fp32_is_the_books_arithmetic_without_tf32():
@@ -1644,13 +1647,13 @@ def test_a_truncated_image_is_left_out_with_a_note(cache, tmp_path, capsys):
 
 
 def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, capsys, monkeypatch):
-    real = train.fine_tuning_epochs
+    real = train.fine_tuning_optimizer
 
     def stopped_in_scratch(net, lr, *args, **kwargs):
         if lr == 5e-4:  # the scratch run, after pretrained finished
             raise KeyboardInterrupt
         return real(net, lr, *args, **kwargs)
-    monkeypatch.setattr(train, "fine_tuning_epochs", stopped_in_scratch)
+    monkeypatch.setattr(train, "fine_tuning_optimizer", stopped_in_scratch)
     status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path / "both")
     assert status == 130 and f"--resume {tmp_path / 'both'}\n" in err, err
@@ -1690,8 +1693,8 @@ def test_the_python_calls_check_what_they_are_given(folder, tmp_path):
             train.train_fine_tuning(net, 5e-5, data_dir=three if classes == 3 else folder)
     with pytest.raises(UserError, match='precision=fp16 is not one this program computes in; give "amp" or "fp32"'):
         train.make_runtime("cpu", "fp16")
-    images = [torch.rand(20, 30, 3), torch.rand(20, 30, 3)]  # the book's: height x width x channels, floats
-    assert plots.show_images(images, 1, 2, titles=["one"], path=str(tmp_path / "grid.png")) == str(tmp_path / "grid.png")
+    pictures = [torch.rand(20, 30, 3), torch.rand(20, 30, 3)]  # the book's: height x width x channels, floats
+    assert images.show_images(pictures, 1, 2, titles=["one"], path=str(tmp_path / "grid.png")) == str(tmp_path / "grid.png")
 
 
 # ---------------------------------------------------------------- a model to trust: best epoch, stopping, phases, weights
@@ -1763,9 +1766,19 @@ def test_balanced_class_weights_change_the_loss_as_the_formula_says(tmp_path, ca
     targets = [0] * 6 + [1] * 2
     weights = runs.loss_weights("balanced", type("Set", (), {"targets": targets, "classes": ["a", "b"]}), "cpu")
     assert weights.tolist() == pytest.approx([8 / (2 * 6), 8 / (2 * 2)])  # n / (classes x n_class)
-    with monkeypatch.context() as patched:  # the loss the recipe hands to its loop
-        patched.setattr(train, "ch13_epochs", lambda net, train_iter, test_iter, loss, optimizer, *a: iter([loss]))
-        loss = next(fine_tuning_epochs(models.scratch_net(), 0.1, None, None, class_weights=weights))
+    class Captured(Exception):
+        pass
+
+    def capture(net, train_iter, test_iter, loss, *a):
+        losses.append(loss)
+        raise Captured
+    losses = []
+    with monkeypatch.context() as patched:  # the loss a run hands to the book's loop
+        patched.setattr(train, "ch13_epochs", capture)
+        patched.setattr(runs, "loss_weights", lambda *a: weights)
+        with pytest.raises(Captured):
+            runs.train_runs("scratch", str(tmp_path / "w"), data_dir=write_folder(tmp_path / "w8"), epochs=1, workers=0)
+    loss = losses[0]
     pred, y = torch.randn(8, 2), torch.tensor(targets)
     plain = torch.nn.functional.cross_entropy(pred, y, reduction="none")
     assert loss(pred, y).sum().item() == pytest.approx((weights[y] * plain).sum().item())
@@ -1780,7 +1793,7 @@ def test_balanced_class_weights_change_the_loss_as_the_formula_says(tmp_path, ca
 
 def test_per_class_figures_match_a_hand_count(folder, tmp_path, capsys):
     labels, preds = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2])
-    result = checkpoints.figures(torch.nn.functional.one_hot(preds, 3).float(), labels, ["a", "b", "c"])
+    result = train.figures(torch.nn.functional.one_hot(preds, 3).float(), labels, ["a", "b", "c"])
     assert result["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     a, b, c = (result["per_class"][name] for name in "abc")
     assert (a["precision"], a["recall"], a["count"]) == (1.0, pytest.approx(2 / 3), 3)
@@ -1796,14 +1809,11 @@ def test_per_class_figures_match_a_hand_count(folder, tmp_path, capsys):
 
 def test_runs_of_either_kind_continue_only_as_they_began_and_flags_stay_apart_from_paths(folder, tmp_path, capsys,
                                                                                           monkeypatch):
-    out = str(tmp_path / "python")
-    train.train_fine_tuning(models.scratch_net(), 5e-4, 8, 1, param_group=False, data_dir=folder, out=out)
-    status, _, err = run_cli(capsys, "--resume", out, "--epochs", 2)
-    assert status == 2 and "written by train.train_fine_tuning" in err and len(err.strip().splitlines()) == 1
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0,
-                   "--out", tmp_path / "cli")[0] == 0
-    with pytest.raises(UserError, match="written by runs"):
-        train.train_fine_tuning(models.scratch_net(), 5e-3, 8, 2, param_group=False, data_dir=folder, out=str(tmp_path / "cli"))
+    old = tmp_path / "python"  # what train_fine_tuning(..., out=) once kept: no mode among its options
+    os.makedirs(old)
+    torch.save({"model": {}, "history": [{"epoch": 1}], "args": {"learning_rate": 5e-4}}, old / "model.pt")
+    status, _, err = run_cli(capsys, "--resume", old, "--epochs", 2)
+    assert status == 2 and "older train.train_fine_tuning" in err and len(err.strip().splitlines()) == 1
     for argv in (["--scratch", "--model", "x.pt"], ["--resume", "run", "--model", "x.pt"]):
         with pytest.raises(SystemExit):
             finetune.main(argv)
@@ -1831,7 +1841,7 @@ def test_the_extras_keep_their_promises_at_the_edges(folder, tmp_path, capsys, m
     final test is made up after Ctrl-C in it; best.pt is not continued; the options a Python
     caller gives are checked first."""
     net = models.freeze_features(models.finetune_net())
-    with runs.features_frozen(net):
+    with models.features_frozen(net):
         assert not any(p.requires_grad for p in net.parameters() if p is not net.fc.weight and p is not net.fc.bias)
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
     flat = [{"epoch": e, "test_acc": 0.5} for e in range(1, 5)]
@@ -1848,11 +1858,38 @@ def test_the_extras_keep_their_promises_at_the_edges(folder, tmp_path, capsys, m
     assert json.load(open(tmp_path / "run" / "metrics.json"))["final_test"]["split"] == "test/"
     status, _, err = run_cli(capsys, "--resume", tmp_path / "run" / "best.pt", "--epochs", 2)
     assert status == 2 and "is the epoch a run kept, for prediction" in err
-    for options, message in ((dict(class_weights="balance"), "class_weights=balance is not a kind"),
+    for options, message in ((dict(class_weights="balance"), "class_weights='balance' is not one of 'balanced'"),
                              (dict(class_weights="balanced", dummy=True), "needs labelled images"),
-                             (dict(patience=-1), "patience=-1 is not a number of epochs")):
+                             (dict(patience=-1), "patience=-1 is not a whole number, 1 or more")):
         with pytest.raises(UserError, match=message):
             runs.train_runs("scratch", str(tmp_path / "never"), **options)
     assert len(predict.predict(tmp_path / "run", os.path.join(folder, "test", "hotdog", "0.png"), workers=0)) == 1
     train_iter, test_iter = data.load_data(4, root)  # the book's call: train/ and test/, whatever else is there
     assert os.path.basename(test_iter.dataset.root) == "test"
+
+
+def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(tmp_path, capsys, monkeypatch):
+    """Every option a Python caller gets wrong is one UserError naming it, before any data is
+    read; the command line's flags pass through the same rule (runs.OPTIONS, runs.checked)."""
+    monkeypatch.setattr(data, "datasets", lambda *a, **k: pytest.fail("data read before the options were checked"))
+    bad = [("epochs", 0), ("epochs", "1"), ("epochs", 1.5), ("epochs", -1), ("lr", -1), ("lr", "5e-5"), ("lr", [5e-5, 0]),
+           ("batch_size", "4"), ("seed", "1"), ("dataset", "x"), ("workers", -1), ("freeze_epochs", None),
+           ("device", torch.device("cpu")), ("val_split", 2), ("freeze", "no"), ("patience", 0), ("cache_gb", -1),
+           ("max_megapixels", 0), ("precision", "fp16"), ("class_weights", "yes"), ("dummy", 1)]
+    for name, value in bad:
+        with pytest.raises(UserError, match="^" + re.escape(f"{name}={value[-1] if name == 'lr' and isinstance(value, list) else value!r} is not")):
+            runs.train_runs("scratch", str(tmp_path / "never"), **{name: value})
+        with pytest.raises(UserError, match=f"^{name}="):
+            runs.resume(str(tmp_path / "never"), **{name: value})
+    for name, text in (("epochs", "0"), ("epochs", "1.5"), ("lr", "-1"), ("val_split", "2"), ("workers", "-1"),
+                       ("patience", "0"), ("dataset", "x"), ("precision", "fp16"), ("seed", "x"), ("max_megapixels", "0")):
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(SystemExit):
+            finetune.parse_args(["--scratch", flag, text])
+        err = capsys.readouterr().err
+        assert f"argument {flag}: give {runs.takes(*runs.OPTIONS[name][1:])}, not {text}" in err, err
+    for name, text, value in (("val_split", "0.5", 0.5), ("epochs", "3", 3), ("lr", "5e-5", 5e-5), ("seed", "-1", -1),
+                              ("precision", "fp32", "fp32"), ("freeze_epochs", "0", 0)):
+        typed = getattr(finetune.parse_args(["--scratch", "--" + name.replace("_", "-"), text]), name)
+        assert typed == ([value] if name == "lr" else value) and runs.checked(name, value) == value
+    assert runs.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path

@@ -1,13 +1,12 @@
 """Training and evaluation: D2L §14.2's `train_fine_tuning`, with §14.1's `train_ch13` loop.
 
-The book's recipe comes first and reads top to bottom; `train_fine_tuning` and `train_ch13` take
-the book's arguments, train, and return the history, from Python or a notebook as in the book.
-What the book leaves out comes after the recipe: where and how the arithmetic runs, and what a
-run shows; several processes and checkpoints have rooms of their own (processes.py,
-checkpoints.py). Each is a wrapper around the recipe's objects or a one-line helper, and does
-nothing where it does not apply (one device, fp32, no output folder).
+First the book's recipe, in the book's order and with its names: `train_fine_tuning` and
+`train_ch13` take the book's arguments, train, and return the history, from Python or a notebook
+as in the book. Then where and how the arithmetic runs (devices, precision), and what training
+shows (a line per epoch, the book's Animator and summary, a live progress line). Nothing here
+keeps a run: runs.py drives the same loop, `ch13_epochs`, from outside, restoring a checkpoint
+before it and saving one after each epoch.
 """
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,46 +14,27 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import checkpoints
 import data
+import images
 import models
-import plots
 from data import MEAN, STD, normalize
-from processes import all_reduce_sum, gather_in_order, parallel, rank, reshuffle, same_buffers, say, world_size
-from utils import UserError
+from utils import UserError, all_reduce_sum, gather_in_order, parallel, rank, reshuffle, same_buffers, say, world_size
 
 
 # ================================================================ the book's recipe
 def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_group=True, *,
-                      data_dir=None, devices=None, precision="amp", out=None):
-    """§14.2.2.3, called as the book calls it: trains on data_dir (data.load_data; default: the
-    hot-dog set, downloaded on first use) on all GPUs (else MPS, else the CPU), and returns the
-    history, one dict of metrics per epoch. With out, a folder keeps the run
-    (checkpoints.saved), and the same call again continues it."""
-    runtime = make_runtime(devices, precision)
-    train_iter, test_iter = data.load_data(batch_size, data_dir, held_out=checkpoints.held_out(out))
-    models.check_outputs(net, data.class_names(train_iter.dataset))
-    with checkpoints.writing_to(out):  # the output folder, where there is one
-        about = checkpoints.described(dict(learning_rate=learning_rate, batch_size=batch_size, param_group=param_group,
-                                           data_dir=data_dir and os.path.abspath(data_dir), precision=precision),
-                                      getattr(net, "arch", None), train_iter.dataset, runtime,
-                                      held_out=getattr(test_iter.dataset, "held_out", None))
-        resume = checkpoints.continued(out, about)  # None: a fresh run
-        epochs = fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs, param_group, runtime, resume)
-        history = resume["history"] if resume else []
-        return train_and_show(checkpoints.saved(epochs, out, about, history, test_iter.dataset), runtime, history)
-
-
-def fine_tuning_epochs(net, learning_rate, train_iter, test_iter, num_epochs=5, param_group=True,
-                       runtime=None, resume=None, class_weights=None):
-    """The recipe one epoch at a time: yields an `Epoch` after each. class_weights (on the
-    device; None, the book's: all 1) weigh each image's loss by its class."""
+                      data_dir=None, devices=None, precision="amp"):
+    """§14.2.2.3, called as the book calls it: trains on data_dir (default: the hot-dog set,
+    downloaded on first use) on all GPUs (else MPS, else the CPU), and returns the history, one
+    dict of metrics per epoch. To keep the run in a folder and continue it, see runs.py."""
+    runtime = make_runtime(devices, precision)  # checked before the data is read
+    train_iter, test_iter = data.load_data(batch_size, data_dir)
+    models.check_outputs(net, train_iter.dataset.classes)
     # The book sums the loss over the batch, and its learning rates (5e-5, 5e-4) assume that
     # sum: with the mean they would be 128x too small.
-    loss = nn.CrossEntropyLoss(weight=class_weights, reduction="none")
-    optimizer = fine_tuning_optimizer(net, learning_rate, param_group)
-    yield from ch13_epochs(net, train_iter, test_iter, loss, optimizer, num_epochs,
-                           runtime or make_runtime(), resume)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    optimizer = fine_tuning_optimizer(net, learning_rate, param_group)  # the book's `trainer`
+    return train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime)
 
 
 def fine_tuning_optimizer(net, learning_rate, param_group=True):
@@ -72,37 +52,39 @@ def fine_tuning_optimizer(net, learning_rate, param_group=True):
 
 def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=None, *, precision="amp"):
     """§14.1, called as the book calls it (the name is from the book's first edition, where
-    computer vision was chapter 13): returns the history, one dict of metrics per epoch."""
+    computer vision was chapter 13): trains, shows each epoch and the book's summary, and returns
+    the history, one dict of metrics per epoch."""
     runtime = make_runtime(devices, precision)
-    return train_and_show(ch13_epochs(net, train_iter, test_iter, loss, trainer, num_epochs, runtime), runtime)
+    history, animator = [], images.animator()
+    for epoch in ch13_epochs(net, train_iter, test_iter, loss, trainer, range(num_epochs), runtime):
+        history.append(epoch.metrics)
+        show_epoch(history, animator)
+    show_summary(history, runtime)
+    return history
 
 
 @dataclass
 class Epoch:
-    """What training yields after each epoch."""
+    """What the loop yields after each epoch."""
     metrics: dict          # epoch, loss, train_acc, examples, first_batch_sec, test_acc, examples_per_sec
     probs: torch.Tensor    # the test set's class probabilities, in dataset order
     labels: torch.Tensor
-    state: dict            # what a checkpoint needs to continue: model, optimizer, scaler; the
-                           # tensors are the net's own, so save them before the next epoch
 
 
-def ch13_epochs(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime, resume=None):
-    """§14.1's loop: each epoch, one pass over the training data, then the accuracy on the test
-    data; yields an `Epoch` after each."""
+def ch13_epochs(net, train_iter, test_iter, loss, optimizer, epochs, runtime):
+    """§14.1's loop over epochs (a range: runs.py starts a continued run later): each epoch, one
+    pass over the training data, then the accuracy on the test data; yields an `Epoch` after
+    each, for the caller to show and keep."""
     net = runtime.place(net)  # in place: the optimizer's parameters are still the net's
-    first_epoch = checkpoints.restore(resume, net, optimizer, runtime.scaler)  # 0 for a fresh run
-    model = parallel(net, runtime.devices)  # `net` itself on one device
-    for epoch in range(first_epoch, num_epochs):
+    model = parallel(net, runtime.devices)  # the book's nn.DataParallel; `net` itself on one device
+    for epoch in epochs:
         reshuffle(train_iter, epoch)
         start = time.perf_counter()
         train_metrics = train_epoch(model, train_iter, loss, optimizer, runtime)
         seconds = time.perf_counter() - start  # data loading included, unlike the book's timer
         probs, labels = evaluate(net, test_iter, runtime)
-        metrics = dict(epoch=epoch + 1, **train_metrics, test_acc=accuracy(probs, labels),
-                       examples_per_sec=train_metrics["examples"] / seconds)
-        yield Epoch(metrics, probs, labels, dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
-                                                 scaler=runtime.scaler.state_dict()))
+        yield Epoch(dict(epoch=epoch + 1, **train_metrics, test_acc=accuracy(probs, labels),
+                         examples_per_sec=train_metrics["examples"] / seconds), probs, labels)
 
 
 def train_epoch(net, train_iter, loss, optimizer, runtime):
@@ -130,8 +112,8 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
 
 @torch.no_grad()
 def evaluate(net, test_iter, runtime):
-    """The book's `evaluate_accuracy_gpu` (§7.6), keeping what it counts: the class probabilities and the
-    label of every test example, in dataset order."""
+    """The book's `evaluate_accuracy_gpu` (§7.6), keeping what it counts: the class probabilities
+    and the label of every test example, in dataset order."""
     same_buffers(net)
     net.eval()
     probs, labels = [], []
@@ -144,6 +126,21 @@ def evaluate(net, test_iter, runtime):
 
 def accuracy(probs, labels):
     return (probs.argmax(1) == labels).float().mean().item()
+
+
+def figures(probs, labels, classes):
+    """An evaluation's figures: the confusion matrix (rows: the true class), each class's
+    precision, recall, F1 and count, and the balanced accuracy (the mean recall)."""
+    confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    confusion.index_put_((labels, probs.argmax(1)), torch.ones_like(labels), accumulate=True)
+    right, count, predicted = confusion.diag().double(), confusion.sum(1).double(), confusion.sum(0).double()
+    precision, recall = (torch.nan_to_num(right / n) for n in (predicted, count))  # 0 where none
+    f1 = torch.nan_to_num(2 * precision * recall / (precision + recall))
+    per_class = {name: dict(precision=p, recall=r, f1=f, count=int(n))
+                 for name, p, r, f, n in zip(classes, precision.tolist(), recall.tolist(), f1.tolist(), count.tolist())}
+    return dict(confusion=confusion.tolist(), per_class=per_class,
+                balanced_accuracy=recall[count > 0].mean().item() if (count > 0).any() else 0.0)
+
 
 # ================================================================ where and how it runs
 def try_device(name=None):
@@ -212,6 +209,8 @@ def make_runtime(devices=None, precision="amp"):
     on the CPU; the usual advice for GPUs with tensor cores), and autocast to the type the
     device computes fastest without losing accuracy (see amp_dtype). With "fp32", and on MPS:
     the book's arithmetic."""
+    if isinstance(devices, Runtime):  # made already (train_fine_tuning checks it before the data)
+        return devices
     if precision not in ("amp", "fp32"):
         raise UserError(f"precision={precision} is not one this program computes in; give \"amp\" or \"fp32\"")
     names = [devices] if isinstance(devices, (str, torch.device)) else devices
@@ -242,31 +241,30 @@ def amp_dtype(device):
     return torch.bfloat16 if cpu.get("amx_bf16") or cpu.get("avx512_bf16") else None
 
 
-# ================================================================ what a run shows
-def train_and_show(epochs, runtime, history=()):
-    """Train, showing it as the book's train_ch13 does: a line per epoch, the curves redrawn in
-    place in a notebook (the book's Animator), and the book's summary. Returns the history: the
-    one given (a continued run's) and the new epochs'."""
-    history, animate = list(history), plots.animator()
-    for epoch in epochs:
-        history.append(epoch.metrics)
-        say(epoch_line(epoch.metrics))
-        animate(history)
+# ================================================================ what training shows
+def show_epoch(history, animator):
+    """The book's train_ch13 shows each epoch: a line, and the curves redrawn in place in a
+    notebook (its Animator; images.animator)."""
+    say(epoch_line(history[-1]))
+    animator(history)
+
+
+def show_summary(history, runtime):
+    """The book's two closing lines."""
     if history:
-        say(summary_line(history[-1]))
-        say(f"{checkpoints.last_figures(history)['examples_per_sec']:.1f} examples/sec on {runtime}")
-    return history
+        m = history[-1]
+        say(f"loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, test acc {m['test_acc']:.3f}")
+        say(f"{mean_speed(history):.1f} examples/sec on {runtime}")
+
+
+def mean_speed(history):
+    return sum(m["examples_per_sec"] for m in history) / len(history)
 
 
 def epoch_line(m):
     return (f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
             f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"
             + (f" (start-up: first batch after {m['first_batch_sec']:.1f} s)" if m["epoch"] == 1 else ""))
-
-
-def summary_line(m):
-    """The book's closing line."""
-    return f"loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, test acc {m['test_acc']:.3f}"
 
 
 class Progress:
@@ -297,7 +295,7 @@ def live_text():
     """show(text), which redraws one line in place: with \\r on a terminal, where show("") clears
     it; as an output updated in place in a notebook, where the last line stays. Elsewhere (a log
     file) nothing: the epoch lines say enough."""
-    notebook = plots.notebook()
+    notebook = images.notebook()
     if notebook:
         handle = notebook.display(notebook.Pretty(""), display_id=True)
 
