@@ -197,6 +197,11 @@ def book_folders(data_dir):
     return folders
 
 
+def final_split(sets):
+    """The final test's folder ("test/"), where the sets hold one beside val/ (book_folders)."""
+    return os.path.basename(os.path.normpath(sets[2].root)) + "/" if len(sets) > 2 else None
+
+
 def split_folder(data_dir, names):
     """The first of names that is a folder in data_dir: the evaluation split is test/, or where
     a data set has none, its val/ (valid/, validation/)."""

@@ -70,6 +70,15 @@ def scratch_net(num_classes=2, arch="resnet18"):
     return net
 
 
+def net_for(mode, num_classes=2, arch="resnet18", weights_file=None, hotdog_class=None, freeze=False):
+    """The book's net for a mode: "scratch", or "pretrained", fine-tuned from the ImageNet
+    weights (frozen but for the output layer, with freeze)."""
+    if mode == "scratch":
+        return scratch_net(num_classes, arch)
+    net = finetune_net(num_classes, weights_file, hotdog_class, arch)
+    return freeze_features(net) if freeze else net
+
+
 # ---------------------------------------------------------------- other architectures
 @functools.cache
 def check_arch(arch):

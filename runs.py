@@ -1,10 +1,10 @@
-"""A run: everything the book's recipe leaves out of a training, in one owner. The options (each
-defined once, and checked once for the command line and for Python alike); the runs asked for
-(one, both modes for "compare", one per learning rate); a run's folder and its lock; and its life,
-which drives the book's own loop (train.ch13_epochs) from outside, as torchvision's references
-drive train_one_epoch: the checkpoint restored before the loop; after each epoch, model.pt (and
-best.pt) saved and patience checked; after the last, metrics.json, the pictures and the final
-test. Also what continuing may change (`resume`), two phases, and class weights.
+"""A run: all the book's recipe leaves out of a training, in one owner. The options (each defined
+once, checked once for the command line and Python alike); the runs asked for (one, both modes
+for "compare", one per learning rate); and a run's life in its folder, which drives the book's own
+loop (train.ch13_epochs) from outside, as torchvision's main() drives train_one_epoch: the
+checkpoint restored before the loop; after each epoch, model.pt (and best.pt) saved and patience
+checked; after the last, metrics.json, the pictures and the final test. Also what continuing may
+change (`resume`), two phases, and class weights.
 
     import runs
     trained = runs.train_runs("pretrained", data_dir="photos", epochs=3, out="runs/photos")
@@ -95,16 +95,14 @@ class Run:
 
 @dataclass
 class Trained:
-    """What train_runs and resume return: the folder they wrote, and one result per run (as its
-    metrics.json: the last epoch's figures, the history, the confusion matrix, ...)."""
+    """What train_runs and resume return: the folder they wrote, and each run's metrics.json."""
     out: str
     results: list
 
 
 def train_runs(mode="pretrained", out=None, **options):
     """Train the runs mode asks for ("pretrained", "scratch" or "compare") with the options given
-    (see OPTIONS), into out (default runs/<mode>-<time>). A run whose folder holds a checkpoint
-    continues it: after Ctrl-C, and when torchrun restarts a job's processes."""
+    (OPTIONS) into out (default runs/<mode>-<time>), continuing a checkpoint found there."""
     return trained(settled(mode, options), out)
 
 
@@ -141,8 +139,8 @@ def resume(path, **given):
 
 
 def settled(mode, given, typed=None):
-    """The options of a run, checked: the defaults, the ones given (recorded as `typed`, so that
-    a continued run can tell them apart), paths made absolute, and the machine's defaults."""
+    """The options of a run: the defaults, the ones given, checked (recorded as `typed` for
+    resume), paths made absolute, and the machine's defaults."""
     unknown = sorted(set(given) - set(OPTIONS))
     if unknown or mode not in (*RECIPES, "compare"):
         raise UserError(f"train_runs takes a mode of {[*RECIPES, 'compare']} and the options {list(OPTIONS)}, "
@@ -165,20 +163,18 @@ def settled(mode, given, typed=None):
 
 
 def lrs(lr):
-    """lr as a list of learning rates, each of which gives a run (lr=5e-5 gives one)."""
-    return [lr] if isinstance(lr, (int, float)) else lr
+    return [lr] if isinstance(lr, (int, float)) else lr  # a list of learning rates, one run each
 
 
 def default_out(mode):
-    """runs/<mode>-<time>. Under torchrun the time is when torchrun started, the same for every
-    restart of the job's processes: they find their checkpoint there."""
+    """runs/<mode>-<time>; under torchrun, the time it started: every restart finds its checkpoint."""
     started = torchrun_start() or time.time()
     return os.path.join("runs", f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}")
 
 
 def plan_runs(mode, options, out):
-    """Every training asked for: one, both modes ("compare"), one per lr. A single run writes
-    into out, several each into a folder of their own inside it."""
+    """Every training asked for (both modes for "compare", one per lr), each in out or, where
+    several, in a folder of its own inside it."""
     modes = ["pretrained", "scratch"] if mode == "compare" else [mode]
     rates = {m: options["lr"] or [DATASETS[options["dataset"]].get("lr", RECIPES[m]["lr"])] for m in modes}
     named = [(m if len(rates[m]) == 1 else f"{m}-lr{lr:g}", m, lr) for m in modes for lr in rates[m]]
@@ -187,8 +183,7 @@ def plan_runs(mode, options, out):
 
 # ---------------------------------------------------------------- a run's life
 def trained(options, out, read=None):
-    """Train every planned run into out, each continuing its checkpoint where it has one (read:
-    those resume read already), and draw their curves side by side. Returns what they wrote."""
+    """Train every planned run into out, each continuing its checkpoint (read: those resume read)."""
     limit_megapixels(options["max_megapixels"])
     device = join_processes(train.try_device(options["device"]))
     out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
@@ -210,8 +205,7 @@ def trained(options, out, read=None):
 
 
 def load_sets(options, held_out=None):
-    """The data the options name, augmented at the sizes the arch was trained at (resnet18: the
-    book's augmentations). held_out: the images a continued run held out (a split of class folders)."""
+    """The data the options name, augmented at the arch's sizes; held_out: what a run held out."""
     budget = None if options["cache_gb"] is None else int(options["cache_gb"] * 2**30)
     sets = data.datasets(options["data_dir"], "dummy" if options["dummy"] else options["dataset"],
                          options["data_root"], cache_budget=budget, workers=options["workers"] or 1,
@@ -220,8 +214,8 @@ def load_sets(options, held_out=None):
 
 
 def train_one(run, options, sets, device, ckpt):
-    """Train one net into its folder, continuing ckpt; then, where the data has a final test
-    set, that test. Returns the run's result. Ctrl-C says what continues it."""
+    """Train one net into its folder, continuing ckpt, then test it on a final test set where
+    the data has one. Returns the run's result."""
     runtime = train.make_runtime(device, options["precision"])
     about = described(run, options, sets, runtime)
     if ckpt:
@@ -250,10 +244,13 @@ def train_one(run, options, sets, device, ckpt):
 
 
 def train_net(run, options, sets, runtime, about, ckpt):
-    """Build the run's net and drive the book's loop over it: the checkpoint restored before;
-    after each epoch, the epoch shown, model.pt saved and patience checked; after the last,
-    metrics.json and the pictures. Returns the run's result."""
-    net = runtime.place(build_net(run.mode, about["classes"], options))
+    """Build the run's net and drive the book's loop over it: the checkpoint restored before; after
+    each epoch, the epoch shown, model.pt saved, patience checked; after the last, the results."""
+    hotdog = models.hotdog_class(about["classes"]) if options["init_head_from_imagenet"] else None
+    random.seed(options["seed"])
+    torch.manual_seed(options["seed"])  # the same initial head on every process
+    net = runtime.place(local_first(models.net_for, run.mode, len(about["classes"]), options["arch"],
+                                    options["weights"], hotdog, options["freeze"]))
     torch.manual_seed(options["seed"] + rank())  # then each process draws its own augmentations
     train_iter, test_iter = data.make_loaders(*sets[:2], options["batch_size"], options["workers"], options["seed"])
     weights = loss_weights(options["class_weights"], sets[0], runtime.device)
@@ -294,22 +291,20 @@ def two_phases(book_epochs, net, first, frozen, num_epochs):
 
 
 def frozen_epochs(run, options):
-    """The epochs of the first phase: only a pretrained net has features worth keeping fixed."""
+    """Only a pretrained net has features worth keeping fixed in a first phase."""
     return options["freeze_epochs"] if run.mode == "pretrained" else 0
 
 
 def stalled(history, patience, frozen=0):
     """Whether patience epochs or more have passed since the best epoch, counted from the end of
-    the first `frozen` epochs at the earliest (every layer learns only then: two_phases). With
-    patience None, never: early stopping is off."""
+    the first `frozen` epochs at the earliest (every layer learns only then). Never for None."""
     if not (patience and history):
         return False
     return history[-1]["epoch"] - max(best_epoch(history)["epoch"], frozen) >= patience
 
 
 def best_epoch(history):
-    """The epoch with the highest accuracy on the evaluation set (the earliest, where several
-    tie): the one best.pt keeps."""
+    """The epoch best.pt keeps: the highest accuracy on the evaluation set, the earliest of ties."""
     return max(history, key=lambda m: m["test_acc"])
 
 
@@ -323,11 +318,6 @@ def loss_weights(kind, train_set, device):
     return (counts.sum() / (len(counts) * counts)).float().to(device)
 
 
-def final_test_name(sets):
-    """The final test's folder, where the data set holds one beside val/ (data.book_folders)."""
-    return os.path.basename(os.path.normpath(sets[2].root)) + "/" if len(sets) > 2 else None
-
-
 def final_test(run, sets, options, runtime):
     """The final test set evaluated once, with the weights best.pt keeps (model.pt's, for a run
     begun before best.pt was kept): which epoch's, the accuracy, and the figures."""
@@ -337,19 +327,8 @@ def final_test(run, sets, options, runtime):
     net = runtime.place(models.saved_net(best))
     loader = data.make_loaders(sets[2], sets[2], options["batch_size"], options["workers"])[1]  # the test loader
     probs, labels = train.evaluate(net, loader, runtime)
-    return dict(split=final_test_name(sets), epoch=best["history"][-1]["epoch"], acc=train.accuracy(probs, labels),
+    return dict(split=data.final_split(sets), epoch=best["history"][-1]["epoch"], acc=train.accuracy(probs, labels),
                 **train.figures(probs, labels, best["classes"]))
-
-
-def build_net(mode, classes, options):
-    """The book's net for the mode: from scratch, or fine-tuned from the ImageNet weights."""
-    random.seed(options["seed"])
-    torch.manual_seed(options["seed"])  # the same initial head on every process
-    if mode == "scratch":
-        return models.scratch_net(len(classes), options["arch"])
-    hotdog = models.hotdog_class(classes) if options["init_head_from_imagenet"] else None
-    net = local_first(models.finetune_net, len(classes), options["weights"], hotdog, options["arch"])
-    return models.freeze_features(net) if options["freeze"] else net
 
 
 def header(run, options, sets, runtime, weights=None):
@@ -357,7 +336,7 @@ def header(run, options, sets, runtime, weights=None):
     beyond the book's recipe, the runtime."""
     size = models.preprocessing(options["arch"])
     split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
-    final = f", and once, at the end, {len(sets[2])} in {final_test_name(sets)}" if len(sets) > 2 else ""
+    final = f", and once, at the end, {len(sets[2])} in {data.final_split(sets)}" if len(sets) > 2 else ""
     frozen = frozen_epochs(run, options)
     phase = f", the output layer alone for the first {frozen} epoch(s)" if frozen else ""
     weighed = "" if weights is None else f", class weights balanced ({', '.join(f'{w:.2f}' for w in weights.tolist())})"
@@ -372,8 +351,7 @@ def header(run, options, sets, runtime, weights=None):
 # ---------------------------------------------------------------- a run's files
 def checkpoint_of(run, options, read):
     """The checkpoint run continues (the file resume named, where it is this run's, else its
-    model.pt), or None for a fresh run. resume read it already; else process 0 reads it and sends
-    it to the others, so that all continue from the same epoch (torchrun restarts them all)."""
+    model.pt; None for a fresh run): read by resume, or by process 0 and sent to the others."""
     named = options["resume"]
     path = named if named and os.path.dirname(named) == run.out else os.path.join(run.out, "model.pt")
     if path in read:
@@ -382,15 +360,14 @@ def checkpoint_of(run, options, read):
 
 
 def described(run, options, sets, runtime):
-    """What a run's checkpoint and metrics.json say of it: its name, mode and lr, its options,
-    its architecture and classes, the test transforms' settings (for prediction), how it
-    computes, the images a split held out, and the final test's folder."""
+    """What a run's checkpoint and metrics.json say of it, beside its figures: what prediction
+    needs (arch, classes, transform), how it computes, and what continuing compares."""
     return dict(name=run.name, mode=run.mode, lr=run.lr, args=options, arch=options["arch"],
                 classes=data.class_names(sets[0]),
                 transform=dict(**models.preprocessing(options["arch"]), mean=data.MEAN, std=data.STD),
                 device=str(runtime.device), precision=str(runtime.dtype or torch.float32),
                 memory_format=str(runtime.memory_format), held_out=getattr(sets[1], "held_out", None),
-                final_split=final_test_name(sets))
+                final_split=data.final_split(sets))
 
 
 def refuse_changes(before, now, path):
@@ -409,10 +386,8 @@ def refuse_changes(before, now, path):
 
 
 def restore(ckpt, net, optimizer, scaler):
-    """A checkpoint's state back in place: the weights, the optimizer's, the gradient scaler's
-    and the random-number states. Returns its history; [] for a fresh run (ckpt None). The
-    random-number states come back where the processes are as many as they were (otherwise each
-    keeps its fresh seed)."""
+    """A checkpoint's state back in place (weights, optimizer, gradient scaler, and the random
+    numbers where the processes are as many as they were); returns its history, [] for None."""
     if not ckpt:
         return []
     try:
@@ -431,11 +406,10 @@ def restore(ckpt, net, optimizer, scaler):
 
 
 def save(folder, history, about, state):
-    """model.pt after every epoch: the state (weights, optimizer, scaler), the history, every
-    process's random-number state (each draws its own augmentations; not the GPUs', which nothing
-    draws from) and the run's description. best.pt, the same, after an epoch that is the best so
-    far, and held_out.txt where a split held images out. Process 0 writes, through a temporary
-    name; the file is made in memory first, so any failure to write is the file's OSError."""
+    """model.pt after every epoch: the state, the history, every process's random-number state
+    (not the GPUs': nothing draws from them) and the run's description; best.pt too after the
+    best epoch so far; held_out.txt where a split held images out. Process 0 writes, through a
+    temporary name, from memory: any failure to write is the file's."""
     rng = gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
     if rank() == 0:
         buffer = io.BytesIO()
@@ -448,9 +422,7 @@ def save(folder, history, about, state):
 
 
 def results(history, epoch, about):
-    """What metrics.json holds: the run's description, the last epoch's figures, the mean
-    examples/sec, the history, the last evaluation's figures, the epoch best.pt keeps, and the
-    versions."""
+    """metrics.json: the run's description, history and last figures, the epoch best.pt keeps."""
     return dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")}, **last_figures(history),
                 world_size=world_size(), history=history, **train.figures(epoch.probs, epoch.labels, about["classes"]),
                 kept=kept(history, about), versions=dict(python=platform.python_version(), torch=torch.__version__,
@@ -458,7 +430,7 @@ def results(history, epoch, about):
 
 
 def last_figures(history):
-    """The last epoch's loss and accuracies, and the mean examples/sec over every epoch."""
+    """The last epoch's loss and accuracies, and the mean examples/sec."""
     return dict(**{k: history[-1][k] for k in ("loss", "train_acc", "test_acc")},
                 examples_per_sec=train.mean_speed(history))
 
@@ -467,17 +439,13 @@ def kept(history, about):
     """The epoch best.pt keeps, its accuracy, and whether that figure is optimistic: chosen on the
     test set itself, where the data has no val/ beside its test/."""
     best, optimistic = best_epoch(history), not about.get("final_split")
-    return dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=optimistic,
-                note=OPTIMISTIC if optimistic else None)
-
-
-OPTIMISTIC = ("the epoch was chosen on the test set itself, so its accuracy is optimistic; in a data folder, "
-              "val/ beside train/ and test/ keeps test/ apart for one honest figure")
+    return dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=optimistic, note=optimistic and (
+        "the epoch was chosen on the test set itself, so its accuracy is optimistic; in a data folder, "
+        "val/ beside train/ and test/ keeps test/ apart for one honest figure") or None)
 
 
 def write_results(folder, result, epoch, test_set):
-    """metrics.json, curves.png and mistakes.png: up to 16 test images the net gets wrong, with
-    their true and predicted class."""
+    """metrics.json, curves.png and mistakes.png (the test images the net gets wrong)."""
     write_metrics(folder, result)
     images.curves({result["name"]: result["history"]}, os.path.join(folder, "curves.png"))
     images.mistakes(test_set, epoch.probs, epoch.labels, result["classes"], os.path.join(folder, "mistakes.png"))
@@ -488,8 +456,7 @@ def write_metrics(folder, result):
 
 
 def finished(folder, ckpt):
-    """A finished run's result: its metrics.json, or, where the run ended before writing it, the
-    figures its checkpoint holds."""
+    """A finished run's result: its metrics.json, else the figures its checkpoint holds."""
     metrics = os.path.join(folder, "metrics.json")
     if os.path.exists(metrics):
         with open(metrics) as f:
@@ -501,8 +468,7 @@ def finished(folder, ckpt):
 
 
 def resumable(run, out):
-    """What continues a run stopped now: its model.pt; else, where another run of out has
-    finished an epoch, out; else None."""
+    """What continues a run stopped now: its model.pt, else out where another run there has one."""
     mine = os.path.join(run.out, "model.pt")
     if os.path.exists(mine):
         return mine
