@@ -194,6 +194,24 @@ def test_sum_not_mean_loss_gradients():
     assert torch.allclose(steps[1], 2 * steps[0], atol=1e-6)
 
 
+def test_each_step_starts_from_zero_gradients():
+    """train_epoch zeroes the gradients before each step: two steps move the weights as two
+    separate SGD steps do, not as a gradient accumulated over both would."""
+    torch.manual_seed(0)
+    X, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    nets = [models.scratch_net(2).eval() for _ in range(2)]  # eval: BatchNorm does not depend on the batch
+    nets[1].load_state_dict(nets[0].state_dict())
+    nets[0].train = lambda mode=True: nets[0]  # keep it so inside train_epoch
+    train_epoch(nets[0], [(X, y), (X, y)], loss, torch.optim.SGD(nets[0].parameters(), lr=1e-2), CPU)
+    optimizer = torch.optim.SGD(nets[1].parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss(nets[1](X), y).sum().backward()
+        optimizer.step()
+    assert torch.allclose(nets[0].fc.weight, nets[1].fc.weight, atol=1e-6)
+
+
 def test_freeze_trains_only_the_head(folder):
     net = models.finetune_net(2)
     models.freeze_features(net)  # as a statement: in place
