@@ -208,9 +208,6 @@ def load_checkpoint(path):
     ckpt = load_file(path, "a checkpoint of this program", fix)
     if not isinstance(ckpt, dict) or "history" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this program; {fix}")
-    if "mode" not in ckpt["args"]:
-        raise UserError(f"{path} was written by an older train.train_fine_tuning(..., out=), which this program "
-                        "no longer continues; train a run with runs.train_runs, or predict with the file as it is")
     return dict(ckpt, path=path)
 
 

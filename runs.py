@@ -1,10 +1,7 @@
-"""A run: all the book's recipe leaves out of a training, in one owner. The options (each defined
-once, checked once for the command line and Python alike); the runs asked for (one, both modes
-for "compare", one per learning rate); and a run's life in its folder, which drives the book's own
-loop (train.ch13_epochs) from outside, as torchvision's main() drives train_one_epoch: the
-checkpoint restored before the loop; after each epoch, model.pt (and best.pt) saved and patience
-checked; after the last, metrics.json, the pictures and the final test. Also what continuing may
-change (`resume`), two phases, and class weights.
+"""A run: all the book's recipe leaves out of a training, in one owner. The options, defined and
+checked once; the runs asked for; and a run's life in its folder, driving the book's loop
+(train.ch13_epochs) from outside as torchvision's main() drives train_one_epoch: restore before
+it, save after each epoch. Also continuing (`resume`), patience, two phases and class weights.
 
     import runs
     trained = runs.train_runs("pretrained", data_dir="photos", epochs=3, out="runs/photos")
@@ -40,10 +37,9 @@ DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_t
 AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: v >= 0)
 ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: v > 0), ("between 0 and 1", lambda v: 0 < v < 1)
 
-# Every option of a run, by its Python name (the command line's, with - for _): its default, its
-# type, and the values it takes (a list of them, or a rule). `checked` holds a Python caller's
-# keywords to them, and finetune.py's parser each flag, once converted: the same rules both ways,
-# before any data is read. A default of None is worked out later (settled).
+# Every option of a run, by its Python name (the command line's, with - for _): its default (None:
+# worked out in settled), type, and the values it takes (a list, or a rule). `checked` holds Python
+# keywords and, once converted, finetune.py's flags to them: one rule, before any data is read.
 OPTIONS = dict(
     dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None), data_root=("data", str, None),
     dummy=(False, bool, None), cache_gb=(None, float, ZERO_OR_MORE), val_split=(0.2, float, BETWEEN_0_AND_1),
@@ -59,8 +55,7 @@ OPTIONS = dict(
 DEFAULTS = {name: default for name, (default, _, _) in OPTIONS.items()}
 PATHS = {"data_dir", "data_root", "weights"}  # made absolute, and compared so
 PRETRAINED_ONLY = ("weights", "freeze", "init_head_from_imagenet", "freeze_epochs")
-# What may differ when a run continues; every other option must be the one the run began with.
-MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "out", "resume", "typed"}
+MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "out", "resume", "typed"}  # on resume
 
 
 def checked(name, value):
@@ -78,10 +73,9 @@ def checked(name, value):
 
 def takes(kind, allowed):
     """What an option takes, in words."""
-    if isinstance(allowed, list):
-        return "one of " + ", ".join(map(repr, allowed))
     words = {int: "a whole number", float: "a number", str: "a text", bool: "True or False"}[kind]
-    return f"{words}, {allowed[0]}" if allowed else words
+    return ("one of " + ", ".join(map(repr, allowed)) if isinstance(allowed, list)
+            else f"{words}, {allowed[0]}" if allowed else words)
 
 
 @dataclass
@@ -118,7 +112,7 @@ def resume(path, **given):
         raise UserError(f"{path} is the epoch a run kept, for prediction; continue the run from its model.pt or folder")
     alone = not os.path.isdir(path)
     path = os.path.abspath(models.checkpoint_in(path))
-    ckpt = models.load_checkpoint(path)  # the only time this process reads it
+    ckpt = run_checkpoint(path)  # the only time this process reads it
     began = ckpt["args"]
     models.same_arch(given.pop("arch", None), ckpt, path)
     folder = os.path.dirname(path)  # where the run is now, wherever it began
@@ -166,10 +160,9 @@ def lrs(lr):
     return [lr] if isinstance(lr, (int, float)) else lr  # a list of learning rates, one run each
 
 
-def default_out(mode):
-    """runs/<mode>-<time>; under torchrun, the time it started: every restart finds its checkpoint."""
-    started = torchrun_start() or time.time()
-    return os.path.join("runs", f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}")
+def default_out(mode):  # under torchrun, the time it started: every restart finds its checkpoint
+    started = time.localtime(torchrun_start() or time.time())
+    return os.path.join("runs", f"{mode}-{time.strftime('%Y%m%d-%H%M%S', started)}")
 
 
 def plan_runs(mode, options, out):
@@ -356,7 +349,16 @@ def checkpoint_of(run, options, read):
     path = named if named and os.path.dirname(named) == run.out else os.path.join(run.out, "model.pt")
     if path in read:
         return read[path]
-    return from_process_0(models.load_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
+    return from_process_0(run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
+
+
+def run_checkpoint(path):
+    """A checkpoint that a run continues (models.load_checkpoint reads it): one a run wrote."""
+    ckpt = models.load_checkpoint(path)
+    if "mode" not in ckpt["args"]:
+        raise UserError(f"{path} was written by an older train.train_fine_tuning(..., out=), which no run "
+                        "continues; train a run with runs.train_runs, or predict with the file as it is")
+    return ckpt
 
 
 def described(run, options, sets, runtime):

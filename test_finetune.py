@@ -1849,9 +1849,13 @@ def test_runs_of_either_kind_continue_only_as_they_began_and_flags_stay_apart_fr
                                                                                           monkeypatch):
     old = tmp_path / "python"  # what train_fine_tuning(..., out=) once kept: no mode among its options
     os.makedirs(old)
-    torch.save({"model": {}, "history": [{"epoch": 1}], "args": {"learning_rate": 5e-4}}, old / "model.pt")
+    torch.save({"model": models.scratch_net().state_dict(), "history": [{"epoch": 1}], "args": {"learning_rate": 5e-4},
+                "arch": None, "classes": ["hotdog", "not-hotdog"],
+                "transform": dict(resize=256, crop=224, interpolation="bilinear", mean=data.MEAN, std=data.STD)},
+               old / "model.pt")
     status, _, err = run_cli(capsys, "--resume", old, "--epochs", 2)
     assert status == 2 and "older train.train_fine_tuning" in err and len(err.strip().splitlines()) == 1
+    assert len(predict.predict(old, [os.path.join(folder, "test")], workers=0)) == 4  # it still predicts
     for argv in (["--scratch", "--model", "x.pt"], ["--resume", "run", "--model", "x.pt"]):
         with pytest.raises(SystemExit):
             finetune.main(argv)
