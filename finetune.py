@@ -26,6 +26,38 @@ from utils import UserError, job_size, rank, say, under_torchrun
 MODES = {"pretrained": "fine-tune the ImageNet resnet18", "scratch": "train resnet18 from random weights",
          "compare": "both, with a table against the book", "show-samples": "write samples.png and exit"}
 
+DEFAULTS = runs.DEFAULTS
+# Each option's help, in the order --help lists them (runs.OPTIONS defines its default, type and values).
+HELP = dict(
+    dataset=f"hotdog or cifar10 (default: {DEFAULTS['dataset']})",
+    data_dir="a folder with train/ and test/ ImageFolders, or class folders alone",
+    data_root=f"where downloads go (default: ./{DEFAULTS['data_root']})",
+    dummy="random hot-dog-shaped data, for speed",
+    cache_gb="decode images once if they fit in GB (default: half the free memory)",
+    arch="an ImageNet classifier of torchvision's that ends in one Linear layer, e.g. resnet50, "
+         f"mobilenet_v3_small, convnext_tiny (default: {DEFAULTS['arch']}, the book's)",
+    weights="the arch's ImageNet state-dict, for offline use",
+    epochs="default: 5 (cifar10: 10)",
+    batch_size=f"global, over all processes (default: {DEFAULTS['batch_size']})",
+    lr="base lr; several give one run each (default: the recipe's, 5e-5 pretrained and 5e-4 scratch; "
+       "5e-4 for both with cifar10)",
+    no_param_group="fc at the base lr, not 10x",
+    freeze="train only the new output layer",
+    init_head_from_imagenet="start from ImageNet's hot-dog row",
+    patience="stop when the test acc has not improved for N epochs",
+    freeze_epochs="first train the output layer alone, N epochs",
+    class_weights="balanced: weigh the loss so that every class counts the same",
+    workers="loader processes (default: one per core, at most 16)",
+    max_megapixels=f"larger images are refused as possible decompression bombs (default: {DEFAULTS['max_megapixels']})",
+    val_split="a --data-dir of class folders alone: the share of each class held out for testing "
+              f"(default: {DEFAULTS['val_split']})",
+    seed=f"for the initial head, the shuffles and --val-split (default: {DEFAULTS['seed']})",
+    device="cpu, cuda, cuda:1, mps (default: the best there is)",
+    precision="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native bf16 "
+              "(fp16 on older GPUs); fp32: the book's arithmetic",
+)
+METAVARS = {"cache_gb": "GB", "weights": "FILE", "freeze_epochs": "N", "val_split": "FRACTION"}
+
 
 def parse_args(argv=None):
     """The mode, and the options typed on the command line (those left out are not in the
@@ -55,49 +87,21 @@ def parsed(name):
 def parser():
     """The command line's flags: the modes, and one for each option of runs.OPTIONS (and
     --no-cache, --model and --out), each converted and checked by the rule defined there (parsed)."""
-    d = runs.DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     mode = p.add_mutually_exclusive_group()
-    for flag, text in MODES.items():
-        mode.add_argument(f"--{flag}", dest="mode", action="store_const", const=flag, help=text)
+    for name, text in MODES.items():
+        mode.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=text)
     mode.add_argument("--predict", nargs="+", metavar="IMAGE", help="classify images with --model")
     mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH (model.pt, or its folder)")
     p.add_argument("--model", metavar="PATH", help="a model.pt written by training, for --predict")
-
-    def option(name, help, **kwargs):
+    for name, text in HELP.items():
         if runs.OPTIONS[name][1] is bool:
-            kwargs["action"] = "store_true"
+            p.add_argument(flag(name), action="store_true", help=text)
         else:
-            kwargs["type"] = parsed(name)
-        p.add_argument("--" + name.replace("_", "-"), help=help, **kwargs)
-    option("dataset", f"hotdog or cifar10 (default: {d['dataset']})")
-    option("data_dir", "a folder with train/ and test/ ImageFolders, or class folders alone")
-    option("data_root", f"where downloads go (default: ./{d['data_root']})")
-    option("dummy", "random hot-dog-shaped data, for speed")
-    option("cache_gb", "decode images once if they fit in GB (default: half the free memory)", metavar="GB")
+            p.add_argument(flag(name), type=parsed(name), metavar=METAVARS.get(name), help=text,
+                           nargs="+" if name == "lr" else None)  # several lrs: one run each
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
                    help="decode images every epoch, not once (--cache-gb 0)")
-    option("arch", "an ImageNet classifier of torchvision's that ends in one Linear layer, e.g. resnet50, "
-                   f"mobilenet_v3_small, convnext_tiny (default: {d['arch']}, the book's)")
-    option("weights", "the arch's ImageNet state-dict, for offline use", metavar="FILE")
-    option("epochs", "default: 5 (cifar10: 10)")
-    option("batch_size", f"global, over all processes (default: {d['batch_size']})")
-    option("lr", "base lr; several give one run each (default: the recipe's, 5e-5 pretrained and 5e-4 "
-                 "scratch; 5e-4 for both with cifar10)", nargs="+")
-    option("no_param_group", "fc at the base lr, not 10x")
-    option("freeze", "train only the new output layer")
-    option("init_head_from_imagenet", "start from ImageNet's hot-dog row")
-    option("patience", "stop when the test acc has not improved for N epochs")
-    option("freeze_epochs", "first train the output layer alone, N epochs", metavar="N")
-    option("class_weights", "balanced: weigh the loss so that every class counts the same")
-    option("workers", "loader processes (default: one per core, at most 16)")
-    option("max_megapixels", f"larger images are refused as possible decompression bombs (default: {d['max_megapixels']})")
-    option("val_split", "a --data-dir of class folders alone: the share of each class held out for testing "
-                        f"(default: {d['val_split']})", metavar="FRACTION")
-    option("seed", f"for the initial head, the shuffles and --val-split (default: {d['seed']})")
-    option("device", "cpu, cuda, cuda:1, mps (default: the best there is)")
-    option("precision", "amp (default): channels-last, and bf16 autocast where the CPU or GPU has native "
-                        "bf16 (fp16 on older GPUs); fp32: the book's arithmetic")
     p.add_argument("--out", help="output folder (default: runs/<mode>-<time>)")
     return p
 

@@ -1935,3 +1935,4 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
         typed = getattr(finetune.parse_args(["--scratch", "--" + name.replace("_", "-"), text]), name)
         assert typed == ([value] if name == "lr" else value) and runs.checked(name, value) == value
     assert runs.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
+    assert sorted(finetune.HELP) == sorted(runs.OPTIONS)  # every option has its flag
