@@ -83,11 +83,15 @@ def net_for(mode, num_classes=2, arch="resnet18", weights_file=None, hotdog_clas
 @functools.cache
 def check_arch(arch):
     """arch, where it is one of torchvision's ImageNet classifiers with an output layer to
-    replace (checked on the meta device: no weights made, no time spent)."""
+    replace (checked on the meta device where the arch can be built there: no weights made, no
+    time spent)."""
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise UserError(f"arch={arch} is not one of torchvision's ImageNet classifiers; "
                         "torchvision.models.list_models(module=torchvision.models) lists them")
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            with_fc(torchvision.models.get_model(arch))
+    except NotImplementedError:  # regnets work out their widths from tensors' values, which meta ones lack
         with_fc(torchvision.models.get_model(arch))
     return arch
 

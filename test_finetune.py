@@ -1936,3 +1936,11 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
         assert typed == ([value] if name == "lr" else value) and runs.checked(name, value) == value
     assert runs.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
     assert sorted(finetune.HELP) == sorted(runs.OPTIONS)  # every option has its flag
+
+
+def test_every_classifier_with_one_linear_head_is_taken_and_the_others_refused_in_one_line():
+    """check_arch builds each arch on the meta device; regnets, which cannot be built there, are
+    built for real rather than crash; an arch without one Linear output layer is one line."""
+    assert models.check_arch("regnet_x_400mf") == "regnet_x_400mf"
+    with pytest.raises(UserError, match="^SqueezeNet does not end in a Linear layer.*choose another arch="):
+        models.check_arch("squeezenet1_0")
