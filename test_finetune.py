@@ -539,7 +539,8 @@ def test_ctrl_c_saves_and_says_how_to_resume(folder, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "finetune.py"), "--scratch",
                              "--data-dir", folder, "--epochs", "50", "--batch-size", "8",
                              "--workers", "0", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even where the suite ignores it
     for line in proc.stdout:  # epoch 2's line comes after epoch 1's checkpoint, whatever the machine's speed
         if line.startswith("  epoch 2:"):
             break
