@@ -82,6 +82,31 @@ def run_cli(capsys, *argv):
     return status, out, err
 
 
+def trained_once(tmp_path_factory, name, *argv):
+    """A command line's run, trained once for every test that reads it: its folder, and what it printed."""
+    out = tmp_path_factory.mktemp(name)
+    with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.redirect_stderr(io.StringIO()) as err:
+        assert finetune.main([str(a) for a in (*argv, "--out", out)]) == 0, err.getvalue()
+    return out, printed.getvalue()
+
+
+SCRATCH = ["--scratch", "--epochs", 1, "--batch-size", 8, "--workers", 0]  # with --data-dir folder
+
+
+@pytest.fixture(scope="session")
+def scratch_run(folder, tmp_path_factory):
+    """`SCRATCH --data-dir folder`, trained once: (its folder, what it printed). Tests only read
+    it; one that resumes it, or runs it again, works on a copy (shutil.copytree)."""
+    return trained_once(tmp_path_factory, "scratch_run", *SCRATCH, "--data-dir", folder)
+
+
+@pytest.fixture(scope="session")
+def compare_run(folder, tmp_path_factory):
+    """`--compare` on folder, one epoch, batch 8, trained once: (its folder, what it printed)."""
+    return trained_once(tmp_path_factory, "compare_run", "--compare", "--data-dir", folder, "--epochs", 1,
+                        "--batch-size", 8, "--workers", 0)
+
+
 # ---------------------------------------------------------------- models
 def test_output_shapes_and_head_init():
     with warnings.catch_warnings():
@@ -434,31 +459,27 @@ def test_cli_as_a_user_runs_it(folder, tmp_path):
     assert "examples/sec on cpu" in result.stdout and (tmp_path / "model.pt").exists()
 
 
-def test_compare_and_several_lrs(folder, tmp_path, capsys):
-    status, out, _ = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 1,
-                             "--batch-size", 8, "--workers", 0, "--out", tmp_path)
-    assert status == 0
+def test_compare_and_several_lrs(folder, tmp_path, capsys, compare_run):
+    both, out = compare_run
     table = out.split("book")[-1]
     assert "pretrained" in table and "test acc 0.940" in table
     assert "scratch" in table and "test acc 0.850" in table
-    assert (tmp_path / "pretrained" / "model.pt").exists() and (tmp_path / "scratch" / "model.pt").exists()
+    assert (both / "pretrained" / "model.pt").exists() and (both / "scratch" / "model.pt").exists()
     status, out, _ = run_cli(capsys, "--scratch", "--lr", "1e-4", "1e-3", "--data-dir", folder,
                              "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path / "lrs")
     assert status == 0 and "scratch-lr0.0001" in out and "scratch-lr0.001" in out
     assert json.load(open(tmp_path / "lrs" / "scratch-lr0.001" / "metrics.json"))["lr"] == 1e-3
 
 
-def test_predict_matches_the_evaluation_loop(folder, tmp_path, capsys):
-    status, _, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1,
-                           "--batch-size", 8, "--workers", 0, "--out", tmp_path)
-    assert status == 0
-    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+def test_predict_matches_the_evaluation_loop(folder, tmp_path, capsys, scratch_run):
+    run, _ = scratch_run
+    ckpt = torch.load(run / "model.pt", weights_only=True)
     net = models.scratch_net(2)
     net.load_state_dict(ckpt["model"])
     _, test_set = data.image_folders(folder)
     probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
     paths = [p for p, _ in test_set.samples]
-    status, out, _ = run_cli(capsys, "--predict", *paths, "--model", tmp_path / "model.pt", "--precision", "fp32",
+    status, out, _ = run_cli(capsys, "--predict", *paths, "--model", run / "model.pt", "--precision", "fp32",
                              "--out", tmp_path / "predictions")
     assert status == 0
     for line, p in zip(out.splitlines(), probs):
@@ -495,9 +516,9 @@ def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
     assert "confusion (rows: true class" in out
 
 
-def test_a_finished_run_is_never_overwritten(folder, tmp_path, capsys):
-    argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
-    assert run_cli(capsys, *argv)[0] == 0
+def test_a_finished_run_is_never_overwritten(folder, tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path, dirs_exist_ok=True)  # SCRATCH, run once into tmp_path
+    argv = [*SCRATCH, "--data-dir", folder, "--out", tmp_path]
     before = (tmp_path / "model.pt").read_bytes()
     status, out, err = run_cli(capsys, *argv)  # the same command again: nothing left to do
     assert status == 0 and "scratch: finished its 1 epochs already" in out, err
@@ -507,10 +528,8 @@ def test_a_finished_run_is_never_overwritten(folder, tmp_path, capsys):
     assert (tmp_path / "model.pt").read_bytes() == before
 
 
-def test_resume_refuses_another_architecture(folder, tmp_path, capsys):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                   "--workers", 0, "--out", tmp_path)[0] == 0
-    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+def test_resume_refuses_another_architecture(folder, tmp_path, capsys, scratch_run):
+    ckpt = torch.load(scratch_run[0] / "model.pt", weights_only=True)
     ckpt["model"] = torchvision.models.resnet34(num_classes=2).state_dict()
     torch.save(ckpt, tmp_path / "other.pt")
     status, _, err = run_cli(capsys, "--resume", tmp_path / "other.pt", "--epochs", 2)
@@ -605,10 +624,8 @@ def test_bad_arguments_are_refused(capsys):
         assert "error:" in capsys.readouterr().err
 
 
-def test_resume_refuses_another_class_set(folder, tmp_path, capsys):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                   "--workers", 0, "--out", tmp_path)[0] == 0
-    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+def test_resume_refuses_another_class_set(folder, tmp_path, capsys, scratch_run):
+    ckpt = torch.load(scratch_run[0] / "model.pt", weights_only=True)
     ckpt["args"]["data_dir"] = write_folder(tmp_path / "three", 1, 1, classes={"a": (0, 0, 0), "b": (1, 1, 1), "c": (2, 2, 2)})
     torch.save(ckpt, tmp_path / "other.pt")
     status, _, err = run_cli(capsys, "--resume", tmp_path / "other.pt", "--epochs", 2)
@@ -814,9 +831,8 @@ def test_test_folder_is_preferred_and_named(tmp_path, capsys):
     assert status == 0 and "testing on 2 in val/, and once, at the end, 4 in test/" in out
 
 
-def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                   "--workers", 0, "--out", tmp_path / "run")[0] == 0
+def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys, scratch_run):
+    run, _ = scratch_run
     photos = tmp_path / "photos"
     os.makedirs(photos / "b" / ".ipynb_checkpoints")
     for path in (photos / "z.png", photos / "a.png", photos / "b" / "c.png", photos / "b" / ".ipynb_checkpoints" / "c.png"):
@@ -824,7 +840,7 @@ def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys):
     (photos / "notes.txt").write_text("not an image")
     (photos / "b" / "broken.png").write_bytes(b"\x89PNG broken")
     single = os.path.join(folder, "test", "not-hotdog", "0.png")
-    status, out, err = run_cli(capsys, "--predict", single, photos, "--model", tmp_path / "run" / "model.pt",
+    status, out, err = run_cli(capsys, "--predict", single, photos, "--model", run / "model.pt",
                                "--batch-size", 2, "--workers", 0, "--out", tmp_path / "pred")
     assert status == 1  # one image failed, the others were predicted
     assert "broken.png" in err and err.count("error:") == 1
@@ -840,11 +856,9 @@ def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys):
     assert rows[1]["hotdog"] == rows[3]["hotdog"]  # the same picture, in a different batch
 
 
-def test_predict_finds_no_images(tmp_path, capsys, folder):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                   "--workers", 0, "--out", tmp_path / "run")[0] == 0
+def test_predict_finds_no_images(tmp_path, capsys, scratch_run):
     os.makedirs(tmp_path / "empty")
-    status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", tmp_path / "run" / "model.pt")
+    status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", scratch_run[0] / "model.pt")
     assert status == 2 and "found no images" in err
 
 
@@ -1244,18 +1258,16 @@ def test_output_folder_checked_first_and_none_left_by_an_early_failure(tmp_path,
     assert os.path.isdir(tmp_path / "new") and not os.path.exists(tmp_path / "new" / "run")
 
 
-def test_numbers_and_very_large_photos(folder, tmp_path, capsys, monkeypatch):
+def test_numbers_and_very_large_photos(folder, tmp_path, capsys, monkeypatch, scratch_run):
     with pytest.raises(SystemExit):
         finetune.parse_args(["--scratch", "--workers", "-1"])
     assert "--workers: give a whole number, 0 or more, not -1" in capsys.readouterr().err
-    status, _, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                           "--workers", 0, "--out", tmp_path / "run")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     photo = os.path.join(folder, "test", "hotdog", "0.png")  # 40 x 48 pixels
-    status, out, err = run_cli(capsys, "--predict", photo, "--model", tmp_path / "run" / "model.pt",
+    status, out, err = run_cli(capsys, "--predict", photo, "--model", scratch_run[0] / "model.pt",
                                "--out", tmp_path, "--max-megapixels", 0.001, "--workers", 0)
     assert status == 1 and "--max-megapixels" in err and not out
-    status, out, _ = run_cli(capsys, "--predict", photo, "--model", tmp_path / "run" / "model.pt",
+    status, out, _ = run_cli(capsys, "--predict", photo, "--model", scratch_run[0] / "model.pt",
                              "--out", tmp_path, "--max-megapixels", 0.002)
     assert status == 0 and out.startswith(photo)
 
@@ -1452,19 +1464,16 @@ def test_an_error_under_torchrun_is_said_once(tmp_path):
     assert "[rank" not in result.stderr  # no process's traceback
 
 
-def test_predict_under_torchrun_writes_once(folder, tmp_path, capsys):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0,
-                   "--out", tmp_path / "run")[0] == 0
-    result = subprocess.run(torchrun("--predict", os.path.join(folder, "test"), "--model", tmp_path / "run" / "model.pt",
+def test_predict_under_torchrun_writes_once(folder, tmp_path, scratch_run):
+    result = subprocess.run(torchrun("--predict", os.path.join(folder, "test"), "--model", scratch_run[0] / "model.pt",
                                      "--out", tmp_path / "pred", "--workers", 0),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 4 and result.stderr.count("wrote ") == 1
 
 
-def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, torch_home):
-    argv = ["--data-dir", folder, "--batch-size", 8, "--workers", 0]
-    assert run_cli(capsys, "--compare", *argv, "--epochs", 1, "--out", tmp_path / "both")[0] == 0
+def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compare_run):
+    shutil.copytree(compare_run[0], tmp_path / "both")  # --compare, one epoch, batch 8
     shutil.rmtree(tmp_path / "both" / "scratch")  # as if stopped before scratch's first epoch
     status, out, err = run_cli(capsys, "--resume", tmp_path / "both")
     assert status == 0, err
@@ -1641,9 +1650,8 @@ def test_twin_class_folders_are_one_class(tmp_path, capsys):
     assert status == 0 and len(metrics["classes"]) == 2 and torch.tensor(metrics["confusion"]).sum() == 3, err
 
 
-def test_resume_refuses_another_out_and_takes_the_recipes_lr_typed(folder, tmp_path, capsys):
-    argv = ["--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0]
-    assert run_cli(capsys, "--scratch", *argv, "--out", tmp_path / "run")[0] == 0
+def test_resume_refuses_another_out_and_takes_the_recipes_lr_typed(tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path / "run")
     status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--out", tmp_path / "new", "--epochs", 2)
     assert status == 2 and len(err.strip().splitlines()) == 1 and "continues in its own folder" in err
     assert "leave --out out" in err and not (tmp_path / "new").exists()
@@ -1698,14 +1706,12 @@ def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, 
     assert status == 130 and f"--resume {tmp_path / 'both'}\n" in err, err
 
 
-def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(folder, tmp_path, capsys):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0,
-                   "--out", tmp_path / "run")[0] == 0
-    status, _, err = run_cli(capsys, "--predict", tmp_path / "nope.jpg", "--model", tmp_path / "run", "--workers", 0,
+def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(tmp_path, capsys, scratch_run):
+    status, _, err = run_cli(capsys, "--predict", tmp_path / "nope.jpg", "--model", scratch_run[0], "--workers", 0,
                              "--out", tmp_path / "p1")
     assert status == 1 and "nope.jpg does not exist; check the path" in err
     os.makedirs(tmp_path / "empty")
-    status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", tmp_path / "run", "--out", tmp_path / "p2")
+    status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", scratch_run[0], "--out", tmp_path / "p2")
     assert status == 2 and "found no images" in err and not (tmp_path / "p2").exists()
 
 
@@ -1830,7 +1836,7 @@ def test_balanced_class_weights_change_the_loss_as_the_formula_says(tmp_path, ca
     assert json.load(open(tmp_path / "run" / "metrics.json"))["args"]["class_weights"] == "balanced"
 
 
-def test_per_class_figures_match_a_hand_count(folder, tmp_path, capsys):
+def test_per_class_figures_match_a_hand_count(scratch_run):
     labels, preds = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2])
     result = train.figures(torch.nn.functional.one_hot(preds, 3).float(), labels, ["a", "b", "c"])
     assert result["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
@@ -1839,10 +1845,9 @@ def test_per_class_figures_match_a_hand_count(folder, tmp_path, capsys):
     assert (b["precision"], b["recall"], b["f1"]) == (0.5, 0.5, 0.5)
     assert (c["precision"], c["recall"], c["f1"]) == (0.5, 1.0, pytest.approx(2 / 3))
     assert a["f1"] == pytest.approx(2 * (2 / 3) / (1 + 2 / 3)) and result["balanced_accuracy"] == pytest.approx((2 / 3 + 0.5 + 1) / 3)
-    status, out, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                             "--workers", 0, "--out", tmp_path / "run")
-    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
-    assert status == 0 and set(metrics["per_class"]) == {"hotdog", "not-hotdog"}
+    run, out = scratch_run
+    metrics = json.load(open(run / "metrics.json"))
+    assert set(metrics["per_class"]) == {"hotdog", "not-hotdog"}
     assert sum(f["count"] for f in metrics["per_class"].values()) == 4 and "balanced accuracy" in out
 
 
@@ -1869,9 +1874,9 @@ def test_runs_of_either_kind_continue_only_as_they_began_and_flags_stay_apart_fr
     assert not list((tmp_path / "runs").glob("*"))
 
 
-def test_a_run_continued_past_its_metrics_reports_its_checkpoint(folder, tmp_path, capsys):
-    argv = ["--scratch", "--data-dir", folder, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
-    assert run_cli(capsys, *argv, "--epochs", 1)[0] == 0
+def test_a_run_continued_past_its_metrics_reports_its_checkpoint(folder, tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path, dirs_exist_ok=True)  # SCRATCH, one epoch, into tmp_path
+    argv = [*SCRATCH, "--data-dir", folder, "--out", tmp_path]
     metrics = (tmp_path / "metrics.json").read_text()
     assert run_cli(capsys, *argv, "--epochs", 2)[0] == 0
     (tmp_path / "metrics.json").write_text(metrics)  # as if stopped after epoch 2's checkpoint
@@ -1936,3 +1941,4 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
         typed = getattr(finetune.parse_args(["--scratch", "--" + name.replace("_", "-"), text]), name)
         assert typed == ([value] if name == "lr" else value) and runs.checked(name, value) == value
     assert runs.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
+
