@@ -165,7 +165,8 @@ def test_param_groups(monkeypatch):
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in net.parameters())  # each exactly once
     _, optimizer = recipe_optimizer(monkeypatch, net, 0.1, param_group=False)
-    assert len(optimizer.param_groups) == 1
+    group, = optimizer.param_groups
+    assert group["lr"] == 0.1 and group["weight_decay"] == 1e-3 and len(group["params"]) == len(list(net.parameters()))
 
 
 def test_init_head_from_imagenet(torch_home):
@@ -1941,4 +1942,86 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
         typed = getattr(finetune.parse_args(["--scratch", "--" + name.replace("_", "-"), text]), name)
         assert typed == ([value] if name == "lr" else value) and runs.checked(name, value) == value
     assert runs.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
+
+
+# ---------------------------------------------------------------- the recipe held to the book: each statement has a test that fails without it
+def book_augs():
+    """§14.2.2.1's augmentations as the book writes them: torchvision's PIL transforms, ToTensor
+    and Normalize with ImageNet's statistics."""
+    T = torchvision.transforms
+    normalize = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return (T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize]),
+            T.Compose([T.Resize([256, 256]), T.CenterCrop(224), T.ToTensor(), normalize]))
+
+
+def test_augmentations_are_the_books_to_one_grey_level():
+    """train_augs and test_augs, then normalize on the batch, give the book's images within one grey
+    level, with the same random draws (the crop's place and size, the flip), for the book's call
+    (data.train_augs) and for a run (at resnet18's sizes, which are the book's)."""
+    book_train, book_test = book_augs()
+    sizes = models.preprocessing("resnet18")
+    assert sizes == dict(resize=256, crop=224, interpolation="bilinear")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8))  # not square
+    one_grey = 1.5 / 255 / 0.224
+
+    def ours(augs):
+        return data.normalize(augs(photo)[None])[0]
+    for train_augs in (data.train_augs, data.make_train_augs(sizes["crop"], sizes["interpolation"])):
+        for seed in range(8):
+            torch.manual_seed(seed)
+            expected = book_train(photo)
+            torch.manual_seed(seed)
+            assert (ours(train_augs) - expected).abs().max() < one_grey, seed
+    for test_augs in (data.test_augs, data.make_test_augs(sizes["resize"], sizes["crop"], sizes["interpolation"])):
+        assert (ours(test_augs) - book_test(photo)).abs().max() < one_grey
+
+
+def test_the_training_loader_is_shuffled_and_the_test_loader_is_not(folder):
+    """The book's train_iter is shuffled (shuffle=True) and its test_iter is not: in the book's
+    call (data.load_data) and in a run's loaders (data.make_loaders)."""
+    def order(loader):
+        return [i for batch in loader.batch_sampler for i in batch]
+    torch.manual_seed(0)
+    for train_iter, test_iter in (data.load_data(4, folder), data.make_loaders(*data.image_folders(folder), 4)):
+        orders = [order(train_iter) for _ in range(3)]
+        assert all(sorted(o) == list(range(8)) for o in orders) and any(o != list(range(8)) for o in orders)
+        assert order(test_iter) == list(range(4))
+
+
+def test_restore_puts_back_the_weights_the_optimizer_and_the_random_numbers(tmp_path):
+    """What runs.save keeps, runs.restore puts back into a fresh net and optimizer: the weights,
+    the optimizer's state (the book's SGD keeps none, so momentum stands in here for any that
+    does) and the random numbers that draw the next crops and shuffles."""
+    import random
+    torch.manual_seed(0)
+    net = models.scratch_net(2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    history = [{"epoch": 1, "test_acc": 0.5}]
+    runs.save(str(tmp_path), history, {"held_out": None},
+              dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler={}))
+    draws = torch.rand(3), random.random()  # what comes next, after the save
+    torch.manual_seed(1)
+    fresh = models.scratch_net(2)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert runs.restore(ckpt, fresh, fresh_optimizer, torch.amp.GradScaler("cpu", enabled=False)) == history
+    assert torch.equal(torch.rand(3), draws[0]) and random.random() == draws[1]
+    assert all(torch.equal(value, fresh.state_dict()[name]) for name, value in net.state_dict().items())
+    momentum = [optimizer.state[p]["momentum_buffer"] for p in net.parameters()]
+    assert all(torch.equal(m, fresh_optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum, fresh.parameters()))
+
+
+def test_evaluate_uses_the_nets_evaluation_mode():
+    """§7.6's evaluate_accuracy_gpu sets net.eval(): BatchNorm normalises with its running
+    statistics, not the test batch's, and leaves them as they were."""
+    torch.manual_seed(0)
+    net = models.scratch_net(2).train()  # as an epoch of training leaves it
+    X, y = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    probs, labels = evaluate(net, [(X, y)], CPU)
+    assert all(torch.equal(value, before[name]) for name, value in net.state_dict().items())
+    with torch.no_grad():
+        assert torch.allclose(probs, torch.softmax(net.eval()(CPU.input(X)), 1), atol=1e-6)
 
