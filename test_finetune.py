@@ -82,6 +82,31 @@ def run_cli(capsys, *argv):
     return status, out, err
 
 
+def trained_once(tmp_path_factory, name, *argv):
+    """A command line's run, trained once for every test that reads it: its folder, and what it printed."""
+    out = tmp_path_factory.mktemp(name)
+    with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.redirect_stderr(io.StringIO()) as err:
+        assert finetune.main([str(a) for a in (*argv, "--out", out)]) == 0, err.getvalue()
+    return out, printed.getvalue()
+
+
+SCRATCH = ["--scratch", "--epochs", 1, "--batch-size", 8, "--workers", 0]  # with --data-dir folder
+
+
+@pytest.fixture(scope="session")
+def scratch_run(folder, tmp_path_factory):
+    """`SCRATCH --data-dir folder`, trained once: (its folder, what it printed). Tests only read
+    it; one that resumes it, or runs it again, works on a copy (shutil.copytree)."""
+    return trained_once(tmp_path_factory, "scratch_run", *SCRATCH, "--data-dir", folder)
+
+
+@pytest.fixture(scope="session")
+def compare_run(folder, tmp_path_factory):
+    """`--compare` on folder, one epoch, batch 8, trained once: (its folder, what it printed)."""
+    return trained_once(tmp_path_factory, "compare_run", "--compare", "--data-dir", folder, "--epochs", 1,
+                        "--batch-size", 8, "--workers", 0)
+
+
 # ---------------------------------------------------------------- models
 def test_output_shapes_and_head_init():
     with warnings.catch_warnings():
@@ -140,7 +165,8 @@ def test_param_groups(monkeypatch):
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in net.parameters())  # each exactly once
     _, optimizer = recipe_optimizer(monkeypatch, net, 0.1, param_group=False)
-    assert len(optimizer.param_groups) == 1
+    group, = optimizer.param_groups
+    assert group["lr"] == 0.1 and group["weight_decay"] == 1e-3 and len(group["params"]) == len(list(net.parameters()))
 
 
 def test_init_head_from_imagenet(torch_home):
@@ -434,31 +460,27 @@ def test_cli_as_a_user_runs_it(folder, tmp_path):
     assert "examples/sec on cpu" in result.stdout and (tmp_path / "model.pt").exists()
 
 
-def test_compare_and_several_lrs(folder, tmp_path, capsys):
-    status, out, _ = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 1,
-                             "--batch-size", 8, "--workers", 0, "--out", tmp_path)
-    assert status == 0
+def test_compare_and_several_lrs(folder, tmp_path, capsys, compare_run):
+    both, out = compare_run
     table = out.split("book")[-1]
     assert "pretrained" in table and "test acc 0.940" in table
     assert "scratch" in table and "test acc 0.850" in table
-    assert (tmp_path / "pretrained" / "model.pt").exists() and (tmp_path / "scratch" / "model.pt").exists()
+    assert (both / "pretrained" / "model.pt").exists() and (both / "scratch" / "model.pt").exists()
     status, out, _ = run_cli(capsys, "--scratch", "--lr", "1e-4", "1e-3", "--data-dir", folder,
                              "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path / "lrs")
     assert status == 0 and "scratch-lr0.0001" in out and "scratch-lr0.001" in out
     assert json.load(open(tmp_path / "lrs" / "scratch-lr0.001" / "metrics.json"))["lr"] == 1e-3
 
 
-def test_predict_matches_the_evaluation_loop(folder, tmp_path, capsys):
-    status, _, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1,
-                           "--batch-size", 8, "--workers", 0, "--out", tmp_path)
-    assert status == 0
-    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+def test_predict_matches_the_evaluation_loop(folder, tmp_path, capsys, scratch_run):
+    run, _ = scratch_run
+    ckpt = torch.load(run / "model.pt", weights_only=True)
     net = models.scratch_net(2)
     net.load_state_dict(ckpt["model"])
     _, test_set = data.image_folders(folder)
     probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
     paths = [p for p, _ in test_set.samples]
-    status, out, _ = run_cli(capsys, "--predict", *paths, "--model", tmp_path / "model.pt", "--precision", "fp32",
+    status, out, _ = run_cli(capsys, "--predict", *paths, "--model", run / "model.pt", "--precision", "fp32",
                              "--out", tmp_path / "predictions")
     assert status == 0
     for line, p in zip(out.splitlines(), probs):
@@ -495,9 +517,9 @@ def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
     assert "confusion (rows: true class" in out
 
 
-def test_a_finished_run_is_never_overwritten(folder, tmp_path, capsys):
-    argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
-    assert run_cli(capsys, *argv)[0] == 0
+def test_a_finished_run_is_never_overwritten(folder, tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path, dirs_exist_ok=True)  # SCRATCH, run once into tmp_path
+    argv = [*SCRATCH, "--data-dir", folder, "--out", tmp_path]
     before = (tmp_path / "model.pt").read_bytes()
     status, out, err = run_cli(capsys, *argv)  # the same command again: nothing left to do
     assert status == 0 and "scratch: finished its 1 epochs already" in out, err
@@ -507,10 +529,8 @@ def test_a_finished_run_is_never_overwritten(folder, tmp_path, capsys):
     assert (tmp_path / "model.pt").read_bytes() == before
 
 
-def test_resume_refuses_another_architecture(folder, tmp_path, capsys):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                   "--workers", 0, "--out", tmp_path)[0] == 0
-    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+def test_resume_refuses_another_architecture(folder, tmp_path, capsys, scratch_run):
+    ckpt = torch.load(scratch_run[0] / "model.pt", weights_only=True)
     ckpt["model"] = torchvision.models.resnet34(num_classes=2).state_dict()
     torch.save(ckpt, tmp_path / "other.pt")
     status, _, err = run_cli(capsys, "--resume", tmp_path / "other.pt", "--epochs", 2)
@@ -539,7 +559,8 @@ def test_ctrl_c_saves_and_says_how_to_resume(folder, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "finetune.py"), "--scratch",
                              "--data-dir", folder, "--epochs", "50", "--batch-size", "8",
                              "--workers", "0", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even where the suite ignores it
     for line in proc.stdout:  # epoch 2's line comes after epoch 1's checkpoint, whatever the machine's speed
         if line.startswith("  epoch 2:"):
             break
@@ -604,10 +625,8 @@ def test_bad_arguments_are_refused(capsys):
         assert "error:" in capsys.readouterr().err
 
 
-def test_resume_refuses_another_class_set(folder, tmp_path, capsys):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                   "--workers", 0, "--out", tmp_path)[0] == 0
-    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+def test_resume_refuses_another_class_set(folder, tmp_path, capsys, scratch_run):
+    ckpt = torch.load(scratch_run[0] / "model.pt", weights_only=True)
     ckpt["args"]["data_dir"] = write_folder(tmp_path / "three", 1, 1, classes={"a": (0, 0, 0), "b": (1, 1, 1), "c": (2, 2, 2)})
     torch.save(ckpt, tmp_path / "other.pt")
     status, _, err = run_cli(capsys, "--resume", tmp_path / "other.pt", "--epochs", 2)
@@ -813,9 +832,8 @@ def test_test_folder_is_preferred_and_named(tmp_path, capsys):
     assert status == 0 and "testing on 2 in val/, and once, at the end, 4 in test/" in out
 
 
-def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                   "--workers", 0, "--out", tmp_path / "run")[0] == 0
+def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys, scratch_run):
+    run, _ = scratch_run
     photos = tmp_path / "photos"
     os.makedirs(photos / "b" / ".ipynb_checkpoints")
     for path in (photos / "z.png", photos / "a.png", photos / "b" / "c.png", photos / "b" / ".ipynb_checkpoints" / "c.png"):
@@ -823,7 +841,7 @@ def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys):
     (photos / "notes.txt").write_text("not an image")
     (photos / "b" / "broken.png").write_bytes(b"\x89PNG broken")
     single = os.path.join(folder, "test", "not-hotdog", "0.png")
-    status, out, err = run_cli(capsys, "--predict", single, photos, "--model", tmp_path / "run" / "model.pt",
+    status, out, err = run_cli(capsys, "--predict", single, photos, "--model", run / "model.pt",
                                "--batch-size", 2, "--workers", 0, "--out", tmp_path / "pred")
     assert status == 1  # one image failed, the others were predicted
     assert "broken.png" in err and err.count("error:") == 1
@@ -839,11 +857,9 @@ def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys):
     assert rows[1]["hotdog"] == rows[3]["hotdog"]  # the same picture, in a different batch
 
 
-def test_predict_finds_no_images(tmp_path, capsys, folder):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                   "--workers", 0, "--out", tmp_path / "run")[0] == 0
+def test_predict_finds_no_images(tmp_path, capsys, scratch_run):
     os.makedirs(tmp_path / "empty")
-    status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", tmp_path / "run" / "model.pt")
+    status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", scratch_run[0] / "model.pt")
     assert status == 2 and "found no images" in err
 
 
@@ -1243,18 +1259,16 @@ def test_output_folder_checked_first_and_none_left_by_an_early_failure(tmp_path,
     assert os.path.isdir(tmp_path / "new") and not os.path.exists(tmp_path / "new" / "run")
 
 
-def test_numbers_and_very_large_photos(folder, tmp_path, capsys, monkeypatch):
+def test_numbers_and_very_large_photos(folder, tmp_path, capsys, monkeypatch, scratch_run):
     with pytest.raises(SystemExit):
         finetune.parse_args(["--scratch", "--workers", "-1"])
     assert "--workers: give a whole number, 0 or more, not -1" in capsys.readouterr().err
-    status, _, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                           "--workers", 0, "--out", tmp_path / "run")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     photo = os.path.join(folder, "test", "hotdog", "0.png")  # 40 x 48 pixels
-    status, out, err = run_cli(capsys, "--predict", photo, "--model", tmp_path / "run" / "model.pt",
+    status, out, err = run_cli(capsys, "--predict", photo, "--model", scratch_run[0] / "model.pt",
                                "--out", tmp_path, "--max-megapixels", 0.001, "--workers", 0)
     assert status == 1 and "--max-megapixels" in err and not out
-    status, out, _ = run_cli(capsys, "--predict", photo, "--model", tmp_path / "run" / "model.pt",
+    status, out, _ = run_cli(capsys, "--predict", photo, "--model", scratch_run[0] / "model.pt",
                              "--out", tmp_path, "--max-megapixels", 0.002)
     assert status == 0 and out.startswith(photo)
 
@@ -1451,19 +1465,16 @@ def test_an_error_under_torchrun_is_said_once(tmp_path):
     assert "[rank" not in result.stderr  # no process's traceback
 
 
-def test_predict_under_torchrun_writes_once(folder, tmp_path, capsys):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0,
-                   "--out", tmp_path / "run")[0] == 0
-    result = subprocess.run(torchrun("--predict", os.path.join(folder, "test"), "--model", tmp_path / "run" / "model.pt",
+def test_predict_under_torchrun_writes_once(folder, tmp_path, scratch_run):
+    result = subprocess.run(torchrun("--predict", os.path.join(folder, "test"), "--model", scratch_run[0] / "model.pt",
                                      "--out", tmp_path / "pred", "--workers", 0),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 4 and result.stderr.count("wrote ") == 1
 
 
-def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, torch_home):
-    argv = ["--data-dir", folder, "--batch-size", 8, "--workers", 0]
-    assert run_cli(capsys, "--compare", *argv, "--epochs", 1, "--out", tmp_path / "both")[0] == 0
+def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compare_run):
+    shutil.copytree(compare_run[0], tmp_path / "both")  # --compare, one epoch, batch 8
     shutil.rmtree(tmp_path / "both" / "scratch")  # as if stopped before scratch's first epoch
     status, out, err = run_cli(capsys, "--resume", tmp_path / "both")
     assert status == 0, err
@@ -1640,9 +1651,8 @@ def test_twin_class_folders_are_one_class(tmp_path, capsys):
     assert status == 0 and len(metrics["classes"]) == 2 and torch.tensor(metrics["confusion"]).sum() == 3, err
 
 
-def test_resume_refuses_another_out_and_takes_the_recipes_lr_typed(folder, tmp_path, capsys):
-    argv = ["--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0]
-    assert run_cli(capsys, "--scratch", *argv, "--out", tmp_path / "run")[0] == 0
+def test_resume_refuses_another_out_and_takes_the_recipes_lr_typed(tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path / "run")
     status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--out", tmp_path / "new", "--epochs", 2)
     assert status == 2 and len(err.strip().splitlines()) == 1 and "continues in its own folder" in err
     assert "leave --out out" in err and not (tmp_path / "new").exists()
@@ -1697,14 +1707,12 @@ def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, 
     assert status == 130 and f"--resume {tmp_path / 'both'}\n" in err, err
 
 
-def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(folder, tmp_path, capsys):
-    assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0,
-                   "--out", tmp_path / "run")[0] == 0
-    status, _, err = run_cli(capsys, "--predict", tmp_path / "nope.jpg", "--model", tmp_path / "run", "--workers", 0,
+def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(tmp_path, capsys, scratch_run):
+    status, _, err = run_cli(capsys, "--predict", tmp_path / "nope.jpg", "--model", scratch_run[0], "--workers", 0,
                              "--out", tmp_path / "p1")
     assert status == 1 and "nope.jpg does not exist; check the path" in err
     os.makedirs(tmp_path / "empty")
-    status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", tmp_path / "run", "--out", tmp_path / "p2")
+    status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", scratch_run[0], "--out", tmp_path / "p2")
     assert status == 2 and "found no images" in err and not (tmp_path / "p2").exists()
 
 
@@ -1829,7 +1837,7 @@ def test_balanced_class_weights_change_the_loss_as_the_formula_says(tmp_path, ca
     assert json.load(open(tmp_path / "run" / "metrics.json"))["args"]["class_weights"] == "balanced"
 
 
-def test_per_class_figures_match_a_hand_count(folder, tmp_path, capsys):
+def test_per_class_figures_match_a_hand_count(scratch_run):
     labels, preds = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2])
     result = train.figures(torch.nn.functional.one_hot(preds, 3).float(), labels, ["a", "b", "c"])
     assert result["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
@@ -1838,10 +1846,9 @@ def test_per_class_figures_match_a_hand_count(folder, tmp_path, capsys):
     assert (b["precision"], b["recall"], b["f1"]) == (0.5, 0.5, 0.5)
     assert (c["precision"], c["recall"], c["f1"]) == (0.5, 1.0, pytest.approx(2 / 3))
     assert a["f1"] == pytest.approx(2 * (2 / 3) / (1 + 2 / 3)) and result["balanced_accuracy"] == pytest.approx((2 / 3 + 0.5 + 1) / 3)
-    status, out, _ = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                             "--workers", 0, "--out", tmp_path / "run")
-    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
-    assert status == 0 and set(metrics["per_class"]) == {"hotdog", "not-hotdog"}
+    run, out = scratch_run
+    metrics = json.load(open(run / "metrics.json"))
+    assert set(metrics["per_class"]) == {"hotdog", "not-hotdog"}
     assert sum(f["count"] for f in metrics["per_class"].values()) == 4 and "balanced accuracy" in out
 
 
@@ -1868,9 +1875,9 @@ def test_runs_of_either_kind_continue_only_as_they_began_and_flags_stay_apart_fr
     assert not list((tmp_path / "runs").glob("*"))
 
 
-def test_a_run_continued_past_its_metrics_reports_its_checkpoint(folder, tmp_path, capsys):
-    argv = ["--scratch", "--data-dir", folder, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
-    assert run_cli(capsys, *argv, "--epochs", 1)[0] == 0
+def test_a_run_continued_past_its_metrics_reports_its_checkpoint(folder, tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path, dirs_exist_ok=True)  # SCRATCH, one epoch, into tmp_path
+    argv = [*SCRATCH, "--data-dir", folder, "--out", tmp_path]
     metrics = (tmp_path / "metrics.json").read_text()
     assert run_cli(capsys, *argv, "--epochs", 2)[0] == 0
     (tmp_path / "metrics.json").write_text(metrics)  # as if stopped after epoch 2's checkpoint
@@ -1944,3 +1951,212 @@ def test_every_classifier_with_one_linear_head_is_taken_and_the_others_refused_i
     assert models.check_arch("regnet_x_400mf") == "regnet_x_400mf"
     with pytest.raises(UserError, match="^SqueezeNet does not end in a Linear layer.*choose another arch="):
         models.check_arch("squeezenet1_0")
+
+
+# ---------------------------------------------------------------- the recipe held to the book: each statement has a test that fails without it
+def book_augs():
+    """§14.2.2.1's augmentations as the book writes them: torchvision's PIL transforms, ToTensor
+    and Normalize with ImageNet's statistics."""
+    T = torchvision.transforms
+    normalize = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return (T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize]),
+            T.Compose([T.Resize([256, 256]), T.CenterCrop(224), T.ToTensor(), normalize]))
+
+
+def test_augmentations_are_the_books_to_one_grey_level():
+    """train_augs and test_augs, then normalize on the batch, give the book's images within one grey
+    level, with the same random draws (the crop's place and size, the flip), for the book's call
+    (data.train_augs) and for a run (at resnet18's sizes, which are the book's)."""
+    book_train, book_test = book_augs()
+    sizes = models.preprocessing("resnet18")
+    assert sizes == dict(resize=256, crop=224, interpolation="bilinear")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8))  # not square
+    one_grey = 1.5 / 255 / 0.224
+
+    def ours(augs):
+        return data.normalize(augs(photo)[None])[0]
+    for train_augs in (data.train_augs, data.make_train_augs(sizes["crop"], sizes["interpolation"])):
+        for seed in range(8):
+            torch.manual_seed(seed)
+            expected = book_train(photo)
+            torch.manual_seed(seed)
+            assert (ours(train_augs) - expected).abs().max() < one_grey, seed
+    for test_augs in (data.test_augs, data.make_test_augs(sizes["resize"], sizes["crop"], sizes["interpolation"])):
+        assert (ours(test_augs) - book_test(photo)).abs().max() < one_grey
+
+
+def test_the_training_loader_is_shuffled_and_the_test_loader_is_not(folder):
+    """The book's train_iter is shuffled (shuffle=True) and its test_iter is not: in the book's
+    call (data.load_data) and in a run's loaders (data.make_loaders)."""
+    def order(loader):
+        return [i for batch in loader.batch_sampler for i in batch]
+    torch.manual_seed(0)
+    for train_iter, test_iter in (data.load_data(4, folder), data.make_loaders(*data.image_folders(folder), 4)):
+        orders = [order(train_iter) for _ in range(3)]
+        assert all(sorted(o) == list(range(8)) for o in orders) and any(o != list(range(8)) for o in orders)
+        assert order(test_iter) == list(range(4))
+
+
+def test_restore_puts_back_the_weights_the_optimizer_and_the_random_numbers(tmp_path):
+    """What runs.save keeps, runs.restore puts back into a fresh net and optimizer: the weights,
+    the optimizer's state (the book's SGD keeps none, so momentum stands in here for any that
+    does) and the random numbers that draw the next crops and shuffles."""
+    import random
+    torch.manual_seed(0)
+    net = models.scratch_net(2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    history = [{"epoch": 1, "test_acc": 0.5}]
+    runs.save(str(tmp_path), history, {"held_out": None},
+              dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler={}))
+    draws = torch.rand(3), random.random()  # what comes next, after the save
+    torch.manual_seed(1)
+    fresh = models.scratch_net(2)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert runs.restore(ckpt, fresh, fresh_optimizer, torch.amp.GradScaler("cpu", enabled=False)) == history
+    assert torch.equal(torch.rand(3), draws[0]) and random.random() == draws[1]
+    assert all(torch.equal(value, fresh.state_dict()[name]) for name, value in net.state_dict().items())
+    momentum = [optimizer.state[p]["momentum_buffer"] for p in net.parameters()]
+    assert all(torch.equal(m, fresh_optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum, fresh.parameters()))
+
+
+def test_evaluate_uses_the_nets_evaluation_mode():
+    """§7.6's evaluate_accuracy_gpu sets net.eval(): BatchNorm normalises with its running
+    statistics, not the test batch's, and leaves them as they were."""
+    torch.manual_seed(0)
+    net = models.scratch_net(2).train()  # as an epoch of training leaves it
+    X, y = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    probs, labels = evaluate(net, [(X, y)], CPU)
+    assert all(torch.equal(value, before[name]) for name, value in net.state_dict().items())
+    with torch.no_grad():
+        assert torch.allclose(probs, torch.softmax(net.eval()(CPU.input(X)), 1), atol=1e-6)
+
+
+# ---------------------------------------------------------------- the docs' code blocks, run
+TINY = "--epochs 1 --batch-size 4 --workers 0"
+
+# Every fenced block of README.md and docs/*.md, by its first line (spaces collapsed), and what
+# the test does with it: a list of changes (each must apply) after which it runs here, offline, on
+# a generated set in a fresh folder; ("output", block) for an example of what a block prints,
+# compared line by line, figures aside; ("files", block) for a run's folder, compared with the
+# files that block's run wrote; or, in words, why it cannot run here.
+DOC_BLOCKS = {
+    "pip install -r requirements.txt && python finetune.py --pretrained": [
+        ("pip install -r requirements.txt && ", ""),  # installing needs the network
+        ("--pretrained\n", f"--pretrained {TINY}\n"),
+        ("pip install -r requirements.txt pytest matplotlib nbclient ipykernel && python -m pytest -q test_finetune.py\n",
+         "")],  # the network, and this suite itself
+    "data ready in 9.8 s": ("output", "pip install -r requirements.txt && python finetune.py --pretrained"),
+    "import images, models, train": [("train_fine_tuning(finetune_net, 5e-5)", "train_fine_tuning(finetune_net, 5e-5, num_epochs=1)"),
+                                     ("param_group=False)", "param_group=False, num_epochs=1)")],
+    "import predict, runs": [("epochs=5)", "epochs=1, batch_size=4, workers=0)"), ("epochs=8)", "epochs=2)")],
+    "run loss train acc test acc ex/sec book": ("output", "--compare"),
+    "runs/pretrained-20261123-101500/": ("files", "pip install -r requirements.txt && python finetune.py --pretrained"),
+    "python finetune.py --predict photo1.jpg holiday/ --model runs/pretrained-.../model.pt --out predictions":
+        [("runs/pretrained-...", "{run}")],  # the run of the README's first command
+    "python finetune.py --resume runs/pretrained-.../model.pt": [("runs/pretrained-...", "{run}")],
+    "torchrun --nproc_per_node=4 finetune.py --pretrained # 4 GPUs (or 4 CPU processes)":
+        "4 processes, then 8 on each of 2 machines; test_torchrun_command_line runs torchrun with 2 CPU processes",
+    "torchrun --nproc_per_node=4 --max-restarts=3 finetune.py --pretrained":
+        "4 GPUs; test_torchrun_restarts_a_killed_worker_and_the_run_finishes runs it with 2 CPU processes",
+    "torchrun --nnodes=2 --nproc_per_node=8 --max-restarts=3 --rdzv-id=hotdog-1 \\": "2 machines of 8 GPUs",
+    "python benchmark.py --data-dir data/hotdog # or --dummy: no data needed":
+        [("data/hotdog", "data/hotdog --batch-size 4 --batches 1 --workers 0")],
+    "DIR/train/<class>/<image> the book's: its own test set":
+        "the two layouts of a data folder, not a command; photos/ here is the first",
+}
+
+
+def doc_blocks():
+    """The fenced blocks of README.md, then docs/*.md: (first line with spaces collapsed, language, text)."""
+    names = ["README.md"] + sorted(os.path.join("docs", n) for n in os.listdir(os.path.join(HERE, "docs")) if n.endswith(".md"))
+    for name in names:
+        text = open(os.path.join(HERE, name), encoding="utf-8").read()
+        for match in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
+            yield " ".join(match[2].splitlines()[0].split()), match[1], match[2]
+
+
+def changed(text, changes, run):
+    for old, new in changes:
+        assert old in text, f"the change {old!r} no longer applies to the block {text.splitlines()[0]!r}"
+        text = text.replace(old, new.replace("{run}", run or ""))
+    return text
+
+
+def run_block(text, language, monkeypatch):
+    """A Python block, or a shell block's commands (python finetune.py, python benchmark.py), in this process."""
+    if language == "python":
+        return exec(compile(text, "block", "exec"), {})
+    import benchmark
+    import shlex
+    for line in text.replace("\\\n", " ").splitlines():
+        for command in filter(None, map(str.strip, line.split("&&"))):
+            python, program, *argv = shlex.split(command, comments=True)
+            assert python == "python" and program in ("finetune.py", "benchmark.py"), command
+            if program == "finetune.py":
+                assert finetune.main(argv) == 0, command
+            else:
+                monkeypatch.setattr(sys, "argv", [program, *argv])
+                benchmark.main()
+
+
+def printed_like(example, printed):
+    """Whether every line of an example of output, its figures (and the letters standing for
+    them: L, A, T...), the device and a closing "..." aside, is a line that was printed."""
+    variable = r"(\.\.\.|cuda, bfloat16 autocast, channels-last|\b[A-Z]\b|\d+(?:\.\d+)?|\s+)"
+    patterns = {r"...": ".*", "cuda, bfloat16 autocast, channels-last": ".+"}
+    for line in example.splitlines():
+        if line.strip() == "...":
+            continue
+        parts = re.split(variable, line.strip())  # the variable parts at odd places
+        pattern = "".join(re.escape(p) if i % 2 == 0 else patterns.get(p, r"\s+" if p.isspace() else r"[-+.e\d]+")
+                          for i, p in enumerate(parts))
+        if not any(re.fullmatch(pattern, shown.strip()) for shown in printed.splitlines()):
+            return line
+    return None
+
+
+def test_every_doc_block_is_run_or_listed_with_why_not():
+    found = [first for first, _, _ in doc_blocks()]
+    assert sorted(set(found) - set(DOC_BLOCKS)) == [], "a new block: add it to DOC_BLOCKS"
+    assert sorted(set(DOC_BLOCKS) - set(found)) == [], "a block gone or changed: update DOC_BLOCKS"
+
+
+def test_the_docs_blocks_run_as_written(folder, tmp_path, capsys, monkeypatch, compare_run):
+    """In a fresh folder holding what the blocks name (the hot-dog set where its download puts it,
+    photos/, holiday/, photo1.jpg), each block runs in reading order with its listed changes, as
+    a reader following the docs would; the examples of output and of a run's folder match."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(folder, "data/hotdog")  # found there, so nothing is downloaded
+    shutil.copytree(folder, "photos")
+    os.makedirs("holiday")
+    for name in ("holiday/beach.png", "holiday/hotdog.jpg", "photo1.jpg"):
+        Image.new("RGB", (50, 40), (220, 60, 30)).save(name)
+    printed, run = {"--compare": compare_run[1]}, None
+    for first, language, text in doc_blocks():
+        how = DOC_BLOCKS[first]
+        if isinstance(how, list):
+            run_block(changed(text, how, run), language, monkeypatch)
+            printed[first] = capsys.readouterr().out
+            run = run or next(iter(sorted(map(str, (tmp_path / "runs").glob("pretrained-*")))), None)
+        elif how[0] == "output":
+            assert printed_like(text, printed[how[1]]) is None, f"{printed_like(text, printed[how[1]])!r} is not printed"
+        elif how[0] == "files":
+            listed = {line.split()[0] for line in text.splitlines()[1:]}
+            assert set(os.listdir(run)) <= listed, f"{sorted(set(os.listdir(run)) - listed)} not in {first}"
+    assert len(os.listdir(tmp_path / "runs" / "mine")) and os.path.exists(os.path.join(run, "model.pt"))
+    assert (tmp_path / "predictions" / "predictions.csv").exists()
+
+
+def test_every_command_the_docs_name_is_one_the_command_line_takes():
+    """The commands named in the docs' text and tables (`python finetune.py ...`) parse, their
+    placeholders (DIR, IMG.jpg, runs/...) taken as the paths they stand for."""
+    names = ["README.md"] + [os.path.join("docs", n) for n in os.listdir(os.path.join(HERE, "docs")) if n.endswith(".md")]
+    text = "".join(open(os.path.join(HERE, name), encoding="utf-8").read() for name in names)
+    commands = set(re.findall(r"`python finetune\.py ([^`]+)`", text))
+    assert len(commands) > 10
+    for command in commands:
+        finetune.parse_args(command.split())
