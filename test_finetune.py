@@ -241,6 +241,14 @@ def test_device_choice(monkeypatch):
         try_device("cuda:2")
 
 
+def test_the_cpu_named_twice_is_refused_before_the_data(folder, tmp_path):
+    """nn.DataParallel splits a batch among GPUs: the CPU twice (or one GPU twice) would run it
+    on the CPU in fp16, DataParallel's type."""
+    for devices in (["cpu", "cpu"], [torch.device("cpu"), "cpu"]):
+        with pytest.raises(UserError, match=r"devices=\['cpu', 'cpu'\]: nn.DataParallel .* give one device"):
+            train.train_fine_tuning(models.scratch_net(), 5e-4, 4, 1, False, data_dir=str(tmp_path / "none"), devices=devices)
+
+
 # ---------------------------------------------------------------- data
 def test_loaders(folder):
     train_set, test_set = data.image_folders(folder)

@@ -204,7 +204,7 @@ class Runtime:
 
 
 def make_runtime(devices=None, precision="amp"):
-    """The runtime for a device or a list of them (default: all GPUs, else the best device).
+    """The runtime for a device or a list of GPUs (default: all GPUs, else the best device).
     With precision "amp", on CUDA and on the CPU: channels-last memory format (measured faster
     on the CPU; the usual advice for GPUs with tensor cores), and autocast to the type the
     device computes fastest without losing accuracy (see amp_dtype). With "fp32", and on MPS:
@@ -215,6 +215,9 @@ def make_runtime(devices=None, precision="amp"):
         raise UserError(f"precision={precision} is not one this program computes in; give \"amp\" or \"fp32\"")
     names = [devices] if isinstance(devices, (str, torch.device)) else devices
     devices = [try_device(str(name)) for name in names] if names else try_all_gpus()
+    if len(devices) > 1 and (len(set(devices)) < len(devices) or any(d.type != "cuda" for d in devices)):
+        raise UserError(f"devices={[str(d) for d in devices]}: nn.DataParallel splits a batch among different "
+                        "GPUs only; give one device (devices=\"cpu\": one CPU computes on all its cores)")
     amp = precision == "amp" and devices[0].type in ("cuda", "cpu")
     # fp32 is the book's arithmetic: no TF32 (10 bits of mantissa, not 23), which cuDNN uses for
     # convolutions by default on Ampere and later GPUs (matrix products are fp32 by default)
