@@ -1598,11 +1598,39 @@ def test_the_named_gpu_is_made_current_and_macs_run_one_process(monkeypatch):
         utils.join_processes(torch.device("mps"))
 
 
-def test_fp32_is_the_books_arithmetic_without_tf32():
-    make_runtime(torch.device("cpu"), "fp32")
-    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-    make_runtime(torch.device("cpu"), "amp")
-    assert torch.backends.cudnn.allow_tf32  # PyTorch's default, for bf16 runs on GPUs
+def test_fp32_is_the_books_arithmetic_without_tf32_while_it_computes_alone(folder):
+    """cuDNN's flags hold for the whole process: a call sets them while it computes (autotuning;
+    in fp32, no TF32), and the caller has its own back after it, a refused call included."""
+    cudnn = torch.backends.cudnn
+    before = cudnn.benchmark, cudnn.conv.fp32_precision
+    cudnn.benchmark, cudnn.conv.fp32_precision = False, "tf32"  # PyTorch's defaults
+    try:
+        for precision, inside in (("fp32", (True, "ieee")), ("amp", (True, "tf32"))):
+            seen, net = set(), models.scratch_net()
+            net.register_forward_pre_hook(lambda *_: seen.add((cudnn.benchmark, cudnn.conv.fp32_precision)))
+            train.train_fine_tuning(net, 5e-4, 4, 1, False, data_dir=folder, precision=precision)
+            assert seen == {inside} and (cudnn.benchmark, cudnn.conv.fp32_precision) == (False, "tf32")
+            with pytest.raises(UserError):
+                train.train_fine_tuning(net, 5e-4, data_dir=folder + "/none", precision=precision)
+            assert (cudnn.benchmark, cudnn.conv.fp32_precision) == (False, "tf32")
+        assert not torch.backends.cuda.matmul.allow_tf32  # PyTorch's default: fp32 matrix products
+    finally:
+        cudnn.benchmark, cudnn.conv.fp32_precision = before
+
+
+def test_a_runs_image_limit_is_its_own(folder, tmp_path):
+    """max_megapixels holds for the call alone, and in the loader workers it forks; after it,
+    the process reads images as before, the caller's own Image.open included."""
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(UserError, match=r"none of the 8 images can be read.* with images.megapixels_limit\(N\)\)$"):
+        runs.train_runs("scratch", str(tmp_path / "run"), data_dir=folder, max_megapixels=0.001, workers=0)
+    assert Image.MAX_IMAGE_PIXELS == before
+    Image.open(os.path.join(folder, "train", "hotdog", "0.png")).load()
+    limits = type("Limits", (torch.utils.data.Dataset,), dict(__len__=lambda self: 1,
+                                                              __getitem__=lambda self, i: Image.MAX_IMAGE_PIXELS))
+    with images.megapixels_limit(5):
+        assert list(torch.utils.data.DataLoader(limits(), num_workers=1)) == [torch.tensor([5 * 10**6])]
+    assert Image.MAX_IMAGE_PIXELS == before
 
 
 # ---------------------------------------------------------------- nothing silently wrong
