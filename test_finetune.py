@@ -1771,6 +1771,42 @@ def test_the_python_calls_check_what_they_are_given(folder, tmp_path):
     assert images.show_images(pictures, 1, 2, titles=["one"], path=str(tmp_path / "grid.png")) == str(tmp_path / "grid.png")
 
 
+class OwnNet(torch.nn.Module):
+    """A net of one's own, the book's resnet18 inside it: it has no .fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = models.scratch_net()
+
+    def forward(self, X):
+        return self.body(X)
+
+
+def test_the_python_calls_take_a_net_without_fc_and_refuse_what_they_cannot_use(folder, tmp_path):
+    """The book's train_fine_tuning trains any net with param_group=False, and with param_group
+    names the missing net.fc; train_ch13 needs batches to train and to test on; prediction takes
+    paths, a batch size of 1 or more, and says what an empty list holds. Each in one line."""
+    assert len(train.train_fine_tuning(OwnNet(), 5e-4, 4, 1, param_group=False, data_dir=folder)) == 1
+    with pytest.raises(UserError, match=r"^param_group=True trains net.fc .* this OwnNet has no .fc; give param_group=False"):
+        train.train_fine_tuning(OwnNet(), 5e-4, 4, 1, data_dir=folder)
+    X, y = tiny_set()
+    net, loss = models.scratch_net(), torch.nn.CrossEntropyLoss(reduction="none")
+    for train_iter, test_iter, empty in (([], [(X, y)], "train_iter"), ([(X, y)], [], "test_iter")):
+        with pytest.raises(UserError, match=f"^{empty} gives no batches"):
+            train.train_ch13(net, train_iter, test_iter, loss, torch.optim.SGD(net.parameters(), lr=1e-3), 1, "cpu")
+    runs.train_runs("scratch", str(tmp_path / "run"), data_dir=folder, epochs=1, batch_size=4, workers=0)
+    photo = os.path.join(folder, "test", "hotdog", "0.png")
+    for images_, message in ((None, "images=None is not a path"), (Image.open(photo), "images=<PIL.*is not a path"),
+                             ([photo, Image.open(photo)], r"images=\['.*is not a path or a list of paths")):
+        with pytest.raises(UserError, match=f"^{message}"):
+            predict.predict(str(tmp_path / "run"), images_, workers=0)
+    with pytest.raises(UserError, match="^batch_size=0 is not a whole number, 1 or more"):
+        predict.predict(str(tmp_path / "run"), [photo], batch_size=0, workers=0)
+    with pytest.raises(UserError, match="^found no images in an empty list; give image files"):
+        predict.predict(str(tmp_path / "run"), [], workers=0)
+    assert len(predict.predict(str(tmp_path / "run"), (p for p in [photo]), workers=0)) == 1  # any iterable of paths
+
+
 # ---------------------------------------------------------------- a model to trust: best epoch, stopping, phases, weights
 def test_two_phases_keep_the_features_fixed_then_train_them(folder, tmp_path, capsys, torch_home):
     argv = ["--pretrained", "--data-dir", folder, "--batch-size", 4, "--workers", 0, "--lr", "1e-2"]

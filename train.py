@@ -40,6 +40,9 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
 
 def fine_tuning_optimizer(net, learning_rate, param_group=True):
     """The book's SGD. With param_group, the new output layer learns at 10x the base learning rate."""
+    if param_group and not hasattr(net, "fc"):  # a net of one's own: one line, not an AttributeError
+        raise UserError(f"param_group=True trains net.fc at 10x the learning rate, and this {type(net).__name__} "
+                        "has no .fc; give param_group=False, or name its output layer net.fc")
     if param_group:
         params_1x = [param for name, param in net.named_parameters()
                      if name not in ["fc.weight", "fc.bias"]]
@@ -56,6 +59,9 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=No
     computer vision was chapter 13): trains, shows each epoch and the book's summary, and returns
     the history, one dict of metrics per epoch."""
     runtime = make_runtime(devices, precision)
+    for name, loader in (("train_iter", train_iter), ("test_iter", test_iter)):
+        if hasattr(loader, "__len__") and not len(loader):  # else a division by zero, or argmax of nothing
+            raise UserError(f"{name} gives no batches; give it a data set that holds images")
     history, animator = [], images.animator()
     for epoch in ch13_epochs(net, train_iter, test_iter, loss, trainer, range(num_epochs), runtime):
         history.append(epoch.metrics)
