@@ -20,7 +20,7 @@ import data
 import models
 import predict
 import runs
-from images import image_paths, limit_megapixels
+from images import image_paths, megapixels_limit
 from utils import UserError, job_size, rank, say, under_torchrun
 
 MODES = {"pretrained": "fine-tune the ImageNet resnet18", "scratch": "train resnet18 from random weights",
@@ -196,9 +196,9 @@ def flag(name):
 
 def guarded(fn, options):
     """Run fn(options), turning bad input and Ctrl-C into a one-line message and an exit status."""
-    limit_megapixels(options.get("max_megapixels", runs.DEFAULTS["max_megapixels"]))
     try:
-        return fn(options)
+        with megapixels_limit(options.get("max_megapixels", runs.DEFAULTS["max_megapixels"])):
+            return fn(options)
     except UserError as e:  # every process meets the same bad input: process 0 says it
         say(one_line(e), file=sys.stderr)
         return 2

@@ -30,14 +30,21 @@ from utils import UserError, say, write_whole
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", ".heic", ".heif")
 
 
-def limit_megapixels(megapixels=200):
-    """Refuse larger images as possible decompression bombs: PIL's limit, 89 megapixels, is
-    below what phones take (108), so 200 by default. For this process and the loader worker
-    processes it forks."""
+# Larger images are refused as possible decompression bombs: PIL's limit, 89 megapixels, is below
+# what phones take (108), so 200, from the import on (in a loader worker too, however it starts).
+Image.MAX_IMAGE_PIXELS = 200 * 10**6
+
+
+@contextlib.contextmanager
+def megapixels_limit(megapixels):
+    """Another limit within the block, in this process and the loader worker processes it forks
+    meanwhile. PIL's limit holds for the whole process: the one before is put back after."""
+    before = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = int(megapixels * 10**6)
-
-
-limit_megapixels()
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 # ---------------------------------------------------------------- reading an image
@@ -80,8 +87,8 @@ def read_image(path, read):
             with Image.open(path) as img:
                 return read(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"cannot read image {path} ({e}); raise the limit to read it: "
-                        "photos.limit_megapixels(N) (--max-megapixels on the command line)") from None
+        raise UserError(f"cannot read image {path} ({e}); raise the limit to read it: --max-megapixels N (in "
+                        "Python, runs' max_megapixels option, or around any call: with images.megapixels_limit(N))") from None
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; check the path") from None
     except OSError as e:

@@ -97,9 +97,11 @@ def check_arch(arch):
 
 
 def check_outputs(net, classes):
-    """The net's output layer gives one output per class of the data."""
-    if net.fc.out_features != len(classes):
-        raise UserError(f"the net has {net.fc.out_features} outputs (net.fc) but the data has {len(classes)} "
+    """The net's output layer, its last Linear layer (the book's net.fc), gives one output per
+    class of the data. A net of one's own may have no net.fc, which param_group=False never asks for."""
+    fc = ([module for module in net.modules() if isinstance(module, nn.Linear)] or [None])[-1]
+    if fc and fc.out_features != len(classes):
+        raise UserError(f"the net has {fc.out_features} outputs (its last Linear layer) but the data has {len(classes)} "
                         f"classes {classes[:5]}; give the net one output per class: "
                         f"models.finetune_net({len(classes)}) or models.scratch_net({len(classes)})")
 

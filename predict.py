@@ -9,12 +9,14 @@ import csv
 import io
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 import data
 import models
+import runs
 import train
 from images import image_paths, load_rgb
 from utils import UserError, writable_folder, write_whole
@@ -30,17 +32,24 @@ class Prediction:
 
 
 def predict(model, images, *, out=None, batch_size=128, workers=None, device=None, precision="amp", arch=None):
-    """Classify images (files, and folders searched for them) with model, a model.pt written by
-    training (or its run's folder), on one device. Returns one Prediction per image that could be
-    read, in the order given; each one that could not is named on stderr. With out, a folder:
-    predictions.csv there too. arch, where given, must be the model's."""
-    images = [images] if isinstance(images, (str, os.PathLike)) else images  # one file or folder
+    """Classify images (a path or a list of paths: files, and folders searched for them) with
+    model, a model.pt written by training (or its run's folder), on one device. Returns one
+    Prediction per image that could be read, in the order given; each one that could not is named
+    on stderr. With out, a folder: predictions.csv there too. arch, where given, must be the model's."""
+    items = [images] if isinstance(images, (str, os.PathLike)) else images  # one file or folder
+    items = list(items) if isinstance(items, Iterable) else [items]  # a generator read once
+    if not all(isinstance(item, (str, os.PathLike)) for item in items):  # None, or a PIL image
+        raise UserError(f"images={images!r:.80} is not a path or a list of paths; give image files or folders "
+                        "of them (an image in memory: save it to a file first)")
+    runs.checked("batch_size", batch_size)
+    runs.checked("workers", workers)
     path = models.checkpoint_in(model)
     ckpt = models.load_checkpoint(path)
     models.same_arch(arch, ckpt, path)
-    paths = image_paths(images)
+    paths = image_paths(items)
     if not paths:
-        raise UserError(f"found no images in {' '.join(map(str, images))}; give image files or folders of them")
+        raise UserError(f"found no images in {' '.join(map(str, items)) or 'an empty list'}; "
+                        "give image files or folders of them")
     csv_path = out and os.path.join(writable_folder(out), "predictions.csv")  # tried before the work
     settings, classes = ckpt["transform"], ckpt["classes"]
     augs = data.make_test_augs(settings["resize"], settings["crop"], settings.get("interpolation", "bilinear"))

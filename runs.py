@@ -24,7 +24,6 @@ import data
 import images
 import models
 import train
-from images import limit_megapixels
 from utils import (UserError, first_line, from_process_0, gathered, join_processes, leave_processes, local_first,
                    processes_batch, rank, say, torchrun_start, writable_folder, world_size, write_whole, writing_to)
 
@@ -177,11 +176,10 @@ def plan_runs(mode, options, out):
 # ---------------------------------------------------------------- a run's life
 def trained(options, out, read=None):
     """Train every planned run into out, each continuing its checkpoint (read: those resume read)."""
-    limit_megapixels(options["max_megapixels"])
     device = join_processes(train.try_device(options["device"]))
     out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
     try:
-        with writing_to(out):
+        with images.megapixels_limit(options["max_megapixels"]), writing_to(out):  # for this call alone
             runs = plan_runs(options["mode"], options, out)
             if options["resume"]:  # a run's model.pt named: that run alone
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]

@@ -267,6 +267,14 @@ def test_device_choice(monkeypatch):
         try_device("cuda:2")
 
 
+def test_the_cpu_named_twice_is_refused_before_the_data(folder, tmp_path):
+    """nn.DataParallel splits a batch among GPUs: the CPU twice (or one GPU twice) would run it
+    on the CPU in fp16, DataParallel's type."""
+    for devices in (["cpu", "cpu"], [torch.device("cpu"), "cpu"]):
+        with pytest.raises(UserError, match=r"devices=\['cpu', 'cpu'\]: nn.DataParallel .* give one device"):
+            train.train_fine_tuning(models.scratch_net(), 5e-4, 4, 1, False, data_dir=str(tmp_path / "none"), devices=devices)
+
+
 # ---------------------------------------------------------------- data
 def test_loaders(folder):
     train_set, test_set = data.image_folders(folder)
@@ -1601,11 +1609,39 @@ def test_the_named_gpu_is_made_current_and_macs_run_one_process(monkeypatch):
         utils.join_processes(torch.device("mps"))
 
 
-def test_fp32_is_the_books_arithmetic_without_tf32():
-    make_runtime(torch.device("cpu"), "fp32")
-    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-    make_runtime(torch.device("cpu"), "amp")
-    assert torch.backends.cudnn.allow_tf32  # PyTorch's default, for bf16 runs on GPUs
+def test_fp32_is_the_books_arithmetic_without_tf32_while_it_computes_alone(folder):
+    """cuDNN's flags hold for the whole process: a call sets them while it computes (autotuning;
+    in fp32, no TF32), and the caller has its own back after it, a refused call included."""
+    cudnn = torch.backends.cudnn
+    before = cudnn.benchmark, cudnn.conv.fp32_precision
+    cudnn.benchmark, cudnn.conv.fp32_precision = False, "tf32"  # PyTorch's defaults
+    try:
+        for precision, inside in (("fp32", (True, "ieee")), ("amp", (True, "tf32"))):
+            seen, net = set(), models.scratch_net()
+            net.register_forward_pre_hook(lambda *_: seen.add((cudnn.benchmark, cudnn.conv.fp32_precision)))
+            train.train_fine_tuning(net, 5e-4, 4, 1, False, data_dir=folder, precision=precision)
+            assert seen == {inside} and (cudnn.benchmark, cudnn.conv.fp32_precision) == (False, "tf32")
+            with pytest.raises(UserError):
+                train.train_fine_tuning(net, 5e-4, data_dir=folder + "/none", precision=precision)
+            assert (cudnn.benchmark, cudnn.conv.fp32_precision) == (False, "tf32")
+        assert not torch.backends.cuda.matmul.allow_tf32  # PyTorch's default: fp32 matrix products
+    finally:
+        cudnn.benchmark, cudnn.conv.fp32_precision = before
+
+
+def test_a_runs_image_limit_is_its_own(folder, tmp_path):
+    """max_megapixels holds for the call alone, and in the loader workers it forks; after it,
+    the process reads images as before, the caller's own Image.open included."""
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(UserError, match=r"none of the 8 images can be read.* with images.megapixels_limit\(N\)\)$"):
+        runs.train_runs("scratch", str(tmp_path / "run"), data_dir=folder, max_megapixels=0.001, workers=0)
+    assert Image.MAX_IMAGE_PIXELS == before
+    Image.open(os.path.join(folder, "train", "hotdog", "0.png")).load()
+    limits = type("Limits", (torch.utils.data.Dataset,), dict(__len__=lambda self: 1,
+                                                              __getitem__=lambda self, i: Image.MAX_IMAGE_PIXELS))
+    with images.megapixels_limit(5):
+        assert list(torch.utils.data.DataLoader(limits(), num_workers=1)) == [torch.tensor([5 * 10**6])]
+    assert Image.MAX_IMAGE_PIXELS == before
 
 
 # ---------------------------------------------------------------- nothing silently wrong
@@ -1741,6 +1777,42 @@ def test_the_python_calls_check_what_they_are_given(folder, tmp_path):
         train.make_runtime("cpu", "fp16")
     pictures = [torch.rand(20, 30, 3), torch.rand(20, 30, 3)]  # the book's: height x width x channels, floats
     assert images.show_images(pictures, 1, 2, titles=["one"], path=str(tmp_path / "grid.png")) == str(tmp_path / "grid.png")
+
+
+class OwnNet(torch.nn.Module):
+    """A net of one's own, the book's resnet18 inside it: it has no .fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = models.scratch_net()
+
+    def forward(self, X):
+        return self.body(X)
+
+
+def test_the_python_calls_take_a_net_without_fc_and_refuse_what_they_cannot_use(folder, tmp_path):
+    """The book's train_fine_tuning trains any net with param_group=False, and with param_group
+    names the missing net.fc; train_ch13 needs batches to train and to test on; prediction takes
+    paths, a batch size of 1 or more, and says what an empty list holds. Each in one line."""
+    assert len(train.train_fine_tuning(OwnNet(), 5e-4, 4, 1, param_group=False, data_dir=folder)) == 1
+    with pytest.raises(UserError, match=r"^param_group=True trains net.fc .* this OwnNet has no .fc; give param_group=False"):
+        train.train_fine_tuning(OwnNet(), 5e-4, 4, 1, data_dir=folder)
+    X, y = tiny_set()
+    net, loss = models.scratch_net(), torch.nn.CrossEntropyLoss(reduction="none")
+    for train_iter, test_iter, empty in (([], [(X, y)], "train_iter"), ([(X, y)], [], "test_iter")):
+        with pytest.raises(UserError, match=f"^{empty} gives no batches"):
+            train.train_ch13(net, train_iter, test_iter, loss, torch.optim.SGD(net.parameters(), lr=1e-3), 1, "cpu")
+    runs.train_runs("scratch", str(tmp_path / "run"), data_dir=folder, epochs=1, batch_size=4, workers=0)
+    photo = os.path.join(folder, "test", "hotdog", "0.png")
+    for images_, message in ((None, "images=None is not a path"), (Image.open(photo), "images=<PIL.*is not a path"),
+                             ([photo, Image.open(photo)], r"images=\['.*is not a path or a list of paths")):
+        with pytest.raises(UserError, match=f"^{message}"):
+            predict.predict(str(tmp_path / "run"), images_, workers=0)
+    with pytest.raises(UserError, match="^batch_size=0 is not a whole number, 1 or more"):
+        predict.predict(str(tmp_path / "run"), [photo], batch_size=0, workers=0)
+    with pytest.raises(UserError, match="^found no images in an empty list; give image files"):
+        predict.predict(str(tmp_path / "run"), [], workers=0)
+    assert len(predict.predict(str(tmp_path / "run"), (p for p in [photo]), workers=0)) == 1  # any iterable of paths
 
 
 # ---------------------------------------------------------------- a model to trust: best epoch, stopping, phases, weights

@@ -7,6 +7,7 @@ shows (a line per epoch, the book's Animator and summary, a live progress line).
 keeps a run: runs.py drives the same loop, `ch13_epochs`, from outside, restoring a checkpoint
 before it and saving one after each epoch.
 """
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
 
 def fine_tuning_optimizer(net, learning_rate, param_group=True):
     """The book's SGD. With param_group, the new output layer learns at 10x the base learning rate."""
+    if param_group and not hasattr(net, "fc"):  # a net of one's own: one line, not an AttributeError
+        raise UserError(f"param_group=True trains net.fc at 10x the learning rate, and this {type(net).__name__} "
+                        "has no .fc; give param_group=False, or name its output layer net.fc")
     if param_group:
         params_1x = [param for name, param in net.named_parameters()
                      if name not in ["fc.weight", "fc.bias"]]
@@ -55,6 +59,9 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=No
     computer vision was chapter 13): trains, shows each epoch and the book's summary, and returns
     the history, one dict of metrics per epoch."""
     runtime = make_runtime(devices, precision)
+    for name, loader in (("train_iter", train_iter), ("test_iter", test_iter)):
+        if hasattr(loader, "__len__") and not len(loader):  # else a division by zero, or argmax of nothing
+            raise UserError(f"{name} gives no batches; give it a data set that holds images")
     history, animator = [], images.animator()
     for epoch in ch13_epochs(net, train_iter, test_iter, loss, trainer, range(num_epochs), runtime):
         history.append(epoch.metrics)
@@ -94,18 +101,19 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
     net.train()
     metric = torch.zeros(3, device=runtime.device)  # loss sum, correct, examples; kept on the device
     batches = Progress(train_iter, metric)
-    for X, y in batches:
-        X, y = runtime.input(X), runtime.target(y)
-        with runtime.autocast():
-            pred = net(X)
-            losses = loss(pred, y)
-        optimizer.zero_grad()
-        runtime.scaler.scale(losses.sum()).backward()
-        runtime.scaler.step(optimizer)
-        runtime.scaler.update()
-        metric[0] += losses.detach().sum()
-        metric[1] += (pred.argmax(1) == y).sum()
-        metric[2] += y.numel()
+    with runtime.cudnn_flags():
+        for X, y in batches:
+            X, y = runtime.input(X), runtime.target(y)
+            with runtime.autocast():
+                pred = net(X)
+                losses = loss(pred, y)
+            optimizer.zero_grad()
+            runtime.scaler.scale(losses.sum()).backward()
+            runtime.scaler.step(optimizer)
+            runtime.scaler.update()
+            metric[0] += losses.detach().sum()
+            metric[1] += (pred.argmax(1) == y).sum()
+            metric[2] += y.numel()
     loss_sum, correct, n = all_reduce_sum(metric).tolist()
     return dict(loss=loss_sum / n, train_acc=correct / n, examples=n, first_batch_sec=batches.first_batch_sec)
 
@@ -117,10 +125,11 @@ def evaluate(net, test_iter, runtime):
     same_buffers(net)
     net.eval()
     probs, labels = [], []
-    for X, y in test_iter:
-        with runtime.autocast():
-            probs.append(torch.softmax(net(runtime.input(X)).float(), 1).cpu())
-        labels.append(y)
+    with runtime.cudnn_flags():
+        for X, y in test_iter:
+            with runtime.autocast():
+                probs.append(torch.softmax(net(runtime.input(X)).float(), 1).cpu())
+            labels.append(y)
     return gather_in_order(probs, labels)
 
 
@@ -170,6 +179,7 @@ class Runtime:
     """The devices and their arithmetic. Autocast is off in fp32, and the gradient scaler passes
     everything through unless the autocast type is fp16 (whose small gradients underflow)."""
     devices: list  # the first holds the net and the batches; several GPUs share each batch
+    fp32: bool  # the book's arithmetic, asked for: no autocast, and no TF32 either
     dtype: torch.dtype | None  # autocast's, None for fp32
     memory_format: torch.memory_format
     scaler: torch.amp.GradScaler
@@ -182,6 +192,23 @@ class Runtime:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    @contextlib.contextmanager
+    def cudnn_flags(self):
+        """cuDNN's flags, which hold for the whole process, set as this runtime computes for the
+        block and put back as they were after it. Autotuning on: the input shapes are fixed, so
+        cuDNN times its kernels once and keeps the fastest. In fp32, the book's arithmetic, no
+        TF32 (10 bits of mantissa, not 23), which cuDNN uses for convolutions by default on Ampere
+        and later GPUs (matrix products are fp32 by default)."""
+        cudnn = torch.backends.cudnn
+        before = cudnn.benchmark, cudnn.conv.fp32_precision  # TF32's setting from torch 2.9 on
+        cudnn.benchmark = True
+        if self.fp32:
+            cudnn.conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            cudnn.benchmark, cudnn.conv.fp32_precision = before
 
     def place(self, net):
         return net.to(self.device, memory_format=self.memory_format)
@@ -204,31 +231,32 @@ class Runtime:
 
 
 def make_runtime(devices=None, precision="amp"):
-    """The runtime for a device or a list of them (default: all GPUs, else the best device).
+    """The runtime for a device or a list of GPUs (default: all GPUs, else the best device).
     With precision "amp", on CUDA and on the CPU: channels-last memory format (measured faster
     on the CPU; the usual advice for GPUs with tensor cores), and autocast to the type the
     device computes fastest without losing accuracy (see amp_dtype). With "fp32", and on MPS:
-    the book's arithmetic."""
+    the book's arithmetic. It changes nothing in the process: cuDNN's flags are set while the
+    runtime computes (cudnn_flags)."""
     if isinstance(devices, Runtime):  # made already (train_fine_tuning checks it before the data)
         return devices
     if precision not in ("amp", "fp32"):
         raise UserError(f"precision={precision} is not one this program computes in; give \"amp\" or \"fp32\"")
     names = [devices] if isinstance(devices, (str, torch.device)) else devices
     devices = [try_device(str(name)) for name in names] if names else try_all_gpus()
+    if len(devices) > 1 and (len(set(devices)) < len(devices) or any(d.type != "cuda" for d in devices)):
+        raise UserError(f"devices={[str(d) for d in devices]}: nn.DataParallel splits a batch among different "
+                        "GPUs only; give one device (devices=\"cpu\": one CPU computes on all its cores)")
     amp = precision == "amp" and devices[0].type in ("cuda", "cpu")
-    # fp32 is the book's arithmetic: no TF32 (10 bits of mantissa, not 23), which cuDNN uses for
-    # convolutions by default on Ampere and later GPUs (matrix products are fp32 by default)
-    torch.backends.cudnn.allow_tf32 = precision != "fp32"
     dtype = amp_dtype(devices[0]) if amp else None
     if len(devices) > 1 and dtype:  # nn.DataParallel's threads autocast to fp16, whatever was asked
         dtype = torch.float16
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     # GradScaler's first scale, 2**16, is made for a mean loss; the book's loss is summed over a
     # batch of 128, so its gradients are 128x larger and fp16 would overflow for the first steps
     # (the scaler skips those, and then adapts to any batch size).
     scaler = torch.amp.GradScaler(devices[0].type, init_scale=2.0**16 / 128, enabled=dtype == torch.float16)
     mean, std = (torch.tensor(stats, device=devices[0]).view(-1, 1, 1) for stats in (MEAN, STD))
-    return Runtime(list(devices), dtype, torch.channels_last if amp else torch.contiguous_format, scaler, mean, std)
+    return Runtime(list(devices), precision == "fp32", dtype, torch.channels_last if amp else torch.contiguous_format,
+                   scaler, mean, std)
 
 
 def amp_dtype(device):
