@@ -190,7 +190,7 @@ def book_folders(data_dir):
         if names != classes[0]:
             raise UserError(f"{splits[0]} has classes {classes[0]} but {split} has {names}; "
                             "give both the same class folders")
-    folders = [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs, test_augs))]
+    folders = [ImageFolder(split, augs, data_dir) for split, augs in zip(splits, (train_augs, test_augs, test_augs))]
     unused = sorted(set(subfolders(data_dir)) - {os.path.basename(s) for s in splits})
     if unused:
         folders[1].where += f" ({', '.join(name + '/' for name in unused)} left unused)"
@@ -396,7 +396,7 @@ def samples(data_dir, out="."):
     """The book's first look at the data (§14.2.2.1): 8 images of the first class and 8 of the
     last (fewer where a class has fewer), as loaded and after train_augs; writes out/samples.png
     and returns its path."""
-    folder = ImageFolder(training_folder(data_dir))
+    folder = ImageFolder(training_folder(data_dir), data_dir=data_dir)
     first, last = folder.targets[0], folder.targets[-1]
     picks = [[i for i, t in enumerate(folder.targets) if t == first][:8],
              [i for i, t in enumerate(folder.targets) if t == last][-8:]]

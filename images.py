@@ -175,11 +175,13 @@ def left_out(failed, of):
 class ImageFolder(torchvision.datasets.ImageFolder):
     """torchvision's ImageFolder, for folders as people's devices write them: ignored names are
     never classes or images (pytorch/vision#2831: Jupyter's .ipynb_checkpoints/ would be a class),
-    links are followed but no folder is read twice, classes sort by their NFC names, and images
-    are read by load_rgb. Those that cannot be read are left out with a note (`readable`);
+    links are followed but no folder is read twice and no image of data_dir (the data folder
+    split lies in) leaves its split and class (make_dataset), classes sort by their NFC names,
+    and images are read by load_rgb. Those that cannot be read are left out with a note (`readable`);
     `sizes` holds the (width, height) of the others."""
 
-    def __init__(self, split, transform=None):
+    def __init__(self, split, transform=None, data_dir=None):
+        self.data_dir = data_dir or split  # a folder of class folders alone is its own data folder
         super().__init__(split, transform, loader=load_rgb)
         self.samples, self.sizes = readable(self.samples)
         self.imgs, self.targets = self.samples, [target for _, target in self.samples]
@@ -206,31 +208,45 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         raise UserError(f"no image of class {self.classes[target]} can be read now; put readable images in its folder")
 
     def find_classes(self, directory):
-        folders = class_folders(directory)
+        folders = own_folders(directory, class_folders(directory), self.data_dir)
         classes = list(dict.fromkeys(map(nfc, folders)))  # one class for twin folders
         return [next(f for f in folders if nfc(f) == c) for c in classes], \
             {f: classes.index(nfc(f)) for f in folders}
 
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        """Each image once, under the class whose folder really holds it (a link back up from one
-        class folder reaches the others' images), else under the first class that reaches it."""
-        samples = []
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """Each image once, under the class whose folder holds it. A link may bring in images from
+        elsewhere on the disk (the first class that reaches one takes it), but never another
+        class's or another split's images of the data folder (a link back up reaches them all)."""
+        samples, taken = [], set()
         for name, target in class_to_idx.items():
             folder = os.path.join(directory, name)
-            paths = image_files(folder)
-            if not paths:
+            mine = [path for path in image_files(folder) if os.path.realpath(path) not in taken
+                    and (inside(path, folder) or not inside(path, self.data_dir))]
+            if not mine:
                 raise UserError(f"{folder} holds no images; put images in every class folder, or remove it")
-            samples += [(path, target, inside(path, folder)) for path in paths]
-        owner = {}
-        for path, target, really in sorted(samples, key=lambda s: not s[2]):  # the real holder first
-            owner.setdefault(os.path.realpath(path), (path, target))
-        return sorted({owner[os.path.realpath(path)] for path, _, _ in samples}, key=lambda s: (s[1], s[0]))
+            taken.update(map(os.path.realpath, mine))
+            samples += [(path, target) for path in mine]
+        return sorted(samples, key=lambda s: (s[1], s[0]))
+
+
+def own_folders(directory, folders, data_dir):
+    """The class folders of directory, each where the data folder lays it out: one that is a link
+    to another class's folder, or to a folder elsewhere in data_dir, is refused (its images
+    belong to the class and split whose folder holds them)."""
+    reals = [os.path.realpath(os.path.join(directory, name)) for name in folders]
+    for name, real in zip(folders, reals):
+        folder = os.path.join(directory, name)
+        in_place = os.path.join(os.path.realpath(data_dir), os.path.relpath(folder, data_dir))
+        if real != in_place and (inside(real, data_dir) or reals.count(real) > 1):
+            raise UserError(f"{folder} is a link to {real}, another class's folder or one inside the data folder; "
+                            f"put the images of class {name} in a folder of its own, or remove the link")
+    return folders
 
 
 def inside(path, folder):
-    """Whether the file path leads to lies in folder itself, links followed."""
-    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
+    """Whether path (a file or a folder) lies in folder, links followed; folder itself counts."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def image_paths(items):

@@ -1197,7 +1197,8 @@ def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_p
     hotdog = tmp_path / "d" / "train" / "hotdog"
     os.symlink(hotdog, hotdog / "loop")  # a link back to its own folder
     os.symlink(hotdog / "0.png", hotdog / "link-to-0.png")  # the same file again
-    os.symlink(tmp_path / "d" / "test" / "hotdog", hotdog / "more")  # a linked folder
+    write_folder(tmp_path / "elsewhere", train=1, test=0)
+    os.symlink(tmp_path / "elsewhere" / "train" / "hotdog", hotdog / "more")  # a linked folder outside the data
     os.makedirs(tmp_path / "d" / "train" / "@eaDir")  # Synology's thumbnails
     Image.new("RGB", (8, 8)).save(tmp_path / "d" / "train" / "@eaDir" / "thumb.png")
     (hotdog / "Thumbs.db").write_bytes(b"junk")
@@ -1210,7 +1211,7 @@ def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_p
     os.makedirs(folder)
     os.symlink(hotdog, folder / "linked")  # --predict follows linked folders too
     assert sorted(map(os.path.basename, images.image_paths([str(folder), str(folder / "linked"), str(hotdog / "0.png")]))) \
-        == ["0.png", "0.png", "1.png"]  # each file once (test/'s 0.png too), however often it is named
+        == ["0.png", "0.png", "1.png"]  # each file once (elsewhere's 0.png too), however often it is named
 
 
 def test_class_names_from_a_mac_match_their_twins(tmp_path, capsys):
@@ -1621,6 +1622,29 @@ def test_a_link_back_up_labels_each_image_once_by_its_own_folder(tmp_path, capsy
         assert os.path.basename(os.path.dirname(os.path.realpath(path))) == train_set.classes[target], path
     notes = [line for line in capsys.readouterr().err.splitlines() if "left out" in line]
     assert len(notes) == 1 and "left out 1 file(s)" in notes[0]
+
+
+def test_a_link_never_brings_in_another_splits_or_classs_images(tmp_path, capsys):
+    """A link back up from train/hotdog reaches test/ and train/not-hotdog: each image stays in
+    the split and class whose folder holds it. A class folder that is a link to another class's
+    folder, or to a folder elsewhere in the data folder, is one line."""
+    root = write_folder(tmp_path / "d", train=4, test=2)
+    os.symlink("../..", tmp_path / "d" / "train" / "hotdog" / "up")
+    argv = ["--data-dir", root, "--epochs", 1, "--batch-size", 4, "--workers", 0, "--out", tmp_path / "out"]
+    status, out, err = run_cli(capsys, "--scratch", *argv)
+    assert status == 0 and "training on 8 images, testing on 4 in test/" in out, err
+    for split, folder in zip(("train", "test"), data.image_folders(root)):
+        for path, target in folder.samples:
+            assert os.path.dirname(os.path.realpath(path)) == str(tmp_path / "d" / split / folder.classes[target])
+    os.symlink("test", tmp_path / "d" / "val")  # val/hotdog is test/hotdog
+    with pytest.raises(UserError, match="val/hotdog is a link to .*test/hotdog"):
+        data.image_folders(root)
+    os.remove(tmp_path / "d" / "val")
+    shutil.rmtree(tmp_path / "d" / "train" / "not-hotdog")
+    os.symlink("hotdog", tmp_path / "d" / "train" / "not-hotdog")
+    status, _, err = run_cli(capsys, "--scratch", *argv)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "train/not-hotdog is a link to" in err and "a folder of its own" in err
 
 
 def test_twin_class_folders_are_one_class(tmp_path, capsys):
