@@ -17,7 +17,7 @@ import torchvision
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2
 
-from images import ImageFolder, class_folders, grid, ignored, left_out, load_rgb, nfc
+from images import ImageFolder, class_folders, every_class_read, grid, ignored, left_out, load_rgb, nfc
 from utils import (UserError, local_processes, missing_folders, rank, remove_empty_folders, say, what_to_do, whole,
                    world_size, writable_folder)
 
@@ -278,11 +278,13 @@ class DecodedImages(torch.utils.data.Dataset):
         self.image(i).copy_(pixels)
 
     def leave_out(self, failed):
-        """Leave out the images that could not be decoded, with one note."""
+        """Leave out the images that could not be decoded, with one note; a class left with none is
+        refused, as where its headers cannot be read."""
         left_out(failed, len(self.samples))
         kept = [i for i, shape in enumerate(self.shapes) if shape]
         self.samples, self.targets, self.shapes, self.starts = (
             [items[i] for i in kept] for items in (self.samples, self.targets, self.shapes, self.starts))
+        every_class_read(self)
 
     def image(self, i):
         return self.pixels[self.starts[i]:self.starts[i] + math.prod(self.shapes[i])].view(self.shapes[i])

@@ -172,6 +172,16 @@ def left_out(failed, of):
             file=sys.stderr)
 
 
+def every_class_read(folder):
+    """Refuse a set (an ImageFolder, or one made from it) with a class none of whose images are
+    left once those that cannot be read are left out: no net learns a class it never sees, and
+    balanced class weights would divide by zero."""
+    empty = [name for target, name in enumerate(folder.classes) if target not in folder.targets]
+    if empty:
+        raise UserError(f"{os.path.join(folder.root, empty[0])} holds no image that can be read; put readable "
+                        "images in every class folder, or remove it")
+
+
 class ImageFolder(torchvision.datasets.ImageFolder):
     """torchvision's ImageFolder, for folders as people's devices write them: ignored names are
     never classes or images (pytorch/vision#2831: Jupyter's .ipynb_checkpoints/ would be a class),
@@ -188,10 +198,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         self.where = f"in {os.path.basename(os.path.normpath(split))}/"  # for the run's header line
         self.held_out = None  # where split_by_class made it: the held-out paths
         self.unread = set()  # images whose pixels could not be read (__getitem__)
-        empty = [name for target, name in enumerate(self.classes) if target not in self.targets]
-        if empty:
-            raise UserError(f"{os.path.join(split, empty[0])} holds no image that can be read; put readable "
-                            "images in every class folder, or remove it")
+        every_class_read(self)
 
     def __getitem__(self, i):
         """The image and its class. One whose pixels cannot be read now, though its header could

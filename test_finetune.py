@@ -1708,6 +1708,23 @@ def test_a_truncated_image_is_left_out_with_a_note(cache, tmp_path, capsys):
     assert "note: left out" in err and "cut.png" in err
 
 
+@pytest.mark.parametrize("cache", [[], ["--no-cache"]])
+def test_a_class_whose_only_training_image_is_cut_short_is_refused(cache, tmp_path, capsys):
+    """The header is whole, so the image is found; its pixels are not, so it is left out, where
+    it is decoded (once, or in the epoch that meets it): then hotdog has no image to learn from."""
+    root = write_folder(tmp_path / "d", train=6, test=2)
+    for path in (tmp_path / "d" / "train" / "hotdog").iterdir():
+        path.unlink()
+    cut = tmp_path / "d" / "train" / "hotdog" / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:20000])
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4, "--workers", 0,
+                               "--class-weights", "balanced", *cache, "--out", tmp_path / "out")
+    error = [line for line in err.splitlines() if not line.startswith("note: ")]
+    assert status == 2 and len(error) == 1 and "hotdog" in error[0] and "can be read" in error[0], err
+    assert "epoch 1:" not in out and not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, capsys, monkeypatch):
     real = train.fine_tuning_optimizer
 
