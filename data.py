@@ -225,11 +225,8 @@ def split_by_class(data_dir, val_split, seed, held_out=None):
     test_set = copy.copy(train_set)
     test_set.transform, test_set.held_out = test_augs, sorted(held & set(paths))
     test_set.where = f"of {len(paths)} images, split {val_split:g} by class, seed {seed}"
-    samples, sizes = train_set.samples, train_set.sizes
-    for folder, keep in ((train_set, False), (test_set, True)):
-        picked = [i for i, path in enumerate(paths) if (path in held) == keep]
-        folder.samples = folder.imgs = [samples[i] for i in picked]
-        folder.sizes, folder.targets = [sizes[i] for i in picked], [samples[i][1] for i in picked]
+    for folder, held_part in ((train_set, False), (test_set, True)):
+        folder.keep([i for i, path in enumerate(paths) if (path in held) == held_part])
     return [train_set, test_set]
 
 

@@ -194,23 +194,32 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         self.data_dir = data_dir or split  # a folder of class folders alone is its own data folder
         super().__init__(split, transform, loader=load_rgb)
         self.samples, self.sizes = readable(self.samples)
-        self.imgs, self.targets = self.samples, [target for _, target in self.samples]
+        self.keep(range(len(self.samples)))
         self.where = f"in {os.path.basename(os.path.normpath(split))}/"  # for the run's header line
         self.held_out = None  # where split_by_class made it: the held-out paths
-        self.unread = set()  # images whose pixels could not be read (__getitem__)
         every_class_read(self)
+
+    def keep(self, indices):
+        """Only the samples at indices (a part of a split), with their sizes."""
+        self.samples = self.imgs = [self.samples[i] for i in indices]
+        self.sizes, self.targets = [self.sizes[i] for i in indices], [target for _, target in self.samples]
+        # Whether each image's pixels could not be read (__getitem__), in shared memory: the
+        # loader's worker processes each read some of the images, and one note names each once.
+        self.unread = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __getitem__(self, i):
         """The image and its class. One whose pixels cannot be read now, though its header could
         (a file cut short: found where images are decoded every epoch), is named once and left
         out: the next image of its class stands in."""
         target = self.targets[i]
-        for j in (k for k in itertools.chain(range(i, len(self)), range(i)) if self.targets[k] == target):
+        for j in itertools.chain(range(i, len(self)), range(i)):
+            if self.targets[j] != target or self.unread[j]:
+                continue
             try:
                 return super().__getitem__(j)
             except UserError as e:
-                if self.samples[j][0] not in self.unread:
-                    self.unread.add(self.samples[j][0])
+                if not self.unread[j]:  # another worker may have met it meanwhile
+                    self.unread[j] = True
                     say(f"note: left out {self.samples[j][0]}, which cannot be read now: {e}", file=sys.stderr)
         raise UserError(f"no image of class {self.classes[target]} can be read now; put readable images in its folder")
 

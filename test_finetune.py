@@ -1725,6 +1725,20 @@ def test_a_class_whose_only_training_image_is_cut_short_is_refused(cache, tmp_pa
     assert "epoch 1:" not in out and not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_an_image_cut_short_is_named_once_by_all_loader_workers(tmp_path, capfd):
+    """With --no-cache each worker process reads some of the images, every epoch: the note that
+    leaves a file out is said once, whichever worker meets it, however often (capfd: the
+    workers write to the process's stderr, not to pytest's sys.stderr)."""
+    root = write_folder(tmp_path / "d", train=3, test=2)
+    cut = tmp_path / "d" / "train" / "hotdog" / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:20000])
+    status, out, err = run_cli(capfd, "--scratch", "--data-dir", root, "--epochs", 3, "--batch-size", 4,
+                               "--workers", 2, "--no-cache", "--out", tmp_path / "out")
+    assert status == 0 and "epoch 3:" in out, err
+    assert len([line for line in err.splitlines() if line.startswith("note: left out") and "cut.png" in line]) == 1, err
+
+
 def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, capsys, monkeypatch):
     real = train.fine_tuning_optimizer
 
