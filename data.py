@@ -354,11 +354,12 @@ def load_data(batch_size=128, data_dir=None, root="data"):
     test/, its val/) with train_augs and test_augs, shuffled for training; default the hot-dog
     set, downloaded into root on first use. The command line reads a data folder as devices
     write it instead (datasets: phone photos turned upright, hidden folders skipped, class
-    folders alone split, images decoded once)."""
+    folders alone split, images decoded once). Their worker processes, one per core, start
+    with each pass over a loader and end with it: loaders a notebook keeps hold none."""
     data_dir = data_dir or get_hotdog(root)
     train_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["train"]), transform=train_augs)
     test_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["test", *VAL]), transform=test_augs)
-    return make_loaders(train_imgs, test_imgs, batch_size, default_workers())
+    return make_loaders(train_imgs, test_imgs, batch_size, default_workers(), persistent=False)
 
 
 def class_names(dataset):
@@ -375,9 +376,10 @@ def default_workers(workers=None):
     return max(1, min(16, cores // local_processes()))
 
 
-def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0):
+def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0, persistent=True):
     """Shuffled training and ordered test loaders; under torch.distributed each process gets its
-    share: the global batch is split, and every test image is evaluated by exactly one process."""
+    share: the global batch is split, and every test image is evaluated by exactly one process.
+    persistent: the worker processes live as long as the loaders (a run's: no start-up per epoch)."""
     world = world_size()
     if batch_size < world:
         raise UserError(f"batch_size={batch_size} is smaller than the {world} processes; "
@@ -386,7 +388,7 @@ def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0):
     if world > 1:
         test_set = Subset(test_set, range(rank(), len(test_set), world))
     opts = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
-                persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None)
     return (DataLoader(train_set, batch_size // world, shuffle=sampler is None, sampler=sampler, **opts),
             DataLoader(test_set, batch_size // world, **opts))
 

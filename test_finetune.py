@@ -1739,6 +1739,18 @@ def test_an_image_cut_short_is_named_once_by_all_loader_workers(tmp_path, capfd)
     assert len([line for line in err.splitlines() if line.startswith("note: left out") and "cut.png" in line]) == 1, err
 
 
+def test_the_books_loaders_hold_no_worker_process_between_passes(folder):
+    """In a notebook the loaders live as long as the kernel holds them: their worker processes
+    (one per core) must not."""
+    import multiprocessing
+    train_iter, test_iter = data.load_data(4, folder)
+    assert train_iter.num_workers > 0
+    before = set(multiprocessing.active_children())
+    for loader in (train_iter, test_iter):
+        assert sum(len(y) for _, y in loader) == len(loader.dataset)
+    assert set(multiprocessing.active_children()) <= before
+
+
 def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, capsys, monkeypatch):
     real = train.fine_tuning_optimizer
 
