@@ -17,7 +17,8 @@ import torchvision
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2
 
-from images import ImageFolder, class_folders, every_class_read, grid, ignored, left_out, load_rgb, nfc
+from images import (ImageFolder, class_folders, every_class_read, grid, ignored, inside, left_out, load_rgb,
+                    nfc)
 from utils import (UserError, local_processes, missing_folders, rank, remove_empty_folders, say, what_to_do, whole,
                    world_size, writable_folder)
 
@@ -143,11 +144,12 @@ VAL = ["val", "valid", "validation"]
 SPLITS = ("train", "test", *VAL)
 
 
-def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0, held_out=None):
+def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0, held_out=None, out=None):
     """The training and evaluation ImageFolders of data_dir with the book's augmentations: its
     train/ and test/ (or val/; with both, a third, book_folders), or, where it holds class folders
     alone, a split of them (split_by_class). Decoded once if their pixels fit in cache_budget bytes (default: half the
-    available memory; 0: never)."""
+    available memory; 0: never). out: the run's folder, refused where it would be read as data."""
+    apart(out, data_dir)
     if layout(data_dir) == "classes":
         folders = split_by_class(data_dir, val_split, seed, held_out)
     else:
@@ -166,6 +168,16 @@ def layout(data_dir):
         raise UserError(f"{data_dir} holds both {sorted(splits)} and class folders {sorted(classes)[:3]}; "
                         "keep one layout: train/<class>/ and test/<class>/, or <class>/ alone, to be split")
     return "classes"
+
+
+def apart(out, data_dir):
+    """Refuse a run's folder inside a folder of data_dir whose images are read (its splits, or
+    itself where it holds class folders alone): what a run writes is never read as data."""
+    splits = [os.path.join(data_dir, name) for name in subfolders(data_dir) if name.lower() in SPLITS]
+    for folder in splits or [data_dir]:
+        if out and inside(out, folder):
+            raise UserError(f"out={out} lies in {folder}, whose folders are read as classes of images, "
+                            "and what a run writes there would be too; choose an out= outside it")
 
 
 def subfolders(data_dir):

@@ -1751,6 +1751,21 @@ def test_the_books_loaders_hold_no_worker_process_between_passes(folder):
     assert set(multiprocessing.active_children()) <= before
 
 
+def test_a_runs_folder_inside_the_data_is_never_read_as_data(tmp_path, capsys):
+    """--out among the class folders would be a class (and its pictures images): one line, and
+    nothing left behind; beside train/ and test/ it is a folder left unused, as any other."""
+    root = class_folders_alone(tmp_path / "photos", counts=(4, 4))
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
+                             "--workers", 0, "--out", tmp_path / "photos" / "run2")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--out {tmp_path / 'photos' / 'run2'} lies in {root}" in err and "choose an --out outside it" in err
+    assert sorted(os.listdir(root)) == ["class0", "class1"]
+    book = write_folder(tmp_path / "book", train=2, test=1)
+    with pytest.raises(UserError, match="train, whose folders are read as classes"):
+        data.image_folders(book, out=str(tmp_path / "book" / "train" / "run"))
+    assert len(data.image_folders(book, out=str(tmp_path / "book" / "runs" / "run"))[0]) == 4
+
+
 def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, capsys, monkeypatch):
     real = train.fine_tuning_optimizer
 
