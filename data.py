@@ -209,6 +209,24 @@ def book_folders(data_dir):
     return folders
 
 
+def same_data(sets, ckpt):
+    """Refuse to continue a run (ckpt: its checkpoint) on data that are not what it was trained
+    on, in one line that names the difference: other classes, or val/ and test/ together where
+    they were not (val/ then chooses the epochs, and test/ is kept for a final test), or the
+    other way round."""
+    classes, path, before, now = class_names(sets[0]), ckpt["path"], ckpt.get("final_split"), final_split(sets)
+    if classes != ckpt["classes"]:
+        raise UserError(f"{path} was trained on classes {ckpt['classes']}, not {classes}; continue it with "
+                        "a data folder of those classes")
+    if now and not before:
+        raise UserError(f"{path} was trained with no val/ beside {now}, and {os.path.dirname(sets[1].root)} now holds "
+                        f"{os.path.basename(sets[1].root)}/, which would choose the epochs in {now}'s place; move it out "
+                        "of the data folder to continue the run, or train a new one in another out=")
+    if before and not now:
+        raise UserError(f"{path} chose its epochs on val/ and kept {before} for a final test, but the data folder no "
+                        "longer holds both; put them back to continue the run, or train a new one in another out=")
+
+
 def final_split(sets):
     """The final test's folder ("test/"), where the sets hold one beside val/ (book_folders)."""
     return os.path.basename(os.path.normpath(sets[2].root)) + "/" if len(sets) > 2 else None
@@ -239,6 +257,10 @@ def split_by_class(data_dir, val_split, seed, held_out=None):
     test_set.where = f"of {len(paths)} images, split {val_split:g} by class, seed {seed}"
     for folder, held_part in ((train_set, False), (test_set, True)):
         folder.keep([i for i, path in enumerate(paths) if (path in held) == held_part])
+    lacking = [name for target, name in enumerate(test_set.classes) if target not in test_set.targets]
+    if lacking:  # held_out names none of this folder's images of that class
+        raise UserError(f"{os.path.join(data_dir, lacking[0])} holds none of the images the run held out for testing "
+                        "(held_out.txt); continue it with the folder it was split from, or train anew in another out=")
     return [train_set, test_set]
 
 

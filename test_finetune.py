@@ -1766,6 +1766,49 @@ def test_a_runs_folder_inside_the_data_is_never_read_as_data(tmp_path, capsys):
     assert len(data.image_folders(book, out=str(tmp_path / "book" / "runs" / "run"))[0]) == 4
 
 
+def test_resume_with_the_data_folder_moved(folder, tmp_path, capsys):
+    """--resume RUN --data-dir NEW continues where NEW holds the same classes (a split folder
+    holds out the same images); where not, one line names the difference."""
+    shutil.copytree(folder, tmp_path / "d")
+    argv = ["--epochs", 1, "--batch-size", 4, "--workers", 0]
+    assert run_cli(capsys, "--scratch", "--data-dir", tmp_path / "d", *argv, "--out", tmp_path / "run")[0] == 0
+    os.rename(tmp_path / "d", tmp_path / "moved")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--data-dir", tmp_path / "moved", "--epochs", 2)
+    assert status == 0 and "epoch 2:" in out, err
+    assert json.load(open(tmp_path / "run" / "metrics.json"))["args"]["data_dir"] == str(tmp_path / "moved")
+    three = write_folder(tmp_path / "three", 1, 1, classes={"a": (0, 0, 0), "b": (1, 1, 1), "c": (2, 2, 2)})
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--data-dir", three, "--epochs", 3)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "was trained on classes ['hotdog', 'not-hotdog'], not ['a', 'b', 'c']" in err
+    flat = class_folders_alone(tmp_path / "flat", counts=(5, 5))
+    assert run_cli(capsys, "--scratch", "--data-dir", flat, *argv, "--out", tmp_path / "split")[0] == 0
+    held_out = (tmp_path / "split" / "held_out.txt").read_text()
+    os.rename(flat, tmp_path / "flat2")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "split", "--data-dir", tmp_path / "flat2", "--epochs", 2)
+    assert status == 0 and "testing on 2 of 10 images" in out, err
+    assert (tmp_path / "split" / "held_out.txt").read_text() == held_out
+    for path in held_out.splitlines():  # the images it held out are gone
+        os.remove(tmp_path / "flat2" / path)
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "split", "--data-dir", tmp_path / "flat2", "--epochs", 3)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "held out for testing" in err, err
+
+
+def test_val_added_or_removed_between_runs_names_the_change_and_the_fix(folder, tmp_path, capsys):
+    shutil.copytree(folder, tmp_path / "d")
+    argv = ["--data-dir", tmp_path / "d", "--epochs", 1, "--batch-size", 4, "--workers", 0]
+    assert run_cli(capsys, "--scratch", *argv, "--out", tmp_path / "run")[0] == 0
+    shutil.copytree(tmp_path / "d" / "test", tmp_path / "d" / "val")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"was trained with no val/ beside test/, and {tmp_path / 'd'} now holds val/" in err
+    assert "move it out of the data folder to continue the run, or train a new one in another --out" in err
+    assert run_cli(capsys, "--scratch", *argv, "--out", tmp_path / "run2")[0] == 0
+    shutil.rmtree(tmp_path / "d" / "val")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run2", "--epochs", 2)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "chose its epochs on val/ and kept test/ for a final test" in err and "put them back" in err
+
+
 def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, capsys, monkeypatch):
     real = train.fine_tuning_optimizer
 
