@@ -17,8 +17,7 @@ import torchvision
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2
 
-from images import (ImageFolder, class_folders, every_class_read, grid, ignored, inside, left_out, load_rgb,
-                    nfc)
+from images import ImageFolder, class_folders, every_class_read, grid, ignored, inside, left_out, load_rgb, nfc
 from utils import (UserError, local_processes, missing_folders, rank, remove_empty_folders, say, what_to_do, whole,
                    world_size, writable_folder)
 
