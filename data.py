@@ -17,7 +17,7 @@ import torchvision
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2
 
-from images import ImageFolder, class_folders, grid, ignored, left_out, load_rgb, nfc
+from images import ImageFolder, class_folders, every_class_read, grid, ignored, inside, left_out, load_rgb, nfc
 from utils import (UserError, local_processes, missing_folders, rank, remove_empty_folders, say, what_to_do, whole,
                    world_size, writable_folder)
 
@@ -143,11 +143,12 @@ VAL = ["val", "valid", "validation"]
 SPLITS = ("train", "test", *VAL)
 
 
-def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0, held_out=None):
+def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0, held_out=None, out=None):
     """The training and evaluation ImageFolders of data_dir with the book's augmentations: its
     train/ and test/ (or val/; with both, a third, book_folders), or, where it holds class folders
     alone, a split of them (split_by_class). Decoded once if their pixels fit in cache_budget bytes (default: half the
-    available memory; 0: never)."""
+    available memory; 0: never). out: the run's folder, refused where it would be read as data."""
+    apart(out, data_dir)
     if layout(data_dir) == "classes":
         folders = split_by_class(data_dir, val_split, seed, held_out)
     else:
@@ -166,6 +167,16 @@ def layout(data_dir):
         raise UserError(f"{data_dir} holds both {sorted(splits)} and class folders {sorted(classes)[:3]}; "
                         "keep one layout: train/<class>/ and test/<class>/, or <class>/ alone, to be split")
     return "classes"
+
+
+def apart(out, data_dir):
+    """Refuse a run's folder inside a folder of data_dir whose images are read (its splits, or
+    itself where it holds class folders alone): what a run writes is never read as data."""
+    splits = [os.path.join(data_dir, name) for name in subfolders(data_dir) if name.lower() in SPLITS]
+    for folder in splits or [data_dir]:
+        if out and inside(out, folder):
+            raise UserError(f"out={out} lies in {folder}, whose folders are read as classes of images, "
+                            "and what a run writes there would be too; choose an out= outside it")
 
 
 def subfolders(data_dir):
@@ -190,11 +201,29 @@ def book_folders(data_dir):
         if names != classes[0]:
             raise UserError(f"{splits[0]} has classes {classes[0]} but {split} has {names}; "
                             "give both the same class folders")
-    folders = [ImageFolder(split, augs) for split, augs in zip(splits, (train_augs, test_augs, test_augs))]
+    folders = [ImageFolder(split, augs, data_dir) for split, augs in zip(splits, (train_augs, test_augs, test_augs))]
     unused = sorted(set(subfolders(data_dir)) - {os.path.basename(s) for s in splits})
     if unused:
         folders[1].where += f" ({', '.join(name + '/' for name in unused)} left unused)"
     return folders
+
+
+def same_data(sets, ckpt):
+    """Refuse to continue a run (ckpt: its checkpoint) on data that are not what it was trained
+    on, in one line that names the difference: other classes, or val/ and test/ together where
+    they were not (val/ then chooses the epochs, and test/ is kept for a final test), or the
+    other way round."""
+    classes, path, before, now = class_names(sets[0]), ckpt["path"], ckpt.get("final_split"), final_split(sets)
+    if classes != ckpt["classes"]:
+        raise UserError(f"{path} was trained on classes {ckpt['classes']}, not {classes}; continue it with "
+                        "a data folder of those classes")
+    if now and not before:
+        raise UserError(f"{path} was trained with no val/ beside {now}, and {os.path.dirname(sets[1].root)} now holds "
+                        f"{os.path.basename(sets[1].root)}/, which would choose the epochs in {now}'s place; move it out "
+                        "of the data folder to continue the run, or train a new one in another out=")
+    if before and not now:
+        raise UserError(f"{path} chose its epochs on val/ and kept {before} for a final test, but the data folder no "
+                        "longer holds both; put them back to continue the run, or train a new one in another out=")
 
 
 def final_split(sets):
@@ -225,11 +254,12 @@ def split_by_class(data_dir, val_split, seed, held_out=None):
     test_set = copy.copy(train_set)
     test_set.transform, test_set.held_out = test_augs, sorted(held & set(paths))
     test_set.where = f"of {len(paths)} images, split {val_split:g} by class, seed {seed}"
-    samples, sizes = train_set.samples, train_set.sizes
-    for folder, keep in ((train_set, False), (test_set, True)):
-        picked = [i for i, path in enumerate(paths) if (path in held) == keep]
-        folder.samples = folder.imgs = [samples[i] for i in picked]
-        folder.sizes, folder.targets = [sizes[i] for i in picked], [samples[i][1] for i in picked]
+    for folder, held_part in ((train_set, False), (test_set, True)):
+        folder.keep([i for i, path in enumerate(paths) if (path in held) == held_part])
+    lacking = [name for target, name in enumerate(test_set.classes) if target not in test_set.targets]
+    if lacking:  # held_out names none of this folder's images of that class
+        raise UserError(f"{os.path.join(data_dir, lacking[0])} holds none of the images the run held out for testing "
+                        "(held_out.txt); continue it with the folder it was split from, or train anew in another out=")
     return [train_set, test_set]
 
 
@@ -278,11 +308,13 @@ class DecodedImages(torch.utils.data.Dataset):
         self.image(i).copy_(pixels)
 
     def leave_out(self, failed):
-        """Leave out the images that could not be decoded, with one note."""
+        """Leave out the images that could not be decoded, with one note; a class left with none is
+        refused, as where its headers cannot be read."""
         left_out(failed, len(self.samples))
         kept = [i for i, shape in enumerate(self.shapes) if shape]
         self.samples, self.targets, self.shapes, self.starts = (
             [items[i] for i in kept] for items in (self.samples, self.targets, self.shapes, self.starts))
+        every_class_read(self)
 
     def image(self, i):
         return self.pixels[self.starts[i]:self.starts[i] + math.prod(self.shapes[i])].view(self.shapes[i])
@@ -355,11 +387,12 @@ def load_data(batch_size=128, data_dir=None, root="data"):
     test/, its val/) with train_augs and test_augs, shuffled for training; default the hot-dog
     set, downloaded into root on first use. The command line reads a data folder as devices
     write it instead (datasets: phone photos turned upright, hidden folders skipped, class
-    folders alone split, images decoded once)."""
+    folders alone split, images decoded once). Their worker processes, one per core, start
+    with each pass over a loader and end with it: loaders a notebook keeps hold none."""
     data_dir = data_dir or get_hotdog(root)
     train_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["train"]), transform=train_augs)
     test_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["test", *VAL]), transform=test_augs)
-    return make_loaders(train_imgs, test_imgs, batch_size, default_workers())
+    return make_loaders(train_imgs, test_imgs, batch_size, default_workers(), persistent=False)
 
 
 def class_names(dataset):
@@ -376,9 +409,10 @@ def default_workers(workers=None):
     return max(1, min(16, cores // local_processes()))
 
 
-def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0):
+def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0, persistent=True):
     """Shuffled training and ordered test loaders; under torch.distributed each process gets its
-    share: the global batch is split, and every test image is evaluated by exactly one process."""
+    share: the global batch is split, and every test image is evaluated by exactly one process.
+    persistent: the worker processes live as long as the loaders (a run's: no start-up per epoch)."""
     world = world_size()
     if batch_size < world:
         raise UserError(f"batch_size={batch_size} is smaller than the {world} processes; "
@@ -387,7 +421,7 @@ def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0):
     if world > 1:
         test_set = Subset(test_set, range(rank(), len(test_set), world))
     opts = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
-                persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None)
     return (DataLoader(train_set, batch_size // world, shuffle=sampler is None, sampler=sampler, **opts),
             DataLoader(test_set, batch_size // world, **opts))
 
@@ -396,7 +430,7 @@ def samples(data_dir, out="."):
     """The book's first look at the data (§14.2.2.1): 8 images of the first class and 8 of the
     last (fewer where a class has fewer), as loaded and after train_augs; writes out/samples.png
     and returns its path."""
-    folder = ImageFolder(training_folder(data_dir))
+    folder = ImageFolder(training_folder(data_dir), data_dir=data_dir)
     first, last = folder.targets[0], folder.targets[-1]
     picks = [[i for i, t in enumerate(folder.targets) if t == first][:8],
              [i for i, t in enumerate(folder.targets) if t == last][-8:]]

@@ -179,65 +179,97 @@ def left_out(failed, of):
             file=sys.stderr)
 
 
+def every_class_read(folder):
+    """Refuse a set (an ImageFolder, or one made from it) with a class none of whose images are
+    left once those that cannot be read are left out: no net learns a class it never sees, and
+    balanced class weights would divide by zero."""
+    empty = [name for target, name in enumerate(folder.classes) if target not in folder.targets]
+    if empty:
+        raise UserError(f"{os.path.join(folder.root, empty[0])} holds no image that can be read; put readable "
+                        "images in every class folder, or remove it")
+
+
 class ImageFolder(torchvision.datasets.ImageFolder):
     """torchvision's ImageFolder, for folders as people's devices write them: ignored names are
     never classes or images (pytorch/vision#2831: Jupyter's .ipynb_checkpoints/ would be a class),
-    links are followed but no folder is read twice, classes sort by their NFC names, and images
-    are read by load_rgb. Those that cannot be read are left out with a note (`readable`);
+    links are followed but no folder is read twice and no image of data_dir (the data folder
+    split lies in) leaves its split and class (make_dataset), classes sort by their NFC names,
+    and images are read by load_rgb. Those that cannot be read are left out with a note (`readable`);
     `sizes` holds the (width, height) of the others."""
 
-    def __init__(self, split, transform=None):
+    def __init__(self, split, transform=None, data_dir=None):
+        self.data_dir = data_dir or split  # a folder of class folders alone is its own data folder
         super().__init__(split, transform, loader=load_rgb)
         self.samples, self.sizes = readable(self.samples)
-        self.imgs, self.targets = self.samples, [target for _, target in self.samples]
+        self.keep(range(len(self.samples)))
         self.where = f"in {os.path.basename(os.path.normpath(split))}/"  # for the run's header line
         self.held_out = None  # where split_by_class made it: the held-out paths
-        self.unread = set()  # images whose pixels could not be read (__getitem__)
-        empty = [name for target, name in enumerate(self.classes) if target not in self.targets]
-        if empty:
-            raise UserError(f"{os.path.join(split, empty[0])} holds no image that can be read; put readable "
-                            "images in every class folder, or remove it")
+        every_class_read(self)
+
+    def keep(self, indices):
+        """Only the samples at indices (a part of a split), with their sizes."""
+        self.samples = self.imgs = [self.samples[i] for i in indices]
+        self.sizes, self.targets = [self.sizes[i] for i in indices], [target for _, target in self.samples]
+        # Whether each image's pixels could not be read (__getitem__), in shared memory: the
+        # loader's worker processes each read some of the images, and one note names each once.
+        self.unread = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __getitem__(self, i):
         """The image and its class. One whose pixels cannot be read now, though its header could
         (a file cut short: found where images are decoded every epoch), is named once and left
         out: the next image of its class stands in."""
         target = self.targets[i]
-        for j in (k for k in itertools.chain(range(i, len(self)), range(i)) if self.targets[k] == target):
+        for j in itertools.chain(range(i, len(self)), range(i)):
+            if self.targets[j] != target or self.unread[j]:
+                continue
             try:
                 return super().__getitem__(j)
             except UserError as e:
-                if self.samples[j][0] not in self.unread:
-                    self.unread.add(self.samples[j][0])
+                if not self.unread[j]:  # another worker may have met it meanwhile
+                    self.unread[j] = True
                     say(f"note: left out {self.samples[j][0]}, which cannot be read now: {e}", file=sys.stderr)
         raise UserError(f"no image of class {self.classes[target]} can be read now; put readable images in its folder")
 
     def find_classes(self, directory):
-        folders = class_folders(directory)
+        folders = own_folders(directory, class_folders(directory), self.data_dir)
         classes = list(dict.fromkeys(map(nfc, folders)))  # one class for twin folders
         return [next(f for f in folders if nfc(f) == c) for c in classes], \
             {f: classes.index(nfc(f)) for f in folders}
 
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        """Each image once, under the class whose folder really holds it (a link back up from one
-        class folder reaches the others' images), else under the first class that reaches it."""
-        samples = []
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """Each image once, under the class whose folder holds it. A link may bring in images from
+        elsewhere on the disk (the first class that reaches one takes it), but never another
+        class's or another split's images of the data folder (a link back up reaches them all)."""
+        samples, taken = [], set()
         for name, target in class_to_idx.items():
             folder = os.path.join(directory, name)
-            paths = image_files(folder)
-            if not paths:
+            mine = [path for path in image_files(folder) if os.path.realpath(path) not in taken
+                    and (inside(path, folder) or not inside(path, self.data_dir))]
+            if not mine:
                 raise UserError(f"{folder} holds no images; put images in every class folder, or remove it")
-            samples += [(path, target, inside(path, folder)) for path in paths]
-        owner = {}
-        for path, target, really in sorted(samples, key=lambda s: not s[2]):  # the real holder first
-            owner.setdefault(os.path.realpath(path), (path, target))
-        return sorted({owner[os.path.realpath(path)] for path, _, _ in samples}, key=lambda s: (s[1], s[0]))
+            taken.update(map(os.path.realpath, mine))
+            samples += [(path, target) for path in mine]
+        return sorted(samples, key=lambda s: (s[1], s[0]))
+
+
+def own_folders(directory, folders, data_dir):
+    """The class folders of directory, each where the data folder lays it out: one that is a link
+    to another class's folder, or to a folder elsewhere in data_dir, is refused (its images
+    belong to the class and split whose folder holds them)."""
+    reals = [os.path.realpath(os.path.join(directory, name)) for name in folders]
+    for name, real in zip(folders, reals):
+        folder = os.path.join(directory, name)
+        in_place = os.path.join(os.path.realpath(data_dir), os.path.relpath(folder, data_dir))
+        if real != in_place and (inside(real, data_dir) or reals.count(real) > 1):
+            raise UserError(f"{folder} is a link to {real}, another class's folder or one inside the data folder; "
+                            f"put the images of class {name} in a folder of its own, or remove the link")
+    return folders
 
 
 def inside(path, folder):
-    """Whether the file path leads to lies in folder itself, links followed."""
-    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
+    """Whether path (a file or a folder) lies in folder, links followed; folder itself counts."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def image_paths(items):

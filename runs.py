@@ -54,7 +54,8 @@ OPTIONS = dict(
 DEFAULTS = {name: default for name, (default, _, _) in OPTIONS.items()}
 PATHS = {"data_dir", "data_root", "weights"}  # made absolute, and compared so
 PRETRAINED_ONLY = ("weights", "freeze", "init_head_from_imagenet", "freeze_epochs")
-MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "out", "resume", "typed"}  # on resume
+# Those a continued run may be given anew; data_dir: a folder moved, whose classes data.same_data compares.
+MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "data_dir", "out", "resume", "typed"}
 
 
 def checked(name, value):
@@ -200,7 +201,7 @@ def load_sets(options, held_out=None):
     budget = None if options["cache_gb"] is None else int(options["cache_gb"] * 2**30)
     sets = data.datasets(options["data_dir"], "dummy" if options["dummy"] else options["dataset"],
                          options["data_root"], cache_budget=budget, workers=options["workers"] or 1,
-                         val_split=options["val_split"], seed=options["seed"], held_out=held_out)
+                         val_split=options["val_split"], seed=options["seed"], held_out=held_out, out=options["out"])
     return data.with_augs(sets, models.preprocessing(options["arch"]))
 
 
@@ -210,11 +211,8 @@ def train_one(run, options, sets, device, ckpt):
     runtime = train.make_runtime(device, options["precision"])
     about = described(run, options, sets, runtime)
     if ckpt:
-        refuse_changes({**ckpt["args"], "layout": ckpt.get("final_split")},
-                       {**about["args"], "layout": about["final_split"]}, ckpt["path"])
-        if ckpt["classes"] != about["classes"]:
-            raise UserError(f"{ckpt['path']} was trained on classes {ckpt['classes']}, not {about['classes']}; "
-                            "continue it with the data it was trained on")
+        refuse_changes(ckpt["args"], about["args"], ckpt["path"])
+        data.same_data(sets, ckpt)
     history = ckpt["history"] if ckpt else []
     try:
         if len(history) >= options["epochs"] or stalled(history, options["patience"], frozen_epochs(run, options)):

@@ -1221,7 +1221,8 @@ def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_p
     hotdog = tmp_path / "d" / "train" / "hotdog"
     os.symlink(hotdog, hotdog / "loop")  # a link back to its own folder
     os.symlink(hotdog / "0.png", hotdog / "link-to-0.png")  # the same file again
-    os.symlink(tmp_path / "d" / "test" / "hotdog", hotdog / "more")  # a linked folder
+    write_folder(tmp_path / "elsewhere", train=1, test=0)
+    os.symlink(tmp_path / "elsewhere" / "train" / "hotdog", hotdog / "more")  # a linked folder outside the data
     os.makedirs(tmp_path / "d" / "train" / "@eaDir")  # Synology's thumbnails
     Image.new("RGB", (8, 8)).save(tmp_path / "d" / "train" / "@eaDir" / "thumb.png")
     (hotdog / "Thumbs.db").write_bytes(b"junk")
@@ -1234,7 +1235,7 @@ def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_p
     os.makedirs(folder)
     os.symlink(hotdog, folder / "linked")  # --predict follows linked folders too
     assert sorted(map(os.path.basename, images.image_paths([str(folder), str(folder / "linked"), str(hotdog / "0.png")]))) \
-        == ["0.png", "0.png", "1.png"]  # each file once (test/'s 0.png too), however often it is named
+        == ["0.png", "0.png", "1.png"]  # each file once (elsewhere's 0.png too), however often it is named
 
 
 def test_class_names_from_a_mac_match_their_twins(tmp_path, capsys):
@@ -1670,6 +1671,29 @@ def test_a_link_back_up_labels_each_image_once_by_its_own_folder(tmp_path, capsy
     assert len(notes) == 1 and "left out 1 file(s)" in notes[0]
 
 
+def test_a_link_never_brings_in_another_splits_or_classs_images(tmp_path, capsys):
+    """A link back up from train/hotdog reaches test/ and train/not-hotdog: each image stays in
+    the split and class whose folder holds it. A class folder that is a link to another class's
+    folder, or to a folder elsewhere in the data folder, is one line."""
+    root = write_folder(tmp_path / "d", train=4, test=2)
+    os.symlink("../..", tmp_path / "d" / "train" / "hotdog" / "up")
+    argv = ["--data-dir", root, "--epochs", 1, "--batch-size", 4, "--workers", 0, "--out", tmp_path / "out"]
+    status, out, err = run_cli(capsys, "--scratch", *argv)
+    assert status == 0 and "training on 8 images, testing on 4 in test/" in out, err
+    for split, folder in zip(("train", "test"), data.image_folders(root)):
+        for path, target in folder.samples:
+            assert os.path.dirname(os.path.realpath(path)) == str(tmp_path / "d" / split / folder.classes[target])
+    os.symlink("test", tmp_path / "d" / "val")  # val/hotdog is test/hotdog
+    with pytest.raises(UserError, match="val/hotdog is a link to .*test/hotdog"):
+        data.image_folders(root)
+    os.remove(tmp_path / "d" / "val")
+    shutil.rmtree(tmp_path / "d" / "train" / "not-hotdog")
+    os.symlink("hotdog", tmp_path / "d" / "train" / "not-hotdog")
+    status, _, err = run_cli(capsys, "--scratch", *argv)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "train/not-hotdog is a link to" in err and "a folder of its own" in err
+
+
 def test_twin_class_folders_are_one_class(tmp_path, capsys):
     """café written by a Mac (NFD) beside café written elsewhere (NFC): one class, both folders' images."""
     import unicodedata
@@ -1728,6 +1752,107 @@ def test_a_truncated_image_is_left_out_with_a_note(cache, tmp_path, capsys):
                                "--workers", 0, *cache, "--out", tmp_path / "out")
     assert status == 0 and "epoch 1:" in out, err
     assert "note: left out" in err and "cut.png" in err
+
+
+@pytest.mark.parametrize("cache", [[], ["--no-cache"]])
+def test_a_class_whose_only_training_image_is_cut_short_is_refused(cache, tmp_path, capsys):
+    """The header is whole, so the image is found; its pixels are not, so it is left out, where
+    it is decoded (once, or in the epoch that meets it): then hotdog has no image to learn from."""
+    root = write_folder(tmp_path / "d", train=6, test=2)
+    for path in (tmp_path / "d" / "train" / "hotdog").iterdir():
+        path.unlink()
+    cut = tmp_path / "d" / "train" / "hotdog" / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:20000])
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4, "--workers", 0,
+                               "--class-weights", "balanced", *cache, "--out", tmp_path / "out")
+    error = [line for line in err.splitlines() if not line.startswith("note: ")]
+    assert status == 2 and len(error) == 1 and "hotdog" in error[0] and "can be read" in error[0], err
+    assert "epoch 1:" not in out and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_an_image_cut_short_is_named_once_by_all_loader_workers(tmp_path, capfd):
+    """With --no-cache each worker process reads some of the images, every epoch: the note that
+    leaves a file out is said once, whichever worker meets it, however often (capfd: the
+    workers write to the process's stderr, not to pytest's sys.stderr)."""
+    root = write_folder(tmp_path / "d", train=3, test=2)
+    cut = tmp_path / "d" / "train" / "hotdog" / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:20000])
+    status, out, err = run_cli(capfd, "--scratch", "--data-dir", root, "--epochs", 3, "--batch-size", 4,
+                               "--workers", 2, "--no-cache", "--out", tmp_path / "out")
+    assert status == 0 and "epoch 3:" in out, err
+    assert len([line for line in err.splitlines() if line.startswith("note: left out") and "cut.png" in line]) == 1, err
+
+
+def test_the_books_loaders_hold_no_worker_process_between_passes(folder):
+    """In a notebook the loaders live as long as the kernel holds them: their worker processes
+    (one per core) must not."""
+    import multiprocessing
+    train_iter, test_iter = data.load_data(4, folder)
+    assert train_iter.num_workers > 0
+    before = set(multiprocessing.active_children())
+    for loader in (train_iter, test_iter):
+        assert sum(len(y) for _, y in loader) == len(loader.dataset)
+    assert set(multiprocessing.active_children()) <= before
+
+
+def test_a_runs_folder_inside_the_data_is_never_read_as_data(tmp_path, capsys):
+    """--out among the class folders would be a class (and its pictures images): one line, and
+    nothing left behind; beside train/ and test/ it is a folder left unused, as any other."""
+    root = class_folders_alone(tmp_path / "photos", counts=(4, 4))
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
+                             "--workers", 0, "--out", tmp_path / "photos" / "run2")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--out {tmp_path / 'photos' / 'run2'} lies in {root}" in err and "choose an --out outside it" in err
+    assert sorted(os.listdir(root)) == ["class0", "class1"]
+    book = write_folder(tmp_path / "book", train=2, test=1)
+    with pytest.raises(UserError, match="train, whose folders are read as classes"):
+        data.image_folders(book, out=str(tmp_path / "book" / "train" / "run"))
+    assert len(data.image_folders(book, out=str(tmp_path / "book" / "runs" / "run"))[0]) == 4
+
+
+def test_resume_with_the_data_folder_moved(folder, tmp_path, capsys):
+    """--resume RUN --data-dir NEW continues where NEW holds the same classes (a split folder
+    holds out the same images); where not, one line names the difference."""
+    shutil.copytree(folder, tmp_path / "d")
+    argv = ["--epochs", 1, "--batch-size", 4, "--workers", 0]
+    assert run_cli(capsys, "--scratch", "--data-dir", tmp_path / "d", *argv, "--out", tmp_path / "run")[0] == 0
+    os.rename(tmp_path / "d", tmp_path / "moved")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--data-dir", tmp_path / "moved", "--epochs", 2)
+    assert status == 0 and "epoch 2:" in out, err
+    assert json.load(open(tmp_path / "run" / "metrics.json"))["args"]["data_dir"] == str(tmp_path / "moved")
+    three = write_folder(tmp_path / "three", 1, 1, classes={"a": (0, 0, 0), "b": (1, 1, 1), "c": (2, 2, 2)})
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--data-dir", three, "--epochs", 3)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "was trained on classes ['hotdog', 'not-hotdog'], not ['a', 'b', 'c']" in err
+    flat = class_folders_alone(tmp_path / "flat", counts=(5, 5))
+    assert run_cli(capsys, "--scratch", "--data-dir", flat, *argv, "--out", tmp_path / "split")[0] == 0
+    held_out = (tmp_path / "split" / "held_out.txt").read_text()
+    os.rename(flat, tmp_path / "flat2")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "split", "--data-dir", tmp_path / "flat2", "--epochs", 2)
+    assert status == 0 and "testing on 2 of 10 images" in out, err
+    assert (tmp_path / "split" / "held_out.txt").read_text() == held_out
+    for path in held_out.splitlines():  # the images it held out are gone
+        os.remove(tmp_path / "flat2" / path)
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "split", "--data-dir", tmp_path / "flat2", "--epochs", 3)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "held out for testing" in err, err
+
+
+def test_val_added_or_removed_between_runs_names_the_change_and_the_fix(folder, tmp_path, capsys):
+    shutil.copytree(folder, tmp_path / "d")
+    argv = ["--data-dir", tmp_path / "d", "--epochs", 1, "--batch-size", 4, "--workers", 0]
+    assert run_cli(capsys, "--scratch", *argv, "--out", tmp_path / "run")[0] == 0
+    shutil.copytree(tmp_path / "d" / "test", tmp_path / "d" / "val")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"was trained with no val/ beside test/, and {tmp_path / 'd'} now holds val/" in err
+    assert "move it out of the data folder to continue the run, or train a new one in another --out" in err
+    assert run_cli(capsys, "--scratch", *argv, "--out", tmp_path / "run2")[0] == 0
+    shutil.rmtree(tmp_path / "d" / "val")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run2", "--epochs", 2)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "chose its epochs on val/ and kept test/ for a final test" in err and "put them back" in err
 
 
 def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, capsys, monkeypatch):
