@@ -120,11 +120,12 @@ def train(options):
 
 
 def print_result(result):
-    """A run's last evaluation (up to 10 classes: the confusion matrix and each class's figures),
-    the epoch it kept, and its final test."""
+    """The evaluation of the epoch best.pt keeps (up to 10 classes: the confusion matrix and each
+    class's figures), whether the run stopped early, which epoch it kept, and its final test."""
     name, classes, history = result["name"], result["classes"], result["history"]
     if "per_class" in result and len(classes) <= 10:
-        say(f"{name}: confusion (rows: true class, columns: predicted), then precision, recall, F1, count:")
+        of = f" of epoch {result['figures_epoch']}, the one best.pt keeps" if "figures_epoch" in result else ""
+        say(f"{name}: confusion{of} (rows: true class, columns: predicted), then precision, recall, F1, count:")
         for c, row in zip(classes, result["confusion"]):
             figure = result["per_class"][c]
             say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row)
@@ -150,7 +151,8 @@ def print_table(results):
             book = f"test acc {runs.DATASETS['cifar10']['book_test_acc']}"
         else:
             book = "loss {:.3f}, train acc {:.3f}, test acc {:.3f}".format(*runs.RECIPES[r["mode"]]["book"])
-        say(f"{r['name']:<24} {r['loss']:6.3f} {r['train_acc']:9.3f} {r['test_acc']:8.3f} "
+        loss = float("nan") if r["loss"] is None else r["loss"]  # metrics.json's null: a run that diverged
+        say(f"{r['name']:<24} {loss:6.3f} {r['train_acc']:9.3f} {r['test_acc']:8.3f} "
             f"{r['examples_per_sec']:8.1f}   {book}")
 
 

@@ -23,7 +23,7 @@ import torchvision
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from utils import UserError, say, write_whole
+from utils import UserError, remove, say, write_whole
 
 # torchvision's image types, and what phones and the web also give: GIF, and HEIC (read where the
 # pillow-heif plugin is installed, and otherwise named as unreadable, never skipped unsaid).
@@ -382,10 +382,14 @@ def grid(rows, captions, path, scale=1.6):
 
 def mistakes(test_set, probs, labels, classes, path):
     """Up to 16 test images the net gets wrong (probs: its evaluation of test_set), captioned
-    with the true and the predicted class."""
+    with the true and the predicted class. Where it gets none wrong, no picture: one that path
+    held before is removed, since it shows mistakes that these figures no longer have."""
     preds = probs.argmax(1)
     wrong = (preds != labels).nonzero().flatten()[:16].tolist()
+    if not wrong:
+        remove(path)
+        return None
     pictures = [test_set[i][0] for i in wrong]
     captions = [f"true {classes[labels[i]]}\npred {classes[preds[i]]} {probs[i].max():.2f}" for i in wrong]
     return grid([pictures[i:i + 8] for i in range(0, len(wrong), 8)],
-                [captions[i:i + 8] for i in range(0, len(wrong), 8)], path, scale=2) if wrong else None
+                [captions[i:i + 8] for i in range(0, len(wrong), 8)], path, scale=2)

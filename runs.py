@@ -8,7 +8,6 @@ it, save after each epoch. Also continuing (`resume`), patience, two phases and 
     trained = runs.resume("runs/photos", epochs=5)     # two more epochs, after a restart too
 """
 import contextlib
-import io
 import json
 import os
 import platform
@@ -24,8 +23,8 @@ import data
 import images
 import models
 import train
-from utils import (UserError, first_line, from_process_0, gathered, join_processes, leave_processes, local_first,
-                   processes_batch, rank, say, torchrun_start, writable_folder, world_size, write_whole, writing_to)
+from utils import (UserError, finite, first_line, from_process_0, gathered, join_processes, leave_processes, local_first,
+                   processes_batch, rank, saved, say, torchrun_start, writable_folder, world_size, write_whole, writing_to)
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
 RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
@@ -54,6 +53,8 @@ OPTIONS = dict(
 DEFAULTS = {name: default for name, (default, _, _) in OPTIONS.items()}
 PATHS = {"data_dir", "data_root", "weights"}  # made absolute, and compared so
 PRETRAINED_ONLY = ("weights", "freeze", "init_head_from_imagenet", "freeze_epochs")
+SUMMARY = ("loss", "train_acc", "test_acc")
+VERSIONS = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
 # Those a continued run may be given anew; data_dir: a folder moved, whose classes data.same_data compares.
 MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "data_dir", "out", "resume", "typed"}
 
@@ -108,8 +109,6 @@ def resume(path, **given):
     if unknown:
         raise UserError(f"resume takes the options {list(OPTIONS)}, not {unknown}")
     given = {key: checked(key, value) if key in OPTIONS else value for key, value in given.items()}
-    if os.path.basename(os.path.normpath(path)) == "best.pt":
-        raise UserError(f"{path} is the epoch a run kept, for prediction; continue the run from its model.pt or folder")
     alone = not os.path.isdir(path)
     path = os.path.abspath(models.checkpoint_in(path))
     ckpt = run_checkpoint(path)  # the only time this process reads it
@@ -151,8 +150,7 @@ def settled(mode, given, typed=None):
     options["epochs"] = options["epochs"] or DATASETS[options["dataset"]]["epochs"]
     options["lr"] = lrs(options["lr"])
     options["workers"] = data.default_workers(options["workers"])
-    for key in PATHS:
-        options[key] = options[key] and os.path.abspath(options[key])
+    options.update({key: options[key] and os.path.abspath(options[key]) for key in PATHS})
     return options
 
 
@@ -188,7 +186,7 @@ def trained(options, out, read=None):
             start = time.perf_counter()
             sets = local_first(load_sets, options, next((c.get("held_out") for c in ckpts if c), None))
             say(f"data ready in {time.perf_counter() - start:.1f} s")
-            results = [train_one(run, options, sets, device, ckpt) for run, ckpt in zip(runs, ckpts)]
+            results = [train_one(run, run_options(run, options), sets, device, ckpt) for run, ckpt in zip(runs, ckpts)]
             if rank() == 0 and len(runs) > 1:
                 images.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
             return Trained(out, results)
@@ -206,20 +204,22 @@ def load_sets(options, held_out=None):
 
 
 def train_one(run, options, sets, device, ckpt):
-    """Train one net into its folder, continuing ckpt, then test it on a final test set where
-    the data has one. Returns the run's result."""
+    """Train one net into its folder with its options (run_options), continuing ckpt (a finished
+    run's missing results written again), then test it on a final test set where the data has
+    one. Returns the run's result."""
     runtime = train.make_runtime(device, options["precision"])
     about = described(run, options, sets, runtime)
     if ckpt:
-        refuse_changes(ckpt["args"], about["args"], ckpt["path"])
+        refuse_changes(run_options(run, ckpt["args"]), about["args"], ckpt["path"])
         data.same_data(sets, ckpt)
     history = ckpt["history"] if ckpt else []
     try:
-        if len(history) >= options["epochs"] or stalled(history, options["patience"], frozen_epochs(run, options)):
+        if len(history) >= options["epochs"] or stalled(history, options["patience"], options["freeze_epochs"]):
             say(f"{run.name}: finished its {len(history)} epochs already; "
                 + (f"it stopped early (patience {options['patience']})" if len(history) < options["epochs"]
                    else "give more epochs to train on"))
-            result = finished(run.out, ckpt)
+            held(run.out, ckpt)  # best.pt, where it is missing
+            result = finished(run.out, ckpt) or concluded(run, sets, options, runtime, {**about, "history": history})
         else:
             result = train_net(run, options, sets, runtime, about, ckpt)
         if len(sets) > 2 and "final_test" not in result:  # once, with the epoch kept; also after Ctrl-C in it
@@ -246,25 +246,24 @@ def train_net(run, options, sets, runtime, about, ckpt):
     loss = nn.CrossEntropyLoss(weight=weights, reduction="none")  # the book's; weighed by class where asked
     optimizer = train.fine_tuning_optimizer(net, run.lr, RECIPES[run.mode]["param_group"] and not options["no_param_group"])
     history = restore(ckpt, net, optimizer, runtime.scaler)  # [] for a fresh run
+    kept = held(run.out, ckpt)
     say(header(run, options, sets, runtime, weights))
     if rank() == 0:
         writable_folder(run.out)  # a run of several has a folder of its own in out
 
     def book_epochs(start, end):  # the book's loop, over epochs start + 1 to end
         return train.ch13_epochs(net, train_iter, test_iter, loss, optimizer, range(start, end), runtime)
-    animator, frozen = images.animator(), frozen_epochs(run, options)
+    animator, frozen = images.animator(), options["freeze_epochs"]
     for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
         history.append(epoch.metrics)
         train.show_epoch(history, animator)
-        save(run.out, history, about, dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
-                                           scaler=runtime.scaler.state_dict()))
+        kept = max(kept or epoch.metrics, epoch.metrics, key=lambda m: m["test_acc"])  # the earlier of ties
+        state = dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=runtime.scaler.state_dict())
+        save(run.out, history, about, state, best=kept is epoch.metrics)
         if stalled(history, options["patience"], frozen):
             break
     train.show_summary(history, runtime)
-    result = results(history, epoch, about)
-    if rank() == 0:
-        write_results(run.out, result, epoch, sets[1])
-    return result
+    return concluded(run, sets, options, runtime, {**about, "history": history}, epoch)
 
 
 # ---------------------------------------------------------------- beyond the book
@@ -279,9 +278,9 @@ def two_phases(book_epochs, net, first, frozen, num_epochs):
     yield from book_epochs(max(first, frozen), num_epochs)
 
 
-def frozen_epochs(run, options):
-    """Only a pretrained net has features worth keeping fixed in a first phase."""
-    return options["freeze_epochs"] if run.mode == "pretrained" else 0
+def run_options(run, options):
+    """The options as run uses them: only a pretrained net has features worth keeping or fixing."""
+    return options if run.mode == "pretrained" else {**options, **{key: DEFAULTS[key] for key in PRETRAINED_ONLY}}
 
 
 def stalled(history, patience, frozen=0):
@@ -289,12 +288,8 @@ def stalled(history, patience, frozen=0):
     the first `frozen` epochs at the earliest (every layer learns only then). Never for None."""
     if not (patience and history):
         return False
-    return history[-1]["epoch"] - max(best_epoch(history)["epoch"], frozen) >= patience
-
-
-def best_epoch(history):
-    """The epoch best.pt keeps: the highest accuracy on the evaluation set, the earliest of ties."""
-    return max(history, key=lambda m: m["test_acc"])
+    best = max(history, key=lambda m: m["test_acc"])  # the earliest of ties
+    return history[-1]["epoch"] - max(best["epoch"], frozen) >= patience
 
 
 def loss_weights(kind, train_set, device):
@@ -308,16 +303,20 @@ def loss_weights(kind, train_set, device):
 
 
 def final_test(run, sets, options, runtime):
-    """The final test set evaluated once, with the weights best.pt keeps (model.pt's, for a run
-    begun before best.pt was kept): which epoch's, the accuracy, and the figures."""
-    best = os.path.join(run.out, "best.pt")
-    best = from_process_0(models.load_checkpoint(best if os.path.exists(best) else os.path.join(run.out, "model.pt"))
-                          if rank() == 0 else None)
-    net = runtime.place(models.saved_net(best))
-    loader = data.make_loaders(sets[2], sets[2], options["batch_size"], options["workers"])[1]  # the test loader
-    probs, labels = train.evaluate(net, loader, runtime)
+    """The final test set evaluated once, with best.pt's weights: which epoch's, the accuracy, the figures."""
+    best, probs, labels = evaluated(run, sets[2], options, runtime)
     return dict(split=data.final_split(sets), epoch=best["history"][-1]["epoch"], acc=train.accuracy(probs, labels),
                 **train.figures(probs, labels, best["classes"]))
+
+
+def evaluated(run, test_set, options, runtime, last=None):
+    """best.pt, and its probabilities and labels for test_set: those of last (the last epoch
+    trained, on the evaluation set) where best.pt keeps that epoch."""
+    best = from_process_0(models.load_checkpoint(os.path.join(run.out, "best.pt")) if rank() == 0 else None)
+    if last and last.metrics["epoch"] == best["history"][-1]["epoch"]:
+        return best, last.probs, last.labels
+    loader = data.make_loaders(test_set, test_set, options["batch_size"], options["workers"])[1]  # the test loader
+    return (best, *train.evaluate(runtime.place(models.saved_net(best)), loader, runtime))
 
 
 def header(run, options, sets, runtime, weights=None):
@@ -326,8 +325,8 @@ def header(run, options, sets, runtime, weights=None):
     size = models.preprocessing(options["arch"])
     split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
     final = f", and once, at the end, {len(sets[2])} in {data.final_split(sets)}" if len(sets) > 2 else ""
-    frozen = frozen_epochs(run, options)
-    phase = f", the output layer alone for the first {frozen} epoch(s)" if frozen else ""
+    frozen = min(options["freeze_epochs"], options["epochs"])  # what this run will do
+    phase = f", the output layer alone in the first {frozen} of {options['epochs']} epochs" if frozen else ""
     weighed = "" if weights is None else f", class weights balanced ({', '.join(f'{w:.2f}' for w in weights.tolist())})"
     several = f" x {world_size()} processes, {processes_batch(options['batch_size'])}" if world_size() > 1 else ""
     return (f"{run.name}: {options['arch']} at {size['crop']} px (resized to {size['resize']}, {size['interpolation']}), "
@@ -349,8 +348,10 @@ def checkpoint_of(run, options, read):
 
 
 def run_checkpoint(path):
-    """A checkpoint that a run continues (models.load_checkpoint reads it): one a run wrote."""
+    """A checkpoint a run continues: a model.pt a run wrote, not best.pt (which says it is one)."""
     ckpt = models.load_checkpoint(path)
+    if ckpt.get("is_best", os.path.basename(path) == "best.pt"):  # continuing it would rewind the run
+        raise UserError(f"{path} is the epoch a run kept, for prediction; continue the run from its model.pt or folder")
     if "mode" not in ckpt["args"]:
         raise UserError(f"{path} was written by an older train.train_fine_tuning(..., out=), which no run "
                         "continues; train a run with runs.train_runs, or predict with the file as it is")
@@ -403,73 +404,69 @@ def restore(ckpt, net, optimizer, scaler):
     return list(ckpt["history"])
 
 
-def save(folder, history, about, state):
+def save(folder, history, about, state, best=False):
     """model.pt after every epoch: the state, the history, every process's random-number state
-    (not the GPUs': nothing draws from them) and the run's description; best.pt too after the
-    best epoch so far; held_out.txt where a split held images out. Process 0 writes, through a
-    temporary name, from memory: any failure to write is the file's."""
+    (not the GPUs': nothing draws from them) and the run's description; best.pt too, saying so,
+    after the epoch it keeps (best); held_out.txt where a split held images out. Process 0
+    writes, through a temporary name, from memory: any failure to write is the file's."""
     rng = gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
     if rank() == 0:
-        buffer = io.BytesIO()
-        torch.save({**state, "history": history, "rng": rng, **about}, buffer)
-        if best_epoch(history) is history[-1]:  # first: model.pt naming a best epoch best.pt lacks would mislead
-            write_whole(os.path.join(folder, "best.pt"), buffer.getvalue())
-        write_whole(os.path.join(folder, "model.pt"), buffer.getvalue())
+        checkpoint = {**state, "history": history, "rng": rng, **about, "is_best": False}
+        if best:  # first: a model.pt past the epoch best.pt lacks would leave it out for good
+            write_whole(os.path.join(folder, "best.pt"), saved({**checkpoint, "is_best": True}))
+        write_whole(os.path.join(folder, "model.pt"), saved(checkpoint))
         if about["held_out"] is not None:
             write_whole(os.path.join(folder, "held_out.txt"), "".join(p + "\n" for p in about["held_out"]).encode())
 
 
-def results(history, epoch, about):
-    """metrics.json: the run's description, history and last figures, the epoch best.pt keeps."""
-    return dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")}, **last_figures(history),
-                world_size=world_size(), history=history, **train.figures(epoch.probs, epoch.labels, about["classes"]),
-                kept=kept(history, about), versions=dict(python=platform.python_version(), torch=torch.__version__,
-                                                         torchvision=torchvision.__version__))
+def held(folder, ckpt):
+    """The metrics of the epoch best.pt keeps (None for a fresh run). Where a checkpoint lies
+    without best.pt (copied alone, or older than best.pt), its epoch is kept there first."""
+    best = os.path.join(folder, "best.pt")
+    if ckpt and rank() == 0 and not os.path.exists(best):
+        write_whole(best, saved({**{k: v for k, v in ckpt.items() if k != "path"}, "is_best": True}))
+    return ckpt and from_process_0(models.load_checkpoint(best)["history"][-1] if rank() == 0 else None)
 
 
-def last_figures(history):
-    """The last epoch's loss and accuracies, and the mean examples/sec."""
-    return dict(**{k: history[-1][k] for k in ("loss", "train_acc", "test_acc")},
-                examples_per_sec=train.mean_speed(history))
+def concluded(run, sets, options, runtime, about, last=None):
+    """The run's results, written: its description and history (about), the last epoch's
+    figures, and best.pt's on the evaluation set (last: the last epoch trained)."""
+    best, probs, labels = evaluated(run, sets[1], options, runtime, last)
+    history = about["history"]  # the last epoch's loss and accuracies: the book's summary
+    result = finite(dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")},
+                         **{k: history[-1][k] for k in SUMMARY}, examples_per_sec=train.mean_speed(history),
+                         world_size=world_size(), figures_epoch=best["history"][-1]["epoch"],
+                         **train.figures(probs, labels, about["classes"]), kept=kept(best, about), versions=VERSIONS))
+    if rank() == 0:  # metrics.json, curves.png and mistakes.png (the images best.pt's epoch gets wrong)
+        write_metrics(run.out, result)
+        images.curves({result["name"]: history}, os.path.join(run.out, "curves.png"))
+        images.mistakes(sets[1], probs, labels, result["classes"], os.path.join(run.out, "mistakes.png"))
+    return result
 
 
-def kept(history, about):
+def kept(best, about):
     """The epoch best.pt keeps, its accuracy, and whether that figure is optimistic: chosen on the
-    test set itself, where the data has no val/ beside its test/."""
-    best, optimistic = best_epoch(history), not about.get("final_split")
-    return dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=optimistic, note=optimistic and (
-        "the epoch was chosen on the test set itself, so its accuracy is optimistic; in a data folder, "
-        "val/ beside train/ and test/ keeps test/ apart for one honest figure") or None)
+    set it is measured on, where the data has no val/ beside its test/."""
+    epoch, optimistic = best["history"][-1], not about.get("final_split")
+    return dict(epoch=epoch["epoch"], test_acc=epoch["test_acc"], optimistic=optimistic, note=optimistic and (
+        "the epoch was chosen on the set its accuracy is measured on, so that accuracy is optimistic; in a data "
+        "folder, train/, val/ and test/ together keep test/ apart for one honest figure") or None)
 
 
-def write_results(folder, result, epoch, test_set):
-    """metrics.json, curves.png and mistakes.png (the test images the net gets wrong)."""
-    write_metrics(folder, result)
-    images.curves({result["name"]: result["history"]}, os.path.join(folder, "curves.png"))
-    images.mistakes(test_set, epoch.probs, epoch.labels, result["classes"], os.path.join(folder, "mistakes.png"))
-
-
-def write_metrics(folder, result):
-    write_whole(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1).encode())
+def write_metrics(folder, result):  # strict JSON: what is not finite was made None (utils.finite)
+    write_whole(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1, allow_nan=False).encode())
 
 
 def finished(folder, ckpt):
-    """A finished run's result: its metrics.json, else the figures its checkpoint holds."""
-    metrics = os.path.join(folder, "metrics.json")
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            result = json.load(f)
-        if len(result["history"]) == len(ckpt["history"]):  # else written before the later epochs
-            return result
-    about = {k: v for k, v in ckpt.items() if k in ("name", "mode", "lr", "classes", "args", "arch", "final_split")}
-    return dict(**about, **last_figures(ckpt["history"]), history=ckpt["history"], kept=kept(ckpt["history"], ckpt))
+    """A finished run's metrics.json, where it was written after the checkpoint's last epoch; else None."""
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(folder, "metrics.json")) as f:
+        result = json.load(f)
+        return result if len(result["history"]) == len(ckpt["history"]) else None  # else written before later epochs
 
 
 def resumable(run, out):
     """What continues a run stopped now: its model.pt, else out where another run there has one."""
     mine = os.path.join(run.out, "model.pt")
-    if os.path.exists(mine):
-        return mine
-    with contextlib.suppress(UserError):
-        return models.checkpoint_in(out) and out
+    with contextlib.suppress(UserError):  # where out holds none
+        return mine if os.path.exists(mine) else models.checkpoint_in(out) and out
     return None

@@ -522,7 +522,7 @@ def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
     confusion = torch.tensor(metrics["confusion"])
     assert confusion.sum() == 8 and confusion.trace() == 8 - len(wrong)
     assert 1 - len(wrong) / 8 == pytest.approx(metrics["test_acc"])
-    assert "confusion (rows: true class" in out
+    assert "confusion of epoch 1, the one best.pt keeps (rows: true class" in out
 
 
 def test_a_finished_run_is_never_overwritten(folder, tmp_path, capsys, scratch_run):
@@ -1944,7 +1944,7 @@ def test_the_python_calls_take_a_net_without_fc_and_refuse_what_they_cannot_use(
 def test_two_phases_keep_the_features_fixed_then_train_them(folder, tmp_path, capsys, torch_home):
     argv = ["--pretrained", "--data-dir", folder, "--batch-size", 4, "--workers", 0, "--lr", "1e-2"]
     status, out, err = run_cli(capsys, *argv, "--freeze-epochs", 2, "--epochs", 2, "--out", tmp_path / "frozen")
-    assert status == 0 and "the output layer alone for the first 2 epoch(s)" in out, err
+    assert status == 0 and "the output layer alone in the first 2 of 2 epochs" in out, err
     state = torch.load(tmp_path / "frozen" / "model.pt", weights_only=True)["model"]
     features = [k for k in torch_home if not k.startswith("fc.")]
     assert any("running_mean" in k for k in features) and any(k.endswith("num_batches_tracked") for k in features)
@@ -1976,7 +1976,7 @@ def test_patience_stops_and_best_pt_keeps_the_epoch_metrics_names(folder, tmp_pa
     assert status == 0 and [m["epoch"] for m in metrics["history"]] == [1, 2, 3, 4], err
     assert "stopped early after epoch 4: no better test acc in 2 epochs" in out
     assert metrics["kept"]["epoch"] == 2 and metrics["kept"]["optimistic"]  # the first of the two best
-    assert len([line for line in out.splitlines() if "chosen on the test set itself" in line]) == 1
+    assert len([line for line in out.splitlines() if "chosen on the set its accuracy is measured on" in line]) == 1
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert best["history"][-1]["epoch"] == 2 and best["history"][-1]["test_acc"] == 0.75
     status, out, _ = run_cli(capsys, *argv)  # the same command again: it stopped, so it is finished
@@ -2357,3 +2357,114 @@ def test_every_command_the_docs_name_is_one_the_command_line_takes():
     assert len(commands) > 10
     for command in commands:
         finetune.parse_args(command.split())
+
+
+# ---------------------------------------------------------------- a run's folder tells the truth
+def judged(monkeypatch, rights):
+    """Each evaluation's predictions all right or all wrong, as rights says in turn."""
+    turn = iter(rights)
+
+    def evaluate(net, loader, runtime):
+        labels = torch.as_tensor(loader.dataset.targets)
+        return torch.nn.functional.one_hot(labels if next(turn) else 1 - labels, 2).float(), labels
+    monkeypatch.setattr(train, "evaluate", evaluate)
+
+
+def test_best_pt_says_what_it_is_under_any_name(folder, tmp_path, capsys):
+    argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
+    assert run_cli(capsys, *argv)[0] == 0
+    shutil.copy(tmp_path / "best.pt", tmp_path / "epoch1.pt")
+    os.symlink(tmp_path / "best.pt", tmp_path / "link.pt")
+    before = (tmp_path / "model.pt").read_bytes()
+    for named in (f"{tmp_path / 'best.pt'}/", tmp_path / "epoch1.pt", tmp_path / "link.pt"):
+        status, _, err = run_cli(capsys, "--resume", named, "--epochs", 2)
+        assert status == 2 and "is the epoch a run kept, for prediction" in err, (named, err)
+    old = torch.load(tmp_path / "model.pt", weights_only=True)  # written before checkpoints said what they are
+    del old["is_best"]
+    torch.save(old, tmp_path / "best.pt")
+    assert run_cli(capsys, "--resume", tmp_path / "best.pt", "--epochs", 2)[0] == 2  # by its name
+    assert (tmp_path / "model.pt").read_bytes() == before
+    torch.save(old, tmp_path / "model.pt")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "model.pt", "--epochs", 2)
+    assert status == 0 and "epoch 2:" in out, err
+
+
+def test_a_model_pt_copied_alone_keeps_and_tests_an_epoch_it_has(tmp_path, capsys, monkeypatch):
+    root = write_folder(tmp_path / "d", train=2, test=1)
+    shutil.copytree(tmp_path / "d" / "test", tmp_path / "d" / "val")
+    argv = ["--data-dir", root, "--batch-size", 4, "--workers", 0]
+    plateau(monkeypatch, [1.0, 1.0])  # epoch 1 on val/, then the final test
+    assert run_cli(capsys, "--scratch", *argv, "--epochs", 1, "--out", tmp_path / "a")[0] == 0
+    os.makedirs(tmp_path / "b")
+    shutil.copy(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
+    plateau(monkeypatch, [0.5, 0.75, 0.5])  # epochs 2 and 3, then the final test
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "b" / "model.pt", "--epochs", 3)
+    metrics = json.load(open(tmp_path / "b" / "metrics.json"))
+    best = torch.load(tmp_path / "b" / "best.pt", weights_only=True)
+    assert status == 0 and metrics["kept"]["epoch"] == metrics["final_test"]["epoch"] == 1, err
+    assert best["history"][-1]["epoch"] == 1 and "best.pt keeps epoch 1" in out and "with epoch 1's weights" in out
+    first = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(best["model"][k], first[k]) for k in first)
+
+
+def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys):
+    argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
+    assert run_cli(capsys, *argv)[0] == 0
+    written = json.load(open(tmp_path / "metrics.json"))
+    for name in ("metrics.json", "curves.png"):  # as if the run had stopped after its last model.pt
+        os.remove(tmp_path / name)
+    status, out, err = run_cli(capsys, *argv)
+    assert status == 0 and "finished its 1 epochs already" in out and "balanced accuracy" in out, err
+    again = json.load(open(tmp_path / "metrics.json"))
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert again["per_class"] == written["per_class"] and again["history"] == written["history"]
+
+
+def test_a_continued_run_without_mistakes_shows_none(folder, tmp_path, capsys, monkeypatch):
+    argv = ["--scratch", "--data-dir", folder, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
+    judged(monkeypatch, [False])
+    assert run_cli(capsys, *argv, "--epochs", 1)[0] == 0 and (tmp_path / "mistakes.png").exists()
+    judged(monkeypatch, [True])
+    status, _, err = run_cli(capsys, *argv, "--epochs", 2)
+    assert status == 0 and not (tmp_path / "mistakes.png").exists(), err
+    assert json.load(open(tmp_path / "metrics.json"))["balanced_accuracy"] == 1.0
+
+
+def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys):
+    argv = ["--compare", "--data-dir", folder, "--epochs", 2, "--lr", "1e8", "--precision", "fp32",
+            "--batch-size", 4, "--workers", 0, "--out", tmp_path]
+    assert run_cli(capsys, *argv)[0] == 0
+    losses = []
+    for name in ("pretrained", "scratch"):
+        text = (tmp_path / name / "metrics.json").read_text()
+        metrics = json.loads(text, parse_constant=lambda word: pytest.fail(f"{word} in metrics.json"))
+        losses += [m["loss"] for m in metrics["history"]]
+    assert None in losses  # a run diverged
+    status, out, err = run_cli(capsys, *argv)  # finished: the results read back, and the table printed
+    assert status == 0 and "nan" in out.split("book")[-1], err
+
+
+def test_a_compares_scratch_run_says_it_stopped_and_records_what_it_used(folder, tmp_path, capsys, monkeypatch):
+    plateau(monkeypatch, [0.5] * 5)  # 3 pretrained epochs, 2 scratch
+    status, out, err = run_cli(capsys, "--compare", "--data-dir", folder, "--freeze-epochs", 5, "--patience", 1,
+                               "--epochs", 3, "--batch-size", 8, "--workers", 0, "--out", tmp_path)
+    assert status == 0, err
+    assert "the output layer alone in the first 3 of 3 epochs" in out and "first 5" not in out
+    assert "scratch: stopped early after epoch 2: no better test acc in 1 epochs" in out
+    used = [json.load(open(tmp_path / name / "metrics.json"))["args"]["freeze_epochs"] for name in ("pretrained", "scratch")]
+    assert used == [5, 0]
+    status, out, err = run_cli(capsys, "--resume", tmp_path, "--epochs", 3)  # each run continues as it began
+    assert status == 0 and out.count("already") == 2, err
+
+
+def test_the_figures_are_those_of_the_epoch_kept_and_the_note_names_no_test_set(tmp_path, capsys, monkeypatch):
+    root = write_folder(tmp_path / "d", train=2, test=2)
+    os.rename(tmp_path / "d" / "test", tmp_path / "d" / "val")  # train/ and val/ alone
+    judged(monkeypatch, [True, False, True])  # epoch 1 right, epoch 2 wrong, then best.pt's epoch again
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 2, "--batch-size", 4,
+                               "--workers", 0, "--out", tmp_path / "run")
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert status == 0 and metrics["test_acc"] == 0 and metrics["kept"]["epoch"] == metrics["figures_epoch"] == 1, err
+    assert metrics["balanced_accuracy"] == 1 and torch.tensor(metrics["confusion"]).trace() == 4
+    assert "confusion of epoch 1, the one best.pt keeps" in out and "balanced accuracy 1.000" in out
+    assert "test set" not in out and "chosen on the set its accuracy is measured on" in out

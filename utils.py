@@ -1,10 +1,12 @@
 """The ground floor every other module stands on, as torchvision's references keep theirs in
-their utils.py: the error bad input raises, files written whole through a temporary name, files
-of tensors read, and several processes (which one this is, printing once, torchrun's process
+their utils.py: the error bad input raises, files written whole through a temporary name (checkpoints
+and strict JSON among them), files of tensors read, and several processes (which one this is, printing once, torchrun's process
 group, DDP with the gradient summed over processes). On one process every helper of the last
 kind is a plain return, so the recipe calls them without an `if`."""
 import contextlib
 import errno
+import io
+import math
 import os
 import shutil
 import sys
@@ -53,6 +55,23 @@ def write_whole(path, content):
             f.write(content)
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror or e}); {what_to_do(e)}") from None
+
+
+def saved(obj):
+    """obj as torch.save writes it, in memory: for write_whole, so a failure to write is the file's."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def finite(value):
+    """value (dicts and lists of figures) with every float that is not finite (NaN, infinity) as
+    None: strict JSON, which json.dumps(..., allow_nan=False) writes, has no words for them."""
+    if isinstance(value, dict):
+        return {key: finite(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def writable_folder(path):
