@@ -56,7 +56,7 @@ def parsed(name):
 
 def parser():
     """The command line's flags: the modes, and one for each option of runs.OPTIONS (and
-    --no-cache, --model and --out), each converted and checked by the rule defined there (parsed)."""
+    --no-cache, --model, --export-format and --out), each converted and checked by the rule defined there (parsed)."""
     d = runs.DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     mode = p.add_mutually_exclusive_group()

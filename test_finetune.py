@@ -964,6 +964,8 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(exported_run, tmp_path,
     assert os.listdir(tmp_path / "out") == []  # nothing half-written
     with pytest.raises(SystemExit):
         finetune.parse_args(["--pretrained", "--export-format", "onnx"])
+    with pytest.raises(UserError, match="format=tar is not one this program exports; give format=pt2 or format=onnx"):
+        predict.export(run, format="tar")
 
 
 def test_cache_only_when_it_fits(folder, capsys):
