@@ -64,10 +64,12 @@ def parse_args(argv=None):
     namespace: runs.DEFAULTS holds their defaults, and --resume tells typed ones apart)."""
     p = parser()
     args = p.parse_args(argv)
-    if not any(hasattr(args, key) for key in ("mode", "predict", "resume")):
-        p.error("say what to do: --pretrained, --scratch, --compare, --predict, --show-samples or --resume")
+    if not any(hasattr(args, key) for key in ("mode", "predict", "resume", "export")):
+        p.error("say what to do: --pretrained, --scratch, --compare, --predict, --export, --show-samples or --resume")
     if hasattr(args, "predict") != hasattr(args, "model"):
         p.error("--predict needs --model PATH (a model.pt written by training), and --model goes with --predict")
+    if hasattr(args, "export_format") and not hasattr(args, "export"):
+        p.error("--export-format goes with --export RUN")
     return args
 
 
@@ -85,15 +87,18 @@ def parsed(name):
 
 
 def parser():
-    """The command line's flags: the modes, and one for each option of runs.OPTIONS (and
-    --no-cache, --model and --out), each converted and checked by the rule defined there (parsed)."""
+    """The command line's flags: the modes, one for each option of runs.OPTIONS, each converted
+    and checked by the rule defined there (parsed), and --no-cache, --model, --export-format, --out."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     mode = p.add_mutually_exclusive_group()
     for name, text in MODES.items():
         mode.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=text)
     mode.add_argument("--predict", nargs="+", metavar="IMAGE", help="classify images with --model")
     mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH (model.pt, or its folder)")
+    mode.add_argument("--export", metavar="RUN", help="write one file that classifies images without this project: "
+                                                      "RUN's folder (its best.pt), best.pt or model.pt")
     p.add_argument("--model", metavar="PATH", help="a model.pt written by training, for --predict")
+    p.add_argument("--export-format", choices=["pt2", "onnx"], help="pt2 (default: torch.export's) or onnx")
     for name, text in HELP.items():
         if runs.OPTIONS[name][1] is bool:
             p.add_argument(flag(name), action="store_true", help=text)
@@ -102,7 +107,8 @@ def parser():
                            nargs="+" if name == "lr" else None)  # several lrs: one run each
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
                    help="decode images every epoch, not once (--cache-gb 0)")
-    p.add_argument("--out", help="output folder (default: runs/<mode>-<time>)")
+    p.add_argument("--out", help="output folder (default: runs/<mode>-<time>); for --export, the file "
+                                 "(default: beside the checkpoint, best.pt2 or best.onnx for best.pt)")
     return p
 
 
@@ -170,6 +176,12 @@ def predict_images(options):
     return 0 if len(predictions) == found else 1
 
 
+def export(options):
+    """--export: one file, the run's test augmentations and net, for use without this project."""
+    print(f"wrote {predict.export(options['export'], options.get('out'), format=options.get('export_format', 'pt2'))}")
+    return 0
+
+
 def show_samples(options):
     """--show-samples: the book's first look at the data, and the same images augmented."""
     data_dir = options.get("data_dir") or data.get_hotdog(options.get("data_root", "data"))
@@ -186,6 +198,7 @@ def one_line(error):
     named as flags."""
     message = str(error).strip().splitlines()[-1].removeprefix("utils.UserError: ")
     message = message.replace("hotdog_class", "--init-head-from-imagenet").replace("weights_file=", "weights=")
+    message = message.replace("format=", "--export-format ").replace("predict.predict", "--predict")
     for name in [*runs.OPTIONS, "out", "mode"]:  # not inside a path such as runs/lr=0.1
         message = re.sub(rf"(?<![\w/.=-]){name}=(?=\S)", flag(name) + " ", message)  # batch_size=3: --batch-size 3
         message = re.sub(rf"(?<![\w/.=-]){name}(=|(?=: ))", flag(name), message)  # lr: ... and "another out="
@@ -267,8 +280,9 @@ def died(error):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     options = vars(parse_args(argv))
-    if "predict" in options or options.get("mode") == "show-samples":  # under torchrun, once: by process 0
-        return 0 if rank() > 0 else guarded(predict_images if "predict" in options else show_samples, options)
+    once = predict_images if "predict" in options else export if "export" in options else show_samples
+    if "predict" in options or "export" in options or options.get("mode") == "show-samples":
+        return 0 if rank() > 0 else guarded(once, options)  # under torchrun, once: by process 0
     gpus = torch.cuda.device_count()
     if gpus > 1 and not under_torchrun() and run_device(options) in (None, "cuda"):
         return on_all_gpus(argv, gpus)

@@ -1,25 +1,31 @@
 """Prediction: a trained model.pt classifies image files and folders of them, in batches, through
-the test augmentations its run used.
+the test augmentations its run used; or becomes one file, those augmentations and the net, that
+classifies images without this project (export).
 
     import predict
     for p in predict.predict("runs/pretrained/model.pt", ["photos/"]):
         print(p.path, p.label, p.probability)
+    predict.export("runs/pretrained")  # runs/pretrained/best.pt2, for torch.export.load
 """
 import csv
 import io
+import json
 import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.export import Dim
+from torchvision.transforms import v2
 
 import data
 import models
 import runs
 import train
 from images import image_paths, load_rgb
-from utils import UserError, writable_folder, write_whole
+from utils import UserError, first_line, writable_folder, write_whole
 
 
 @dataclass
@@ -90,3 +96,65 @@ def write_csv(predictions, classes, path):
                                    for p in predictions])
     write_whole(path, table.getvalue().encode())
     return path
+
+
+# ---------------------------------------------------------------- one file, for use elsewhere
+def export(model, out=None, *, format="pt2"):
+    """model (what predict takes; a run's folder means the epoch its best.pt keeps) as one file
+    that classifies images without this project: the run's test augmentations and the net, in eval
+    mode and fp32, from uint8 pixels to probabilities (Pixels), with the class names and the input
+    it takes recorded inside ("classes", "input"). format "pt2": torch.export's, loaded with torch
+    alone, torch.export.load(path).module(); "onnx": for onnxruntime (needs onnx and onnxscript).
+    Written whole to out (default: beside the checkpoint, its name with .pt2 or .onnx); returns out."""
+    if format not in ("pt2", "onnx"):
+        raise UserError(f"format={format} is not one this program exports; give format=pt2 or format=onnx")
+    path = models.checkpoint_in(model)
+    best = os.path.join(os.path.dirname(path), "best.pt")
+    ckpt = models.load_checkpoint(best if os.path.isdir(model) and os.path.exists(best) else path)
+    out = os.fspath(out or os.path.splitext(ckpt["path"])[0] + "." + format)
+    writable_folder(os.path.dirname(out) or ".")  # tried before the work
+    net = Pixels(models.saved_net(ckpt), ckpt["transform"]).eval()
+    about = {"classes": json.dumps(ckpt["classes"]), "input": net.input(len(ckpt["classes"]))}
+    images, dims = torch.zeros(2, 3, 300, 400, dtype=torch.uint8), ({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},)
+    file = io.BytesIO()
+    try:
+        if format == "pt2":
+            torch.export.save(torch.export.export(net, (images,), dynamic_shapes=dims), file, extra_files=about)
+        else:
+            import onnx
+            proto = torch.onnx.export(net, (images,), dynamo=True, dynamic_shapes=dims, input_names=["images"],
+                                      output_names=["probabilities"], verbose=False).model_proto
+            onnx.helper.set_model_props(proto, about)
+            file.write(proto.SerializeToString())
+    except ImportError as e:
+        raise UserError(f"format=onnx needs the packages onnx and onnxscript ({e}); pip install onnx onnxscript") from None
+    except Exception as e:  # an operation the exporter cannot capture
+        raise UserError(f"a {ckpt.get('arch') or 'resnet18'} cannot be captured as {format} ({first_line(e)}); give "
+                        f"format={'onnx' if format == 'pt2' else 'pt2'}, or classify with predict.predict") from None
+    write_whole(out, file.getvalue())
+    return out
+
+
+class Pixels(nn.Module):
+    """A saved net from pixels to probabilities: uint8 RGB images as decoded, (batch, 3, height,
+    width), resized and centre-cropped as the run's test augmentations do (data.make_test_augs,
+    the same antialiased resize of uint8 pixels, called here directly: torchvision's skips an image
+    already at size, a branch export cannot capture, and the resize changes nothing there), then
+    scaled and normalised as in evaluation (data.normalize), the net, and softmax."""
+
+    def __init__(self, net, settings):
+        super().__init__()
+        self.net, self.resize, self.crop = net, settings["resize"], settings["crop"]
+        self.interpolation = settings.get("interpolation", "bilinear")
+        self.register_buffer("mean", torch.tensor(data.MEAN).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(data.STD).view(-1, 1, 1))
+
+    def forward(self, images):
+        X = nn.functional.interpolate(images, [self.resize] * 2, mode=self.interpolation, antialias=True)
+        return torch.softmax(self.net(data.normalize(v2.functional.center_crop(X, self.crop), self.mean, self.std)), 1)
+
+    def input(self, num_classes):
+        return (f"images: uint8 RGB pixels as decoded, shape (batch, 3, height, width), any batch, height and "
+                f"width; resized to {self.resize}x{self.resize} ({self.interpolation}, antialiased), centre-cropped "
+                f"to {self.crop}x{self.crop}, scaled to [0, 1], normalised with ImageNet's mean and std. "
+                f"Output: probabilities, shape (batch, {num_classes}), in the order of classes")

@@ -871,6 +871,127 @@ def test_predict_finds_no_images(tmp_path, capsys, scratch_run):
     assert status == 2 and "found no images" in err
 
 
+# ---------------------------------------------------------------- export
+EXPORTED = """
+import json, sys
+sys.modules["torchvision"] = None  # torch alone: the file needs nothing else
+import numpy as np, torch
+from PIL import Image
+about = {"classes": "", "input": ""}
+model = torch.export.load(sys.argv[1], extra_files=about).module()
+images = [torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) for path in sys.argv[2:]]
+alone = [model(image[None])[0].tolist() for image in images]
+batch = model(torch.stack(images[:-1])).tolist()  # the test images, all of one size
+ours = [name for name in ("data", "finetune", "images", "models", "predict", "runs", "train", "utils") if name in sys.modules]
+print(json.dumps(dict(about, alone=alone, batch=batch, ours=ours)))
+"""
+
+
+def decoded(path):
+    """An image as decoded, the exported file's input: uint8 RGB, (3, height, width)."""
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+
+def trained_to_export(root, folder, *mode):
+    """A run of one epoch, its test images and a photo of another size, and --predict's
+    probabilities for them in fp32."""
+    assert finetune.main([*mode, "--data-dir", folder, "--epochs", "1", "--batch-size", "4",
+                          "--workers", "0", "--out", str(root / "run")]) == 0
+    paths = [p for p, _ in data.image_folders(folder)[1].samples] + [str(root / "photo.jpg")]
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(paths[-1])
+    probs = torch.tensor([list(p.probabilities.values()) for p in predict.predict(root / "run", paths, precision="fp32",
+                                                                                  workers=0)])
+    assert probs[:, 0].max() - probs[:, 0].min() > 0.01  # images told apart, or the comparisons prove nothing
+    return root / "run", paths, probs
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory, folder):
+    return trained_to_export(tmp_path_factory.mktemp("export"), folder, "--pretrained")
+
+
+def test_export_pt2_loads_with_torch_alone_and_gives_predicts_probabilities(exported_run, tmp_path, capsys):
+    run, paths, probs = exported_run
+    status, out, err = run_cli(capsys, "--export", run)
+    assert status == 0 and out == f"wrote {run / 'best.pt2'}\n", err
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", EXPORTED, run / "best.pt2", *paths], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    result = json.loads(result.stdout)
+    assert result["ours"] == [] and json.loads(result["classes"]) == ["hotdog", "not-hotdog"]
+    assert result["input"].startswith("images: uint8 RGB pixels as decoded, shape (batch, 3, height, width), any")
+    torch.testing.assert_close(torch.tensor(result["alone"]), probs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(result["batch"]), probs[:-1], rtol=0, atol=1e-4)
+
+
+def test_export_onnx_under_onnxruntime_gives_predicts_probabilities(exported_run, tmp_path, capsys):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    run, paths, probs = exported_run
+    status, out, err = run_cli(capsys, "--export", run / "best.pt", "--export-format", "onnx",
+                               "--out", tmp_path / "hotdog.onnx")
+    assert status == 0 and out == f"wrote {tmp_path / 'hotdog.onnx'}\n" and os.listdir(tmp_path) == ["hotdog.onnx"]
+    session = onnxruntime.InferenceSession(tmp_path / "hotdog.onnx")
+    about = session.get_modelmeta().custom_metadata_map
+    assert json.loads(about["classes"]) == ["hotdog", "not-hotdog"] and "(batch, 3, height, width)" in about["input"]
+    alone = [session.run(None, {"images": decoded(p)[None].numpy()})[0][0] for p in paths]
+    batch = session.run(None, {"images": torch.stack([decoded(p) for p in paths[:-1]]).numpy()})[0]
+    torch.testing.assert_close(torch.tensor(np.array(alone)), probs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(batch), probs[:-1], rtol=0, atol=1e-4)
+
+
+def test_export_of_another_family_gives_predicts_probabilities(folder, tmp_path):
+    # convnext: LayerNorm, a resize to 236; mobilenet and efficientnet from random weights give
+    # every image the same probabilities, which would prove nothing
+    run, paths, probs = trained_to_export(tmp_path, folder, "--scratch", "--arch", "convnext_tiny")
+    assert predict.export(run / "model.pt") == str(run / "model.pt2")  # named after the checkpoint
+    extra = {"classes": "", "input": ""}
+    model = torch.export.load(run / "model.pt2", extra_files=extra).module()
+    torch.testing.assert_close(torch.cat([model(decoded(p)[None]) for p in paths]), probs, rtol=0, atol=1e-4)
+    assert json.loads(extra["classes"]) == ["hotdog", "not-hotdog"] and "resized to 236x236 (bilinear" in extra["input"]
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(predict.export(run, format="onnx"))
+    alone = np.concatenate([session.run(None, {"images": decoded(p)[None].numpy()})[0] for p in paths])
+    torch.testing.assert_close(torch.tensor(alone), probs, rtol=0, atol=1e-4)
+
+
+def test_export_bad_input_is_one_line_and_leaves_nothing(exported_run, tmp_path, capsys, monkeypatch):
+    run, _, _ = exported_run
+    (tmp_path / "empty.pt").touch()
+    (tmp_path / "truncated.pt").write_bytes((run / "best.pt").read_bytes()[:100_000])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    os.makedirs(tmp_path / "no-run")
+    out = tmp_path / "out" / "x.pt2"
+    for model, message in ((tmp_path / "empty.pt", "empty.pt is not a checkpoint of this program"),
+                           (tmp_path / "truncated.pt", "truncated.pt is not a checkpoint of this program"),
+                           (tmp_path / "other.pt", "other.pt is not a checkpoint of this program; give the model.pt"),
+                           (tmp_path / "no-run", "no-run holds no model.pt; give the model.pt of a training run")):
+        status, _, err = run_cli(capsys, "--export", model, "--out", out)
+        assert status == 2 and err.strip().splitlines() == [err.strip()] and message in err, err
+    status, _, err = run_cli(capsys, "--export", run, "--out", tmp_path / "empty.pt" / "x.pt2")
+    assert status == 2 and f"cannot write in the folder {tmp_path / 'empty.pt'}" in err and "choose a folder" in err
+    with monkeypatch.context() as m:
+        full_disk(m, "x.pt2", at_call=1)
+        status, _, err = run_cli(capsys, "--export", run, "--out", out)
+    assert status == 2 and err == f"error: cannot write {out} (No space left on device); free some space there, " \
+                                  "or write to another folder\n"
+    with monkeypatch.context() as m:  # every torchvision classifier tried is captured: a failure simulated
+        m.setattr(torch.export, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("data-dependent\nx")))
+        status, _, err = run_cli(capsys, "--export", run, "--out", out)
+    assert status == 2 and err == ("error: a resnet18 cannot be captured as pt2 (data-dependent); give --export-format "
+                                   "onnx, or classify with --predict\n")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "onnx", None)
+        status, _, err = run_cli(capsys, "--export", run, "--export-format", "onnx", "--out", out)
+    assert status == 2 and err.startswith("error: --export-format onnx needs the packages onnx and onnxscript (")
+    assert err.strip().endswith("; pip install onnx onnxscript")
+    assert os.listdir(tmp_path / "out") == []  # nothing half-written
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--pretrained", "--export-format", "onnx"])
+    with pytest.raises(UserError, match="format=tar is not one this program exports; give format=pt2 or format=onnx"):
+        predict.export(run, format="tar")
+
+
 def test_cache_only_when_it_fits(folder, capsys):
     train_set, test_set = data.image_folders(folder)
     pixels = sum(3 * img.size[0] * img.size[1] for s in (train_set, test_set)
