@@ -199,7 +199,8 @@ def load_sets(options, held_out=None):
     budget = None if options["cache_gb"] is None else int(options["cache_gb"] * 2**30)
     sets = data.datasets(options["data_dir"], "dummy" if options["dummy"] else options["dataset"],
                          options["data_root"], cache_budget=budget, workers=options["workers"] or 1,
-                         val_split=options["val_split"], seed=options["seed"], held_out=held_out, out=options["out"])
+                         val_split=options["val_split"], seed=options["seed"], held_out=held_out,
+                         out=options.get("out"))  # never read as data; none for benchmark.py
     return data.with_augs(sets, models.preprocessing(options["arch"]))
 
 

@@ -2365,8 +2365,8 @@ DOC_BLOCKS = {
     "pip install -r requirements.txt && python finetune.py --pretrained": [
         ("pip install -r requirements.txt && ", ""),  # installing needs the network
         ("--pretrained\n", f"--pretrained {TINY}\n"),
-        ("pip install -r requirements.txt pytest matplotlib nbclient ipykernel && python -m pytest -q test_finetune.py\n",
-         "")],  # the network, and this suite itself
+        ("pip install -r requirements.txt pytest matplotlib nbclient ipykernel onnx onnxscript onnxruntime && "
+         "python -m pytest -q test_finetune.py\n", "")],  # the network, and this suite itself
     "data ready in 9.8 s": ("output", "pip install -r requirements.txt && python finetune.py --pretrained"),
     "import images, models, train": [("train_fine_tuning(finetune_net, 5e-5)", "train_fine_tuning(finetune_net, 5e-5, num_epochs=1)"),
                                      ("param_group=False)", "param_group=False, num_epochs=1)")],
@@ -2383,6 +2383,10 @@ DOC_BLOCKS = {
     "torchrun --nnodes=2 --nproc_per_node=8 --max-restarts=3 --rdzv-id=hotdog-1 \\": "2 machines of 8 GPUs",
     "python benchmark.py --data-dir data/hotdog # or --dummy: no data needed":
         [("data/hotdog", "data/hotdog --batch-size 4 --batches 1 --workers 0")],
+    "python finetune.py --export runs/pretrained-... # runs/pretrained-.../best.pt2": [("runs/pretrained-...", "{run}")],
+    "import json": [('"best.', '"{run}/best.'), ("photo.jpg", "photo1.jpg")],  # with torch alone, and with onnxruntime
+    '"""--predict against the exported files, on the same photos and CPU: images/sec, photo files in,':
+        "speed.py, a measurement taken by hand: rounds of timing on a folder of photos, minutes long",
     "DIR/train/<class>/<image> the book's: its own test set":
         "the two layouts of a data folder, not a command; photos/ here is the first",
 }
