@@ -1,8 +1,9 @@
 """The ground floor every other module stands on, as torchvision's references keep theirs in
-their utils.py: the error bad input raises, files written whole through a temporary name (checkpoints
-and strict JSON among them), files of tensors read, and several processes (which one this is, printing once, torchrun's process
-group, DDP with the gradient summed over processes). On one process every helper of the last
-kind is a plain return, so the recipe calls them without an `if`."""
+their utils.py: the error bad input raises, files written whole through a temporary name
+(checkpoints and strict JSON among them), files of tensors read, and several processes (which
+one this is, printing once, torchrun's process group, DDP with the gradient summed over
+processes). On one process every helper of the last kind is a plain return, so the recipe
+calls them without an `if`."""
 import contextlib
 import errno
 import io
