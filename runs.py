@@ -264,7 +264,8 @@ def train_net(run, options, sets, runtime, about, ckpt):
         if stalled(history, options["patience"], frozen):
             break
     train.show_summary(history, runtime)
-    return concluded(run, sets, options, runtime, {**about, "history": history}, epoch)
+    last = epoch if kept is epoch.metrics else None  # its figures are best.pt's: no need to read it
+    return concluded(run, sets, options, runtime, {**about, "history": history}, last)
 
 
 # ---------------------------------------------------------------- beyond the book
@@ -306,18 +307,19 @@ def loss_weights(kind, train_set, device):
 def final_test(run, sets, options, runtime):
     """The final test set evaluated once, with best.pt's weights: which epoch's, the accuracy, the figures."""
     best, probs, labels = evaluated(run, sets[2], options, runtime)
-    return dict(split=data.final_split(sets), epoch=best["history"][-1]["epoch"], acc=train.accuracy(probs, labels),
-                **train.figures(probs, labels, best["classes"]))
+    return dict(split=data.final_split(sets), epoch=best["epoch"], acc=train.accuracy(probs, labels),
+                **train.figures(probs, labels, data.class_names(sets[0])))
 
 
 def evaluated(run, test_set, options, runtime, last=None):
-    """best.pt, and its probabilities and labels for test_set: those of last (the last epoch
-    trained, on the evaluation set) where best.pt keeps that epoch."""
+    """The metrics of the epoch best.pt keeps, and its probabilities and labels for test_set:
+    last's, where given (the last epoch trained, on the evaluation set, is the one kept), else
+    from best.pt's weights."""
+    if last:
+        return last.metrics, last.probs, last.labels
     best = from_process_0(models.load_checkpoint(os.path.join(run.out, "best.pt")) if rank() == 0 else None)
-    if last and last.metrics["epoch"] == best["history"][-1]["epoch"]:
-        return best, last.probs, last.labels
     loader = data.make_loaders(test_set, test_set, options["batch_size"], options["workers"])[1]  # the test loader
-    return (best, *train.evaluate(runtime.place(models.saved_net(best)), loader, runtime))
+    return (best["history"][-1], *train.evaluate(runtime.place(models.saved_net(best)), loader, runtime))
 
 
 def header(run, options, sets, runtime, weights=None):
@@ -431,12 +433,12 @@ def held(folder, ckpt):
 
 def concluded(run, sets, options, runtime, about, last=None):
     """The run's results, written: its description and history (about), the last epoch's
-    figures, and best.pt's on the evaluation set (last: the last epoch trained)."""
+    figures, and best.pt's on the evaluation set (last: the last epoch trained, where best.pt keeps it)."""
     best, probs, labels = evaluated(run, sets[1], options, runtime, last)
     history = about["history"]  # the last epoch's loss and accuracies: the book's summary
     result = finite(dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")},
                          **{k: history[-1][k] for k in SUMMARY}, examples_per_sec=train.mean_speed(history),
-                         world_size=world_size(), figures_epoch=best["history"][-1]["epoch"],
+                         world_size=world_size(), figures_epoch=best["epoch"],
                          **train.figures(probs, labels, about["classes"]), kept=kept(best, about), versions=VERSIONS))
     if rank() == 0:  # metrics.json, curves.png and mistakes.png (the images best.pt's epoch gets wrong)
         write_metrics(run.out, result)
@@ -446,10 +448,10 @@ def concluded(run, sets, options, runtime, about, last=None):
 
 
 def kept(best, about):
-    """The epoch best.pt keeps, its accuracy, and whether that figure is optimistic: chosen on the
-    set it is measured on, where the data has no val/ beside its test/."""
-    epoch, optimistic = best["history"][-1], not about.get("final_split")
-    return dict(epoch=epoch["epoch"], test_acc=epoch["test_acc"], optimistic=optimistic, note=optimistic and (
+    """The epoch best.pt keeps (best: its metrics), its accuracy, and whether that figure is
+    optimistic: chosen on the set it is measured on, where the data has no val/ beside its test/."""
+    optimistic = not about.get("final_split")
+    return dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=optimistic, note=optimistic and (
         "the epoch was chosen on the set its accuracy is measured on, so that accuracy is optimistic; in a data "
         "folder, train/, val/ and test/ together keep test/ apart for one honest figure") or None)
 
@@ -459,8 +461,9 @@ def write_metrics(folder, result):  # strict JSON: what is not finite was made N
 
 
 def finished(folder, ckpt):
-    """A finished run's metrics.json, where it was written after the checkpoint's last epoch; else None."""
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(folder, "metrics.json")) as f:
+    """A finished run's metrics.json, where it was written after the checkpoint's last epoch; else
+    None, and one that cannot be read (damaged by hand) is written again."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(os.path.join(folder, "metrics.json")) as f:
         result = json.load(f)
         return result if len(result["history"]) == len(ckpt["history"]) else None  # else written before later epochs
 

@@ -2532,9 +2532,12 @@ def test_a_model_pt_copied_alone_keeps_and_tests_an_epoch_it_has(tmp_path, capsy
     assert all(torch.equal(best["model"][k], first[k]) for k in first)
 
 
-def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys):
+def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys, monkeypatch):
     argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
+    read, load = [], models.load_checkpoint
+    monkeypatch.setattr(models, "load_checkpoint", lambda path: read.append(os.path.basename(path)) or load(path))
     assert run_cli(capsys, *argv)[0] == 0
+    assert read == []  # the last epoch is the one best.pt keeps: its figures are known without reading it
     written = json.load(open(tmp_path / "metrics.json"))
     for name in ("metrics.json", "curves.png"):  # as if the run had stopped after its last model.pt
         os.remove(tmp_path / name)
@@ -2543,6 +2546,9 @@ def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, caps
     again = json.load(open(tmp_path / "metrics.json"))
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert again["per_class"] == written["per_class"] and again["history"] == written["history"]
+    (tmp_path / "metrics.json").write_text('{"history": [')  # damaged by hand
+    status, _, err = run_cli(capsys, *argv)
+    assert status == 0 and json.load(open(tmp_path / "metrics.json"))["history"] == written["history"], err
 
 
 def test_a_continued_run_without_mistakes_shows_none(folder, tmp_path, capsys, monkeypatch):
