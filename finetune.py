@@ -67,7 +67,7 @@ def parse_args(argv=None):
     if not any(hasattr(args, key) for key in ("mode", "predict", "resume", "export")):
         p.error("say what to do: --pretrained, --scratch, --compare, --predict, --export, --show-samples or --resume")
     if hasattr(args, "predict") != hasattr(args, "model"):
-        p.error("--predict needs --model PATH (a model.pt written by training), and --model goes with --predict")
+        p.error("--predict needs --model PATH (a run's folder, or its model.pt), and --model goes with --predict")
     if hasattr(args, "export_format") and not hasattr(args, "export"):
         p.error("--export-format goes with --export RUN")
     return args
@@ -97,7 +97,7 @@ def parser():
     mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH (model.pt, or its folder)")
     mode.add_argument("--export", metavar="RUN", help="write one file that classifies images without this project: "
                                                       "RUN's folder (its best.pt), best.pt or model.pt")
-    p.add_argument("--model", metavar="PATH", help="a model.pt written by training, for --predict")
+    p.add_argument("--model", metavar="PATH", help="a run's folder (its best.pt), best.pt or model.pt, for --predict")
     p.add_argument("--export-format", choices=["pt2", "onnx"], help="pt2 (default: torch.export's) or onnx")
     for name, text in HELP.items():
         if runs.OPTIONS[name][1] is bool:

@@ -207,6 +207,14 @@ def checkpoint_in(path):
     return found[0]
 
 
+def kept_in(path):
+    """The checkpoint that predicts for path: a file as it is; a run's folder, the epoch its
+    best.pt keeps (its model.pt, where a run begun before runs kept best.pt has none)."""
+    found = checkpoint_in(path)
+    best = os.path.join(os.path.dirname(found), "best.pt")
+    return best if os.path.isdir(path) and os.path.exists(best) else found
+
+
 def load_checkpoint(path):
     """A model.pt or best.pt a run wrote: the weights, the classes, the test transforms'
     settings, and what continuing needs."""

@@ -1,9 +1,9 @@
-"""Prediction: a trained model.pt classifies image files and folders of them, in batches, through
-the test augmentations its run used; or becomes one file, those augmentations and the net, that
-classifies images without this project (export).
+"""Prediction: a trained net (a run's folder, its best.pt or model.pt) classifies image files
+and folders of them, in batches, through the test augmentations its run used; or becomes one
+file, those augmentations and the net, that classifies images without this project (export).
 
     import predict
-    for p in predict.predict("runs/pretrained/model.pt", ["photos/"]):
+    for p in predict.predict("runs/pretrained", ["photos/"]):  # the epoch its best.pt keeps
         print(p.path, p.label, p.probability)
     predict.export("runs/pretrained")  # runs/pretrained/best.pt2, for torch.export.load
 """
@@ -39,9 +39,10 @@ class Prediction:
 
 def predict(model, images, *, out=None, batch_size=128, workers=None, device=None, precision="amp", arch=None):
     """Classify images (a path or a list of paths: files, and folders searched for them) with
-    model, a model.pt written by training (or its run's folder), on one device. Returns one
-    Prediction per image that could be read, in the order given; each one that could not is named
-    on stderr. With out, a folder: predictions.csv there too. arch, where given, must be the model's."""
+    model, a model.pt or best.pt written by training, or its run's folder (the epoch its best.pt
+    keeps: models.kept_in), on one device. Returns one Prediction per image that could be read,
+    in the order given; each one that could not is named on stderr. With out, a folder:
+    predictions.csv there too. arch, where given, must be the model's."""
     items = [images] if isinstance(images, (str, os.PathLike)) else images  # one file or folder
     items = list(items) if isinstance(items, Iterable) else [items]  # a generator read once
     if not all(isinstance(item, (str, os.PathLike)) for item in items):  # None, or a PIL image
@@ -49,7 +50,7 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
                         "of them (an image in memory: save it to a file first)")
     runs.checked("batch_size", batch_size)
     runs.checked("workers", workers)
-    path = models.checkpoint_in(model)
+    path = models.kept_in(model)
     ckpt = models.load_checkpoint(path)
     models.same_arch(arch, ckpt, path)
     paths = image_paths(items)
@@ -100,7 +101,7 @@ def write_csv(predictions, classes, path):
 
 # ---------------------------------------------------------------- one file, for use elsewhere
 def export(model, out=None, *, format="pt2"):
-    """model (what predict takes; a run's folder means the epoch its best.pt keeps) as one file
+    """model (what predict takes: a run's folder means the epoch its best.pt keeps) as one file
     that classifies images without this project: the run's test augmentations and the net, in eval
     mode and fp32, from uint8 pixels to probabilities (Pixels), with the class names and the input
     it takes recorded inside ("classes", "input"). format "pt2": torch.export's, loaded with torch
@@ -108,9 +109,7 @@ def export(model, out=None, *, format="pt2"):
     Written whole to out (default: beside the checkpoint, its name with .pt2 or .onnx); returns out."""
     if format not in ("pt2", "onnx"):
         raise UserError(f"format={format} is not one this program exports; give format=pt2 or format=onnx")
-    path = models.checkpoint_in(model)
-    best = os.path.join(os.path.dirname(path), "best.pt")
-    ckpt = models.load_checkpoint(best if os.path.isdir(model) and os.path.exists(best) else path)
+    ckpt = models.load_checkpoint(models.kept_in(model))
     out = os.fspath(out or os.path.splitext(ckpt["path"])[0] + "." + format)
     writable_folder(os.path.dirname(out) or ".")  # tried before the work
     net = Pixels(models.saved_net(ckpt), ckpt["transform"]).eval()

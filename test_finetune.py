@@ -1187,7 +1187,7 @@ def test_a_notebook_keeps_continues_and_predicts_a_run_in_three_calls(folder, tm
     test = os.path.join(folder, "test")
     predictions = predict.predict(out, [test], workers=0, precision="fp32")
     assert [p.path for p in predictions] == images.image_files(test)
-    net = models.saved_net(torch.load(os.path.join(out, "model.pt"), weights_only=True))
+    net = models.saved_net(torch.load(os.path.join(out, "best.pt"), weights_only=True))  # a folder: best.pt's epoch
     _, test_set = data.image_folders(folder)
     probs, _ = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
     for p, q in zip(predictions, probs):
@@ -2530,6 +2530,11 @@ def test_a_model_pt_copied_alone_keeps_and_tests_an_epoch_it_has(tmp_path, capsy
     assert best["history"][-1]["epoch"] == 1 and "best.pt keeps epoch 1" in out and "with epoch 1's weights" in out
     first = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(best["model"][k], first[k]) for k in first)
+    read, load = [], models.load_checkpoint
+    monkeypatch.setattr(models, "load_checkpoint", lambda path: read.append(os.path.basename(path)) or load(path))
+    for model in (tmp_path / "b", tmp_path / "b" / "model.pt"):  # a run's folder predicts with the epoch it keeps
+        predict.predict(model, os.path.join(root, "test"), workers=0)
+    assert read == ["best.pt", "model.pt"]
 
 
 def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys, monkeypatch):
