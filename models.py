@@ -197,22 +197,23 @@ def frozen_batch_norm(bn):
 
 
 # ---------------------------------------------------------------- a saved net
-def checkpoint_in(path):
-    """A model.pt: path itself, or in the folder path, or in a run's folder inside it (--compare)."""
+def checkpoint_in(path, name="model.pt"):
+    """A model.pt (or another name): path itself, or in the folder path, or in a run's folder
+    inside it (--compare: the first)."""
     found = [path] if not os.path.isdir(path) else sorted(
-        p for p in [os.path.join(path, "model.pt")] + [os.path.join(path, name, "model.pt") for name in os.listdir(path)]
+        p for p in [os.path.join(path, name)] + [os.path.join(path, run, name) for run in os.listdir(path)]
         if os.path.exists(p))
     if not found:
-        raise UserError(f"{path} holds no model.pt; give the model.pt of a training run, or its folder")
+        raise UserError(f"{path} holds no {name}; give the model.pt of a training run, or its folder")
     return found[0]
 
 
 def kept_in(path):
     """The checkpoint that predicts for path: a file as it is; a run's folder, the epoch its
     best.pt keeps (its model.pt, where a run begun before runs kept best.pt has none)."""
-    found = checkpoint_in(path)
-    best = os.path.join(os.path.dirname(found), "best.pt")
-    return best if os.path.isdir(path) and os.path.exists(best) else found
+    with contextlib.suppress(UserError):  # a folder without best.pt
+        return checkpoint_in(path, "best.pt")
+    return checkpoint_in(path)
 
 
 def load_checkpoint(path):

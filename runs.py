@@ -36,7 +36,7 @@ AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda
 ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: v > 0), ("between 0 and 1", lambda v: 0 < v < 1)
 
 # Every option of a run, by its Python name (the command line's, with - for _): its default (None:
-# worked out in settled), type, and the values it takes (a list, or a rule). `checked` holds Python
+# off, or chosen when the run starts), type, and the values it takes (a list, or a rule). `checked` holds Python
 # keywords and, once converted, finetune.py's flags to them: one rule, before any data is read.
 OPTIONS = dict(
     dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None), data_root=("data", str, None),
@@ -63,9 +63,9 @@ def checked(name, value):
     """value, where option `name` takes it (lr: one number or a list, one run each); else a
     UserError naming the option and what it takes."""
     default, kind, allowed = OPTIONS[name]
+    if value is None and default is None:
+        return None  # the default
     for v in (value if name == "lr" and isinstance(value, list) and value else [value]):
-        if v is None and default is None:
-            continue  # the default
         typed = type(v) is kind or kind is float and type(v) is int or kind is str and isinstance(v, os.PathLike)
         if not typed or (v not in allowed if isinstance(allowed, list) else allowed and not allowed[1](v)):
             raise UserError(f"{name}={v!r} is not {takes(kind, allowed)}; give {takes(kind, allowed)}")
@@ -109,6 +109,8 @@ def resume(path, **given):
     if unknown:
         raise UserError(f"resume takes the options {list(OPTIONS)}, not {unknown}")
     given = {key: checked(key, value) if key in OPTIONS else value for key, value in given.items()}
+    if "lr" in given:
+        given["lr"] = lrs(given["lr"])  # as settled recorded it: a list
     alone = not os.path.isdir(path)
     path = os.path.abspath(models.checkpoint_in(path))
     ckpt = run_checkpoint(path)  # the only time this process reads it
@@ -123,7 +125,7 @@ def resume(path, **given):
                         "(or copy that folder where you want it, and continue the copy)")
     if "workers" not in began["typed"]:  # the default of the machine it began on: this one's now
         began = {k: v for k, v in began.items() if k != "workers"}
-    if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in planned]:
+    if began["lr"] is None and given.get("lr") == [run.lr for run in planned]:
         del given["lr"]  # the recipe's own, which the run began with, typed out
     refuse_changes({**DEFAULTS, **began}, given, path)
     options = settled(began["mode"], {k: v for k, v in {**began, **given}.items() if k in OPTIONS},
@@ -228,7 +230,7 @@ def train_one(run, options, sets, device, ckpt):
             if rank() == 0:
                 write_metrics(run.out, result)
     except KeyboardInterrupt as e:
-        e.checkpoint = resumable(run, options["out"])  # for the caller to say how to continue
+        e.checkpoint = resumable(run, options)  # for the caller to say how to continue
         raise
     return result
 
@@ -258,13 +260,14 @@ def train_net(run, options, sets, runtime, about, ckpt):
     for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
         history.append(epoch.metrics)
         train.show_epoch(history, animator)
-        kept = max(kept or epoch.metrics, epoch.metrics, key=lambda m: m["test_acc"])  # the earlier of ties
+        best = kept is None or epoch.metrics["test_acc"] > kept["test_acc"]  # the earlier of ties stays
+        kept = epoch.metrics if best else kept
         state = dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=runtime.scaler.state_dict())
-        save(run.out, history, about, state, best=kept is epoch.metrics)
+        save(run.out, history, about, state, best)
         if stalled(history, options["patience"], frozen):
             break
     train.show_summary(history, runtime)
-    last = epoch if kept is epoch.metrics else None  # its figures are best.pt's: no need to read it
+    last = epoch if best else None  # the last epoch is the one kept: its figures are best.pt's, no need to read it
     return concluded(run, sets, options, runtime, {**about, "history": history}, last)
 
 
@@ -440,10 +443,10 @@ def concluded(run, sets, options, runtime, about, last=None):
                          **{k: history[-1][k] for k in SUMMARY}, examples_per_sec=train.mean_speed(history),
                          world_size=world_size(), figures_epoch=best["epoch"],
                          **train.figures(probs, labels, about["classes"]), kept=kept(best, about), versions=VERSIONS))
-    if rank() == 0:  # metrics.json, curves.png and mistakes.png (the images best.pt's epoch gets wrong)
-        write_metrics(run.out, result)
-        images.curves({result["name"]: history}, os.path.join(run.out, "curves.png"))
+    if rank() == 0:  # curves.png, mistakes.png (the images best.pt's epoch gets wrong), then metrics.json:
+        images.curves({result["name"]: history}, os.path.join(run.out, "curves.png"))  # it says all is written
         images.mistakes(sets[1], probs, labels, result["classes"], os.path.join(run.out, "mistakes.png"))
+        write_metrics(run.out, result)
     return result
 
 
@@ -468,9 +471,12 @@ def finished(folder, ckpt):
         return result if len(result["history"]) == len(ckpt["history"]) else None  # else written before later epochs
 
 
-def resumable(run, out):
-    """What continues a run stopped now: its model.pt, else out where another run there has one."""
-    mine = os.path.join(run.out, "model.pt")
-    with contextlib.suppress(UserError):  # where out holds none
-        return mine if os.path.exists(mine) else models.checkpoint_in(out) and out
+def resumable(run, options):
+    """What continues the runs stopped now: the model.pt resume named; else run's model.pt where
+    it is the only run, and where out holds several (--compare, several lrs), out, so that every
+    one continues. None where no epoch has finished."""
+    out = options["out"]
+    with contextlib.suppress(UserError):  # out holds no model.pt
+        found = models.checkpoint_in(out)
+        return options["resume"] or (found if run.out == out else out)
     return None

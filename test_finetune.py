@@ -1175,7 +1175,8 @@ def test_a_notebook_keeps_continues_and_predicts_a_run_in_three_calls(folder, tm
     the end); runs.resume continues it with more epochs, training only those (after a kernel
     restart too: all it needs is in the folder); predict.predict classifies a folder with it."""
     out = str(tmp_path / "run")
-    first = runs.train_runs("scratch", out, data_dir=folder, epochs=1, batch_size=4, workers=0, precision="fp32")
+    first = runs.train_runs("scratch", out, data_dir=folder, epochs=1, batch_size=4, workers=0, precision="fp32",
+                            lr=5e-4)
     assert {"model.pt", "metrics.json", "curves.png"} <= set(os.listdir(out))
     capsys.readouterr()
     both = runs.resume(out, epochs=2).results[0]["history"]
@@ -1183,7 +1184,8 @@ def test_a_notebook_keeps_continues_and_predicts_a_run_in_three_calls(folder, tm
     assert [m["epoch"] for m in both] == [1, 2] and both[0] == first.results[0]["history"][0]
     assert "epoch 2:" in printed and "epoch 1:" not in printed
     assert json.load(open(os.path.join(out, "metrics.json")))["history"] == both
-    assert runs.resume(out, epochs=2).results[0]["history"] == both and "epoch " not in capsys.readouterr().out
+    assert runs.resume(out, epochs=2, lr=5e-4).results[0]["history"] == both  # the same lr, given as it began
+    assert "epoch " not in capsys.readouterr().out
     test = os.path.join(folder, "test")
     predictions = predict.predict(out, [test], workers=0, precision="fp32")
     assert [p.path for p in predictions] == images.image_files(test)
@@ -1976,7 +1978,7 @@ def test_val_added_or_removed_between_runs_names_the_change_and_the_fix(folder, 
     assert "chose its epochs on val/ and kept test/ for a final test" in err and "put them back" in err
 
 
-def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_a_compare_says_how_to_resume_both_runs(folder, tmp_path, capsys, monkeypatch):
     real = train.fine_tuning_optimizer
 
     def stopped_in_scratch(net, lr, *args, **kwargs):
@@ -1987,6 +1989,15 @@ def test_ctrl_c_in_a_compare_after_one_run_says_how_to_resume(folder, tmp_path, 
     status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path / "both")
     assert status == 130 and f"--resume {tmp_path / 'both'}\n" in err, err
+
+    def ctrl_c_after_an_epoch(history, *args):
+        if history:  # asked after each epoch, once it is saved
+            raise KeyboardInterrupt
+        return False
+    monkeypatch.setattr(runs, "stalled", ctrl_c_after_an_epoch)
+    status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 2, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path / "again")  # Ctrl-C in pretrained, after epoch 1
+    assert status == 130 and f"--resume {tmp_path / 'again'}\n" in err, err  # the folder: both runs continue
 
 
 def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(tmp_path, capsys, scratch_run):
@@ -2239,7 +2250,7 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
     """Every option a Python caller gets wrong is one UserError naming it, before any data is
     read; the command line's flags pass through the same rule (runs.OPTIONS, runs.checked)."""
     monkeypatch.setattr(data, "datasets", lambda *a, **k: pytest.fail("data read before the options were checked"))
-    bad = [("epochs", 0), ("epochs", "1"), ("epochs", 1.5), ("epochs", -1), ("lr", -1), ("lr", "5e-5"), ("lr", [5e-5, 0]),
+    bad = [("epochs", 0), ("epochs", "1"), ("epochs", 1.5), ("epochs", -1), ("lr", -1), ("lr", "5e-5"), ("lr", [5e-5, 0]), ("lr", [None]),
            ("batch_size", "4"), ("seed", "1"), ("dataset", "x"), ("workers", -1), ("freeze_epochs", None),
            ("device", torch.device("cpu")), ("val_split", 2), ("freeze", "no"), ("patience", 0), ("cache_gb", -1),
            ("max_megapixels", 0), ("precision", "fp16"), ("class_weights", "yes"), ("dummy", 1)]
@@ -2532,9 +2543,11 @@ def test_a_model_pt_copied_alone_keeps_and_tests_an_epoch_it_has(tmp_path, capsy
     assert all(torch.equal(best["model"][k], first[k]) for k in first)
     read, load = [], models.load_checkpoint
     monkeypatch.setattr(models, "load_checkpoint", lambda path: read.append(os.path.basename(path)) or load(path))
-    for model in (tmp_path / "b", tmp_path / "b" / "model.pt"):  # a run's folder predicts with the epoch it keeps
+    os.makedirs(tmp_path / "c")
+    shutil.copy(tmp_path / "b" / "best.pt", tmp_path / "c")  # best.pt alone, copied to predict elsewhere
+    for model in (tmp_path / "b", tmp_path / "b" / "model.pt", tmp_path / "c"):  # a folder: the epoch it keeps
         predict.predict(model, os.path.join(root, "test"), workers=0)
-    assert read == ["best.pt", "model.pt"]
+    assert read == ["best.pt", "model.pt", "best.pt"]
 
 
 def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys, monkeypatch):
@@ -2546,6 +2559,9 @@ def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, caps
     written = json.load(open(tmp_path / "metrics.json"))
     for name in ("metrics.json", "curves.png"):  # as if the run had stopped after its last model.pt
         os.remove(tmp_path / name)
+    with monkeypatch.context() as m:  # and again while drawing its curves: metrics.json comes last
+        m.setattr(images, "curves", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert run_cli(capsys, *argv)[0] == 130 and not (tmp_path / "metrics.json").exists()
     status, out, err = run_cli(capsys, *argv)
     assert status == 0 and "finished its 1 epochs already" in out and "balanced accuracy" in out, err
     again = json.load(open(tmp_path / "metrics.json"))

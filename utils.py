@@ -29,8 +29,8 @@ class UserError(Exception):
 @contextlib.contextmanager
 def whole(path):
     """The temporary name to write path under (a file or a folder): renamed to path when the
-    block ends, removed if it fails. A crash or a full disk never leaves half a file, and the
-    last whole one stays."""
+    block ends, removed if it fails. A run that is stopped or fails, or a full disk, never leaves
+    half a file, and the last whole one stays."""
     part = path + ".part"
     remove(part)  # what an interrupted run left
     try:
