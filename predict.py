@@ -125,9 +125,9 @@ def export(model, out=None, *, format="pt2"):
                                       output_names=["probabilities"], verbose=False).model_proto
             onnx.helper.set_model_props(proto, about)
             file.write(proto.SerializeToString())
-    except ImportError as e:
-        raise UserError(f"format=onnx needs the packages onnx and onnxscript ({e}); pip install onnx onnxscript") from None
-    except Exception as e:  # an operation the exporter cannot capture
+    except Exception as e:  # onnx missing, or an operation the exporter cannot capture
+        if format == "onnx" and isinstance(e, ImportError):
+            raise UserError(f"format=onnx needs the packages onnx and onnxscript ({e}); pip install onnx onnxscript") from None
         raise UserError(f"a {ckpt.get('arch') or 'resnet18'} cannot be captured as {format} ({first_line(e)}); give "
                         f"format={'onnx' if format == 'pt2' else 'pt2'}, or classify with predict.predict") from None
     write_whole(out, file.getvalue())
