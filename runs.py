@@ -221,7 +221,7 @@ def train_one(run, options, sets, device, ckpt):
             say(f"{run.name}: finished its {len(history)} epochs already; "
                 + (f"it stopped early (patience {options['patience']})" if len(history) < options["epochs"]
                    else "give more epochs to train on"))
-            held(run.out, ckpt)  # best.pt, where it is missing
+            kept_epoch(run.out, ckpt)  # best.pt, where it is missing
             result = finished(run.out, ckpt) or concluded(run, sets, options, runtime, {**about, "history": history})
         else:
             result = train_net(run, options, sets, runtime, about, ckpt)
@@ -249,7 +249,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
     loss = nn.CrossEntropyLoss(weight=weights, reduction="none")  # the book's; weighed by class where asked
     optimizer = train.fine_tuning_optimizer(net, run.lr, RECIPES[run.mode]["param_group"] and not options["no_param_group"])
     history = restore(ckpt, net, optimizer, runtime.scaler)  # [] for a fresh run
-    kept = held(run.out, ckpt)
+    kept = kept_epoch(run.out, ckpt)
     say(header(run, options, sets, runtime, weights))
     if rank() == 0:
         writable_folder(run.out)  # a run of several has a folder of its own in out
@@ -425,7 +425,7 @@ def save(folder, history, about, state, best=False):
             write_whole(os.path.join(folder, "held_out.txt"), "".join(p + "\n" for p in about["held_out"]).encode())
 
 
-def held(folder, ckpt):
+def kept_epoch(folder, ckpt):
     """The metrics of the epoch best.pt keeps (None for a fresh run). Where a checkpoint lies
     without best.pt (copied alone, or older than best.pt), its epoch is kept there first."""
     best = os.path.join(folder, "best.pt")
