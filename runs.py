@@ -102,9 +102,8 @@ def train_runs(mode="pretrained", out=None, **options):
 
 
 def resume(path, **given):
-    """Continue the run that wrote path with the options it began with: path is a run's model.pt
-    (that run alone) or its folder (for "compare", every run in it). Those in MAY_CHANGE (epochs,
-    device, workers, ...) may be given anew; any other given must be the one the run began with."""
+    """Continue the run that wrote path (its model.pt: that run alone; its folder: every run in it)
+    with the options it began with; those in MAY_CHANGE (epochs, device, ...) may be given anew."""
     unknown = sorted(set(given) - set(OPTIONS) - {"out"})
     if unknown:
         raise UserError(f"resume takes the options {list(OPTIONS)}, not {unknown}")
@@ -208,8 +207,7 @@ def load_sets(options, held_out=None):
 
 def train_one(run, options, sets, device, ckpt):
     """Train one net into its folder with its options (run_options), continuing ckpt (a finished
-    run's missing results written again), then test it on a final test set where the data has
-    one. Returns the run's result."""
+    run's missing results written again), then test it once on a final test set where there is one."""
     runtime = train.make_runtime(device, options["precision"])
     about = described(run, options, sets, runtime)
     if ckpt:
@@ -273,10 +271,10 @@ def train_net(run, options, sets, runtime, about, ckpt):
 
 # ---------------------------------------------------------------- beyond the book
 def two_phases(book_epochs, net, first, frozen, num_epochs):
-    """The book's epochs from epoch first + 1 on, in two phases, a linear probe and then every
-    layer (Kumar et al., ICLR 2022): the first `frozen` epochs train only the output layer, the
-    features and their BatchNorm statistics fixed (models.features_frozen); the others every
-    layer, with the book's groups. With frozen 0, the book's epochs as they are."""
+    """The book's epochs from epoch first + 1 on, in two phases (Kumar et al., ICLR 2022): a linear
+    probe, the first `frozen` epochs training only the output layer with the features and their
+    BatchNorm statistics fixed (models.features_frozen), then every layer with the book's groups.
+    With frozen 0, the book's epochs as they are."""
     if first < frozen:
         with models.features_frozen(net):
             yield from book_epochs(first, min(frozen, num_epochs))
@@ -299,8 +297,7 @@ def stalled(history, patience, frozen=0):
 
 def loss_weights(kind, train_set, device):
     """None (the book's: every image counts the same), or for "balanced", a weight per class that
-    makes every class count the same in the summed loss: n / (classes x n_class), as
-    scikit-learn's "balanced" (n images in all, n_class of the class)."""
+    makes every class count the same in the summed loss: scikit-learn's n / (classes x n_class)."""
     if kind is None:
         return None
     counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=len(train_set.classes)).double()
@@ -315,9 +312,8 @@ def final_test(run, sets, options, runtime):
 
 
 def evaluated(run, test_set, options, runtime, last=None):
-    """The metrics of the epoch best.pt keeps, and its probabilities and labels for test_set:
-    last's, where given (the last epoch trained, on the evaluation set, is the one kept), else
-    from best.pt's weights."""
+    """The metrics of the epoch best.pt keeps and its probabilities and labels for test_set: last's
+    where given (the last epoch trained, on the evaluation set, is the one kept), else best.pt's."""
     if last:
         return last.metrics, last.probs, last.labels
     best = from_process_0(models.load_checkpoint(os.path.join(run.out, "best.pt")) if rank() == 0 else None)
@@ -365,8 +361,8 @@ def run_checkpoint(path):
 
 
 def described(run, options, sets, runtime):
-    """What a run's checkpoint and metrics.json say of it, beside its figures: what prediction
-    needs (arch, classes, transform), how it computes, and what continuing compares."""
+    """What a run's checkpoint and metrics.json say of it beside its figures: what prediction
+    needs (arch, classes, transform), how it computes, what continuing compares."""
     return dict(name=run.name, mode=run.mode, lr=run.lr, args=options, arch=options["arch"],
                 classes=data.class_names(sets[0]),
                 transform=dict(**models.preprocessing(options["arch"]), mean=data.MEAN, std=data.STD),
@@ -413,8 +409,8 @@ def restore(ckpt, net, optimizer, scaler):
 def save(folder, history, about, state, best=False):
     """model.pt after every epoch: the state, the history, every process's random-number state
     (not the GPUs': nothing draws from them) and the run's description; best.pt too, saying so,
-    after the epoch it keeps (best); held_out.txt where a split held images out. Process 0
-    writes, through a temporary name, from memory: any failure to write is the file's."""
+    after the epoch it keeps (best); held_out.txt where a split held images out. Process 0 writes
+    each whole (utils.write_whole), from memory: any failure to write is the file's."""
     rng = gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
     if rank() == 0:
         checkpoint = {**state, "history": history, "rng": rng, **about, "is_best": False}
@@ -472,9 +468,8 @@ def finished(folder, ckpt):
 
 
 def resumable(run, options):
-    """What continues the runs stopped now: the model.pt resume named; else run's model.pt where
-    it is the only run, and where out holds several (--compare, several lrs), out, so that every
-    one continues. None where no epoch has finished."""
+    """What continues the runs stopped now: the model.pt resume named, else run's where it is the
+    only run, else out (--compare, several lrs: every run continues); None before any epoch."""
     out = options["out"]
     with contextlib.suppress(UserError):  # out holds no model.pt
         found = models.checkpoint_in(out)
