@@ -36,8 +36,8 @@ AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda
 ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: v > 0), ("between 0 and 1", lambda v: 0 < v < 1)
 
 # Every option of a run, by its Python name (the command line's, with - for _): its default (None:
-# off, or chosen when the run starts), type, and the values it takes (a list, or a rule). `checked` holds Python
-# keywords and, once converted, finetune.py's flags to them: one rule, before any data is read.
+# off, or chosen when the run starts), type, and the values it takes (a list, or a rule). `checked`
+# holds Python keywords and finetune.py's converted flags to them: one rule, before data is read.
 OPTIONS = dict(
     dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None), data_root=("data", str, None),
     dummy=(False, bool, None), cache_gb=(None, float, ZERO_OR_MORE), val_split=(0.2, float, BETWEEN_0_AND_1),
