@@ -757,23 +757,54 @@ def test_two_processes_sum_the_gradient_over_the_global_batch(tmp_path):
         assert torch.allclose(torch.load(tmp_path / f"step{rank}.pt"), single, atol=1e-6)
 
 
-def test_torchrun_command_line(folder, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port", str(free_port()), os.path.join(HERE, "finetune.py"),
-                             "--scratch", "--data-dir", folder, "--epochs", "1", "--batch-size", "8",
-                             "--workers", "0", "--device", "cpu", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("epoch 1:") == 1  # only process 0 prints
-    assert json.load(open(tmp_path / "metrics.json"))["world_size"] == 2
+@contextlib.contextmanager
+def printed_by_processes(path):
+    """stdout and stderr at the file-descriptor level, which child processes inherit, written to
+    path.out and path.err while the block runs (capfd does this for one test, not for a fixture)."""
+    saved = os.dup(1), os.dup(2)
+    with open(f"{path}.out", "w") as out, open(f"{path}.err", "w") as err:
+        for fd, file in ((1, out), (2, err)):
+            (sys.stdout, sys.stderr)[fd - 1].flush()
+            os.dup2(file.fileno(), fd)
+        try:
+            yield
+        finally:
+            for fd in (1, 2):
+                (sys.stdout, sys.stderr)[fd - 1].flush()
+                os.dup2(saved[fd - 1], fd)
+                os.close(saved[fd - 1])
 
 
-def test_all_gpus_launcher_on_cpu_processes(folder, tmp_path):
-    """The processes `python finetune.py` starts on a machine with several GPUs, here on the CPU."""
+@pytest.fixture(scope="session")
+def launched_run(folder, tmp_path_factory):
+    """`finetune.py --scratch --data-dir folder` (one epoch, batch 8, --device cpu, the default
+    loader workers) as `python finetune.py` starts it on a machine with 2 GPUs: through
+    finetune.on_all_gpus, here as 2 CPU processes. Launched once for the tests that read it: (its
+    folder, the exit status, what the processes printed on stdout, and on stderr)."""
+    out = tmp_path_factory.mktemp("launched_run")
+    printed = tmp_path_factory.mktemp("launched_run_printed") / "printed"
     argv = ["--scratch", "--data-dir", folder, "--epochs", "1", "--batch-size", "8", "--device", "cpu",
-            "--out", str(tmp_path)]
-    assert finetune.on_all_gpus(argv, 2) == 0
-    metrics = json.load(open(tmp_path / "metrics.json"))
+            "--out", str(out)]
+    with printed_by_processes(printed):
+        status = finetune.on_all_gpus(argv, 2)
+    return out, status, open(f"{printed}.out").read(), open(f"{printed}.err").read()
+
+
+def test_torchrun_command_line(launched_run):
+    """torchrun's command line as finetune.on_all_gpus gives it to torchrun's own parser (`torchrun
+    --standalone --nproc_per_node=2 finetune.py ...`); the command typed, `python -m
+    torch.distributed.run ...`, trains in the tests of torchrun's restarts below."""
+    run, status, out, err = launched_run
+    assert status == 0, err
+    assert out.count("epoch 1:") == 1  # only process 0 prints
+    assert json.load(open(run / "metrics.json"))["world_size"] == 2
+
+
+def test_all_gpus_launcher_on_cpu_processes(launched_run):
+    """The processes `python finetune.py` starts on a machine with several GPUs, here on the CPU."""
+    run, status, _, err = launched_run
+    assert status == 0, err
+    metrics = json.load(open(run / "metrics.json"))
     cores = len(os.sched_getaffinity(0))
     assert metrics["world_size"] == 2 and metrics["args"]["workers"] == max(1, min(16, cores) // 2)  # shared
 
@@ -1673,14 +1704,14 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(tmp_path, monkeypatc
     assert [set(state) for state in torch.load(tmp_path / "model.pt", weights_only=True)["rng"]] == [{"torch", "python"}]
 
 
-def test_each_process_draws_its_own_augmentations(folder, tmp_path):
-    """Two processes, one loader worker each: their random-number states, from which the loader
-    seeds its workers, differ (the same seed once gave every process the same crops)."""
-    result = subprocess.run(torchrun("--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                                     "--workers", 1, "--device", "cpu", "--out", tmp_path),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    states = torch.load(tmp_path / "model.pt", weights_only=False)["rng"]
+def test_each_process_draws_its_own_augmentations(launched_run):
+    """Two processes, with loader workers (the default: at least one each): their random-number
+    states, from which the loader seeds its workers, differ (the same seed once gave every
+    process the same crops)."""
+    run, status, _, err = launched_run
+    assert status == 0, err
+    assert json.load(open(run / "metrics.json"))["args"]["workers"] >= 1
+    states = torch.load(run / "model.pt", weights_only=False)["rng"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
 
 
