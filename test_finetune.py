@@ -1289,7 +1289,9 @@ def test_the_notebook_runs_cell_by_cell_in_a_kernel(tmp_path, monkeypatch):
     nb = nbformat.read(os.path.join(HERE, "fine_tuning.ipynb"), as_version=4)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert all(not cell.outputs and cell.execution_count is None for cell in code)  # stored without outputs
-    write_folder(tmp_path / "data" / "hotdog", train=8, test=2)
+    # 8 training images, the fewest that the cells showing 8 from each end (train_imgs[i],
+    # train_imgs[-i - 1]) can index; 4 test images, as many as the last cell prints
+    write_folder(tmp_path / "data" / "hotdog", train=4, test=2)
     monkeypatch.setenv("PYTHONPATH", HERE)
     nb.cells.append(nbformat.v4.new_code_cell("import matplotlib\nprint(matplotlib.get_backend())"))
     nbclient.NotebookClient(nb, timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -1307,7 +1309,7 @@ def test_the_notebook_runs_cell_by_cell_in_a_kernel(tmp_path, monkeypatch):
     assert len(json.load(open(tmp_path / "runs" / "kept" / "metrics.json"))["history"]) == 2
     lines = outputs("predict.predict('runs/kept'")[0].splitlines()
     assert len(lines) == 4 and all(line.split()[1] in ("hotdog", "not-hotdog") for line in lines)
-    assert not os.path.exists(os.path.join(HERE, "data", "hotdog", "train", "hotdog", "7.png"))
+    assert not os.path.exists(os.path.join(HERE, "data", "hotdog", "train", "hotdog", "3.png"))  # the set's last
 
 
 # ---------------------------------------------------------------- photos as devices write them
