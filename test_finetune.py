@@ -2530,9 +2530,8 @@ def judged(monkeypatch, rights):
     monkeypatch.setattr(train, "evaluate", evaluate)
 
 
-def test_best_pt_says_what_it_is_under_any_name(folder, tmp_path, capsys):
-    argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
-    assert run_cli(capsys, *argv)[0] == 0
+def test_best_pt_says_what_it_is_under_any_name(tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path, dirs_exist_ok=True)  # SCRATCH, one epoch, into tmp_path
     shutil.copy(tmp_path / "best.pt", tmp_path / "epoch1.pt")
     os.symlink(tmp_path / "best.pt", tmp_path / "link.pt")
     before = (tmp_path / "model.pt").read_bytes()
@@ -2567,9 +2566,9 @@ def test_a_model_pt_copied_alone_keeps_and_tests_an_epoch_it_has(tmp_path, capsy
     assert all(torch.equal(best["model"][k], first[k]) for k in first)
 
 
-def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys):
-    argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
-    assert run_cli(capsys, *argv)[0] == 0
+def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path, dirs_exist_ok=True)  # SCRATCH, one epoch, into tmp_path
+    argv = [*SCRATCH, "--data-dir", folder, "--out", tmp_path]
     written = json.load(open(tmp_path / "metrics.json"))
     for name in ("metrics.json", "curves.png"):  # as if the run had stopped after its last model.pt
         os.remove(tmp_path / name)
