@@ -2412,7 +2412,8 @@ DOC_BLOCKS = {
         [("runs/pretrained-...", "{run}")],  # the run of the README's first command
     "python finetune.py --resume runs/pretrained-.../model.pt": [("runs/pretrained-...", "{run}")],
     "torchrun --nproc_per_node=4 finetune.py --pretrained # 4 GPUs (or 4 CPU processes)":
-        "4 processes, then 8 on each of 2 machines; test_torchrun_command_line runs torchrun with 2 CPU processes",
+        "4 processes, then 8 on each of 2 machines; test_torchrun_command_line runs torchrun (as finetune.on_all_gpus "
+        "starts it) with 2 CPU processes",
     "torchrun --nproc_per_node=4 --max-restarts=3 finetune.py --pretrained":
         "4 GPUs; test_torchrun_restarts_a_killed_worker_and_the_run_finishes runs it with 2 CPU processes",
     "torchrun --nnodes=2 --nproc_per_node=8 --max-restarts=3 --rdzv-id=hotdog-1 \\": "2 machines of 8 GPUs",
