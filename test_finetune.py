@@ -757,23 +757,54 @@ def test_two_processes_sum_the_gradient_over_the_global_batch(tmp_path):
         assert torch.allclose(torch.load(tmp_path / f"step{rank}.pt"), single, atol=1e-6)
 
 
-def test_torchrun_command_line(folder, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port", str(free_port()), os.path.join(HERE, "finetune.py"),
-                             "--scratch", "--data-dir", folder, "--epochs", "1", "--batch-size", "8",
-                             "--workers", "0", "--device", "cpu", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("epoch 1:") == 1  # only process 0 prints
-    assert json.load(open(tmp_path / "metrics.json"))["world_size"] == 2
+@contextlib.contextmanager
+def printed_by_processes(path):
+    """stdout and stderr at the file-descriptor level, which child processes inherit, written to
+    path.out and path.err while the block runs (capfd does this for one test, not for a fixture)."""
+    saved = os.dup(1), os.dup(2)
+    with open(f"{path}.out", "w") as out, open(f"{path}.err", "w") as err:
+        for fd, file in ((1, out), (2, err)):
+            (sys.stdout, sys.stderr)[fd - 1].flush()
+            os.dup2(file.fileno(), fd)
+        try:
+            yield
+        finally:
+            for fd in (1, 2):
+                (sys.stdout, sys.stderr)[fd - 1].flush()
+                os.dup2(saved[fd - 1], fd)
+                os.close(saved[fd - 1])
 
 
-def test_all_gpus_launcher_on_cpu_processes(folder, tmp_path):
-    """The processes `python finetune.py` starts on a machine with several GPUs, here on the CPU."""
+@pytest.fixture(scope="session")
+def launched_run(folder, tmp_path_factory):
+    """`finetune.py --scratch --data-dir folder` (one epoch, batch 8, --device cpu, the default
+    loader workers) as `python finetune.py` starts it on a machine with 2 GPUs: through
+    finetune.on_all_gpus, here as 2 CPU processes. Launched once for the tests that read it: (its
+    folder, the exit status, what the processes printed on stdout, and on stderr)."""
+    out = tmp_path_factory.mktemp("launched_run")
+    printed = tmp_path_factory.mktemp("launched_run_printed") / "printed"
     argv = ["--scratch", "--data-dir", folder, "--epochs", "1", "--batch-size", "8", "--device", "cpu",
-            "--out", str(tmp_path)]
-    assert finetune.on_all_gpus(argv, 2) == 0
-    metrics = json.load(open(tmp_path / "metrics.json"))
+            "--out", str(out)]
+    with printed_by_processes(printed):
+        status = finetune.on_all_gpus(argv, 2)
+    return out, status, open(f"{printed}.out").read(), open(f"{printed}.err").read()
+
+
+def test_torchrun_command_line(launched_run):
+    """torchrun's command line as finetune.on_all_gpus gives it to torchrun's own parser (`torchrun
+    --standalone --nproc_per_node=2 finetune.py ...`); the command typed, `python -m
+    torch.distributed.run ...`, trains in the tests of torchrun's restarts below."""
+    run, status, out, err = launched_run
+    assert status == 0, err
+    assert out.count("epoch 1:") == 1  # only process 0 prints
+    assert json.load(open(run / "metrics.json"))["world_size"] == 2
+
+
+def test_all_gpus_launcher_on_cpu_processes(launched_run):
+    """The processes `python finetune.py` starts on a machine with several GPUs, here on the CPU."""
+    run, status, _, err = launched_run
+    assert status == 0, err
+    metrics = json.load(open(run / "metrics.json"))
     cores = len(os.sched_getaffinity(0))
     assert metrics["world_size"] == 2 and metrics["args"]["workers"] == max(1, min(16, cores) // 2)  # shared
 
@@ -1114,14 +1145,16 @@ def test_bf16_learns_as_fp32_does(monkeypatch):
     assert curves[None][-1]["train_acc"] == curves[torch.bfloat16][-1]["train_acc"] == 1
 
 
-def test_fp16_with_its_gradient_scaler_on_the_cpu(folder, tmp_path, monkeypatch):
+def test_fp16_with_its_gradient_scaler_on_the_cpu(tmp_path, monkeypatch):
     """The path CUDA GPUs without bf16 take: a step happens, and the scaler's state goes through
-    a checkpoint and back."""
+    a checkpoint and back. Four batches of 4 small uint8 images, as a loader gives them: fp16 on
+    the CPU is some 20x slower than fp32, too slow for images of 224 px."""
     fp16 = runtime(monkeypatch, torch.float16)
     net = models.scratch_net(2)
     before = net.fc.weight.detach().clone()
-    train_iter, test_iter = data.make_loaders(*data.image_folders(folder), batch_size=4)
-    epochs = one_epoch(net, train_iter, test_iter, fp16)
+    X, y = tiny_set()
+    batches = list(zip(X.split(4), y.split(4)))
+    epochs = one_epoch(net, batches, batches, fp16)
     assert not torch.equal(net.fc.weight.detach(), before) and torch.isfinite(net.fc.weight).all()
     assert fp16.scaler.get_scale() > 0
     optimizer = train.fine_tuning_optimizer(net, 0.01)
@@ -1259,7 +1292,9 @@ def test_the_notebook_runs_cell_by_cell_in_a_kernel(tmp_path, monkeypatch):
     nb = nbformat.read(os.path.join(HERE, "fine_tuning.ipynb"), as_version=4)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert all(not cell.outputs and cell.execution_count is None for cell in code)  # stored without outputs
-    write_folder(tmp_path / "data" / "hotdog", train=8, test=2)
+    # 8 training images, the fewest that the cells showing 8 from each end (train_imgs[i],
+    # train_imgs[-i - 1]) can index; 4 test images, as many as the last cell prints
+    write_folder(tmp_path / "data" / "hotdog", train=4, test=2)
     monkeypatch.setenv("PYTHONPATH", HERE)
     nb.cells.append(nbformat.v4.new_code_cell("import matplotlib\nprint(matplotlib.get_backend())"))
     nbclient.NotebookClient(nb, timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -1277,7 +1312,7 @@ def test_the_notebook_runs_cell_by_cell_in_a_kernel(tmp_path, monkeypatch):
     assert len(json.load(open(tmp_path / "runs" / "kept" / "metrics.json"))["history"]) == 2
     lines = outputs("predict.predict('runs/kept'")[0].splitlines()
     assert len(lines) == 4 and all(line.split()[1] in ("hotdog", "not-hotdog") for line in lines)
-    assert not os.path.exists(os.path.join(HERE, "data", "hotdog", "train", "hotdog", "7.png"))
+    assert not os.path.exists(os.path.join(HERE, "data", "hotdog", "train", "hotdog", "3.png"))  # the set's last
 
 
 # ---------------------------------------------------------------- photos as devices write them
@@ -1555,24 +1590,24 @@ def children(pid):
     return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
 
 
-@pytest.mark.parametrize("out", [True, False])
-def test_torchrun_restarts_a_killed_worker_and_the_run_finishes(out, folder, tmp_path):
+def test_torchrun_restarts_a_killed_worker_and_the_run_finishes(folder, tmp_path):
     """One worker killed after epoch 1: torchrun restarts both, and they continue from the
-    checkpoint, in the default folder too (the same for every restart of one job)."""
+    checkpoint, in the default folder (runs/<mode>-<time>: the same for every restart of one
+    job). A run given --out differs only in that its folder is the one named; the checkpoint it
+    continues is found and restored as here."""
     argv = ["--scratch", "--data-dir", folder, "--epochs", 3, "--batch-size", 8, "--workers", 0, "--device", "cpu"]
-    job = subprocess.Popen(torchrun(*argv, *(["--out", "run"] if out else []), restarts=1), cwd=tmp_path,
+    job = subprocess.Popen(torchrun(*argv, restarts=1), cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint, killed = None, False
-    while job.poll() is None and not killed:
+    checkpoint = None
+    while job.poll() is None and checkpoint is None:  # model.pt appears whole (a temporary name, then renamed)
         found = [os.path.join(root, "model.pt") for root, _, names in os.walk(tmp_path) if "model.pt" in names]
-        with contextlib.suppress(Exception):  # not yet written, or being replaced
-            killed = len(torch.load(found[0], weights_only=True)["history"]) >= 1
-        if killed:
+        if found:  # epoch 1 is saved, and epochs 2 and 3 are still to train
             checkpoint = found[0]
             os.kill(children(job.pid)[-1], signal.SIGKILL)
         time.sleep(0.02)
-    out_text, err = job.communicate(timeout=120)
-    assert killed and job.returncode == 0, err
+    out_text, err = job.communicate(timeout=300)
+    assert checkpoint and job.returncode == 0, err
+    assert torch.load(checkpoint, weights_only=True)["history"]  # a whole checkpoint, epoch 1's or later
     history = json.load(open(os.path.join(os.path.dirname(checkpoint), "metrics.json")))["history"]
     assert [m["epoch"] for m in history] == [1, 2, 3] and out_text.count("epoch 1:") == 1
 
@@ -1674,14 +1709,14 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(tmp_path, monkeypatc
     assert [set(state) for state in torch.load(tmp_path / "model.pt", weights_only=True)["rng"]] == [{"torch", "python"}]
 
 
-def test_each_process_draws_its_own_augmentations(folder, tmp_path):
-    """Two processes, one loader worker each: their random-number states, from which the loader
-    seeds its workers, differ (the same seed once gave every process the same crops)."""
-    result = subprocess.run(torchrun("--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
-                                     "--workers", 1, "--device", "cpu", "--out", tmp_path),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    states = torch.load(tmp_path / "model.pt", weights_only=False)["rng"]
+def test_each_process_draws_its_own_augmentations(launched_run):
+    """Two processes, with loader workers (the default: at least one each): their random-number
+    states, from which the loader seeds its workers, differ (the same seed once gave every
+    process the same crops)."""
+    run, status, _, err = launched_run
+    assert status == 0, err
+    assert json.load(open(run / "metrics.json"))["args"]["workers"] >= 1
+    states = torch.load(run / "model.pt", weights_only=False)["rng"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
 
 
@@ -2389,7 +2424,8 @@ DOC_BLOCKS = {
         [("runs/pretrained-...", "{run}")],  # the run of the README's first command
     "python finetune.py --resume runs/pretrained-.../model.pt": [("runs/pretrained-...", "{run}")],
     "torchrun --nproc_per_node=4 finetune.py --pretrained # 4 GPUs (or 4 CPU processes)":
-        "4 processes, then 8 on each of 2 machines; test_torchrun_command_line runs torchrun with 2 CPU processes",
+        "4 processes, then 8 on each of 2 machines; test_torchrun_command_line runs torchrun (as finetune.on_all_gpus "
+        "starts it) with 2 CPU processes",
     "torchrun --nproc_per_node=4 --max-restarts=3 finetune.py --pretrained":
         "4 GPUs; test_torchrun_restarts_a_killed_worker_and_the_run_finishes runs it with 2 CPU processes",
     "torchrun --nnodes=2 --nproc_per_node=8 --max-restarts=3 --rdzv-id=hotdog-1 \\": "2 machines of 8 GPUs",
@@ -2507,9 +2543,8 @@ def judged(monkeypatch, rights):
     monkeypatch.setattr(train, "evaluate", evaluate)
 
 
-def test_best_pt_says_what_it_is_under_any_name(folder, tmp_path, capsys):
-    argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
-    assert run_cli(capsys, *argv)[0] == 0
+def test_best_pt_says_what_it_is_under_any_name(tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path, dirs_exist_ok=True)  # SCRATCH, one epoch, into tmp_path
     shutil.copy(tmp_path / "best.pt", tmp_path / "epoch1.pt")
     os.symlink(tmp_path / "best.pt", tmp_path / "link.pt")
     before = (tmp_path / "model.pt").read_bytes()
@@ -2551,12 +2586,9 @@ def test_a_model_pt_copied_alone_keeps_and_tests_an_epoch_it_has(tmp_path, capsy
     assert read == ["best.pt", "model.pt", "best.pt"]
 
 
-def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys, monkeypatch):
-    argv = ["--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
-    read, load = [], models.load_checkpoint
-    monkeypatch.setattr(models, "load_checkpoint", lambda path: read.append(os.path.basename(path)) or load(path))
-    assert run_cli(capsys, *argv)[0] == 0
-    assert read == []  # the last epoch is the one best.pt keeps: its figures are known without reading it
+def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys, monkeypatch, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path, dirs_exist_ok=True)  # SCRATCH, one epoch, into tmp_path
+    argv = [*SCRATCH, "--data-dir", folder, "--out", tmp_path]
     written = json.load(open(tmp_path / "metrics.json"))
     for name in ("metrics.json", "curves.png"):  # as if the run had stopped after its last model.pt
         os.remove(tmp_path / name)
@@ -2575,11 +2607,15 @@ def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, caps
 
 def test_a_continued_run_without_mistakes_shows_none(folder, tmp_path, capsys, monkeypatch):
     argv = ["--scratch", "--data-dir", folder, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
+    read, load = [], models.load_checkpoint
+    monkeypatch.setattr(models, "load_checkpoint", lambda path: read.append(os.path.basename(path)) or load(path))
     judged(monkeypatch, [False])
     assert run_cli(capsys, *argv, "--epochs", 1)[0] == 0 and (tmp_path / "mistakes.png").exists()
+    assert read == []  # the last epoch is the one best.pt keeps: its figures are known without reading it back
     judged(monkeypatch, [True])
     status, _, err = run_cli(capsys, *argv, "--epochs", 2)
     assert status == 0 and not (tmp_path / "mistakes.png").exists(), err
+    assert read == ["model.pt", "best.pt"]  # continued: each read once, best.pt for the epoch it keeps
     assert json.load(open(tmp_path / "metrics.json"))["balanced_accuracy"] == 1.0
 
 
