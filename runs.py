@@ -439,10 +439,10 @@ def concluded(run, sets, options, runtime, about, last=None):
                          **{k: history[-1][k] for k in SUMMARY}, examples_per_sec=train.mean_speed(history),
                          world_size=world_size(), figures_epoch=best["epoch"],
                          **train.figures(probs, labels, about["classes"]), kept=kept(best, about), versions=VERSIONS))
-    if rank() == 0:  # curves.png, mistakes.png (the images best.pt's epoch gets wrong), then metrics.json:
-        images.curves({result["name"]: history}, os.path.join(run.out, "curves.png"))  # it says all is written
+    if rank() == 0:  # metrics.json first (a picture that cannot be written loses nothing else), curves.png
+        write_metrics(run.out, result)  # and mistakes.png (the images best.pt's epoch gets wrong)
+        images.curves({result["name"]: history}, os.path.join(run.out, "curves.png"))
         images.mistakes(sets[1], probs, labels, result["classes"], os.path.join(run.out, "mistakes.png"))
-        write_metrics(run.out, result)
     return result
 
 

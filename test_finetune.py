@@ -2586,15 +2586,12 @@ def test_a_model_pt_copied_alone_keeps_and_tests_an_epoch_it_has(tmp_path, capsy
     assert read == ["best.pt", "model.pt", "best.pt"]
 
 
-def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys, monkeypatch, scratch_run):
+def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys, scratch_run):
     shutil.copytree(scratch_run[0], tmp_path, dirs_exist_ok=True)  # SCRATCH, one epoch, into tmp_path
     argv = [*SCRATCH, "--data-dir", folder, "--out", tmp_path]
     written = json.load(open(tmp_path / "metrics.json"))
     for name in ("metrics.json", "curves.png"):  # as if the run had stopped after its last model.pt
         os.remove(tmp_path / name)
-    with monkeypatch.context() as m:  # and again while drawing its curves: metrics.json comes last
-        m.setattr(images, "curves", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert run_cli(capsys, *argv)[0] == 130 and not (tmp_path / "metrics.json").exists()
     status, out, err = run_cli(capsys, *argv)
     assert status == 0 and "finished its 1 epochs already" in out and "balanced accuracy" in out, err
     again = json.load(open(tmp_path / "metrics.json"))
