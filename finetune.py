@@ -170,9 +170,9 @@ def predict_images(options):
     for p in predictions:
         print(f"{p.path}: {p.label} {p.probability:.3f}")
     found = len(image_paths(options["predict"]))
-    print(f"wrote {os.path.join(out, 'predictions.csv')}" + (f"; {found - len(predictions)} of {found} images "
-                                                             "could not be read" if len(predictions) < found else ""),
-          file=sys.stderr)
+    wrote = f"wrote {os.path.join(out, 'predictions.csv')}" if predictions else "wrote no predictions.csv"
+    print(wrote + (f"; {found - len(predictions)} of {found} images could not be read" if len(predictions) < found
+                   else ""), file=sys.stderr)
     return 0 if len(predictions) == found else 1
 
 

@@ -66,7 +66,7 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)  # index for the label
     predictions = [Prediction(paths[i], classes[p.argmax()], p.max().item(), dict(zip(classes, p.tolist())))
                    for i, p in zip(index.tolist(), probs) if i >= 0]
-    if csv_path:
+    if csv_path and predictions:  # none predicted: an earlier predictions.csv stays
         write_csv(predictions, classes, csv_path)
     return predictions
 
@@ -111,6 +111,8 @@ def export(model, out=None, *, format="pt2"):
         raise UserError(f"format={format} is not one this program exports; give format=pt2 or format=onnx")
     ckpt = models.load_checkpoint(models.kept_in(model))
     out = os.fspath(out or os.path.splitext(ckpt["path"])[0] + "." + format)
+    if not out.endswith("." + format):  # never over a checkpoint or a run's other files
+        raise UserError(f"out={out} is not a .{format} file; give out= a name that ends in .{format}")
     writable_folder(os.path.dirname(out) or ".")  # tried before the work
     net = Pixels(models.saved_net(ckpt), ckpt["transform"]).eval()
     about = {"classes": json.dumps(ckpt["classes"]), "input": net.input(len(ckpt["classes"]))}

@@ -13,7 +13,8 @@ import os
 import platform
 import random
 import time
-from dataclasses import dataclass
+import math
+from collections import namedtuple
 
 import torch
 import torchvision
@@ -23,7 +24,7 @@ import data
 import images
 import models
 import train
-from utils import (UserError, finite, first_line, from_process_0, gathered, join_processes, leave_processes, local_first,
+from utils import (UserError, finite, first_line, from_process_0, gathered, join_processes, leave_processes, local_first, rng_kept,
                    processes_batch, rank, saved, say, torchrun_start, writable_folder, world_size, write_whole, writing_to)
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
@@ -32,8 +33,9 @@ RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.9
 DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}
 
 # ---------------------------------------------------------------- the options, defined once
-AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: v >= 0)
-ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: v > 0), ("between 0 and 1", lambda v: 0 < v < 1)
+AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: 0 <= v < math.inf)
+ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: 0 < v < math.inf), ("between 0 and 1", lambda v: 0 < v < 1)
+SEEDS = ("from -2**63 to 2**64 - 1", lambda v: -2**63 <= v < 2**64)  # what torch.manual_seed takes
 
 # Every option of a run, by its Python name (the command line's, with - for _): its default (None:
 # off, or chosen when the run starts), type, and the values it takes (a list, or a rule). `checked`
@@ -45,7 +47,7 @@ OPTIONS = dict(
     arch=("resnet18", str, None), weights=(None, str, None), freeze=(False, bool, None),
     init_head_from_imagenet=(False, bool, None),                                 # the net
     epochs=(None, int, AT_LEAST_1), batch_size=(128, int, AT_LEAST_1), lr=(None, float, ABOVE_0),
-    no_param_group=(False, bool, None), seed=(0, int, None),                    # the book's recipe
+    no_param_group=(False, bool, None), seed=(0, int, SEEDS),                    # the book's recipe
     patience=(None, int, AT_LEAST_1), freeze_epochs=(0, int, ZERO_OR_MORE),
     class_weights=(None, str, ["balanced"]),                                     # beyond it: off by default
     workers=(None, int, ZERO_OR_MORE), device=(None, str, None), precision=("amp", str, ["amp", "fp32"]),  # where
@@ -79,20 +81,8 @@ def takes(kind, allowed):
             else f"{words}, {allowed[0]}" if allowed else words)
 
 
-@dataclass
-class Run:
-    """One training: a name, the book's mode, its learning rate, and where it writes."""
-    name: str
-    mode: str
-    lr: float
-    out: str
-
-
-@dataclass
-class Trained:
-    """What train_runs and resume return: the folder they wrote, and each run's metrics.json."""
-    out: str
-    results: list
+Run = namedtuple("Run", "name mode lr out")  # one training: the book's mode, its lr, where it writes
+Trained = namedtuple("Trained", "out results")  # what train_runs and resume return: each run's metrics.json
 
 
 def train_runs(mode="pretrained", out=None, **options):
@@ -170,6 +160,8 @@ def plan_runs(mode, options, out):
     modes = ["pretrained", "scratch"] if mode == "compare" else [mode]
     rates = {m: options["lr"] or [DATASETS[options["dataset"]].get("lr", RECIPES[m]["lr"])] for m in modes}
     named = [(m if len(rates[m]) == 1 else f"{m}-lr{lr:g}", m, lr) for m in modes for lr in rates[m]]
+    if len({name for name, _, _ in named}) < len(named):
+        raise UserError(f"lr={rates[modes[0]]} names two runs alike; give each learning rate once")
     return [Run(name, m, lr, out if len(named) == 1 else os.path.join(out, name)) for name, m, lr in named]
 
 
@@ -179,7 +171,7 @@ def trained(options, out, read=None):
     device = join_processes(train.try_device(options["device"]))
     out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
     try:
-        with images.megapixels_limit(options["max_megapixels"]), writing_to(out):  # for this call alone
+        with images.megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):  # this call's
             runs = plan_runs(options["mode"], options, out)
             if options["resume"]:  # a run's model.pt named: that run alone
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]

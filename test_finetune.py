@@ -6,6 +6,7 @@ import http.server
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -988,6 +989,10 @@ def test_export_of_another_family_gives_predicts_probabilities(folder, tmp_path)
 
 def test_export_bad_input_is_one_line_and_leaves_nothing(exported_run, tmp_path, capsys, monkeypatch):
     run, _, _ = exported_run
+    best = (run / "best.pt").read_bytes()
+    status, _, err = run_cli(capsys, "--export", run, "--out", run / "best.pt")
+    assert status == 2 and "is not a .pt2 file; give --out a name that ends in .pt2" in err, err
+    assert (run / "best.pt").read_bytes() == best
     (tmp_path / "empty.pt").touch()
     (tmp_path / "truncated.pt").write_bytes((run / "best.pt").read_bytes()[:100_000])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
@@ -1014,7 +1019,7 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(exported_run, tmp_path,
                                        "--export-format onnx, or classify with --predict\n")
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "onnx", None)
-        status, _, err = run_cli(capsys, "--export", run, "--export-format", "onnx", "--out", out)
+        status, _, err = run_cli(capsys, "--export", run, "--export-format", "onnx", "--out", out.with_suffix(".onnx"))
     assert status == 2 and err.startswith("error: --export-format onnx needs the packages onnx and onnxscript (")
     assert err.strip().endswith("; pip install onnx onnxscript")
     assert os.listdir(tmp_path / "out") == []  # nothing half-written
@@ -1209,8 +1214,10 @@ def test_a_notebook_keeps_continues_and_predicts_a_run_in_three_calls(folder, tm
     the end); runs.resume continues it with more epochs, training only those (after a kernel
     restart too: all it needs is in the folder); predict.predict classifies a folder with it."""
     out = str(tmp_path / "run")
+    states = torch.get_rng_state(), random.getstate()
     first = runs.train_runs("scratch", out, data_dir=folder, epochs=1, batch_size=4, workers=0, precision="fp32",
                             lr=5e-4)
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]  # the caller's draws
     assert {"model.pt", "metrics.json", "curves.png"} <= set(os.listdir(out))
     capsys.readouterr()
     both = runs.resume(out, epochs=2).results[0]["history"]
@@ -2039,7 +2046,8 @@ def test_ctrl_c_in_a_compare_says_how_to_resume_both_runs(folder, tmp_path, caps
 def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(tmp_path, capsys, scratch_run):
     status, _, err = run_cli(capsys, "--predict", tmp_path / "nope.jpg", "--model", scratch_run[0], "--workers", 0,
                              "--out", tmp_path / "p1")
-    assert status == 1 and "nope.jpg does not exist; check the path" in err
+    assert status == 1 and "nope.jpg does not exist; check the path" in err and "wrote no predictions.csv" in err
+    assert not (tmp_path / "p1" / "predictions.csv").exists()  # nothing predicted: an earlier one would stay
     os.makedirs(tmp_path / "empty")
     status, _, err = run_cli(capsys, "--predict", tmp_path / "empty", "--model", scratch_run[0], "--out", tmp_path / "p2")
     assert status == 2 and "found no images" in err and not (tmp_path / "p2").exists()
@@ -2289,7 +2297,8 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
     bad = [("epochs", 0), ("epochs", "1"), ("epochs", 1.5), ("epochs", -1), ("lr", -1), ("lr", "5e-5"), ("lr", [5e-5, 0]), ("lr", [None]),
            ("batch_size", "4"), ("seed", "1"), ("dataset", "x"), ("workers", -1), ("freeze_epochs", None),
            ("device", torch.device("cpu")), ("val_split", 2), ("freeze", "no"), ("patience", 0), ("cache_gb", -1),
-           ("max_megapixels", 0), ("precision", "fp16"), ("class_weights", "yes"), ("dummy", 1)]
+           ("max_megapixels", 0), ("precision", "fp16"), ("class_weights", "yes"), ("dummy", 1),
+           ("lr", float("inf")), ("max_megapixels", float("inf")), ("cache_gb", float("inf")), ("seed", 2**70)]
     for name, value in bad:
         with pytest.raises(UserError, match="^" + re.escape(f"{name}={value[-1] if name == 'lr' and isinstance(value, list) else value!r} is not")):
             runs.train_runs("scratch", str(tmp_path / "never"), **{name: value})
@@ -2306,6 +2315,8 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
                               ("precision", "fp32", "fp32"), ("freeze_epochs", "0", 0)):
         typed = getattr(finetune.parse_args(["--scratch", "--" + name.replace("_", "-"), text]), name)
         assert typed == ([value] if name == "lr" else value) and runs.checked(name, value) == value
+    with pytest.raises(UserError, match=re.escape("lr=[5e-05, 5e-05] names two runs alike; give each learning rate once")):
+        runs.train_runs("pretrained", str(tmp_path / "never"), lr=[5e-5, 5e-5])  # one folder for both
     assert runs.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
     assert sorted(finetune.HELP) == sorted(runs.OPTIONS)  # every option has its flag
 

@@ -9,6 +9,7 @@ import errno
 import io
 import math
 import os
+import random
 import shutil
 import sys
 
@@ -238,6 +239,18 @@ def join_processes(device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(),
                                 rank=rank(), world_size=job_size())
     return device
+
+
+@contextlib.contextmanager
+def rng_kept(device):
+    """The random-number states of the CPU, of Python and of device (a GPU), put back after the
+    block: a run seeds them, and the caller's draws go on as before."""
+    python = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        random.setstate(python)
 
 
 def leave_processes():
