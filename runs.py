@@ -9,11 +9,11 @@ it, save after each epoch. Also continuing (`resume`), patience, two phases and 
 """
 import contextlib
 import json
+import math
 import os
 import platform
 import random
 import time
-import math
 from collections import namedtuple
 
 import torch
@@ -24,8 +24,9 @@ import data
 import images
 import models
 import train
-from utils import (UserError, finite, first_line, from_process_0, gathered, join_processes, leave_processes, local_first, rng_kept,
-                   processes_batch, rank, saved, say, torchrun_start, writable_folder, world_size, write_whole, writing_to)
+from utils import (UserError, finite, first_line, from_process_0, gathered, join_processes, leave_processes, local_first,
+                   processes_batch, rank, rng_kept, saved, say, torchrun_start, writable_folder, world_size, write_whole,
+                   writing_to)
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
 RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
@@ -67,10 +68,13 @@ def checked(name, value):
     default, kind, allowed = OPTIONS[name]
     if value is None and default is None:
         return None  # the default
-    for v in (value if name == "lr" and isinstance(value, list) and value else [value]):
+    values = value if name == "lr" and isinstance(value, list) and value else [value]
+    for v in values:
         typed = type(v) is kind or kind is float and type(v) is int or kind is str and isinstance(v, os.PathLike)
         if not typed or (v not in allowed if isinstance(allowed, list) else allowed and not allowed[1](v)):
             raise UserError(f"{name}={v!r} is not {takes(kind, allowed)}; give {takes(kind, allowed)}")
+    if name == "lr" and len({f"{v:g}" for v in values}) < len(values):  # each lr names its run's folder
+        raise UserError(f"lr={value} names two runs alike; give each learning rate once")
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
@@ -160,8 +164,6 @@ def plan_runs(mode, options, out):
     modes = ["pretrained", "scratch"] if mode == "compare" else [mode]
     rates = {m: options["lr"] or [DATASETS[options["dataset"]].get("lr", RECIPES[m]["lr"])] for m in modes}
     named = [(m if len(rates[m]) == 1 else f"{m}-lr{lr:g}", m, lr) for m in modes for lr in rates[m]]
-    if len({name for name, _, _ in named}) < len(named):
-        raise UserError(f"lr={rates[modes[0]]} names two runs alike; give each learning rate once")
     return [Run(name, m, lr, out if len(named) == 1 else os.path.join(out, name)) for name, m, lr in named]
 
 
