@@ -109,10 +109,10 @@ def export(model, out=None, *, format="pt2"):
     Written whole to out (default: beside the checkpoint, its name with .pt2 or .onnx); returns out."""
     if format not in ("pt2", "onnx"):
         raise UserError(f"format={format} is not one this program exports; give format=pt2 or format=onnx")
+    if out and not os.fspath(out).endswith("." + format):  # never over a checkpoint or a run's other files
+        raise UserError(f"out={out} is not a .{format} file; give out= a name that ends in .{format}")
     ckpt = models.load_checkpoint(models.kept_in(model))
     out = os.fspath(out or os.path.splitext(ckpt["path"])[0] + "." + format)
-    if not out.endswith("." + format):  # never over a checkpoint or a run's other files
-        raise UserError(f"out={out} is not a .{format} file; give out= a name that ends in .{format}")
     writable_folder(os.path.dirname(out) or ".")  # tried before the work
     net = Pixels(models.saved_net(ckpt), ckpt["transform"]).eval()
     about = {"classes": json.dumps(ckpt["classes"]), "input": net.input(len(ckpt["classes"]))}
