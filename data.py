@@ -381,18 +381,19 @@ def datasets(data_dir=None, dataset="hotdog", root="data", **folders):
 
 
 # ---------------------------------------------------------------- loaders
-def load_data(batch_size=128, data_dir=None, root="data"):
+def load_data(batch_size=128, data_dir=None, root="data", persistent=False):
     """The book's train_iter and test_iter, which its train_fine_tuning builds inline
     (§14.2.2.3): torchvision's ImageFolders of data_dir's train/ and test/ (where it has no
     test/, its val/) with train_augs and test_augs, shuffled for training; default the hot-dog
     set, downloaded into root on first use. The command line reads a data folder as devices
     write it instead (datasets: phone photos turned upright, hidden folders skipped, class
     folders alone split, images decoded once). Their worker processes, one per core, start
-    with each pass over a loader and end with it: loaders a notebook keeps hold none."""
+    with each pass over a loader and end with it: loaders a notebook keeps hold none. With
+    persistent, they live as long as the loaders (make_loaders): for a caller that drops them."""
     data_dir = data_dir or get_hotdog(root)
     train_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["train"]), transform=train_augs)
     test_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["test", *VAL]), transform=test_augs)
-    return make_loaders(train_imgs, test_imgs, batch_size, default_workers(), persistent=False)
+    return make_loaders(train_imgs, test_imgs, batch_size, default_workers(), persistent=persistent)
 
 
 def class_names(dataset):
@@ -412,7 +413,9 @@ def default_workers(workers=None):
 def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0, persistent=True):
     """Shuffled training and ordered test loaders; under torch.distributed each process gets its
     share: the global batch is split, and every test image is evaluated by exactly one process.
-    persistent: the worker processes live as long as the loaders (a run's: no start-up per epoch)."""
+    persistent: the worker processes live as long as the loaders. Started anew each epoch, they
+    would share this process's memory copy-on-write, and every page it writes while they live
+    (weights, gradients, activations) would be copied again each epoch."""
     world = world_size()
     if batch_size < world:
         raise UserError(f"batch_size={batch_size} is smaller than the {world} processes; "

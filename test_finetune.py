@@ -1193,10 +1193,13 @@ def test_header_and_metrics_say_the_precision(folder, tmp_path, capsys, monkeypa
 
 # ---------------------------------------------------------------- the book's calls, from Python and a notebook
 def test_the_books_train_fine_tuning_trains_and_returns_the_history(folder, capsys):
-    """§14.2's calls as the book writes them, data_dir apart: they train and return the history."""
+    """§14.2's calls as the book writes them, data_dir apart: they train and return the history,
+    and their loaders' worker processes end with the call."""
+    import multiprocessing
     finetune_net = models.finetune_net()
-    before = finetune_net.fc.weight.detach().clone()
+    before, children = finetune_net.fc.weight.detach().clone(), set(multiprocessing.active_children())
     history = train.train_fine_tuning(finetune_net, 5e-5, data_dir=folder)
+    assert set(multiprocessing.active_children()) <= children
     out = capsys.readouterr().out
     assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5]  # the book's 5 epochs
     assert not torch.equal(finetune_net.fc.weight.detach().cpu(), before)

@@ -29,7 +29,9 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
     downloaded on first use) on all GPUs (else MPS, else the CPU), and returns the history, one
     dict of metrics per epoch. To keep the run in a folder and continue it, see runs.py."""
     runtime = make_runtime(devices, precision)  # checked before the data is read
-    train_iter, test_iter = data.load_data(batch_size, data_dir)
+    # Loaders of this call alone, so their worker processes may live from epoch to epoch: they
+    # end with the call, and no epoch waits for new ones (data.make_loaders says why that costs).
+    train_iter, test_iter = data.load_data(batch_size, data_dir, persistent=True)
     models.check_outputs(net, train_iter.dataset.classes)
     # The book sums the loss over the batch, and its learning rates (5e-5, 5e-4) assume that
     # sum: with the mean they would be 128x too small.
