@@ -688,7 +688,8 @@ def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
 
 # ---------------------------------------------------------------- several processes
 def ddp_worker(rank, root, out, port):
-    """One of two gloo processes: train one epoch, save what it ended with and what it saw."""
+    """One of two gloo processes: train one epoch, save what it ended with and what it saw; then
+    take one step on its half of a batch of 4 (ddp_step), and save that step."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -698,7 +699,18 @@ def ddp_worker(rank, root, out, port):
     epochs = one_epoch(net, train_iter, test_iter)
     torch.save({"model": net.state_dict(), "seen": seen, "test_acc": epochs[-1].metrics["test_acc"],
                 "n": epochs[-1].metrics}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save(ddp_step(rank), os.path.join(out, f"step{rank}.pt"))
     torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def two_processes(tmp_path_factory):
+    """ddp_worker's two processes, started once for the tests that read what they saved: (the
+    folder of what they saved, their data folder)."""
+    out = tmp_path_factory.mktemp("two_processes")
+    root = write_folder(out / "d", train=4, test=3)  # 8 train images, 6 test images
+    torch.multiprocessing.spawn(ddp_worker, (root, str(out), free_port()), nprocs=2)
+    return out, root
 
 
 def free_port():
@@ -708,10 +720,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_agree(tmp_path):
-    root = write_folder(tmp_path / "d", train=4, test=3)  # 8 train images, 6 test images
-    torch.multiprocessing.spawn(ddp_worker, (root, str(tmp_path), free_port()), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+def test_two_processes_agree(two_processes):
+    out, root = two_processes
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name, value in ranks[0]["model"].items():
         assert torch.equal(value, ranks[1]["model"][name]), name
     seen = ranks[0]["seen"] + ranks[1]["seen"]
@@ -735,27 +746,23 @@ def one_step(net, X, y):
     return net.fc.weight.detach() - before
 
 
-def ddp_step_worker(rank, out, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+def ddp_step(rank):
+    """fc.weight's step in process rank of two, on its half of a batch of 4."""
     torch.manual_seed(0)
     X, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
     torch.manual_seed(1)
-    step = one_step(models.scratch_net(2), X[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2])
-    torch.save(step, os.path.join(out, f"step{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    return one_step(models.scratch_net(2), X[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2])
 
 
-def test_two_processes_sum_the_gradient_over_the_global_batch(tmp_path):
+def test_two_processes_sum_the_gradient_over_the_global_batch(two_processes):
     """Two processes of 2 examples each take the step one process takes on all 4: DDP's own
     averaging would halve it, and the book's learning rates assume the sum."""
-    torch.multiprocessing.spawn(ddp_step_worker, (str(tmp_path), free_port()), nprocs=2)
     torch.manual_seed(0)
     X, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
     torch.manual_seed(1)
     single = one_step(models.scratch_net(2), X, y)
     for rank in (0, 1):
-        assert torch.allclose(torch.load(tmp_path / f"step{rank}.pt"), single, atol=1e-6)
+        assert torch.allclose(torch.load(two_processes[0] / f"step{rank}.pt"), single, atol=1e-6)
 
 
 @contextlib.contextmanager
