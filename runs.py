@@ -185,6 +185,9 @@ def trained(options, out, read=None):
             if rank() == 0 and len(runs) > 1:
                 images.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
             return Trained(out, results)
+    except KeyboardInterrupt as e:
+        e.checkpoint = resumable(options)  # for the caller to say how to continue
+        raise
     finally:
         leave_processes()
 
@@ -208,22 +211,18 @@ def train_one(run, options, sets, device, ckpt):
         refuse_changes(run_options(run, ckpt["args"]), about["args"], ckpt["path"])
         data.same_data(sets, ckpt)
     history = ckpt["history"] if ckpt else []
-    try:
-        if len(history) >= options["epochs"] or stalled(history, options["patience"], options["freeze_epochs"]):
-            say(f"{run.name}: finished its {len(history)} epochs already; "
-                + (f"it stopped early (patience {options['patience']})" if len(history) < options["epochs"]
-                   else "give more epochs to train on"))
-            kept_epoch(run.out, ckpt)  # best.pt, where it is missing
-            result = finished(run.out, ckpt) or concluded(run, sets, options, runtime, {**about, "history": history})
-        else:
-            result = train_net(run, options, sets, runtime, about, ckpt)
-        if len(sets) > 2 and "final_test" not in result:  # once, with the epoch kept; also after Ctrl-C in it
-            result["final_test"] = final_test(run, sets, options, runtime)
-            if rank() == 0:
-                write_metrics(run.out, result)
-    except KeyboardInterrupt as e:
-        e.checkpoint = resumable(run, options)  # for the caller to say how to continue
-        raise
+    if len(history) >= options["epochs"] or stalled(history, options["patience"], options["freeze_epochs"]):
+        say(f"{run.name}: finished its {len(history)} epochs already; "
+            + (f"it stopped early (patience {options['patience']})" if len(history) < options["epochs"]
+               else "give more epochs to train on"))
+        kept_epoch(run.out, ckpt)  # best.pt, where it is missing
+        result = finished(run.out, ckpt) or concluded(run, sets, options, runtime, {**about, "history": history})
+    else:
+        result = train_net(run, options, sets, runtime, about, ckpt)
+    if len(sets) > 2 and "final_test" not in result:  # once, with the epoch kept; also after Ctrl-C in it
+        result["final_test"] = final_test(run, sets, options, runtime)
+        if rank() == 0:
+            write_metrics(run.out, result)
     return result
 
 
@@ -461,11 +460,11 @@ def finished(folder, ckpt):
         return result if len(result["history"]) == len(ckpt["history"]) else None  # else written before later epochs
 
 
-def resumable(run, options):
-    """What continues the runs stopped now: the model.pt resume named, else run's where it is the
-    only run, else out (--compare, several lrs: every run continues); None before any epoch."""
+def resumable(options):
+    """What continues the runs stopped now: the model.pt resume named, else the run's where out
+    holds one run, else out (--compare, several lrs: every run continues); None before any epoch."""
     out = options["out"]
     with contextlib.suppress(UserError):  # out holds no model.pt
         found = models.checkpoint_in(out)
-        return options["resume"] or (found if run.out == out else out)
+        return options["resume"] or (found if len(plan_runs(options["mode"], options, out)) == 1 else out)
     return None

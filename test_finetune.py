@@ -2051,6 +2051,17 @@ def test_ctrl_c_in_a_compare_says_how_to_resume_both_runs(folder, tmp_path, caps
     status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 2, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path / "again")  # Ctrl-C in pretrained, after epoch 1
     assert status == 130 and f"--resume {tmp_path / 'again'}\n" in err, err  # the folder: both runs continue
+    monkeypatch.undo()
+    real_curves = images.curves
+
+    def stopped_in_the_combined_curves(histories, path=None):
+        if len(histories) > 1:  # every run finished
+            raise KeyboardInterrupt
+        return real_curves(histories, path)
+    monkeypatch.setattr(images, "curves", stopped_in_the_combined_curves)
+    status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path / "drawn")
+    assert status == 130 and f"--resume {tmp_path / 'drawn'}\n" in err, err
 
 
 def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(tmp_path, capsys, scratch_run):
