@@ -4,6 +4,7 @@ import errno
 import hashlib
 import http.server
 import io
+import itertools
 import json
 import os
 import random
@@ -784,28 +785,30 @@ def printed_by_processes(path):
 
 
 @pytest.fixture(scope="session")
-def launched_run(folder, tmp_path_factory):
-    """`finetune.py --scratch --data-dir folder` (one epoch, batch 8, --device cpu, the default
-    loader workers) as `python finetune.py` starts it on a machine with 2 GPUs: through
-    finetune.on_all_gpus, here as 2 CPU processes. Launched once for the tests that read it: (its
-    folder, the exit status, what the processes printed on stdout, and on stderr)."""
+def launched_run(tmp_path_factory):
+    """`finetune.py --scratch --data-dir D` (one epoch, batch 8, --device cpu, the default loader
+    workers) as `python finetune.py` starts it on a machine with 3 GPUs: through
+    finetune.on_all_gpus, here as 3 CPU processes, on 6 training images and 2 test images (fewer
+    than the processes; and a batch of 8 does not divide by 3). Launched once for the tests that
+    read it: (its folder, the exit status, what the processes printed on stdout, and on stderr)."""
     out = tmp_path_factory.mktemp("launched_run")
     printed = tmp_path_factory.mktemp("launched_run_printed") / "printed"
-    argv = ["--scratch", "--data-dir", folder, "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+    root = write_folder(tmp_path_factory.mktemp("launched_run_data"), train=3, test=1)
+    argv = ["--scratch", "--data-dir", root, "--epochs", "1", "--batch-size", "8", "--device", "cpu",
             "--out", str(out)]
     with printed_by_processes(printed):
-        status = finetune.on_all_gpus(argv, 2)
+        status = finetune.on_all_gpus(argv, 3)
     return out, status, open(f"{printed}.out").read(), open(f"{printed}.err").read()
 
 
 def test_torchrun_command_line(launched_run):
     """torchrun's command line as finetune.on_all_gpus gives it to torchrun's own parser (`torchrun
-    --standalone --nproc_per_node=2 finetune.py ...`); the command typed, `python -m
+    --standalone --nproc_per_node=3 finetune.py ...`); the command typed, `python -m
     torch.distributed.run ...`, trains in the tests of torchrun's restarts below."""
     run, status, out, err = launched_run
     assert status == 0, err
     assert out.count("epoch 1:") == 1  # only process 0 prints
-    assert json.load(open(run / "metrics.json"))["world_size"] == 2
+    assert json.load(open(run / "metrics.json"))["world_size"] == 3
 
 
 def test_all_gpus_launcher_on_cpu_processes(launched_run):
@@ -814,7 +817,7 @@ def test_all_gpus_launcher_on_cpu_processes(launched_run):
     assert status == 0, err
     metrics = json.load(open(run / "metrics.json"))
     cores = len(os.sched_getaffinity(0))
-    assert metrics["world_size"] == 2 and metrics["args"]["workers"] == max(1, min(16, cores // 2))  # shared, at most 16
+    assert metrics["world_size"] == 3 and metrics["args"]["workers"] == max(1, min(16, cores // 3))  # shared, at most 16
 
 
 def test_a_process_killed_is_reported_in_one_line(capsys):
@@ -1598,8 +1601,8 @@ def test_each_arch_gets_the_augmentations_its_weights_were_trained_with(folder):
 
 
 # ---------------------------------------------------------------- torchrun's restarts, many processes
-def torchrun(*argv, processes=2, cwd=None, restarts=0):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--max-restarts={restarts}",
+def torchrun(*argv, restarts=0):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--max-restarts={restarts}",
             "--master_port", str(free_port()), os.path.join(HERE, "finetune.py"), *map(str, argv)]
 
 
@@ -1629,14 +1632,11 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_finishes(folder, tmp_path
     assert [m["epoch"] for m in history] == [1, 2, 3] and out_text.count("epoch 1:") == 1
 
 
-def test_few_test_images_many_processes_and_a_batch_that_does_not_divide(tmp_path):
-    root = write_folder(tmp_path / "d", train=3, test=1)  # 2 test images for 3 processes
-    result = subprocess.run(torchrun("--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 8,
-                                     "--workers", 0, "--device", "cpu", "--out", tmp_path / "run", processes=3),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "x 3 processes, batch 2 each, 6 in all (not 8)" in result.stdout
-    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+def test_few_test_images_many_processes_and_a_batch_that_does_not_divide(launched_run):
+    run, status, out, err = launched_run  # 2 test images for 3 processes, a batch of 8
+    assert status == 0, err
+    assert "x 3 processes, batch 2 each, 6 in all (not 8)" in out
+    metrics = json.load(open(run / "metrics.json"))
     assert torch.tensor(metrics["confusion"]).sum() == 2 and metrics["world_size"] == 3
 
 
@@ -1727,14 +1727,14 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(tmp_path, monkeypatc
 
 
 def test_each_process_draws_its_own_augmentations(launched_run):
-    """Two processes, with loader workers (the default: at least one each): their random-number
+    """Three processes, with loader workers (the default: at least one each): their random-number
     states, from which the loader seeds its workers, differ (the same seed once gave every
     process the same crops)."""
     run, status, _, err = launched_run
     assert status == 0, err
     assert json.load(open(run / "metrics.json"))["args"]["workers"] >= 1
-    states = torch.load(run / "model.pt", weights_only=False)["rng"]
-    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+    states = [state["torch"] for state in torch.load(run / "model.pt", weights_only=False)["rng"]]
+    assert len(states) == 3 and all(not torch.equal(a, b) for a, b in itertools.combinations(states, 2))
 
 
 def test_no_tensor_from_a_list_per_batch(monkeypatch):
