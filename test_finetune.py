@@ -152,7 +152,7 @@ def recipe_optimizer(monkeypatch, net, lr, param_group=True):
     """The loss and optimizer that the book's train_fine_tuning hands to train_ch13."""
     classes = [str(c) for c in range(net.fc.out_features)]
     loader = type("Loader", (), {"dataset": type("Set", (), {"classes": classes})})
-    monkeypatch.setattr(data, "load_data", lambda *a: (loader, loader))
+    monkeypatch.setattr(data, "load_data", lambda *a, **k: (loader, loader))
     monkeypatch.setattr(train, "train_ch13", lambda net, train_iter, test_iter, loss, optimizer, *a: (loss, optimizer))
     return train.train_fine_tuning(net, lr, param_group=param_group)
 
