@@ -53,7 +53,7 @@ def main():
     p.add_argument("--batches", type=int, help="batches per measurement (default: one epoch)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=data.default_workers())
-    p.add_argument("--arch", default="resnet18", help="any ImageNet classifier of torchvision's")
+    p.add_argument("--arch", default="resnet18", help="an ImageNet classifier of torchvision's that ends in one Linear layer")
     p.add_argument("--device")
     p.add_argument("--precision", choices=["amp", "fp32"], default="amp")
     p.add_argument("--no-cache", action="store_true")

@@ -36,8 +36,8 @@ def sha1_of(path):
 
 
 def download(url, path, sha1=None):
-    """Fetch url into path (through a temporary name); a bad file is removed, never kept, and a
-    folder made for it and left empty too."""
+    """Fetch url into path (through a temporary name). A failed download leaves nothing, not even
+    the folders made for it; a file with the wrong SHA-1 is removed, never kept."""
     if not os.path.exists(path):
         new = missing_folders(os.path.dirname(path) or ".")
         writable_folder(os.path.dirname(path) or ".")
@@ -117,9 +117,10 @@ def make_test_augs(resize=256, crop=224, interpolation="bilinear"):
 
 # The book's augmentations (§14.2.2.1) up to ToTensor. ToImage comes first, so the crop and resize
 # run on uint8 tensors whether an image comes from PIL or from the decoded cache below (the same
-# bilinear, antialiased resize as PIL's). The loaders yield uint8 images; the book's last two
-# steps, ToTensor's scaling and `normalize`, run on whole batches on the device (`normalize`
-# below): per image on a CPU core they cost twice the crop and resize, and floats are 4x the bytes.
+# bilinear, antialiased resize as PIL's, to within one level in 255). The loaders yield uint8
+# images; the book's last two steps, ToTensor's scaling and `normalize`, run on whole batches on
+# the device (`normalize` below): per image on a CPU core they cost twice the crop and resize,
+# and floats are 4x the bytes.
 train_augs = make_train_augs(224)
 test_augs = make_test_augs(256, 224)
 

@@ -51,12 +51,17 @@ HELP = dict(
     max_megapixels=f"larger images are refused as possible decompression bombs (default: {DEFAULTS['max_megapixels']})",
     val_split="a --data-dir of class folders alone: the share of each class held out for testing "
               f"(default: {DEFAULTS['val_split']})",
-    seed=f"for the initial head, the shuffles and --val-split (default: {DEFAULTS['seed']})",
+    seed=f"for the initial weights (the new head; all of --scratch's), the augmentations, the shuffles and "
+         f"--val-split (default: {DEFAULTS['seed']})",
     device="cpu, cuda, cuda:1, mps (default: the best there is)",
     precision="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native bf16 "
               "(fp16 on older GPUs); fp32: the book's arithmetic",
 )
-METAVARS = {"cache_gb": "GB", "weights": "FILE", "freeze_epochs": "N", "val_split": "FRACTION"}
+# Each option's value in --help's words, as docs/options.md names them.
+METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION", "class_weights": "balanced", "arch": "NAME",
+            "device": "DEV", "data_dir": "DIR", "data_root": "DIR", "dataset": "hotdog|cifar10",
+            "precision": "amp|fp32", **dict.fromkeys(["epochs", "batch_size", "patience", "freeze_epochs", "workers",
+                                                      "seed", "max_megapixels"], "N")}
 
 
 def parse_args(argv=None):
@@ -107,8 +112,8 @@ def parser():
                            nargs="+" if name == "lr" else None)  # several lrs: one run each
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
                    help="decode images every epoch, not once (--cache-gb 0)")
-    p.add_argument("--out", help="output folder (default: runs/<mode>-<time>); for --export, the file "
-                                 "(default: beside the checkpoint, best.pt2 or best.onnx for best.pt)")
+    p.add_argument("--out", help="output folder (default: runs/<mode>-<time>; for --predict and --show-samples, .); "
+                                 "for --export, the file (default: beside the checkpoint, best.pt2 or best.onnx for best.pt)")
     return p
 
 

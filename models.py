@@ -92,7 +92,8 @@ def check_arch(arch):
         with torch.device("meta"):
             with_fc(torchvision.models.get_model(arch))
     except NotImplementedError:  # regnets work out their widths from tensors' values, which meta ones lack
-        with_fc(torchvision.models.get_model(arch))
+        with torch.random.fork_rng(devices=[]):  # built on the CPU: its draws leave the caller's numbers as they were
+            with_fc(torchvision.models.get_model(arch))
     return arch
 
 

@@ -401,9 +401,10 @@ def restore(ckpt, net, optimizer, scaler):
 
 def save(folder, history, about, state, best=False):
     """model.pt after every epoch: the state, the history, every process's random-number state
-    (not the GPUs': nothing draws from them) and the run's description; best.pt too, saying so,
-    after the epoch it keeps (best); held_out.txt where a split held images out. Process 0 writes
-    each whole (utils.write_whole), from memory: any failure to write is the file's."""
+    (not the GPUs': resnet18 draws nothing there; a net with dropout there draws other masks after
+    a resume) and the run's description; best.pt too, saying so, after the epoch it keeps (best);
+    held_out.txt where a split held images out. Process 0 writes each whole
+    (utils.write_whole), from memory: any failure to write is the file's."""
     rng = gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
     if rank() == 0:
         checkpoint = {**state, "history": history, "rng": rng, **about, "is_best": False}

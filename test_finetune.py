@@ -240,6 +240,13 @@ def test_each_step_starts_from_zero_gradients():
     assert torch.allclose(nets[0].fc.weight, nets[1].fc.weight, atol=1e-6)
 
 
+def test_examples_per_sec_are_the_books_all_epochs_over_their_time():
+    """The summary's speed, as the book's train_ch13 gives it: every example over every second
+    (the mean of the epochs' speeds would count a slow epoch as much as a fast one)."""
+    history = [dict(examples=100, examples_per_sec=10.0), dict(examples=100, examples_per_sec=50.0)]
+    assert train.mean_speed(history) == pytest.approx(200 / (10 + 2))
+
+
 def test_freeze_trains_only_the_head(folder):
     net = models.finetune_net(2)
     models.freeze_features(net)  # as a statement: in place
@@ -1564,6 +1571,15 @@ def test_heads_named_otherwise_become_fc(arch, monkeypatch):
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
     size = models.preprocessing(arch)["crop"]
     assert net.train()(torch.rand(2, 3, size, size)).shape == (2, 2)  # no side outputs in training
+
+
+def test_checking_an_arch_leaves_the_callers_random_numbers():
+    """An arch is checked on the meta device, where it can be (no weights drawn); a regnet, which
+    cannot be, is built on the CPU, and its draws are not the caller's."""
+    for arch in ("resnet18", "regnet_y_400mf"):
+        state = torch.get_rng_state()
+        assert models.check_arch.__wrapped__(arch) == arch
+        assert torch.equal(torch.get_rng_state(), state), arch
 
 
 def test_arch_on_the_command_line(folder, tmp_path, capsys, arch_weights):

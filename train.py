@@ -91,7 +91,7 @@ def ch13_epochs(net, train_iter, test_iter, loss, optimizer, epochs, runtime):
         start = time.perf_counter()
         train_metrics = train_epoch(model, train_iter, loss, optimizer, runtime)
         seconds = time.perf_counter() - start  # data loading included, unlike the book's timer
-        probs, labels = evaluate(net, test_iter, runtime)
+        probs, labels = evaluate(net, test_iter, runtime)  # `net`: each process its share, on its device
         yield Epoch(dict(epoch=epoch + 1, **train_metrics, test_acc=accuracy(probs, labels),
                          examples_per_sec=train_metrics["examples"] / seconds), probs, labels)
 
@@ -106,10 +106,10 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
     with runtime.cudnn_flags():
         for X, y in batches:
             X, y = runtime.input(X), runtime.target(y)
+            optimizer.zero_grad()
             with runtime.autocast():
                 pred = net(X)
                 losses = loss(pred, y)
-            optimizer.zero_grad()
             runtime.scaler.scale(losses.sum()).backward()
             runtime.scaler.step(optimizer)
             runtime.scaler.update()
@@ -273,8 +273,9 @@ def amp_dtype(device):
 
 # ================================================================ what training shows
 def show_epoch(history, animator):
-    """The book's train_ch13 shows each epoch: a line, and the curves redrawn in place in a
-    notebook (its Animator; images.animator)."""
+    """What shows each epoch: the curves redrawn in place in a notebook (the book's Animator,
+    images.animator), and a line, which the book does not print (its curves are its only
+    figures until the summary): a terminal or a log file shows no curves."""
     say(epoch_line(history[-1]))
     animator(history)
 
@@ -288,7 +289,8 @@ def show_summary(history, runtime):
 
 
 def mean_speed(history):
-    return sum(m["examples_per_sec"] for m in history) / len(history)
+    """The book's: the examples of every epoch over their seconds together."""
+    return sum(m["examples"] for m in history) / sum(m["examples"] / m["examples_per_sec"] for m in history)
 
 
 def epoch_line(m):
