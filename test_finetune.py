@@ -153,7 +153,7 @@ def recipe_optimizer(monkeypatch, net, lr, param_group=True):
     classes = [str(c) for c in range(net.fc.out_features)]
     loader = type("Loader", (), {"dataset": type("Set", (), {"classes": classes})})
     monkeypatch.setattr(data, "load_data", lambda *a, **k: (loader, loader))
-    monkeypatch.setattr(train, "train_ch13", lambda net, train_iter, test_iter, loss, optimizer, *a: (loss, optimizer))
+    monkeypatch.setattr(train, "train_ch13", lambda net, train_iter, test_iter, loss, optimizer, *a, **k: (loss, optimizer))
     return train.train_fine_tuning(net, lr, param_group=param_group)
 
 

@@ -28,7 +28,7 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
     """§14.2.2.3, called as the book calls it: trains on data_dir (default: the hot-dog set,
     downloaded on first use) on all GPUs (else MPS, else the CPU), and returns the history, one
     dict of metrics per epoch. To keep the run in a folder and continue it, see runs.py."""
-    runtime = make_runtime(devices, precision)  # checked before the data is read
+    make_runtime(devices, precision)  # devices and precision checked before the data is read
     # Loaders of this call alone, so their worker processes may live from epoch to epoch: they
     # end with the call, and no epoch waits for new ones (data.make_loaders says why that costs).
     train_iter, test_iter = data.load_data(batch_size, data_dir, persistent=True)
@@ -37,7 +37,7 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
     # sum: with the mean they would be 128x too small.
     loss = nn.CrossEntropyLoss(reduction="none")
     optimizer = fine_tuning_optimizer(net, learning_rate, param_group)  # the book's `trainer`
-    return train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs, runtime)
+    return train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs, devices, precision=precision)
 
 
 def fine_tuning_optimizer(net, learning_rate, param_group=True):
@@ -239,8 +239,6 @@ def make_runtime(devices=None, precision="amp"):
     device computes fastest without losing accuracy (see amp_dtype). With "fp32", and on MPS:
     the book's arithmetic. It changes nothing in the process: cuDNN's flags are set while the
     runtime computes (cudnn_flags)."""
-    if isinstance(devices, Runtime):  # made already (train_fine_tuning checks it before the data)
-        return devices
     if precision not in ("amp", "fp32"):
         raise UserError(f"precision={precision} is not one this program computes in; give \"amp\" or \"fp32\"")
     names = [devices] if isinstance(devices, (str, torch.device)) else devices
