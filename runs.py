@@ -240,7 +240,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
     loss = nn.CrossEntropyLoss(weight=weights, reduction="none")  # the book's; weighed by class where asked
     optimizer = train.fine_tuning_optimizer(net, run.lr, RECIPES[run.mode]["param_group"] and not options["no_param_group"])
     history = restore(ckpt, net, optimizer, runtime.scaler)  # [] for a fresh run
-    kept = kept_epoch(run.out, ckpt)
+    best_so_far = kept_epoch(run.out, ckpt)
     say(header(run, options, sets, runtime, weights))
     if rank() == 0:
         writable_folder(run.out)  # a run of several has a folder of its own in out
@@ -251,8 +251,8 @@ def train_net(run, options, sets, runtime, about, ckpt):
     for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
         history.append(epoch.metrics)
         train.show_epoch(history, animator)
-        best = kept is None or epoch.metrics["test_acc"] > kept["test_acc"]  # the earlier of ties stays
-        kept = epoch.metrics if best else kept
+        best = best_so_far is None or epoch.metrics["test_acc"] > best_so_far["test_acc"]  # the earlier of ties stays
+        best_so_far = epoch.metrics if best else best_so_far
         state = dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=runtime.scaler.state_dict())
         save(run.out, history, about, state, best)
         if stalled(history, options["patience"], frozen):

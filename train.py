@@ -36,8 +36,8 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
     # The book sums the loss over the batch, and its learning rates (5e-5, 5e-4) assume that
     # sum: with the mean they would be 128x too small.
     loss = nn.CrossEntropyLoss(reduction="none")
-    optimizer = fine_tuning_optimizer(net, learning_rate, param_group)  # the book's `trainer`
-    return train_ch13(net, train_iter, test_iter, loss, optimizer, num_epochs, devices, precision=precision)
+    trainer = fine_tuning_optimizer(net, learning_rate, param_group)
+    return train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices, precision=precision)
 
 
 def fine_tuning_optimizer(net, learning_rate, param_group=True):
