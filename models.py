@@ -201,6 +201,8 @@ def frozen_batch_norm(bn):
 def checkpoint_in(path, name="model.pt"):
     """A model.pt (or another name): path itself, or in the folder path, or in a run's folder
     inside it (--compare: the first)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; give the model.pt of a training run, or its folder")
     found = [path] if not os.path.isdir(path) else sorted(
         p for p in [os.path.join(path, name)] + [os.path.join(path, run, name) for run in os.listdir(path)]
         if os.path.exists(p))

@@ -2055,6 +2055,8 @@ def test_val_added_or_removed_between_runs_names_the_change_and_the_fix(folder, 
 
 
 def test_ctrl_c_in_a_compare_says_how_to_resume_both_runs(folder, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in either run of a --compare, or while drawing their curves, names the folder;
+    before a run's first epoch, that there is nothing to resume (its folder is gone)."""
     real = train.fine_tuning_optimizer
 
     def stopped_in_scratch(net, lr, *args, **kwargs):
@@ -2074,6 +2076,14 @@ def test_ctrl_c_in_a_compare_says_how_to_resume_both_runs(folder, tmp_path, caps
     status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 2, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path / "again")  # Ctrl-C in pretrained, after epoch 1
     assert status == 130 and f"--resume {tmp_path / 'again'}\n" in err, err  # the folder: both runs continue
+    monkeypatch.undo()
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "fine_tuning_optimizer", ctrl_c)
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                             "--workers", 0, "--out", tmp_path / "none")  # before its first epoch
+    assert status == 130 and "no epoch had finished, so there is nothing to resume" in err, err
+    assert not (tmp_path / "none").exists()
     monkeypatch.undo()
     real_curves = images.curves
 

@@ -141,14 +141,17 @@ def load_file(path, what, fix, name=None, into=None):
     UserError naming it (as name) and the fix."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-        if into is None:
-            return loaded
-        into.load_state_dict(loaded)
-        return into
     except FileNotFoundError:
         raise UserError(f"{name or path} does not exist; {fix}") from None
-    except Exception as e:  # unpickling or an empty file: not what was asked for either way
+    except Exception:  # empty, cut short, text, a pickle of other objects: torch's words would not help
+        raise UserError(f"{name or path} is not {what}; {fix}") from None
+    if into is None:
+        return loaded
+    try:
+        into.load_state_dict(loaded)
+    except RuntimeError as e:  # weights, but of another net: which keys or shapes differ
         raise UserError(f"{name or path} is not {what} ({first_line(e)}); {fix}") from None
+    return into
 
 
 def first_line(error):
