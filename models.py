@@ -203,12 +203,16 @@ def checkpoint_in(path, name="model.pt"):
     inside it (--compare: the first)."""
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; give the model.pt of a training run, or its folder")
-    found = [path] if not os.path.isdir(path) else sorted(
-        p for p in [os.path.join(path, name)] + [os.path.join(path, run, name) for run in os.listdir(path)]
-        if os.path.exists(p))
+    found = [path] if not os.path.isdir(path) else checkpoints_in(path, name)
     if not found:
         raise UserError(f"{path} holds no {name}; give the model.pt of a training run, or its folder")
     return found[0]
+
+
+def checkpoints_in(folder, name="model.pt"):
+    """Every model.pt (or another name) in folder or in a run's folder inside it, sorted."""
+    return sorted(p for p in [os.path.join(folder, name)] + [os.path.join(folder, run, name) for run in os.listdir(folder)]
+                  if os.path.exists(p))
 
 
 def kept_in(path):

@@ -175,6 +175,10 @@ def trained(options, out, read=None):
     try:
         with images.megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):  # this call's
             runs = plan_runs(options["mode"], options, out)
+            found = from_process_0(models.checkpoints_in(out) if rank() == 0 else None)  # out: made by process 0
+            if set(found) - {os.path.join(run.out, "model.pt") for run in runs}:  # a compare into a run's folder, or back
+                raise UserError(f"out={out} holds another run, and a folder holds one run, or the runs of one compare "
+                                "or of one list of learning rates; choose another out=")
             if options["resume"]:  # a run's model.pt named: that run alone
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
             ckpts = [checkpoint_of(run, options, read or {}) for run in runs]

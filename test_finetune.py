@@ -1681,6 +1681,21 @@ def test_predict_under_torchrun_writes_once(folder, tmp_path, scratch_run):
     assert len(out.splitlines()) == 4 and err.count("wrote ") == 1
 
 
+def test_a_folder_holds_one_run_or_the_runs_of_one_plan(folder, tmp_path, capsys, scratch_run, compare_run):
+    """A --compare (or several lrs) into a single run's folder, or a single run into a
+    --compare's, is refused before any data is read: each would write its curves.png over the
+    other's, and resume would find the wrong model.pt."""
+    shutil.copytree(scratch_run[0], tmp_path / "one")
+    shutil.copytree(compare_run[0], tmp_path / "both")
+    before = {name: (tmp_path / name / "curves.png").read_bytes() for name in ("one", "both")}
+    for into, argv in (("one", ["--compare"]), ("one", ["--scratch", "--lr", "1e-3", "2e-3"]), ("both", ["--scratch"])):
+        status, out, err = run_cli(capsys, *argv, "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
+                                   "--workers", 0, "--out", tmp_path / into)
+        assert status == 2 and f"--out {tmp_path / into} holds another run" in err and "data ready" not in out, err
+    assert {name: (tmp_path / name / "curves.png").read_bytes() for name in ("one", "both")} == before
+    assert sorted(os.listdir(tmp_path / "both")) == sorted(os.listdir(compare_run[0]))
+
+
 def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compare_run):
     shutil.copytree(compare_run[0], tmp_path / "both")  # --compare, one epoch, batch 8
     shutil.rmtree(tmp_path / "both" / "scratch")  # as if stopped before scratch's first epoch
