@@ -211,13 +211,19 @@ def book_folders(data_dir):
 
 def same_data(sets, ckpt):
     """Refuse to continue a run (ckpt: its checkpoint) on data that are not what it was trained
-    on, in one line that names the difference: other classes, or val/ and test/ together where
-    they were not (val/ then chooses the epochs, and test/ is kept for a final test), or the
-    other way round."""
+    on, in one line that names the difference: other classes; class folders alone to split where
+    they were train/ and test/, or the other way round (the images tested on would change, and
+    some held out would be trained on); or val/ and test/ together where they were not (val/
+    then chooses the epochs, and test/ is kept for a final test), or the other way round."""
     classes, path, before, now = class_names(sets[0]), ckpt["path"], ckpt.get("final_split"), final_split(sets)
     if classes != ckpt["classes"]:
         raise UserError(f"{path} was trained on classes {ckpt['classes']}, not {classes}; continue it with "
                         "a data folder of those classes")
+    split = ckpt.get("held_out") is not None  # the run held images of class folders alone out for testing
+    if split != (getattr(sets[1], "held_out", None) is not None):
+        raise UserError(f"{path} was tested on " + ("images held out of class folders alone, and the data folder "
+                        "now holds train/ and test/" if split else "a test folder, and the data folder now holds "
+                        "class folders alone, to split") + "; continue it with the data folder it was trained on")
     if now and not before:
         raise UserError(f"{path} was trained with no val/ beside {now}, and {os.path.dirname(sets[1].root)} now holds "
                         f"{os.path.basename(sets[1].root)}/, which would choose the epochs in {now}'s place; move it out "

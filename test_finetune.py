@@ -1507,6 +1507,15 @@ def test_a_split_run_says_so_writes_the_split_and_resumes_it(tmp_path, capsys):
     assert status == 0, err
     assert "training on 16 images, testing on 5 of 21 images" in out
     assert (tmp_path / "run" / "held_out.txt").read_text().splitlines() == held_out
+    book = write_folder(tmp_path / "book", train=2, test=1, classes={f"class{c}": (0, 0, 0) for c in range(3)})
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 3, "--data-dir", book)
+    assert status == 2 and "was tested on images held out of class folders alone, and the data folder now holds " \
+        "train/ and test/" in err, err  # else tested on other images, and trained on some it held out
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", book, "--epochs", 1, "--batch-size", 4,
+                             "--workers", 0, "--out", tmp_path / "run2")
+    assert status == 0, err
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run2", "--epochs", 2, "--data-dir", root)
+    assert status == 2 and "was tested on a test folder, and the data folder now holds class folders alone" in err, err
 
 
 def test_train_and_class_folders_together_is_one_line(tmp_path, capsys):
