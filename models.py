@@ -244,7 +244,8 @@ def saved_net(checkpoint):
     layers are FrozenBatchNorm2d, which compute as BatchNorm does at test time and so load the
     weights of any mode, --freeze or not."""
     arch = checkpoint.get("arch") or "resnet18"  # None: a net of one's own, perhaps the book's resnet18
-    net = freeze_features(scratch_net(len(checkpoint["classes"]), arch))
+    with torch.random.fork_rng(devices=[]):  # its initial weights, overwritten, are not drawn from the caller's numbers
+        net = freeze_features(scratch_net(len(checkpoint["classes"]), arch))
     try:
         net.load_state_dict(checkpoint["model"])
     except RuntimeError:

@@ -61,7 +61,8 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     settings, classes = ckpt["transform"], ckpt["classes"]
     augs = data.make_test_augs(settings["resize"], settings["crop"], settings.get("interpolation", "bilinear"))
     loader = torch.utils.data.DataLoader(ImageFiles(paths, augs, settings["crop"]), batch_size,
-                                         num_workers=data.default_workers(workers))
+                                         num_workers=data.default_workers(workers),
+                                         generator=torch.Generator())  # its workers' seeds: not the caller's numbers
     runtime = train.make_runtime(train.try_device(device), precision)
     probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)  # index for the label
     predictions = [Prediction(paths[i], classes[p.argmax()], p.max().item(), dict(zip(classes, p.tolist())))

@@ -1248,7 +1248,9 @@ def test_a_notebook_keeps_continues_and_predicts_a_run_in_three_calls(folder, tm
     assert runs.resume(out, epochs=2, lr=5e-4).results[0]["history"] == both  # the same lr, given as it began
     assert "epoch " not in capsys.readouterr().out
     test = os.path.join(folder, "test")
-    predictions = predict.predict(out, [test], workers=0, precision="fp32")
+    state = torch.get_rng_state()
+    predictions = predict.predict(out, [test], workers=1, precision="fp32")
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's draws: predicting draws none of them
     assert [p.path for p in predictions] == images.image_files(test)
     net = models.saved_net(torch.load(os.path.join(out, "best.pt"), weights_only=True))  # a folder: best.pt's epoch
     _, test_set = data.image_folders(folder)
