@@ -97,11 +97,11 @@ def train_runs(mode="pretrained", out=None, **options):
 
 def resume(path, **given):
     """Continue the run that wrote path (its model.pt: that run alone; its folder: every run in it)
-    with the options it began with; those in MAY_CHANGE (epochs, device, ...) may be given anew."""
+    with the options it began with; those in MAY_CHANGE (epochs, device, ...) may be given anew (None: as it began)."""
     unknown = sorted(set(given) - set(OPTIONS) - {"out"})
     if unknown:
         raise UserError(f"resume takes the options {list(OPTIONS)}, not {unknown}")
-    given = {key: checked(key, value) if key in OPTIONS else value for key, value in given.items()}
+    given = {key: checked(key, value) if key in OPTIONS else value for key, value in given.items() if value is not None}
     if "lr" in given:
         given["lr"] = lrs(given["lr"])  # as settled recorded it: a list
     alone = not os.path.isdir(path)
@@ -380,7 +380,7 @@ def refuse_changes(before, now, path):
     if changed:
         options = "; ".join(f"{k}: {shown(before[k])} there, {shown(now[k])} now" for k in changed)
         raise UserError(f"{path} was made with other options ({options}); continue it with the same, "
-                        "or choose another out=")
+                        "or train a new run in another out=")
 
 
 def restore(ckpt, net, optimizer, scaler):

@@ -1246,6 +1246,7 @@ def test_a_notebook_keeps_continues_and_predicts_a_run_in_three_calls(folder, tm
     assert "epoch 2:" in printed and "epoch 1:" not in printed
     assert json.load(open(os.path.join(out, "metrics.json")))["history"] == both
     assert runs.resume(out, epochs=2, lr=5e-4).results[0]["history"] == both  # the same lr, given as it began
+    assert runs.resume(out, epochs=None).results[0]["history"] == both  # None: its own 2, not the default 5
     assert "epoch " not in capsys.readouterr().out
     test = os.path.join(folder, "test")
     state = torch.get_rng_state()
@@ -1732,7 +1733,7 @@ def test_resume_refuses_other_options_and_stores_absolute_paths(folder, tmp_path
     status, _, err = run_cli(capsys, "--resume", "run", "--epochs", 2, "--batch-size", 4, "--precision", "fp32")
     assert status == 2 and err.strip() == (f"error: {tmp_path / 'run' / 'model.pt'} was made with other options "
                                            "(--batch-size: 8 there, 4 now; --precision: amp there, fp32 now); "
-                                           "continue it with the same, or choose another --out")
+                                           "continue it with the same, or train a new run in another --out")
     status, _, err = run_cli(capsys, "--resume", "run", "--batch-size", 128)  # typed, though the default
     assert status == 2 and "--batch-size: 8 there, 128 now" in err
     monkeypatch.chdir(folder)  # from another folder, with options that may change
