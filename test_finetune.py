@@ -2326,7 +2326,8 @@ def test_runs_of_either_kind_continue_only_as_they_began_and_flags_stay_apart_fr
     monkeypatch.chdir(tmp_path)  # a failed first run leaves no run folder behind, and a path keeps its = signs
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", tmp_path / "lr=0.1")
     assert status == 2 and f"{tmp_path / 'lr=0.1' / 'train'} is not a folder" in err
-    assert not list((tmp_path / "runs").glob("*"))
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", tmp_path / "none", "--out", "nest/a/b")
+    assert status == 2 and not os.path.exists("runs") and not os.path.exists("nest")  # nor the folders made for it
 
 
 def test_a_run_continued_past_its_metrics_reports_its_checkpoint(folder, tmp_path, capsys, scratch_run):

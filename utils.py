@@ -93,12 +93,12 @@ def writable_folder(path):
 @contextlib.contextmanager
 def writing_to(folder):
     """The output folder while a run writes to it: tried (a probe written) before any data is
-    read, locked against a second run, and removed again if nothing was written to it. Process 0
-    writes; on the others this does nothing."""
+    read, locked against a second run, and removed again, with the folders made for it, if
+    nothing was written to it. Process 0 writes; on the others this does nothing."""
     if rank() > 0:
         yield folder
         return
-    new = not os.path.exists(folder)
+    made = missing_folders(os.path.abspath(folder))  # the deepest first
     with open(os.path.join(writable_folder(folder), ".lock"), "w") as lock:
         if fcntl:  # Linux and macOS
             try:
@@ -109,8 +109,8 @@ def writing_to(folder):
             yield folder
         finally:
             os.remove(lock.name)  # still held, so no other run takes the folder meanwhile
-            if new:
-                remove_empty_folders(folder)
+            if made:
+                remove_empty_folders(made[-1])
 
 
 def remove_empty_folders(folder):
