@@ -37,8 +37,10 @@ def sha1_of(path):
 
 def download(url, path, sha1=None):
     """Fetch url into path (through a temporary name). A failed download leaves nothing, not even
-    the folders made for it; a file with the wrong SHA-1 is removed, never kept."""
-    if not os.path.exists(path):
+    the folders made for it; a file with the wrong SHA-1 is never used: removed where it was
+    downloaded now, moved to PATH.bad where it was there before (put there by hand, perhaps)."""
+    placed = os.path.exists(path)
+    if not placed:
         new = missing_folders(os.path.dirname(path) or ".")
         writable_folder(os.path.dirname(path) or ".")
         try:
@@ -53,9 +55,12 @@ def download(url, path, sha1=None):
             raise UserError(f"cannot download {url} ({e}); fetch it on a machine with network "
                             f"and put it at {path}") from None
     if sha1 and sha1_of(path) != sha1:
-        os.remove(path)
-        raise UserError(f"{path} has the wrong SHA-1 (expected {sha1}), so it was removed; "
-                        "run again to download it afresh")
+        if placed:
+            os.replace(path, path + ".bad")
+        else:
+            os.remove(path)
+        done = f"moved to {path}.bad" if placed else "removed"
+        raise UserError(f"{path} has the wrong SHA-1 (expected {sha1}), so it was {done}; run again to download it afresh")
     return path
 
 
@@ -351,8 +356,8 @@ def decoded(folders, cache_budget=None, workers=1):
     needed = sum(3 * width * height for folder in folders for width, height in folder.sizes)
     budget = cache_budget or available_memory() // (2 * local_processes())
     if needed > budget:
-        say(f"note: decoding images every epoch: decoded they would take {needed / 2**30:.1f} GB, "
-            f"more than the cache's {budget / 2**30:.1f} GB (cache_budget; --cache-gb)", file=sys.stderr)
+        say(f"note: decoding images every epoch: decoded they would take {needed / 2**30:.3g} GB, "
+            f"more than the cache's {budget / 2**30:.3g} GB (cache_budget; --cache-gb)", file=sys.stderr)
         return folders
     return [DecodedImages(folder, workers) for folder in folders]
 

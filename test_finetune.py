@@ -400,9 +400,13 @@ def test_download_verify_extract_once(tmp_path, server):
 def test_checksum_mismatch_removes_the_file(tmp_path, server):
     url, files, _ = server
     files["/hotdog.zip"] = (b"junk", 4)
-    with pytest.raises(UserError, match="wrong SHA-1"):
+    with pytest.raises(UserError, match="wrong SHA-1 .* so it was removed"):
         data.get_hotdog(str(tmp_path), url + "/hotdog.zip", "0" * 40)
     assert os.listdir(tmp_path) == []
+    (tmp_path / "hotdog.zip").write_bytes(b"put here by hand")  # as the offline advice says: kept aside
+    with pytest.raises(UserError, match="so it was moved to .*hotdog.zip.bad; run again"):
+        data.get_hotdog(str(tmp_path), url + "/hotdog.zip", "0" * 40)
+    assert os.listdir(tmp_path) == ["hotdog.zip.bad"]
 
 
 def test_truncated_download_leaves_nothing(tmp_path, server):
