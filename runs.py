@@ -97,13 +97,13 @@ def train_runs(mode="pretrained", out=None, **options):
 
 def resume(path, **given):
     """Continue the run that wrote path (its model.pt: that run alone; its folder: every run in it)
-    with the options it began with; those in MAY_CHANGE (epochs, device, ...) may be given anew (None: as it began)."""
+    with the options it began with; those in MAY_CHANGE (epochs, device, ...) may be given anew."""
     unknown = sorted(set(given) - set(OPTIONS) - {"out"})
     if unknown:
         raise UserError(f"resume takes the options {list(OPTIONS)}, not {unknown}")
-    given = {key: checked(key, value) if key in OPTIONS else value for key, value in given.items() if value is not None}
-    if "lr" in given:
-        given["lr"] = lrs(given["lr"])  # as settled recorded it: a list
+    given = {key: checked(key, value) if key in OPTIONS else value for key, value in given.items()}
+    # None: as the run began; lr as settled recorded it, a list
+    given = {key: lrs(value) if key == "lr" else value for key, value in given.items() if value is not None}
     alone = not os.path.isdir(path)
     path = os.path.abspath(models.checkpoint_in(path))
     ckpt = run_checkpoint(path)  # the only time this process reads it
