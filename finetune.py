@@ -49,19 +49,13 @@ HELP = dict(
     class_weights="balanced: weigh the loss so that every class counts the same",
     workers="loader processes (default: one per core, at most 16)",
     max_megapixels=f"larger images are refused as possible decompression bombs (default: {DEFAULTS['max_megapixels']})",
-    val_split="a --data-dir of class folders alone: the share of each class held out for testing "
-              f"(default: {DEFAULTS['val_split']})",
-    seed=f"for the initial weights (the new head; all of --scratch's), the augmentations, the shuffles and "
-         f"--val-split (default: {DEFAULTS['seed']})",
+    val_split=f"class folders alone: the share of each class held out for testing (default: {DEFAULTS['val_split']})",
+    seed=f"for the initial weights, the augmentations, the shuffles and --val-split (default: {DEFAULTS['seed']})",
     device="cpu, cuda, cuda:1, mps (default: the best there is)",
     precision="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native bf16 "
               "(fp16 on older GPUs); fp32: the book's arithmetic",
 )
-# Each option's value in --help's words, as docs/options.md names them.
-METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION", "class_weights": "balanced", "arch": "NAME",
-            "device": "DEV", "data_dir": "DIR", "data_root": "DIR", "dataset": "hotdog|cifar10",
-            "precision": "amp|fp32", **dict.fromkeys(["epochs", "batch_size", "patience", "freeze_epochs", "workers",
-                                                      "seed", "max_megapixels"], "N")}
+METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION", "class_weights": "balanced"}  # else N for ints
 
 
 def parse_args(argv=None):
@@ -108,12 +102,13 @@ def parser():
         if runs.OPTIONS[name][1] is bool:
             p.add_argument(flag(name), action="store_true", help=text)
         else:
-            p.add_argument(flag(name), type=parsed(name), metavar=METAVARS.get(name), help=text,
+            p.add_argument(flag(name), type=parsed(name), help=text,
+                           metavar=METAVARS.get(name, "N" if runs.OPTIONS[name][1] is int else None),
                            nargs="+" if name == "lr" else None)  # several lrs: one run each
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
                    help="decode images every epoch, not once (--cache-gb 0)")
-    p.add_argument("--out", help="output folder (default: runs/<mode>-<time>; for --predict and --show-samples, .); "
-                                 "for --export, the file (default: beside the checkpoint, best.pt2 or best.onnx for best.pt)")
+    p.add_argument("--out", help="output folder (default: runs/<mode>-<time>; for --predict, --show-samples: .); for "
+                                 "--export, the file (default: beside the checkpoint, best.pt2 or best.onnx for best.pt)")
     return p
 
 
