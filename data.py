@@ -226,9 +226,10 @@ def same_data(sets, ckpt):
                         "a data folder of those classes")
     split = ckpt.get("held_out") is not None  # the run held images of class folders alone out for testing
     if split != (getattr(sets[1], "held_out", None) is not None):
-        raise UserError(f"{path} was tested on " + ("images held out of class folders alone, and the data folder "
-                        "now holds train/ and test/" if split else "a test folder, and the data folder now holds "
-                        "class folders alone, to split") + "; continue it with the data folder it was trained on")
+        tested, holds = (("images held out of class folders alone", "train/ and test/") if split
+                         else ("a test folder", "class folders alone, to split"))
+        raise UserError(f"{path} was tested on {tested}, and the data folder now holds {holds}; continue it with the "
+                        "data folder it was trained on")
     if now and not before:
         raise UserError(f"{path} was trained with no val/ beside {now}, and {os.path.dirname(sets[1].root)} now holds "
                         f"{os.path.basename(sets[1].root)}/, which would choose the epochs in {now}'s place; move it out "
