@@ -1683,7 +1683,7 @@ def launched(argv, printed):
 def test_an_error_under_torchrun_is_said_once(tmp_path):
     status, _, err = launched(["--scratch", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "run"],
                               tmp_path / "printed")
-    assert status == 2
+    assert status != 0  # 2 from the process that met it, or 1 from one whose partner stopped: whichever torchrun saw first
     assert [line for line in err.splitlines() if "error: " in line] \
         == [f"error: {tmp_path / 'nowhere' / 'train'} is not a folder; the data folder needs train/ and test/ "
             "(or val/), each with one subfolder of images per class, or only the class folders, to be split"]
