@@ -201,6 +201,8 @@ def frozen_batch_norm(bn):
 def checkpoint_in(path, name="model.pt"):
     """A model.pt (or another name): path itself, or in the folder path, or in a run's folder
     inside it (--compare: the first)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"{path!r} is not a path; give the model.pt of a training run, or its folder")
     if not os.path.exists(os.path.normpath(path)):  # best.pt/ is best.pt
         raise UserError(f"{path} does not exist; give the model.pt of a training run, or its folder")
     found = [path] if not os.path.isdir(path) else checkpoints_in(path, name)

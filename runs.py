@@ -104,8 +104,7 @@ def resume(path, **given):
     given = {key: checked(key, value) if key in OPTIONS else value for key, value in given.items()}
     # None: as the run began; lr as settled recorded it, a list
     given = {key: lrs(value) if key == "lr" else value for key, value in given.items() if value is not None}
-    alone = not os.path.isdir(path)
-    path = os.path.abspath(models.checkpoint_in(path))
+    path, alone = os.path.abspath(models.checkpoint_in(path)), not os.path.isdir(path)
     ckpt = run_checkpoint(path)  # the only time this process reads it
     began = ckpt["args"]
     models.same_arch(given.pop("arch", None), ckpt, path)

@@ -2198,6 +2198,9 @@ def test_the_python_calls_take_a_net_without_fc_and_refuse_what_they_cannot_use(
         predict.predict(str(tmp_path / "run"), [photo], batch_size=0, workers=0)
     with pytest.raises(UserError, match="^found no images in an empty list; give image files"):
         predict.predict(str(tmp_path / "run"), [], workers=0)
+    for call in (lambda: predict.predict(None, [photo]), lambda: runs.resume(None), lambda: predict.export(5)):
+        with pytest.raises(UserError, match="^(None|5) is not a path; give the model.pt of a training run"):
+            call()
     assert len(predict.predict(str(tmp_path / "run"), (p for p in [photo]), workers=0)) == 1  # any iterable of paths
 
 
