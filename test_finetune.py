@@ -803,13 +803,17 @@ def launched_run(tmp_path_factory):
     than the processes; and a batch of 8 does not divide by 3). Launched once for the tests that
     read it: (its folder, the exit status, what the processes printed on stdout, and on stderr)."""
     out = tmp_path_factory.mktemp("launched_run")
-    printed = tmp_path_factory.mktemp("launched_run_printed") / "printed"
     root = write_folder(tmp_path_factory.mktemp("launched_run_data"), train=3, test=1)
-    argv = ["--scratch", "--data-dir", root, "--epochs", "1", "--batch-size", "8", "--device", "cpu",
-            "--out", str(out)]
+    argv = ["--scratch", "--data-dir", root, "--epochs", "1", "--batch-size", "8", "--out", out]
+    return out, *launched(argv, tmp_path_factory.mktemp("launched_run_printed") / "printed", processes=3)
+
+
+def launched(argv, printed, processes=2):
+    """finetune.py's argv in CPU processes (finetune.on_all_gpus): the exit status, and what they
+    printed on stdout and on stderr (in printed.out and printed.err)."""
     with printed_by_processes(printed):
-        status = finetune.on_all_gpus(argv, 3)
-    return out, status, open(f"{printed}.out").read(), open(f"{printed}.err").read()
+        status = finetune.on_all_gpus([*map(str, argv), "--device", "cpu"], processes)
+    return status, open(f"{printed}.out").read(), open(f"{printed}.err").read()
 
 
 def test_torchrun_command_line(launched_run):
@@ -1670,14 +1674,6 @@ def test_few_test_images_many_processes_and_a_batch_that_does_not_divide(launche
     assert "x 3 processes, batch 2 each, 6 in all (not 8)" in out
     metrics = json.load(open(run / "metrics.json"))
     assert torch.tensor(metrics["confusion"]).sum() == 2 and metrics["world_size"] == 3
-
-
-def launched(argv, printed):
-    """finetune.py's argv in 2 CPU processes (finetune.on_all_gpus): the exit status, and what
-    they printed on stdout and on stderr."""
-    with printed_by_processes(printed):
-        status = finetune.on_all_gpus([*map(str, argv), "--device", "cpu"], 2)
-    return status, open(f"{printed}.out").read(), open(f"{printed}.err").read()
 
 
 def test_an_error_under_torchrun_is_said_once(tmp_path):
