@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torchvision
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 from images import ImageFolder, class_folders, every_class_read, grid, ignored, inside, left_out, load_rgb, nfc
@@ -269,10 +270,8 @@ def split_by_class(data_dir, val_split, seed, held_out=None):
     test_set.where = f"of {len(paths)} images, split {val_split:g} by class, seed {seed}"
     for folder, held_part in ((train_set, False), (test_set, True)):
         folder.keep([i for i, path in enumerate(paths) if (path in held) == held_part])
-    lacking = [name for target, name in enumerate(test_set.classes) if target not in test_set.targets]
-    if lacking:  # held_out names none of this folder's images of that class
-        raise UserError(f"{os.path.join(data_dir, lacking[0])} holds none of the images the run held out for testing "
-                        "(held_out.txt); continue it with the folder it was split from, or train anew in another out=")
+    every_class_read(test_set, "holds none of the images the run held out for testing (held_out.txt); continue it "
+                               "with the folder it was split from, or train anew in another out=")
     return [train_set, test_set]
 
 
@@ -373,6 +372,10 @@ def cifar10(root="data"):
         return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=fetch)
                 for t, augs in ((True, train_augs), (False, test_augs))]
     except (OSError, http.client.HTTPException) as e:
+        archive = os.path.join(root, "cifar-10-python.tar.gz")
+        if os.path.exists(archive) and not check_integrity(archive, torchvision.datasets.CIFAR10.tgz_md5):
+            raise UserError(f"{archive} is not CIFAR-10's archive (another MD5), and torchvision could not download "
+                            f"it again ({e}); delete it, and run again or put a whole copy there") from None
         raise UserError(f"cannot download CIFAR-10 ({e}); put cifar-10-python.tar.gz "
                         f"in {root} by hand") from None
 
@@ -446,6 +449,7 @@ def samples(data_dir, out="."):
     """The book's first look at the data (§14.2.2.1): 8 images of the first class and 8 of the
     last (fewer where a class has fewer), as loaded and after train_augs; writes out/samples.png
     and returns its path."""
+    apart(out, data_dir)  # samples.png among the class folders would be trained on
     folder = ImageFolder(training_folder(data_dir), data_dir=data_dir)
     first, last = folder.targets[0], folder.targets[-1]
     picks = [[i for i, t in enumerate(folder.targets) if t == first][:8],

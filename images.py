@@ -91,10 +91,10 @@ def read_image(path, read):
                         "Python, runs' max_megapixels option, or around any call: with images.megapixels_limit(N))") from None
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; check the path") from None
-    except OSError as e:
+    except (OSError, ValueError) as e:  # PIL raises ValueError for some damaged headers and chunks too
         fix = ("install the HEIC plugin: pip install pillow-heif" if path.lower().endswith((".heic", ".heif"))
                else "delete or replace that file")
-        raise UserError(f"cannot read image {path} ({e.strerror or e}); {fix}") from None
+        raise UserError(f"cannot read image {path} ({getattr(e, 'strerror', None) or e}); {fix}") from None
 
 
 @functools.cache
@@ -179,14 +179,14 @@ def left_out(failed, of):
             file=sys.stderr)
 
 
-def every_class_read(folder):
+def every_class_read(folder, problem="holds no image that can be read; put readable images in every class folder, "
+                                     "or remove it"):
     """Refuse a set (an ImageFolder, or one made from it) with a class none of whose images are
-    left once those that cannot be read are left out: no net learns a class it never sees, and
-    balanced class weights would divide by zero."""
+    left once those that cannot be read (or are not held out) are left out: no net learns or tests
+    a class it never sees, and balanced class weights would divide by zero."""
     empty = [name for target, name in enumerate(folder.classes) if target not in folder.targets]
     if empty:
-        raise UserError(f"{os.path.join(folder.root, empty[0])} holds no image that can be read; put readable "
-                        "images in every class folder, or remove it")
+        raise UserError(f"{os.path.join(folder.root, empty[0])} {problem}")
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):

@@ -11,12 +11,14 @@ import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -323,6 +325,15 @@ def test_unreadable_and_huge_images_are_named(tmp_path, monkeypatch):
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
     with pytest.raises(UserError, match="cut.png"):
         images.load_rgb(str(tmp_path / "cut.png"))
+    png = (tmp_path / "ok.png").read_bytes()  # a text chunk too large to decompress, after the PNG's header
+    text = b"zTXt" + b"Comment\0\0" + zlib.compress(bytes(2 << 20))
+    (tmp_path / "text.png").write_bytes(png[:33] + struct.pack(">I", len(text) - 4) + text
+                                        + struct.pack(">I", zlib.crc32(text)) + png[33:])
+    (tmp_path / "head.ppm").write_bytes(b"P6\n64 4X\n255\n" + bytes(100))
+    for name in ("text.png", "head.ppm"):  # PIL raises ValueError for these, not OSError
+        for read in (images.load_rgb, images.image_size):
+            with pytest.raises(UserError, match=f"^cannot read image .*{name} .*; delete or replace that file"):
+                read(str(tmp_path / name))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     for read in (images.load_rgb, images.image_size):  # the cache's size estimate reads headers too
         with pytest.raises(UserError, match="ok.png"):
@@ -561,6 +572,10 @@ def test_resume_refuses_another_architecture(folder, tmp_path, capsys, scratch_r
 def test_show_samples(folder, tmp_path, capsys):
     status, out, _ = run_cli(capsys, "--show-samples", "--data-dir", folder, "--out", tmp_path)
     assert status == 0 and (tmp_path / "samples.png").stat().st_size > 0 and "samples.png" in out
+    shutil.copytree(folder, tmp_path / "d")
+    among = str(tmp_path / "d" / "train" / "hotdog")  # samples.png there would be trained on
+    status, _, err = run_cli(capsys, "--show-samples", "--data-dir", tmp_path / "d", "--out", among)
+    assert status == 2 and f"--out {among} lies in" in err and not os.path.exists(os.path.join(among, "samples.png"))
 
 
 def test_resume_ends_with_the_same_weights(folder, tmp_path, capsys):
@@ -687,6 +702,13 @@ def test_cifar10_through_the_same_dataset_function(tmp_path, capsys, monkeypatch
     metrics = json.load(open(tmp_path / "out" / "metrics.json"))
     assert metrics["classes"] == [f"c{i}" for i in range(10)] and metrics["lr"] == 5e-4
     assert metrics["args"]["epochs"] == 1
+    monkeypatch.undo()  # the real MD5 checks again
+    (tmp_path / "placed").mkdir()  # an archive put there by hand, not CIFAR-10's; no network to fetch another
+    (tmp_path / "placed" / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    with pytest.raises(UserError, match=r"cifar-10-python.tar.gz is not CIFAR-10's archive .*no network.*delete it"):
+        data.cifar10(str(tmp_path / "placed"))
 
 
 def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
