@@ -193,10 +193,9 @@ def show_samples(options):
 
 # ---------------------------------------------------------------- starting
 def one_line(error):
-    """A library error as the command line's one line: from a loader worker, the message holds
-    its traceback, so the last line; the Python arguments it names (batch_size=3, lr: ...)
-    named as flags."""
-    message = str(error).strip().splitlines()[-1].removeprefix("utils.UserError: ")
+    """A library error as the command line's one line: the Python arguments it names
+    (batch_size=3, lr: ...) named as flags."""
+    message = str(error)
     message = message.replace("hotdog_class", "--init-head-from-imagenet").replace("weights_file=", "weights=")
     message = message.replace("format=", "--export-format ").replace("predict.predict", "--predict")
     for name in [*runs.OPTIONS, "out", "mode"]:  # not inside a path such as runs/lr=0.1
@@ -218,7 +217,7 @@ def guarded(fn, options):
         say(one_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        return interrupted(getattr(e, "checkpoint", None))
+        return interrupted(e)
     except torch.OutOfMemoryError:
         batch_size = options.get("batch_size", runs.DEFAULTS["batch_size"])
         print(f"error: out of GPU memory at --batch-size {batch_size}; try --batch-size {max(1, batch_size // 2)}",
@@ -232,11 +231,12 @@ def guarded(fn, options):
         return 1
 
 
-def interrupted(checkpoint=None):
-    """Ctrl-C: say how to continue, where an epoch had finished (process 0 says it)."""
-    say("\ninterrupted; " + (f"{checkpoint} holds the last whole epoch: continue with "
-                             f"python finetune.py --resume {checkpoint}" if checkpoint else
-                             "no epoch had finished, so there is nothing to resume"), file=sys.stderr)
+def interrupted(error):
+    """Ctrl-C: in a training, say how to continue where an epoch had finished (process 0 says it)."""
+    checkpoint = getattr(error, "checkpoint", "")  # set by runs.trained, None before any epoch; "": no training
+    said = (f"; {checkpoint} holds the last whole epoch: continue with python finetune.py --resume {checkpoint}"
+            if checkpoint else "; no epoch had finished, so there is nothing to resume" if checkpoint is None else "")
+    say("\ninterrupted" + said, file=sys.stderr)
     return 130
 
 

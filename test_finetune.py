@@ -2033,6 +2033,18 @@ def test_an_image_cut_short_is_named_once_by_all_loader_workers(tmp_path, capfd)
     assert len([line for line in err.splitlines() if line.startswith("note: left out") and "cut.png" in line]) == 1, err
 
 
+def test_a_class_no_loader_worker_can_read_is_one_line_from_python_too(tmp_path):
+    """Every image of a class cut short after a whole header: the worker that finds none left
+    raises a UserError, which the DataLoader raises again with the worker's traceback as its
+    message; the caller gets the worker's one line."""
+    root = write_folder(tmp_path / "d", train=2, test=1)
+    for path in (tmp_path / "d" / "train" / "hotdog").iterdir():
+        path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(UserError) as e:
+        runs.train_runs("scratch", str(tmp_path / "run"), data_dir=root, epochs=1, batch_size=4, workers=1, cache_gb=0)
+    assert str(e.value) == "no image of class hotdog can be read now; put readable images in its folder"
+
+
 def test_the_books_loaders_hold_no_worker_process_between_passes(folder):
     """In a notebook the loaders live as long as the kernel holds them: their worker processes
     (one per core) must not."""
@@ -2144,6 +2156,8 @@ def test_ctrl_c_in_a_compare_says_how_to_resume_both_runs(folder, tmp_path, caps
     status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path / "drawn")
     assert status == 130 and f"--resume {tmp_path / 'drawn'}\n" in err, err
+    monkeypatch.setattr(predict, "predict", ctrl_c)  # no training: nothing to continue, nothing said of it
+    assert run_cli(capsys, "--predict", folder, "--model", tmp_path / "drawn")[:3:2] == (130, "\ninterrupted\n")
 
 
 def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(tmp_path, capsys, scratch_run):

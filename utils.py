@@ -10,8 +10,8 @@ import io
 import math
 import os
 import random
+import re
 import shutil
-import sys
 
 try:
     import fcntl  # file locks, on Linux and macOS
@@ -25,6 +25,13 @@ from torch import nn
 
 class UserError(Exception):
     """Bad input: the message names the problem and the fix, and is shown as one line."""
+
+    def __init__(self, message=""):
+        # A DataLoader raises a worker's error again, with the worker's traceback as the message:
+        # its last line holds the worker's message
+        if "Original Traceback" in message:
+            message = re.sub(r"^[\w.]*UserError: ", "", message.strip().splitlines()[-1])
+        super().__init__(message)
 
 
 @contextlib.contextmanager
@@ -208,7 +215,7 @@ def local_processes():
 def say(*args, file=None):
     """print, on process 0 only."""
     if rank() == 0:
-        print(*args, file=file or sys.stdout, flush=True)
+        print(*args, file=file, flush=True)  # None: sys.stdout, as it is now
 
 
 def local_first(fn, *a):
