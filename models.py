@@ -45,6 +45,8 @@ def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resn
 def init_hotdog_head(fc, imagenet_fc, hotdog_class):
     """Exercise 4: start the hot-dog class from ImageNet's hot-dog row, and every other class from
     the mean of the other 999 rows, a detector of "some other ImageNet class"."""
+    if type(hotdog_class) is not int or not 0 <= hotdog_class < fc.out_features:  # else no class would start there
+        raise UserError(f"hotdog_class={hotdog_class!r} is not the index of a class; give one of 0 to {fc.out_features - 1}")
     others = torch.arange(imagenet_fc.out_features) != HOTDOG_ROW
     with torch.no_grad():
         for c in range(fc.out_features):

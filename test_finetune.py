@@ -179,6 +179,9 @@ def test_init_head_from_imagenet(torch_home):
     assert torch.equal(fc.weight[0], w[934]) and fc.bias[0] == b[934]
     others = torch.cat([w[:934], w[935:]])
     assert torch.allclose(fc.weight[1], others.mean(0))
+    for index in (2, -1, "hotdog", 1.0):
+        with pytest.raises(UserError, match=f"^hotdog_class={index!r} is not the index of a class; give one of 0 to 1$"):
+            models.finetune_net(2, hotdog_class=index)
 
 
 # ---------------------------------------------------------------- training
@@ -619,6 +622,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(folder, tmp_path):
     ("ok", ["--data-dir", "{tmp}/d", "--device", "cuda"], "no such device"),
     ("ok", ["--data-dir", "{tmp}/d", "--device", "cuda:7"], "no such device"),
     ("ok", ["--data-dir", "{tmp}/d", "--device", "gpu"], "--device gpu: this machine has no such device"),
+    ("ok", ["--data-dir", "{tmp}/d", "--device", "xpu"], "--device xpu: this program computes on cpu, cuda .* or mps"),
     ("ok", ["--resume", "{tmp}/none.pt"], "does not exist"),
 ])
 def test_bad_input_is_one_line(setup, argv, message, tmp_path, capsys):

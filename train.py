@@ -164,6 +164,8 @@ def try_device(name=None):
                    or device.type == "mps" and not torch.backends.mps.is_available())
     except RuntimeError:
         missing = True
+    if not missing and device.type not in ("cpu", "cuda", "mps"):  # xpu, meta...: torch knows them, this program not
+        raise UserError(f"device={name}: this program computes on cpu, cuda (cuda:N) or mps; give one of those")
     if missing:
         raise UserError(f"device={name}: this machine has no such device; give no device= "
                         "to use the best one there is")
