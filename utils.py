@@ -253,11 +253,16 @@ def join_processes(device):
 
 @contextlib.contextmanager
 def rng_kept(device):
-    """The random-number states of the CPU, of Python and of device (a GPU), put back after the
-    block: a run seeds them, and the caller's draws go on as before."""
+    """The random-number states of the CPU, of Python and of every GPU (CUDA's or MPS), put back
+    after the block: a run seeds them all (torch.manual_seed), and the caller's draws go on as
+    before. CUDA's are read where the run computes there or CUDA has started: reading them would
+    start it, a GPU's memory taken, for a run on the CPU (whose seed CUDA then starts from)."""
     python = random.getstate()
+    gpu = torch.accelerator.current_accelerator()  # None, or cuda or mps
+    read = gpu and (gpu.type != "cuda" or device.type == "cuda" or torch.cuda.is_initialized())
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=range(torch.accelerator.device_count()) if read else [],
+                                   device_type=gpu and gpu.type):
             yield
     finally:
         random.setstate(python)
