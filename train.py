@@ -91,7 +91,8 @@ def ch13_epochs(net, train_iter, test_iter, loss, optimizer, epochs, runtime):
         start = time.perf_counter()
         train_metrics = train_epoch(model, train_iter, loss, optimizer, runtime)
         seconds = time.perf_counter() - start  # data loading included, unlike the book's timer
-        probs, labels = evaluate(net, test_iter, runtime)  # the bare net: each process its own share of the test set
+        probs, labels = evaluate(net, test_iter, runtime)  # the bare net: each process its own share of the test
+        # set; with nn.DataParallel, the first GPU evaluates it all (the book's splits each batch among the GPUs)
         yield Epoch(dict(epoch=epoch + 1, **train_metrics, test_acc=accuracy(probs, labels),
                          examples_per_sec=train_metrics["examples"] / seconds), probs, labels)
 
