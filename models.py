@@ -74,10 +74,11 @@ def scratch_net(num_classes=2, arch="resnet18"):
 
 def net_for(mode, num_classes=2, arch="resnet18", weights_file=None, hotdog_class=None, freeze=False):
     """The book's net for a mode: "scratch", or "pretrained", fine-tuned from the ImageNet
-    weights (frozen but for the output layer, with freeze)."""
+    weights; with freeze, frozen but for the output layer."""
     if mode == "scratch":
-        return scratch_net(num_classes, arch)
-    net = finetune_net(num_classes, weights_file, hotdog_class, arch)
+        net = scratch_net(num_classes, arch)
+    else:
+        net = finetune_net(num_classes, weights_file, hotdog_class, arch)
     return freeze_features(net) if freeze else net
 
 
@@ -205,7 +206,8 @@ def checkpoint_in(path, name="model.pt"):
     inside it (--compare: the first)."""
     if not isinstance(path, (str, os.PathLike)):
         raise UserError(f"{path!r} is not a path; give the model.pt of a training run, or its folder")
-    if not os.path.exists(os.path.normpath(path)):  # best.pt/ is best.pt
+    path = os.path.normpath(path)  # best.pt/ is best.pt
+    if not os.path.exists(path):
         raise UserError(f"{path} does not exist; give the model.pt of a training run, or its folder")
     found = [path] if not os.path.isdir(path) else checkpoints_in(path, name)
     if not found:
@@ -237,10 +239,11 @@ def load_checkpoint(path):
     return dict(ckpt, path=path)
 
 
-def same_arch(arch, ckpt, path):
+def same_arch(arch, ckpt):
     """The checkpoint knows its architecture: an arch given beside it must be the same."""
-    if arch and arch != ckpt.get("arch", "resnet18"):
-        raise UserError(f"{path} holds a {ckpt.get('arch', 'resnet18')}, not a {arch}; leave arch= out")
+    held = ckpt.get("arch") or "resnet18"  # None: a net of one's own, read as the book's resnet18 (saved_net)
+    if arch and arch != held:
+        raise UserError(f"{ckpt['path']} holds a {held}, not a {arch}; leave arch= out")
 
 
 def saved_net(checkpoint):

@@ -50,9 +50,10 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
                         "of them (an image in memory: save it to a file first)")
     runs.checked("batch_size", batch_size)
     runs.checked("workers", workers)
+    out = runs.checked("out", out)
     path = models.kept_in(model)
     ckpt = models.load_checkpoint(path)
-    models.same_arch(arch, ckpt, path)
+    models.same_arch(arch, ckpt)
     paths = image_paths(items)
     if not paths:
         raise UserError(f"found no images in {' '.join(map(str, items)) or 'an empty list'}; "
@@ -97,7 +98,6 @@ def write_csv(predictions, classes, path):
                                 + [[p.path, p.label, f"{p.probability:.4f}", *(f"{q:.4f}" for q in p.probabilities.values())]
                                    for p in predictions])
     write_whole(path, table.getvalue().encode())
-    return path
 
 
 # ---------------------------------------------------------------- one file, for use elsewhere
@@ -110,10 +110,14 @@ def export(model, out=None, *, format="pt2"):
     Written whole to out (default: beside the checkpoint, its name with .pt2 or .onnx); returns out."""
     if format not in ("pt2", "onnx"):
         raise UserError(f"format={format} is not one this program exports; give format=pt2 or format=onnx")
-    if out and not os.fspath(out).endswith("." + format):  # never over a checkpoint or a run's other files
+    out = runs.checked("out", out)
+    if out and not out.endswith("." + format):  # never over a checkpoint or a run's other files
         raise UserError(f"out={out} is not a .{format} file; give out= a name that ends in .{format}")
-    ckpt = models.load_checkpoint(models.kept_in(model))
-    out = os.fspath(out or os.path.splitext(ckpt["path"])[0] + "." + format)
+    path = models.kept_in(model)
+    out = out or os.path.splitext(path)[0] + "." + format
+    if os.path.realpath(out) == os.path.realpath(path):  # a checkpoint named .pt2 or .onnx
+        raise UserError(f"{out} is the checkpoint exported, which the export would write over; give out= another name")
+    ckpt = models.load_checkpoint(path)
     writable_folder(os.path.dirname(out) or ".")  # tried before the work
     net = Pixels(models.saved_net(ckpt), ckpt["transform"]).eval()
     about = {"classes": json.dumps(ckpt["classes"]), "input": net.input(len(ckpt["classes"]))}

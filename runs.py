@@ -38,9 +38,8 @@ AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda
 ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: 0 < v < math.inf), ("between 0 and 1", lambda v: 0 < v < 1)
 SEEDS = ("from -2**63 to 2**64 - 1", lambda v: -2**63 <= v < 2**64)  # what torch.manual_seed takes
 
-# Every option of a run, by its Python name (the command line's, with - for _): its default (None:
-# off, or chosen when the run starts), type, and the values it takes (a list, or a rule). `checked`
-# holds Python keywords and finetune.py's converted flags to them: one rule, before data is read.
+# Every option of a run by its Python name (the flag's, with - for _): its default (None: off, or chosen
+# when the run starts), type and values (a list, or a rule): `checked` holds Python's and flags alike to them.
 OPTIONS = dict(
     dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None), data_root=("data", str, None),
     dummy=(False, bool, None), cache_gb=(None, float, ZERO_OR_MORE), val_split=(0.2, float, BETWEEN_0_AND_1),
@@ -63,9 +62,9 @@ MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "data
 
 
 def checked(name, value):
-    """value, where option `name` takes it (lr: one number or a list, one run each); else a
-    UserError naming the option and what it takes."""
-    default, kind, allowed = OPTIONS[name]
+    """value, where option `name` (or out=, a path) takes it (lr: one number or a list, one run
+    each); else a UserError naming the option and what it takes."""
+    default, kind, allowed = OPTIONS.get(name, (None, str, None))  # out=: where a run, --predict, --export write
     if value is None and default is None:
         return None  # the default
     values = value if name == "lr" and isinstance(value, list) and value else [value]
@@ -92,22 +91,24 @@ Trained = namedtuple("Trained", "out results")  # what train_runs and resume ret
 def train_runs(mode="pretrained", out=None, **options):
     """Train the runs mode asks for ("pretrained", "scratch" or "compare") with the options given
     (OPTIONS) into out (default runs/<mode>-<time>), continuing a checkpoint found there."""
-    return trained(settled(mode, options), out)
+    return trained(settled(mode, options), checked("out", out))
 
 
 def resume(path, **given):
-    """Continue the run that wrote path (its model.pt: that run alone; its folder: every run in it)
-    with the options it began with; those in MAY_CHANGE (epochs, device, ...) may be given anew."""
+    """Continue the run that wrote path (its model.pt or its folder: that run alone; the folder of a
+    compare or of several lrs: every run in it) with the options it began with; those in
+    MAY_CHANGE (epochs, device, ...) may be given anew."""
     unknown = sorted(set(given) - set(OPTIONS) - {"out"})
     if unknown:
-        raise UserError(f"resume takes the options {list(OPTIONS)}, not {unknown}")
-    given = {key: checked(key, value) if key in OPTIONS else value for key, value in given.items()}
+        raise UserError(f"resume takes out= and the options {list(OPTIONS)}, not {unknown}")
+    given = {key: checked(key, value) for key, value in given.items()}
     # None: as the run began; lr as settled recorded it, a list
     given = {key: lrs(value) if key == "lr" else value for key, value in given.items() if value is not None}
-    path, alone = os.path.abspath(models.checkpoint_in(path)), not os.path.isdir(path)
-    ckpt = run_checkpoint(path)  # the only time this process reads it
+    found = os.path.abspath(models.checkpoint_in(path))
+    alone = not os.path.isdir(path) or os.path.dirname(found) == os.path.abspath(path)  # not a folder of runs
+    path, ckpt = found, run_checkpoint(found)  # the only time this process reads it
     began = ckpt["args"]
-    models.same_arch(given.pop("arch", None), ckpt, path)
+    models.same_arch(given.pop("arch", None), ckpt)
     folder = os.path.dirname(path)  # where the run is now, wherever it began
     planned = plan_runs(began["mode"], {**DEFAULTS, **began}, folder)
     out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: each has a folder in out
@@ -119,7 +120,6 @@ def resume(path, **given):
         began = {k: v for k, v in began.items() if k != "workers"}
     if began["lr"] is None and given.get("lr") == [run.lr for run in planned]:
         del given["lr"]  # the recipe's own, which the run began with, typed out
-    refuse_changes({**DEFAULTS, **began}, given, path)
     options = settled(began["mode"], {k: v for k, v in {**began, **given}.items() if k in OPTIONS},
                       {*began["typed"], *given})
     return trained({**options, "resume": path if alone else None}, out, {path: ckpt})
@@ -178,9 +178,9 @@ def trained(options, out, read=None):
             if set(found) - {os.path.join(run.out, "model.pt") for run in runs}:  # a compare into a run's folder, or back
                 raise UserError(f"out={out} holds another run, and a folder holds one run, or the runs of one compare "
                                 "or of one list of learning rates; choose another out=")
-            if options["resume"]:  # a run's model.pt named: that run alone
+            if options["resume"]:  # a run's model.pt or folder named: that run alone
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
-            ckpts = [checkpoint_of(run, options, read or {}) for run in runs]
+            ckpts = [checkpoint_of(run, options, read or {}) for run in runs]  # before any data is read
             start = time.perf_counter()
             sets = local_first(load_sets, options, next((c.get("held_out") for c in ckpts if c), None))
             say(f"data ready in {time.perf_counter() - start:.1f} s")
@@ -210,8 +210,7 @@ def train_one(run, options, sets, device, ckpt):
     run's missing results written again), then test it once on a final test set where there is one."""
     runtime = train.make_runtime(device, options["precision"])
     about = described(run, options, sets, runtime)
-    if ckpt:
-        refuse_changes(run_options(run, ckpt["args"]), about["args"], ckpt["path"])
+    if ckpt:  # on the data it was trained on (with its options: checkpoint_of)
         data.same_data(sets, ckpt)
     history = ckpt["history"] if ckpt else []
     if len(history) >= options["epochs"] or stalled(history, options["patience"], options["freeze_epochs"]):
@@ -235,8 +234,9 @@ def train_net(run, options, sets, runtime, about, ckpt):
     hotdog = models.hotdog_class(about["classes"]) if options["init_head_from_imagenet"] else None
     random.seed(options["seed"])
     torch.manual_seed(options["seed"])  # the same initial head on every process
-    net = runtime.place(local_first(models.net_for, run.mode, len(about["classes"]), options["arch"],
-                                    options["weights"], hotdog, options["freeze"]))
+    # A checkpoint replaces every weight: where one is restored, ImageNet's are neither read nor needed
+    net = runtime.place(local_first(models.net_for, "scratch" if ckpt else run.mode, len(about["classes"]),
+                                    options["arch"], options["weights"], hotdog, options["freeze"]))
     torch.manual_seed(options["seed"] + rank())  # then each process draws its own augmentations
     train_iter, test_iter = data.make_loaders(*sets[:2], options["batch_size"], options["workers"], options["seed"])
     weights = loss_weights(options["class_weights"], sets[0], runtime.device)
@@ -336,13 +336,14 @@ def header(run, options, sets, runtime, weights=None):
 
 # ---------------------------------------------------------------- a run's files
 def checkpoint_of(run, options, read):
-    """The checkpoint run continues (the file resume named, where it is this run's, else its
-    model.pt; None for a fresh run): read by resume, or by process 0 and sent to the others."""
+    """The checkpoint run continues, refused where made with other options: the file resume named,
+    where it is this run's, else its model.pt (None: a fresh run); read by resume or by process 0."""
     named = options["resume"]
     path = named if named and os.path.dirname(named) == run.out else os.path.join(run.out, "model.pt")
-    if path in read:
-        return read[path]
-    return from_process_0(run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
+    ckpt = read.get(path) or from_process_0(run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
+    if ckpt:
+        refuse_changes(run_options(run, ckpt["args"]), run_options(run, options), path)
+    return ckpt
 
 
 def run_checkpoint(path):
@@ -457,11 +458,11 @@ def write_metrics(folder, result):  # strict JSON: what is not finite was made N
 
 
 def finished(folder, ckpt):
-    """A finished run's metrics.json, where it was written after the checkpoint's last epoch; else
-    None, and one that cannot be read (damaged by hand) is written again."""
+    """A finished run's metrics.json, where its history and name are the checkpoint's; else None, and
+    one that cannot be read or differs (written before later epochs, or damaged by hand) is written again."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(os.path.join(folder, "metrics.json")) as f:
         result = json.load(f)
-        return result if len(result["history"]) == len(ckpt["history"]) else None  # else written before later epochs
+        return result if result["history"] == finite(ckpt["history"]) and result["name"] == ckpt["name"] else None
 
 
 def resumable(options):

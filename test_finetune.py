@@ -1044,6 +1044,10 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(exported_run, tmp_path,
     status, _, err = run_cli(capsys, "--export", run, "--out", run / "best.pt")
     assert status == 2 and "is not a .pt2 file; give --out a name that ends in .pt2" in err, err
     assert (run / "best.pt").read_bytes() == best
+    (tmp_path / "named.pt2").write_bytes(best)  # a checkpoint named as an export: never written over
+    status, _, err = run_cli(capsys, "--export", tmp_path / "named.pt2")
+    assert status == 2 and "is the checkpoint exported, which the export would write over; give --out" in err, err
+    assert (tmp_path / "named.pt2").read_bytes() == best
     (tmp_path / "empty.pt").touch()
     (tmp_path / "truncated.pt").write_bytes((run / "best.pt").read_bytes()[:100_000])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
@@ -1722,7 +1726,7 @@ def test_predict_under_torchrun_writes_once(folder, tmp_path, scratch_run):
 def test_a_folder_holds_one_run_or_the_runs_of_one_plan(folder, tmp_path, capsys, scratch_run, compare_run):
     """A --compare (or several lrs) into a single run's folder, or a single run into a
     --compare's, is refused before any data is read: each would write its curves.png over the
-    other's, and resume would find the wrong model.pt."""
+    other's, and resume would find the wrong model.pt. So is a run of the other mode."""
     shutil.copytree(scratch_run[0], tmp_path / "one")
     shutil.copytree(compare_run[0], tmp_path / "both")
     before = {name: (tmp_path / name / "curves.png").read_bytes() for name in ("one", "both")}
@@ -1730,6 +1734,9 @@ def test_a_folder_holds_one_run_or_the_runs_of_one_plan(folder, tmp_path, capsys
         status, out, err = run_cli(capsys, *argv, "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
                                    "--workers", 0, "--out", tmp_path / into)
         assert status == 2 and f"--out {tmp_path / into} holds another run" in err and "data ready" not in out, err
+    status, out, err = run_cli(capsys, "--pretrained", "--data-dir", folder, "--epochs", 1, "--workers", 0,
+                               "--out", tmp_path / "one")
+    assert status == 2 and "--compare: scratch there, pretrained now" in err and "data ready" not in out, err
     assert {name: (tmp_path / name / "curves.png").read_bytes() for name in ("one", "both")} == before
     assert sorted(os.listdir(tmp_path / "both")) == sorted(os.listdir(compare_run[0]))
 
@@ -1743,6 +1750,8 @@ def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compar
     assert "pretrained " in out.split("\nrun ")[1] and "scratch " in out.split("\nrun ")[1]  # the table
     status, out, err = run_cli(capsys, "--resume", tmp_path / "both" / "scratch" / "model.pt", "--epochs", 2)
     assert status == 0 and out.count("epoch 2:") == 1 and "scratch: resnet18" in out, err  # the run named, alone
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "both" / "scratch", "--epochs", 3)
+    assert status == 0 and out.count("epoch 3:") == 1 and "pretrained" not in out, err  # its folder: that run alone
     assert [m["epoch"] for m in json.load(open(tmp_path / "both" / "pretrained" / "metrics.json"))["history"]] == [1]
     status, out, err = run_cli(capsys, "--resume", tmp_path / "both", "--epochs", 2)
     assert status == 0 and out.count("epoch 2:") == 1 and "pretrained: resnet18" in out, err  # the folder: every run
@@ -2215,7 +2224,7 @@ class OwnNet(torch.nn.Module):
 def test_the_python_calls_take_a_net_without_fc_and_refuse_what_they_cannot_use(folder, tmp_path):
     """The book's train_fine_tuning trains any net with param_group=False, and with param_group
     names the missing net.fc; train_ch13 needs batches to train and to test on; prediction takes
-    paths, a batch size of 1 or more, and says what an empty list holds. Each in one line."""
+    paths, a batch size of 1 or more, and says what an empty list holds; out= is a path. Each in one line."""
     assert len(train.train_fine_tuning(OwnNet(), 5e-4, 4, 1, param_group=False, data_dir=folder)) == 1
     with pytest.raises(UserError, match=r"^param_group=True trains net.fc .* this OwnNet has no .fc; give param_group=False"):
         train.train_fine_tuning(OwnNet(), 5e-4, 4, 1, data_dir=folder)
@@ -2237,11 +2246,16 @@ def test_the_python_calls_take_a_net_without_fc_and_refuse_what_they_cannot_use(
     for call in (lambda: predict.predict(None, [photo]), lambda: runs.resume(None), lambda: predict.export(5)):
         with pytest.raises(UserError, match="^(None|5) is not a path; give the model.pt of a training run"):
             call()
+    run = str(tmp_path / "run")  # out= as well, checked before anything is read or trained
+    for call in (lambda: predict.predict(run, [photo], out=5), lambda: runs.resume(run, out=5),
+                 lambda: predict.export(run, 5), lambda: runs.train_runs("scratch", 5, data_dir=folder)):
+        with pytest.raises(UserError, match="^out=5 is not a text; give a text"):
+            call()
     assert len(predict.predict(str(tmp_path / "run"), (p for p in [photo]), workers=0)) == 1  # any iterable of paths
 
 
 # ---------------------------------------------------------------- a model to trust: best epoch, stopping, phases, weights
-def test_two_phases_keep_the_features_fixed_then_train_them(folder, tmp_path, capsys, torch_home):
+def test_two_phases_keep_the_features_fixed_then_train_them(folder, tmp_path, capsys, torch_home, monkeypatch):
     argv = ["--pretrained", "--data-dir", folder, "--batch-size", 4, "--workers", 0, "--lr", "1e-2"]
     status, out, err = run_cli(capsys, *argv, "--freeze-epochs", 2, "--epochs", 2, "--out", tmp_path / "frozen")
     assert status == 0 and "the output layer alone in the first 2 of 2 epochs" in out, err
@@ -2254,7 +2268,9 @@ def test_two_phases_keep_the_features_fixed_then_train_them(folder, tmp_path, ca
     whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
     assert status == 0 and not all(torch.equal(whole["model"][k], torch_home[k]) for k in features), err
     status, _, err = run_cli(capsys, *argv, "--freeze-epochs", 1, "--epochs", 1, "--out", tmp_path / "cut")
-    status, out, err = run_cli(capsys, "--resume", tmp_path / "cut", "--epochs", 2)
+    with monkeypatch.context() as m:  # the checkpoint replaces every weight: continuing reads no ImageNet weights
+        m.setattr(models, "pretrained_net", lambda *a: pytest.fail("the ImageNet weights were read"))
+        status, out, err = run_cli(capsys, "--resume", tmp_path / "cut", "--epochs", 2)
     cut = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     assert status == 0 and "epoch 2:" in out and "epoch 1:" not in out, err
     assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])  # continued across the phases
@@ -2359,7 +2375,7 @@ def test_runs_of_either_kind_continue_only_as_they_began_and_flags_stay_apart_fr
                old / "model.pt")
     status, _, err = run_cli(capsys, "--resume", old, "--epochs", 2)
     assert status == 2 and "older train.train_fine_tuning" in err and len(err.strip().splitlines()) == 1
-    assert len(predict.predict(old, [os.path.join(folder, "test")], workers=0)) == 4  # it still predicts
+    assert len(predict.predict(old, [os.path.join(folder, "test")], workers=0, arch="resnet18")) == 4  # it still predicts
     for argv in (["--scratch", "--model", "x.pt"], ["--resume", "run", "--model", "x.pt"]):
         with pytest.raises(SystemExit):
             finetune.main(argv)
@@ -2443,6 +2459,8 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
         runs.train_runs("pretrained", str(tmp_path / "never"), lr=[5e-5, 5e-5])  # one folder for both
     assert runs.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
     assert sorted(finetune.HELP) == sorted(runs.OPTIONS)  # every option has its flag
+    with pytest.raises(UserError, match=r"^resume takes out= and the options \['dataset', .*\], not \['epoch'\]$"):
+        runs.resume(str(tmp_path / "never"), epoch=2)
 
 
 def test_every_classifier_with_one_linear_head_is_taken_and_the_others_refused_in_one_line():
@@ -2686,6 +2704,7 @@ def test_best_pt_says_what_it_is_under_any_name(tmp_path, capsys, scratch_run):
     for named in (f"{tmp_path / 'best.pt'}/", tmp_path / "epoch1.pt", tmp_path / "link.pt"):
         status, _, err = run_cli(capsys, "--resume", named, "--epochs", 2)
         assert status == 2 and "is the epoch a run kept, for prediction" in err, (named, err)
+    assert models.load_checkpoint(models.kept_in(f"{tmp_path / 'best.pt'}/"))["is_best"]  # as --predict, --export read it
     old = torch.load(tmp_path / "model.pt", weights_only=True)  # written before checkpoints said what they are
     del old["is_best"]
     torch.save(old, tmp_path / "best.pt")
@@ -2732,9 +2751,10 @@ def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, caps
     again = json.load(open(tmp_path / "metrics.json"))
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert again["per_class"] == written["per_class"] and again["history"] == written["history"]
-    (tmp_path / "metrics.json").write_text('{"history": [')  # damaged by hand
-    status, _, err = run_cli(capsys, *argv)
-    assert status == 0 and json.load(open(tmp_path / "metrics.json"))["history"] == written["history"], err
+    for damaged in ('{"history": [', '{"history": [1]}'):  # by hand: not JSON, or not this run's
+        (tmp_path / "metrics.json").write_text(damaged)
+        status, _, err = run_cli(capsys, *argv)
+        assert status == 0 and json.load(open(tmp_path / "metrics.json"))["history"] == written["history"], err
 
 
 def test_a_continued_run_without_mistakes_shows_none(folder, tmp_path, capsys, monkeypatch):
