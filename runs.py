@@ -307,11 +307,8 @@ def final_test(run, sets, options, runtime):
                 **train.figures(probs, labels, data.class_names(sets[0])))
 
 
-def evaluated(run, test_set, options, runtime, last=None):
-    """The metrics of the epoch best.pt keeps and its probabilities and labels for test_set: last's
-    where given (the last epoch trained, on the evaluation set, is the one kept), else best.pt's."""
-    if last:
-        return last.metrics, last.probs, last.labels
+def evaluated(run, test_set, options, runtime):
+    """The metrics of the epoch best.pt keeps, and its probabilities and labels for test_set."""
     best = from_process_0(models.load_checkpoint(os.path.join(run.out, "best.pt")) if rank() == 0 else None)
     loader = data.make_loaders(test_set, test_set, options["batch_size"], options["workers"])[1]  # the test loader
     return (best["history"][-1], *train.evaluate(runtime.place(models.saved_net(best)), loader, runtime))
@@ -431,7 +428,7 @@ def kept_epoch(folder, ckpt):
 def concluded(run, sets, options, runtime, about, last=None):
     """The run's results, written: its description and history (about), the last epoch's
     figures, and best.pt's on the evaluation set (last: the last epoch trained, where best.pt keeps it)."""
-    best, probs, labels = evaluated(run, sets[1], options, runtime, last)
+    best, probs, labels = last or evaluated(run, sets[1], options, runtime)
     history = about["history"]  # the last epoch's loss and accuracies: the book's summary
     result = finite(dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")},
                          **{k: history[-1][k] for k in SUMMARY}, examples_per_sec=train.mean_speed(history),

@@ -10,6 +10,7 @@ before it and saving one after each epoch.
 import contextlib
 import sys
 import time
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -72,12 +73,9 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=No
     return history
 
 
-@dataclass
-class Epoch:
-    """What the loop yields after each epoch."""
-    metrics: dict          # epoch, loss, train_acc, examples, first_batch_sec, test_acc, examples_per_sec
-    probs: torch.Tensor    # the test set's class probabilities, in dataset order
-    labels: torch.Tensor
+# What the loop yields after each epoch: the metrics (epoch, loss, train_acc, examples, first_batch_sec,
+# test_acc, examples_per_sec), and the test set's class probabilities and labels, in dataset order.
+Epoch = namedtuple("Epoch", "metrics probs labels")
 
 
 def ch13_epochs(net, train_iter, test_iter, loss, optimizer, epochs, runtime):
