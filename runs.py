@@ -333,10 +333,9 @@ def header(run, options, sets, runtime, weights=None):
 
 # ---------------------------------------------------------------- a run's files
 def checkpoint_of(run, options, read):
-    """The checkpoint run continues, refused where made with other options: the file resume named,
-    where it is this run's, else its model.pt (None: a fresh run); read by resume or by process 0."""
-    named = options["resume"]
-    path = named if named and os.path.dirname(named) == run.out else os.path.join(run.out, "model.pt")
+    """The checkpoint run continues, refused where made with other options: the file resume named
+    (trained continues its run alone), else its model.pt (None: a fresh run); read by resume or by process 0."""
+    path = options["resume"] or os.path.join(run.out, "model.pt")
     ckpt = read.get(path) or from_process_0(run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
     if ckpt:
         refuse_changes(run_options(run, ckpt["args"]), run_options(run, options), path)
