@@ -275,7 +275,10 @@ def show_epoch(history, animator):
     """What shows each epoch: the curves redrawn in place in a notebook (the book's Animator,
     images.animator), and a line, which the book does not print (its curves are its only
     figures until the summary): a terminal or a log file shows no curves."""
-    say(epoch_line(history[-1]))
+    m = history[-1]
+    say(f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
+        f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"
+        + (f" (start-up: first batch after {m['first_batch_sec']:.1f} s)" if m["epoch"] == 1 else ""))
     animator(history)
 
 
@@ -290,12 +293,6 @@ def show_summary(history, runtime):
 def mean_speed(history):
     """The book's: the examples of every epoch over their seconds together."""
     return sum(m["examples"] for m in history) / sum(m["examples"] / m["examples_per_sec"] for m in history)
-
-
-def epoch_line(m):
-    return (f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
-            f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"
-            + (f" (start-up: first batch after {m['first_batch_sec']:.1f} s)" if m["epoch"] == 1 else ""))
 
 
 class Progress:
