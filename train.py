@@ -238,8 +238,7 @@ def make_runtime(devices=None, precision="amp"):
     With precision "amp", on CUDA and on the CPU: channels-last memory format (measured faster
     on the CPU; the usual advice for GPUs with tensor cores), and autocast to the type the
     device computes fastest without losing accuracy (see amp_dtype). With "fp32", and on MPS:
-    the book's arithmetic. It changes nothing in the process: cuDNN's flags are set while the
-    runtime computes (cudnn_flags)."""
+    the book's arithmetic."""
     if precision not in ("amp", "fp32"):
         raise UserError(f"precision={precision} is not one this program computes in; give \"amp\" or \"fp32\"")
     names = [devices] if isinstance(devices, (str, torch.device)) else devices
