@@ -105,16 +105,15 @@ def resume(path, **given):
     # None: as the run began; lr as settled recorded it, a list
     given = {key: lrs(value) if key == "lr" else value for key, value in given.items() if value is not None}
     found = os.path.abspath(models.checkpoint_in(path))
-    alone = not os.path.isdir(path) or os.path.dirname(found) == os.path.abspath(path)  # not a folder of runs
-    path, ckpt = found, run_checkpoint(found)  # the only time this process reads it
+    ckpt = run_checkpoint(found)  # the only time this process reads it
     began = ckpt["args"]
     models.same_arch(given.pop("arch", None), ckpt)
-    folder = os.path.dirname(path)  # where the run is now, wherever it began
+    folder = os.path.dirname(found)  # where the run is now, wherever it began
     planned = plan_runs(began["mode"], {**DEFAULTS, **began}, folder)
     out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: each has a folder in out
     asked = given.pop("out", None)
     if asked and os.path.abspath(asked) != out:
-        raise UserError(f"{path} continues in its own folder, {out}; leave out= out "
+        raise UserError(f"{found} continues in its own folder, {out}; leave out= out "
                         "(or copy that folder where you want it, and continue the copy)")
     if "workers" not in began["typed"]:  # the default of the machine it began on: this one's now
         began = {k: v for k, v in began.items() if k != "workers"}
@@ -122,7 +121,8 @@ def resume(path, **given):
         del given["lr"]  # the recipe's own, which the run began with, typed out
     options = settled(began["mode"], {k: v for k, v in {**began, **given}.items() if k in OPTIONS},
                       {*began["typed"], *given})
-    return trained({**options, "resume": path if alone else None}, out, {path: ckpt})
+    alone = os.path.abspath(path) != out  # a run's model.pt, or its folder among others: that run alone
+    return trained({**options, "resume": found if alone else None}, out, {found: ckpt})
 
 
 def settled(mode, given, typed=None):
