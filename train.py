@@ -11,7 +11,6 @@ import contextlib
 import sys
 import time
 from collections import namedtuple
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -177,17 +176,29 @@ def try_all_gpus():
     return [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [try_device()]
 
 
-@dataclass
 class Runtime:
-    """The devices and their arithmetic. Autocast is off in fp32, and the gradient scaler passes
+    """The devices and their arithmetic. With precision "amp", on CUDA and on the CPU:
+    channels-last memory format (measured faster on the CPU; the usual advice for GPUs with tensor
+    cores), and autocast to the type the device computes fastest without losing accuracy (see
+    amp_dtype). With "fp32", and on MPS: the book's arithmetic. The gradient scaler passes
     everything through unless the autocast type is fp16 (whose small gradients underflow)."""
-    devices: list  # the first holds the net and the batches; several GPUs share each batch
-    fp32: bool  # the book's arithmetic, asked for: no autocast, and no TF32 either
-    dtype: torch.dtype | None  # autocast's, None for fp32
-    memory_format: torch.memory_format
-    scaler: torch.amp.GradScaler
-    mean: torch.Tensor  # ImageNet's, on the device once: from a list, each batch would copy it
-    std: torch.Tensor   # there and wait for the copy (a host sync per batch on CUDA)
+
+    def __init__(self, devices, precision):
+        amp = precision == "amp" and devices[0].type in ("cuda", "cpu")
+        self.devices = devices  # the first holds the net and the batches; several GPUs share each batch
+        self.fp32 = precision == "fp32"  # the book's arithmetic, asked for: no autocast, and no TF32 either
+        self.dtype = amp_dtype(devices[0]) if amp else None  # autocast's, None for fp32
+        if len(devices) > 1 and self.dtype:  # nn.DataParallel's threads autocast to fp16, whatever was asked
+            self.dtype = torch.float16
+        self.memory_format = torch.channels_last if amp else torch.contiguous_format
+        # GradScaler's first scale, 2**16, is made for a mean loss; the book's loss is summed over a
+        # batch of 128, so its gradients are 128x larger and fp16 would overflow for the first steps
+        # (the scaler skips those, and then adapts to any batch size).
+        self.scaler = torch.amp.GradScaler(devices[0].type, init_scale=2.0**16 / 128,
+                                           enabled=self.dtype == torch.float16)
+        # ImageNet's, on the device once: from a list, each batch would copy them there and wait
+        # for the copy (a host sync per batch on CUDA)
+        self.mean, self.std = (torch.tensor(stats, device=devices[0]).view(-1, 1, 1) for stats in (MEAN, STD))
 
     @property
     def device(self):
@@ -234,11 +245,8 @@ class Runtime:
 
 
 def make_runtime(devices=None, precision="amp"):
-    """The runtime for a device or a list of GPUs (default: all GPUs, else the best device).
-    With precision "amp", on CUDA and on the CPU: channels-last memory format (measured faster
-    on the CPU; the usual advice for GPUs with tensor cores), and autocast to the type the
-    device computes fastest without losing accuracy (see amp_dtype). With "fp32", and on MPS:
-    the book's arithmetic."""
+    """The Runtime for a device or a list of GPUs (default: all GPUs, else the best device), in
+    precision "amp" or "fp32"."""
     if precision not in ("amp", "fp32"):
         raise UserError(f"precision={precision} is not one this program computes in; give \"amp\" or \"fp32\"")
     names = [devices] if isinstance(devices, (str, torch.device)) else devices
@@ -246,17 +254,7 @@ def make_runtime(devices=None, precision="amp"):
     if len(devices) > 1 and (len(set(devices)) < len(devices) or any(d.type != "cuda" for d in devices)):
         raise UserError(f"devices={[str(d) for d in devices]}: nn.DataParallel splits a batch among different "
                         "GPUs only; give one device (devices=\"cpu\": one CPU computes on all its cores)")
-    amp = precision == "amp" and devices[0].type in ("cuda", "cpu")
-    dtype = amp_dtype(devices[0]) if amp else None
-    if len(devices) > 1 and dtype:  # nn.DataParallel's threads autocast to fp16, whatever was asked
-        dtype = torch.float16
-    # GradScaler's first scale, 2**16, is made for a mean loss; the book's loss is summed over a
-    # batch of 128, so its gradients are 128x larger and fp16 would overflow for the first steps
-    # (the scaler skips those, and then adapts to any batch size).
-    scaler = torch.amp.GradScaler(devices[0].type, init_scale=2.0**16 / 128, enabled=dtype == torch.float16)
-    mean, std = (torch.tensor(stats, device=devices[0]).view(-1, 1, 1) for stats in (MEAN, STD))
-    return Runtime(list(devices), precision == "fp32", dtype, torch.channels_last if amp else torch.contiguous_format,
-                   scaler, mean, std)
+    return Runtime(devices, precision)
 
 
 def amp_dtype(device):
