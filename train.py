@@ -184,25 +184,22 @@ class Runtime:
     everything through unless the autocast type is fp16 (whose small gradients underflow)."""
 
     def __init__(self, devices, precision):
-        amp = precision == "amp" and devices[0].type in ("cuda", "cpu")
-        self.devices = devices  # the first holds the net and the batches; several GPUs share each batch
+        self.devices = devices  # several GPUs share each batch
+        self.device = devices[0]  # it holds the net and the batches
+        amp = precision == "amp" and self.device.type in ("cuda", "cpu")
         self.fp32 = precision == "fp32"  # the book's arithmetic, asked for: no autocast, and no TF32 either
-        self.dtype = amp_dtype(devices[0]) if amp else None  # autocast's, None for fp32
+        self.dtype = amp_dtype(self.device) if amp else None  # autocast's, None for fp32
         if len(devices) > 1 and self.dtype:  # nn.DataParallel's threads autocast to fp16, whatever was asked
             self.dtype = torch.float16
         self.memory_format = torch.channels_last if amp else torch.contiguous_format
         # GradScaler's first scale, 2**16, is made for a mean loss; the book's loss is summed over a
         # batch of 128, so its gradients are 128x larger and fp16 would overflow for the first steps
         # (the scaler skips those, and then adapts to any batch size).
-        self.scaler = torch.amp.GradScaler(devices[0].type, init_scale=2.0**16 / 128,
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16 / 128,
                                            enabled=self.dtype == torch.float16)
         # ImageNet's, on the device once: from a list, each batch would copy them there and wait
         # for the copy (a host sync per batch on CUDA)
-        self.mean, self.std = (torch.tensor(stats, device=devices[0]).view(-1, 1, 1) for stats in (MEAN, STD))
-
-    @property
-    def device(self):
-        return self.devices[0]
+        self.mean, self.std = (torch.tensor(stats, device=self.device).view(-1, 1, 1) for stats in (MEAN, STD))
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
