@@ -102,8 +102,7 @@ def resume(path, **given):
     if unknown:
         raise UserError(f"resume takes out= and the options {list(OPTIONS)}, not {unknown}")
     given = {key: checked(key, value) for key, value in given.items()}
-    # None: as the run began; lr as settled recorded it, a list
-    given = {key: lrs(value) if key == "lr" else value for key, value in given.items() if value is not None}
+    given = {key: value for key, value in given.items() if value is not None}  # None: as the run began
     found = os.path.abspath(models.checkpoint_in(path))
     ckpt = run_checkpoint(found)  # the only time this process reads it
     began = ckpt["args"]
@@ -117,7 +116,7 @@ def resume(path, **given):
                         "(or copy that folder where you want it, and continue the copy)")
     if "workers" not in began["typed"]:  # the default of the machine it began on: this one's now
         began = {k: v for k, v in began.items() if k != "workers"}
-    if began["lr"] is None and given.get("lr") == [run.lr for run in planned]:
+    if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in planned]:
         del given["lr"]  # the recipe's own, which the run began with, typed out
     options = settled(began["mode"], {k: v for k, v in {**began, **given}.items() if k in OPTIONS},
                       {*began["typed"], *given})
