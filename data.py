@@ -19,8 +19,7 @@ from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 from images import ImageFolder, class_folders, every_class_read, grid, ignored, inside, left_out, load_rgb, nfc
-from utils import (UserError, local_processes, missing_folders, rank, remove_empty_folders, say, what_to_do, whole,
-                   world_size, writable_folder)
+from utils import UserError, local_processes, made_folder, rank, say, what_to_do, whole, world_size, writable_folder
 
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
@@ -42,17 +41,14 @@ def download(url, path, sha1=None):
     downloaded now, moved to PATH.bad where it was there before (put there by hand, perhaps)."""
     placed = os.path.exists(path)
     if not placed:
-        new = missing_folders(os.path.dirname(path) or ".")
-        writable_folder(os.path.dirname(path) or ".")
         try:
-            with whole(path) as part, urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+            with (made_folder(os.path.dirname(path) or "."), whole(path) as part,
+                  urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f):
                 expected = int(r.headers.get("Content-Length", -1))
                 copy_with_progress(r, f, os.path.basename(path), expected)
                 if expected >= 0 and f.tell() != expected:
                     raise OSError(f"the connection closed after {f.tell()} of {expected} bytes")
         except (OSError, http.client.HTTPException) as e:  # no network, refused, truncated
-            for folder in new:
-                remove_empty_folders(folder)
             raise UserError(f"cannot download {url} ({e}); fetch it on a machine with network "
                             f"and put it at {path}") from None
     if sha1 and sha1_of(path) != sha1:

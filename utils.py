@@ -98,6 +98,22 @@ def writable_folder(path):
 
 
 @contextlib.contextmanager
+def made_folder(folder):
+    """folder, created if need be and tried (writable_folder), for the block; after it, the
+    folders made for it are removed again where nothing was written in them (a run that wrote
+    nothing, a failed download)."""
+    made, path = None, os.path.abspath(folder)
+    while not os.path.exists(path):  # the outermost folder that will be made
+        made, path = path, os.path.dirname(path)
+    try:
+        yield writable_folder(folder)
+    finally:
+        for root, _, _ in reversed(list(os.walk(made)) if made else []):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty
+                os.rmdir(root)
+
+
+@contextlib.contextmanager
 def writing_to(folder):
     """The output folder while a run writes to it: tried (a probe written) before any data is
     read, locked against a second run, and removed again, with the folders made for it, if
@@ -105,8 +121,7 @@ def writing_to(folder):
     if rank() > 0:
         yield folder
         return
-    made = missing_folders(os.path.abspath(folder))  # the deepest first
-    with open(os.path.join(writable_folder(folder), ".lock"), "w") as lock:
+    with made_folder(folder), open(os.path.join(folder, ".lock"), "w") as lock:
         if fcntl:  # Linux and macOS
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,24 +131,6 @@ def writing_to(folder):
             yield folder
         finally:
             os.remove(lock.name)  # still held, so no other run takes the folder meanwhile
-            if made:
-                remove_empty_folders(made[-1])
-
-
-def remove_empty_folders(folder):
-    """Remove folder and the folders in it where nothing was written."""
-    for root, _, _ in reversed(list(os.walk(folder))):  # the deepest first
-        with contextlib.suppress(OSError):  # not empty
-            os.rmdir(root)
-
-
-def missing_folders(path):
-    """path and those of its parents that do not exist yet, the deepest first."""
-    missing = []
-    while path and not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
 
 
 def what_to_do(error):
