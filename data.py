@@ -199,7 +199,7 @@ def book_folders(data_dir):
     splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", *VAL])]
     if os.path.basename(splits[1]).lower() == "test" and set(VAL) & set(map(str.lower, subfolders(data_dir))):
         splits.insert(1, split_folder(data_dir, VAL))
-    classes = [list(dict.fromkeys(map(nfc, class_folders(s)))) for s in splits]
+    classes = [list(dict.fromkeys(map(nfc, class_folders(s, data_dir)))) for s in splits]
     for split, names in zip(splits, classes):
         if names != classes[0]:
             raise UserError(f"{splits[0]} has classes {classes[0]} but {split} has {names}; "

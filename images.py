@@ -141,9 +141,12 @@ def once(paths):
     return list(first.values())
 
 
-def class_folders(split):
+def class_folders(split, data_dir):
     """The class folders of a split, in the order of their NFC names (twins, one name in either
-    form, come one after the other); the layout is split/<class>/<image>, with two classes or more."""
+    form, come one after the other); the layout is split/<class>/<image>, with two classes or more.
+    Each must be where the data folder lays it out: one that is a link to another class's folder,
+    or to a folder elsewhere in data_dir, is refused (its images belong to the class and split
+    whose folder holds them)."""
     entries = [e for e in os.scandir(split) if not ignored(e.name)]
     folders = sorted((e.name for e in entries if e.is_dir()), key=lambda name: (nfc(name), name))
     classes = list(dict.fromkeys(map(nfc, folders)))
@@ -152,6 +155,13 @@ def class_folders(split):
         found = f"images ({loose[0]}, ...) but " if loose else ""
         raise UserError(f"{split} holds {found}{len(classes)} class folder(s) {classes}; the layout is "
                         f"{os.path.basename(split)}/<class>/<image>, with two classes or more")
+    reals = [os.path.realpath(os.path.join(split, name)) for name in folders]
+    for name, real in zip(folders, reals):
+        folder = os.path.join(split, name)
+        in_place = os.path.join(os.path.realpath(data_dir), os.path.relpath(folder, data_dir))
+        if real != in_place and (inside(real, data_dir) or reals.count(real) > 1):
+            raise UserError(f"{folder} is a link to {real}, another class's folder or one inside the data folder; "
+                            f"put the images of class {name} in a folder of its own, or remove the link")
     return folders
 
 
@@ -231,7 +241,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         raise UserError(f"no image of class {self.classes[target]} can be read now; put readable images in its folder")
 
     def find_classes(self, directory):
-        folders = own_folders(directory, class_folders(directory), self.data_dir)
+        folders = class_folders(directory, self.data_dir)
         classes = list(dict.fromkeys(map(nfc, folders)))  # one class for twin folders
         return [next(f for f in folders if nfc(f) == c) for c in classes], \
             {f: classes.index(nfc(f)) for f in folders}
@@ -250,20 +260,6 @@ class ImageFolder(torchvision.datasets.ImageFolder):
             taken.update(map(os.path.realpath, mine))
             samples += [(path, target) for path in mine]
         return sorted(samples, key=lambda s: (s[1], s[0]))
-
-
-def own_folders(directory, folders, data_dir):
-    """The class folders of directory, each where the data folder lays it out: one that is a link
-    to another class's folder, or to a folder elsewhere in data_dir, is refused (its images
-    belong to the class and split whose folder holds them)."""
-    reals = [os.path.realpath(os.path.join(directory, name)) for name in folders]
-    for name, real in zip(folders, reals):
-        folder = os.path.join(directory, name)
-        in_place = os.path.join(os.path.realpath(data_dir), os.path.relpath(folder, data_dir))
-        if real != in_place and (inside(real, data_dir) or reals.count(real) > 1):
-            raise UserError(f"{folder} is a link to {real}, another class's folder or one inside the data folder; "
-                            f"put the images of class {name} in a folder of its own, or remove the link")
-    return folders
 
 
 def inside(path, folder):
