@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 
 try:
     import fcntl  # file locks, on Linux and macOS
@@ -84,14 +85,11 @@ def finite(value):
 
 
 def writable_folder(path):
-    """path, created if need be, once a probe file has been written in it: a folder that cannot
-    be written to is found before any work is done."""
-    probe = os.path.join(path, ".write-probe")
+    """path, created if need be, once a probe file (a temporary file) has been written in it: a
+    folder that cannot be written to is found before any work is done."""
     try:
         os.makedirs(path, exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise UserError(f"cannot write in the folder {path} ({e.strerror or e}); {what_to_do(e)}") from None
     return path
