@@ -80,8 +80,7 @@ def extract(zip_path, folder):
     try:
         with whole(folder) as part, zipfile.ZipFile(zip_path) as z:
             for info in z.infolist():
-                target = os.path.realpath(os.path.join(part, info.filename))
-                if not target.startswith(os.path.realpath(part) + os.sep):
+                if not inside(os.path.join(part, info.filename), part):
                     raise UserError(f"{zip_path} holds a path outside the data root ({info.filename}); "
                                     "delete it and download it again")
                 top, _, info.filename = info.filename.partition("/")
