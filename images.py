@@ -141,12 +141,12 @@ def once(paths):
     return list(first.values())
 
 
-def class_folders(split, data_dir):
-    """The class folders of a split, in the order of their NFC names (twins, one name in either
-    form, come one after the other); the layout is split/<class>/<image>, with two classes or more.
-    Each must be where the data folder lays it out: one that is a link to another class's folder,
-    or to a folder elsewhere in data_dir, is refused (its images belong to the class and split
-    whose folder holds them)."""
+def find_classes(split, data_dir):
+    """torchvision's find_classes (classes, class_to_idx) for a split as devices write it: its
+    class folders in the order of their NFC names, twins (one name in either form) one class, named
+    by the first; the layout is split/<class>/<image>, with two classes or more. Each must be where
+    the data folder lays it out: one that is a link to another class's folder, or to a folder
+    elsewhere in data_dir, is refused (its images belong to the class and split whose folder holds them)."""
     entries = [e for e in os.scandir(split) if not ignored(e.name)]
     folders = sorted((e.name for e in entries if e.is_dir()), key=lambda name: (nfc(name), name))
     classes = list(dict.fromkeys(map(nfc, folders)))
@@ -162,7 +162,7 @@ def class_folders(split, data_dir):
         if real != in_place and (inside(real, data_dir) or reals.count(real) > 1):
             raise UserError(f"{folder} is a link to {real}, another class's folder or one inside the data folder; "
                             f"put the images of class {name} in a folder of its own, or remove the link")
-    return folders
+    return [next(f for f in folders if nfc(f) == c) for c in classes], {f: classes.index(nfc(f)) for f in folders}
 
 
 def readable(samples):
@@ -241,10 +241,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         raise UserError(f"no image of class {self.classes[target]} can be read now; put readable images in its folder")
 
     def find_classes(self, directory):
-        folders = class_folders(directory, self.data_dir)
-        classes = list(dict.fromkeys(map(nfc, folders)))  # one class for twin folders
-        return [next(f for f in folders if nfc(f) == c) for c in classes], \
-            {f: classes.index(nfc(f)) for f in folders}
+        return find_classes(directory, self.data_dir)
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         """Each image once, under the class whose folder holds it. A link may bring in images from
