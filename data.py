@@ -150,19 +150,24 @@ def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0,
     train/ and test/ (or val/; with both, a third, book_folders), or, where it holds class folders
     alone, a split of them (split_by_class). Decoded once if their pixels fit in cache_budget bytes (default: half the
     available memory; 0: never). out: the run's folder, refused where it would be read as data."""
-    apart(out, data_dir)
-    if layout(data_dir) == "classes":
+    if layout(data_dir, out) == "classes":
         folders = split_by_class(data_dir, val_split, seed, held_out)
     else:
         folders = book_folders(data_dir)
     return decoded(folders, cache_budget, workers)
 
 
-def layout(data_dir):
+def layout(data_dir, out=None):
     """How data_dir holds its images: "splits" (train/ beside test/ or val/, as the book's: any
-    other folder beside them is left unused), or "classes" (class folders alone, to be split)."""
+    other folder beside them is left unused), or "classes" (class folders alone, to be split).
+    out, a run's folder, is refused inside a folder whose images are read (the splits, or data_dir
+    itself where it holds class folders alone): what a run writes is never read as data."""
     splits = [name for name in subfolders(data_dir) if name.lower() in SPLITS]
     classes = [name for name in subfolders(data_dir) if name.lower() not in SPLITS]
+    for folder in [os.path.join(data_dir, name) for name in splits] or [data_dir]:
+        if out and inside(out, folder):
+            raise UserError(f"out={out} lies in {folder}, whose folders are read as classes of images, "
+                            "and what a run writes there would be too; choose an out= outside it")
     if not classes or "train" in map(str.lower, splits) and len(splits) > 1:
         return "splits"
     if splits:  # train/ alone (or test/) beside class folders: which is meant?
@@ -171,24 +176,9 @@ def layout(data_dir):
     return "classes"
 
 
-def apart(out, data_dir):
-    """Refuse a run's folder inside a folder of data_dir whose images are read (its splits, or
-    itself where it holds class folders alone): what a run writes is never read as data."""
-    splits = [os.path.join(data_dir, name) for name in subfolders(data_dir) if name.lower() in SPLITS]
-    for folder in splits or [data_dir]:
-        if out and inside(out, folder):
-            raise UserError(f"out={out} lies in {folder}, whose folders are read as classes of images, "
-                            "and what a run writes there would be too; choose an out= outside it")
-
-
 def subfolders(data_dir):
     return [e.name for e in os.scandir(data_dir) if e.is_dir() and not ignored(e.name)] \
         if os.path.isdir(data_dir) else []
-
-
-def training_folder(data_dir):
-    """The folder of class folders that data_dir trains on: its train/, or itself."""
-    return data_dir if layout(data_dir) == "classes" else split_folder(data_dir, ["train"])
 
 
 def book_folders(data_dir):
@@ -444,8 +434,9 @@ def samples(data_dir, out="."):
     """The book's first look at the data (§14.2.2.1): 8 images of the first class and 8 of the
     last (fewer where a class has fewer), as loaded and after train_augs; writes out/samples.png
     and returns its path."""
-    apart(out, data_dir)  # samples.png among the class folders would be trained on
-    folder = ImageFolder(training_folder(data_dir), data_dir=data_dir)
+    # out is refused among the class folders (layout): samples.png there would be trained on
+    train = data_dir if layout(data_dir, out) == "classes" else split_folder(data_dir, ["train"])
+    folder = ImageFolder(train, data_dir=data_dir)
     first, last = folder.targets[0], folder.targets[-1]
     picks = [[i for i, t in enumerate(folder.targets) if t == first][:8],
              [i for i, t in enumerate(folder.targets) if t == last][-8:]]
