@@ -291,7 +291,12 @@ class DecodedImages(torch.utils.data.Dataset):
         self.pixels = torch.empty(self.starts.pop(), dtype=torch.uint8)
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
             failed = [error for error in pool.map(self.decode, range(len(self))) if error]
-        self.leave_out(failed)
+        # Those that cannot be decoded are left out as those whose headers cannot be read (readable)
+        left_out(failed, len(self.samples))
+        kept = [i for i, shape in enumerate(self.shapes) if shape]
+        self.samples, self.targets, self.shapes, self.starts = (
+            [items[i] for i in kept] for items in (self.samples, self.targets, self.shapes, self.starts))
+        every_class_read(self)
 
     def decode(self, i):
         """Decode image i into its place; the error, where its pixels cannot be read (a file cut
@@ -303,15 +308,6 @@ class DecodedImages(torch.utils.data.Dataset):
             return str(e)
         self.shapes[i] = tuple(pixels.shape)  # turned upright: the same pixels, perhaps (3, w, h)
         self.image(i).copy_(pixels)
-
-    def leave_out(self, failed):
-        """Leave out the images that could not be decoded, with one note; a class left with none is
-        refused, as where its headers cannot be read."""
-        left_out(failed, len(self.samples))
-        kept = [i for i, shape in enumerate(self.shapes) if shape]
-        self.samples, self.targets, self.shapes, self.starts = (
-            [items[i] for i in kept] for items in (self.samples, self.targets, self.shapes, self.starts))
-        every_class_read(self)
 
     def image(self, i):
         return self.pixels[self.starts[i]:self.starts[i] + math.prod(self.shapes[i])].view(self.shapes[i])
