@@ -233,7 +233,7 @@ def final_split(sets):
 def split_folder(data_dir, names):
     """The first of names that is a folder in data_dir: the evaluation split is test/, or where
     a data set has none, its val/ (valid/, validation/)."""
-    found = {e.name.lower(): e.path for e in os.scandir(data_dir) if e.is_dir()} if os.path.isdir(data_dir) else {}
+    found = {name.lower(): os.path.join(data_dir, name) for name in subfolders(data_dir)}
     for name in names:  # Train/ as well as train/
         if name in found:
             return found[name]
@@ -346,14 +346,14 @@ def decoded(folders, cache_budget=None, workers=1):
 # ---------------------------------------------------------------- other data sets
 def cifar10(root="data"):
     """CIFAR-10 through the same augmentations, upsampled to 224 as the pretrained net expects."""
+    archive = os.path.join(root, "cifar-10-python.tar.gz")
     fetch = not os.path.isdir(os.path.join(root, "cifar-10-batches-py"))
     try:
         if fetch:  # ours: written whole, and a failure is one line; torchvision checks the MD5 and extracts
-            download(CIFAR10_URL, os.path.join(root, "cifar-10-python.tar.gz"))
+            download(CIFAR10_URL, archive)
         return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=fetch)
                 for t, augs in ((True, train_augs), (False, test_augs))]
     except (OSError, http.client.HTTPException) as e:
-        archive = os.path.join(root, "cifar-10-python.tar.gz")
         if os.path.exists(archive) and not check_integrity(archive, torchvision.datasets.CIFAR10.tgz_md5):
             raise UserError(f"{archive} is not CIFAR-10's archive (another MD5), and torchvision could not download "
                             f"it again ({e}); delete it, and run again or put a whole copy there") from None
