@@ -201,11 +201,10 @@ def book_folders(data_dir):
 
 
 def same_data(sets, ckpt):
-    """Refuse to continue a run (ckpt: its checkpoint) on data that are not what it was trained
-    on, in one line that names the difference: other classes; class folders alone to split where
-    they were train/ and test/, or the other way round (the images tested on would change, and
-    some held out would be trained on); or val/ and test/ together where they were not (val/
-    then chooses the epochs, and test/ is kept for a final test), or the other way round."""
+    """Refuse to continue a run (ckpt: its checkpoint) on data other than it was trained on, in one
+    line naming the difference: other classes; the other layout (the images tested on would change,
+    and some held out would be trained on); or val/ beside test/ where the run had none, or the
+    other way round (what val/ and test/ are for, each message says)."""
     classes, path, before, now = class_names(sets[0]), ckpt["path"], ckpt.get("final_split"), final_split(sets)
     if classes != ckpt["classes"]:
         raise UserError(f"{path} was trained on classes {ckpt['classes']}, not {classes}; continue it with "
