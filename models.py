@@ -5,6 +5,7 @@ import contextlib
 import functools
 import os
 import re
+from collections import OrderedDict
 
 import torch
 import torchvision
@@ -132,18 +133,7 @@ def with_fc(net):
         return net
     parent, _, attr = name.rpartition(".")
     setattr(net.get_submodule(parent), attr, nn.Identity())
-    return WithFc(net, fc)
-
-
-class WithFc(nn.Module):
-    """A torchvision classifier whose last Linear layer was moved out to `fc` (see with_fc)."""
-
-    def __init__(self, body, fc):
-        super().__init__()
-        self.body, self.fc = body, fc
-
-    def forward(self, X):
-        return self.fc(self.body(X))
+    return nn.Sequential(OrderedDict(body=net, fc=fc))  # fc(body(X)), its weights named body.* and fc.*
 
 
 @functools.cache  # each run's data, checkpoint and header ask for it
