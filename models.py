@@ -131,8 +131,7 @@ def with_fc(net):
                         "outputs, so it has no output layer to replace; choose another arch=")
     if name == "fc":
         return net
-    parent, _, attr = name.rpartition(".")
-    setattr(net.get_submodule(parent), attr, nn.Identity())
+    net.set_submodule(name, nn.Identity())
     return nn.Sequential(OrderedDict(body=net, fc=fc))  # fc(body(X)), its weights named body.* and fc.*
 
 
@@ -151,10 +150,9 @@ def freeze_features(net):
     drifting to the new data would no longer match them. The training loop needs no special case."""
     for name, param in net.named_parameters():
         param.requires_grad = name.startswith("fc.")
-    for module in list(net.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.BatchNorm2d):
-                setattr(module, name, frozen_batch_norm(child))
+    for name, module in list(net.named_modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            net.set_submodule(name, frozen_batch_norm(module))
     return net
 
 
