@@ -60,34 +60,9 @@ METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION", "class
 
 def parse_args(argv=None):
     """The mode, and the options typed on the command line (those left out are not in the
-    namespace: runs.DEFAULTS holds their defaults, and --resume tells typed ones apart)."""
-    p = parser()
-    args = p.parse_args(argv)
-    if not any(hasattr(args, key) for key in ("mode", "predict", "resume", "export")):
-        p.error("say what to do: --pretrained, --scratch, --compare, --predict, --export, --show-samples or --resume")
-    if hasattr(args, "predict") != hasattr(args, "model"):
-        p.error("--predict needs --model PATH (a run's folder, or its model.pt), and --model goes with --predict")
-    if hasattr(args, "export_format") and not hasattr(args, "export"):
-        p.error("--export-format goes with --export RUN")
-    return args
-
-
-def parsed(name):
-    """The type of option `name` on the command line: its text converted, then checked by the
-    same rule as a Python caller's value (runs.checked)."""
-    kind = runs.OPTIONS[name][1]
-
-    def parse(text):
-        try:
-            return runs.checked(name, kind(text))
-        except (UserError, ValueError):
-            raise argparse.ArgumentTypeError(f"give {runs.takes(*runs.OPTIONS[name][1:])}, not {text}") from None
-    return parse
-
-
-def parser():
-    """The command line's flags: the modes, one for each option of runs.OPTIONS, each converted
-    and checked by the rule defined there (parsed), and --no-cache, --model, --export-format, --out."""
+    namespace: runs.DEFAULTS holds their defaults, and --resume tells typed ones apart). The flags:
+    the modes, one for each option of runs.OPTIONS, each converted and checked by the rule defined
+    there (parsed), and --no-cache, --model, --export-format, --out."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     mode = p.add_mutually_exclusive_group()
     for name, text in MODES.items():
@@ -109,7 +84,27 @@ def parser():
                    help="decode images every epoch, not once (--cache-gb 0)")
     p.add_argument("--out", help="output folder (default: runs/<mode>-<time>; for --predict, --show-samples: .); for "
                                  "--export, the file (default: beside the checkpoint, best.pt2 or best.onnx for best.pt)")
-    return p
+    args = p.parse_args(argv)
+    if not any(hasattr(args, key) for key in ("mode", "predict", "resume", "export")):
+        p.error("say what to do: --pretrained, --scratch, --compare, --predict, --export, --show-samples or --resume")
+    if hasattr(args, "predict") != hasattr(args, "model"):
+        p.error("--predict needs --model PATH (a run's folder, or its model.pt), and --model goes with --predict")
+    if hasattr(args, "export_format") and not hasattr(args, "export"):
+        p.error("--export-format goes with --export RUN")
+    return args
+
+
+def parsed(name):
+    """The type of option `name` on the command line: its text converted, then checked by the
+    same rule as a Python caller's value (runs.checked)."""
+    kind = runs.OPTIONS[name][1]
+
+    def parse(text):
+        try:
+            return runs.checked(name, kind(text))
+        except (UserError, ValueError):
+            raise argparse.ArgumentTypeError(f"give {runs.takes(*runs.OPTIONS[name][1:])}, not {text}") from None
+    return parse
 
 
 # ---------------------------------------------------------------- what each mode prints
