@@ -150,9 +150,11 @@ def freeze_features(net):
     drifting to the new data would no longer match them. The training loop needs no special case."""
     for name, param in net.named_parameters():
         param.requires_grad = name.startswith("fc.")
-    for name, module in list(net.named_modules()):
-        if isinstance(module, nn.BatchNorm2d):
-            net.set_submodule(name, frozen_batch_norm(module))
+    for name, bn in list(net.named_modules()):
+        if isinstance(bn, nn.BatchNorm2d):  # the same layer as it computes at test time
+            frozen = torchvision.ops.FrozenBatchNorm2d(bn.num_features, bn.eps).to(bn.weight.device)
+            frozen.load_state_dict(bn.state_dict())  # it drops num_batches_tracked itself
+            net.set_submodule(name, frozen)
     return net
 
 
@@ -179,13 +181,6 @@ def features_frozen(net):
 def in_eval_mode(module):
     """A train(mode) for module that leaves it in eval mode, whatever the mode."""
     return lambda mode=True: nn.Module.train(module, False)
-
-
-def frozen_batch_norm(bn):
-    """A BatchNorm2d as it computes at test time, with its weights and statistics."""
-    frozen = torchvision.ops.FrozenBatchNorm2d(bn.num_features, bn.eps).to(bn.weight.device)
-    frozen.load_state_dict(bn.state_dict())  # it drops num_batches_tracked itself
-    return frozen
 
 
 # ---------------------------------------------------------------- a saved net
