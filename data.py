@@ -232,7 +232,7 @@ def final_split(sets):
 def split_folder(data_dir, names):
     """The first of names that is a folder in data_dir: the evaluation split is test/, or where
     a data set has none, its val/ (valid/, validation/)."""
-    found = {name.lower(): os.path.join(data_dir, name) for name in subfolders(data_dir)}
+    found = {e.name.lower(): e.path for e in os.scandir(data_dir) if e.is_dir()} if os.path.isdir(data_dir) else {}
     for name in names:  # Train/ as well as train/
         if name in found:
             return found[name]

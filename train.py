@@ -184,8 +184,7 @@ class Runtime:
     everything through unless the autocast type is fp16 (whose small gradients underflow)."""
 
     def __init__(self, devices, precision):
-        self.devices = devices  # several GPUs share each batch
-        self.device = devices[0]  # it holds the net and the batches
+        self.devices, self.device = devices, devices[0]  # several GPUs share each batch; the first holds the net
         amp = precision == "amp" and self.device.type in ("cuda", "cpu")
         self.fp32 = precision == "fp32"  # the book's arithmetic, asked for: no autocast, and no TF32 either
         self.dtype = amp_dtype(self.device) if amp else None  # autocast's, None for fp32
