@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
-from images import ImageFolder, every_class_read, find_classes, grid, ignored, inside, left_out, load_rgb, nfc
+from images import ImageFolder, every_class_read, grid, ignored, inside, left_out, load_rgb, nfc, split_classes
 from utils import UserError, local_processes, made_folder, rank, say, what_to_do, whole, world_size, writable_folder
 
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
@@ -188,7 +188,7 @@ def book_folders(data_dir):
     splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", *VAL])]
     if os.path.basename(splits[1]).lower() == "test" and set(VAL) & set(map(str.lower, subfolders(data_dir))):
         splits.insert(1, split_folder(data_dir, VAL))
-    classes = [[nfc(name) for name in find_classes(s, data_dir)[0]] for s in splits]
+    classes = [[nfc(name) for name in split_classes(s, data_dir)[0]] for s in splits]
     for split, names in zip(splits, classes):
         if names != classes[0]:
             raise UserError(f"{splits[0]} has classes {classes[0]} but {split} has {names}; "

@@ -141,10 +141,10 @@ def once(paths):
     return list(first.values())
 
 
-def find_classes(split, data_dir):
-    """torchvision's find_classes (classes, class_to_idx) for a split as devices write it: its
-    class folders in the order of their NFC names, twins (one name in either form) one class, named
-    by the first; the layout is split/<class>/<image>, with two classes or more. Each must be where
+def split_classes(split, data_dir):
+    """A split's classes as ImageFolder.find_classes gives them: the first folder of each class, and
+    each folder's class index. The folders are sorted by their NFC names, twins (one name in either
+    form) one class; the layout is split/<class>/<image>, with two classes or more. Each must be where
     the data folder lays it out: one that is a link to another class's folder, or to a folder
     elsewhere in data_dir, is refused (its images belong to the class and split whose folder holds them)."""
     entries = [e for e in os.scandir(split) if not ignored(e.name)]
@@ -241,7 +241,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         raise UserError(f"no image of class {self.classes[target]} can be read now; put readable images in its folder")
 
     def find_classes(self, directory):
-        return find_classes(directory, self.data_dir)
+        return split_classes(directory, self.data_dir)
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         """Each image once, under the class whose folder holds it. A link may bring in images from

@@ -177,7 +177,7 @@ def trained(options, out, read=None):
             if set(found) - {os.path.join(run.out, "model.pt") for run in runs}:  # a compare into a run's folder, or back
                 raise UserError(f"out={out} holds another run, and a folder holds one run, or the runs of one compare "
                                 "or of one list of learning rates; choose another out=")
-            if options["resume"]:  # a run's model.pt or folder named: that run alone
+            if options["resume"]:  # a run's model.pt named, or its folder in a compare's: that run alone
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
             ckpts = [checkpoint_of(run, options, read or {}) for run in runs]  # before any data is read
             start = time.perf_counter()
