@@ -1,4 +1,13 @@
-"""Tests for the hot-dog fine-tuning recipe, on tiny generated data, offline, on the CPU."""
+"""Tests for the hot-dog fine-tuning recipe, on tiny generated data, offline, on the CPU.
+
+README's command runs them in two processes (pytest-xdist's `-n 2`)."""
+import os
+
+# One of several test processes: one thread each (set before torch starts its pool, and inherited by
+# the processes tests start). Two processes whose threads each wait on both cores slow each other:
+# the suite took 7 min 29 s in two processes with torch's threads, 2 min 55 s with one thread each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 import contextlib
 import errno
 import hashlib
@@ -6,7 +15,6 @@ import http.server
 import io
 import itertools
 import json
-import os
 import random
 import re
 import shutil
@@ -741,14 +749,29 @@ def ddp_worker(rank, root, out, port):
     torch.distributed.destroy_process_group()
 
 
+def made_once(tmp_path_factory, name, make):
+    """(folder, make(folder)'s result): made once in a folder of that name for every test process
+    (under README's `-n 2`, the first to ask makes it while the other waits), the result kept as JSON."""
+    import fcntl
+    shared = tmp_path_factory.getbasetemp()
+    folder = (shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared) / name
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes
+        if not (folder / "made.json").exists():
+            folder.mkdir(exist_ok=True)  # left by a failed make in the other process: tried again
+            (folder / "made.json").write_text(json.dumps(make(folder)))
+    return folder, json.loads((folder / "made.json").read_text())
+
+
 @pytest.fixture(scope="session")
 def two_processes(tmp_path_factory):
     """ddp_worker's two processes, started once for the tests that read what they saved: (the
     folder of what they saved, their data folder)."""
-    out = tmp_path_factory.mktemp("two_processes")
-    root = write_folder(out / "d", train=4, test=3)  # 8 train images, 6 test images
-    torch.multiprocessing.spawn(ddp_worker, (root, str(out), free_port()), nprocs=2)
-    return out, root
+    def make(out):
+        root = write_folder(out / "d", train=4, test=3)  # 8 train images, 6 test images
+        torch.multiprocessing.spawn(ddp_worker, (root, str(out), free_port()), nprocs=2)
+        return root
+    return made_once(tmp_path_factory, "two_processes", make)
 
 
 def free_port():
@@ -828,10 +851,12 @@ def launched_run(tmp_path_factory):
     finetune.on_all_gpus, here as 3 CPU processes, on 6 training images and 2 test images (fewer
     than the processes; and a batch of 8 does not divide by 3). Launched once for the tests that
     read it: (its folder, the exit status, what the processes printed on stdout, and on stderr)."""
-    out = tmp_path_factory.mktemp("launched_run")
-    root = write_folder(tmp_path_factory.mktemp("launched_run_data"), train=3, test=1)
-    argv = ["--scratch", "--data-dir", root, "--epochs", "1", "--batch-size", "8", "--out", out]
-    return out, *launched(argv, tmp_path_factory.mktemp("launched_run_printed") / "printed", processes=3)
+    def make(folder):
+        root = write_folder(folder / "data", train=3, test=1)
+        argv = ["--scratch", "--data-dir", root, "--epochs", "1", "--batch-size", "8", "--out", folder / "run"]
+        return launched(argv, folder / "printed", processes=3)
+    folder, (status, out, err) = made_once(tmp_path_factory, "launched_run", make)
+    return folder / "run", status, out, err
 
 
 def launched(argv, printed, processes=2):
@@ -2566,8 +2591,8 @@ DOC_BLOCKS = {
     "pip install -r requirements.txt && python finetune.py --pretrained": [
         ("pip install -r requirements.txt && ", ""),  # installing needs the network
         ("--pretrained\n", f"--pretrained {TINY}\n"),
-        ("pip install -r requirements.txt pytest matplotlib nbclient ipykernel onnx onnxscript onnxruntime && "
-         "python -m pytest -q test_finetune.py\n", "")],  # the network, and this suite itself
+        ("pip install -r requirements.txt pytest pytest-xdist matplotlib nbclient ipykernel onnx onnxscript "
+         "onnxruntime && python -m pytest -q -n 2 test_finetune.py\n", "")],  # the network, and this suite itself
     "data ready in 9.8 s": ("output", "pip install -r requirements.txt && python finetune.py --pretrained"),
     "import images, models, train": [("train_fine_tuning(finetune_net, 5e-5)", "train_fine_tuning(finetune_net, 5e-5, num_epochs=1)"),
                                      ("param_group=False)", "param_group=False, num_epochs=1)")],
