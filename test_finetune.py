@@ -3,11 +3,12 @@
 README's command runs them in two processes (pytest-xdist's `-n 2`)."""
 import os
 
-# One of several test processes: one thread each (set before torch starts its pool, and inherited by
-# the processes tests start). Two processes whose threads each wait on both cores slow each other:
-# the suite took 7 min 29 s in two processes with torch's threads, 2 min 55 s with one thread each.
+# One of several test processes (pytest-xdist's workers): torch's arithmetic in one thread each, set
+# before torch starts its pool and inherited by the processes tests start, unless set already. Each
+# process's threads would run, and spin waiting, on every core, and the processes slow each other:
+# on a 2-core Intel Xeon with AMX, `-n 2` took 7 min 29 s with torch's threads, 2 min 55 s with one.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 import contextlib
 import errno
 import hashlib
@@ -95,11 +96,13 @@ def run_cli(capsys, *argv):
 
 
 def trained_once(tmp_path_factory, name, *argv):
-    """A command line's run, trained once for every test that reads it: its folder, and what it printed."""
-    out = tmp_path_factory.mktemp(name)
-    with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.redirect_stderr(io.StringIO()) as err:
-        assert finetune.main([str(a) for a in (*argv, "--out", out)]) == 0, err.getvalue()
-    return out, printed.getvalue()
+    """A command line's run, trained once for every test that reads it (made_once): its folder, and what it printed."""
+    def make(where):
+        with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.redirect_stderr(io.StringIO()) as err:
+            assert finetune.main([str(a) for a in (*argv, "--out", where / "run")]) == 0, err.getvalue()
+        return printed.getvalue()
+    where, printed = made_once(tmp_path_factory, name, make)
+    return where / "run", printed
 
 
 SCRATCH = ["--scratch", "--epochs", 1, "--batch-size", 8, "--workers", 0]  # with --data-dir folder
@@ -733,11 +736,11 @@ def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------- several processes
-def ddp_worker(rank, root, out, port):
+def ddp_worker(rank, root, out):
     """One of two gloo processes: train one epoch, save what it ended with and what it saw; then
     take one step on its half of a batch of 4 (ddp_step), and save that step."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    store = f"file://{os.path.join(out, 'store')}"  # no port, which another test process could take first
+    torch.distributed.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     torch.manual_seed(0)
     net = models.scratch_net(2)
     train_iter, test_iter = data.make_loaders(*data.image_folders(root), batch_size=4)
@@ -750,15 +753,18 @@ def ddp_worker(rank, root, out, port):
 
 
 def made_once(tmp_path_factory, name, make):
-    """(folder, make(folder)'s result): made once in a folder of that name for every test process
-    (under README's `-n 2`, the first to ask makes it while the other waits), the result kept as JSON."""
+    """(folder, make(folder)'s result): made once, in a folder of that name in this pytest run's
+    temporary folder, for every test process (under README's `-n 2`, the first to ask makes it
+    while the other waits). The result is kept as JSON (a tuple comes back a list); a make that
+    fails is made again, from an empty folder, by the next process to ask."""
     import fcntl
     shared = tmp_path_factory.getbasetemp()
     folder = (shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared) / name
     with open(f"{folder}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes
         if not (folder / "made.json").exists():
-            folder.mkdir(exist_ok=True)  # left by a failed make in the other process: tried again
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed make left
+            folder.mkdir()
             (folder / "made.json").write_text(json.dumps(make(folder)))
     return folder, json.loads((folder / "made.json").read_text())
 
@@ -769,7 +775,7 @@ def two_processes(tmp_path_factory):
     folder of what they saved, their data folder)."""
     def make(out):
         root = write_folder(out / "d", train=4, test=3)  # 8 train images, 6 test images
-        torch.multiprocessing.spawn(ddp_worker, (root, str(out), free_port()), nprocs=2)
+        torch.multiprocessing.spawn(ddp_worker, (root, str(out)), nprocs=2)
         return root
     return made_once(tmp_path_factory, "two_processes", make)
 
@@ -851,12 +857,12 @@ def launched_run(tmp_path_factory):
     finetune.on_all_gpus, here as 3 CPU processes, on 6 training images and 2 test images (fewer
     than the processes; and a batch of 8 does not divide by 3). Launched once for the tests that
     read it: (its folder, the exit status, what the processes printed on stdout, and on stderr)."""
-    def make(folder):
-        root = write_folder(folder / "data", train=3, test=1)
-        argv = ["--scratch", "--data-dir", root, "--epochs", "1", "--batch-size", "8", "--out", folder / "run"]
-        return launched(argv, folder / "printed", processes=3)
-    folder, (status, out, err) = made_once(tmp_path_factory, "launched_run", make)
-    return folder / "run", status, out, err
+    def make(where):
+        root = write_folder(where / "data", train=3, test=1)
+        argv = ["--scratch", "--data-dir", root, "--epochs", "1", "--batch-size", "8", "--out", where / "run"]
+        return launched(argv, where / "printed", processes=3)
+    where, (status, printed, err) = made_once(tmp_path_factory, "launched_run", make)
+    return where / "run", status, printed, err
 
 
 def launched(argv, printed, processes=2):
