@@ -11,6 +11,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 import contextlib
 import errno
+import fcntl
 import hashlib
 import http.server
 import io
@@ -93,6 +94,22 @@ def run_cli(capsys, *argv):
     status = finetune.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return status, out, err
+
+
+def made_once(tmp_path_factory, name, make):
+    """(folder, make(folder)'s result): made once, in a folder of that name in this pytest run's
+    temporary folder, for every test process (under README's `-n 2`, the first to ask makes it
+    while the other waits). The result is kept as JSON (a tuple comes back a list); a make that
+    fails is made again, from an empty folder, by the next process to ask."""
+    shared = tmp_path_factory.getbasetemp()
+    folder = (shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared) / name
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes
+        if not (folder / "made.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed make left
+            folder.mkdir()
+            (folder / "made.json").write_text(json.dumps(make(folder)))
+    return folder, json.loads((folder / "made.json").read_text())
 
 
 def trained_once(tmp_path_factory, name, *argv):
@@ -750,23 +767,6 @@ def ddp_worker(rank, root, out):
                 "n": epochs[-1].metrics}, os.path.join(out, f"rank{rank}.pt"))
     torch.save(ddp_step(rank), os.path.join(out, f"step{rank}.pt"))
     torch.distributed.destroy_process_group()
-
-
-def made_once(tmp_path_factory, name, make):
-    """(folder, make(folder)'s result): made once, in a folder of that name in this pytest run's
-    temporary folder, for every test process (under README's `-n 2`, the first to ask makes it
-    while the other waits). The result is kept as JSON (a tuple comes back a list); a make that
-    fails is made again, from an empty folder, by the next process to ask."""
-    import fcntl
-    shared = tmp_path_factory.getbasetemp()
-    folder = (shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared) / name
-    with open(f"{folder}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes
-        if not (folder / "made.json").exists():
-            shutil.rmtree(folder, ignore_errors=True)  # what a failed make left
-            folder.mkdir()
-            (folder / "made.json").write_text(json.dumps(make(folder)))
-    return folder, json.loads((folder / "made.json").read_text())
 
 
 @pytest.fixture(scope="session")
