@@ -238,7 +238,7 @@ def split_folder(data_dir, names):
             return found[name]
     raise UserError(f"{os.path.join(data_dir, names[0])} is not a folder; the data folder needs "
                     "train/ and test/ (or val/), each with one subfolder of images per class, "
-                    "or only the class folders, to be split")
+                    "or only the class folders, which runs.train_runs and the command line split")
 
 
 def split_by_class(data_dir, val_split, seed, held_out=None):

@@ -315,6 +315,8 @@ def test_the_cpu_named_twice_is_refused_before_the_data(folder, tmp_path):
     for devices in (["cpu", "cpu"], [torch.device("cpu"), "cpu"]):
         with pytest.raises(UserError, match=r"devices=\['cpu', 'cpu'\]: nn.DataParallel .* give one device"):
             train.train_fine_tuning(models.scratch_net(), 5e-4, 4, 1, False, data_dir=str(tmp_path / "none"), devices=devices)
+    with pytest.raises(UserError, match="^devices=gpu: this machine has no such device; give no devices= "):  # its keyword
+        train.train_fine_tuning(models.scratch_net(), 5e-4, devices="gpu")
 
 
 # ---------------------------------------------------------------- data
@@ -1743,7 +1745,8 @@ def test_an_error_under_torchrun_is_said_once(tmp_path):
     assert status != 0  # 2 from the process that met it, or 1 from one whose partner stopped: whichever torchrun saw first
     assert [line for line in err.splitlines() if "error: " in line] \
         == [f"error: {tmp_path / 'nowhere' / 'train'} is not a folder; the data folder needs train/ and test/ "
-            "(or val/), each with one subfolder of images per class, or only the class folders, to be split"]
+            "(or val/), each with one subfolder of images per class, or only the class folders, which runs.train_runs "
+            "and the command line split"]
     assert "[rank" not in err and "Traceback" not in err  # no process's traceback
 
 

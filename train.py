@@ -152,8 +152,9 @@ def figures(probs, labels, classes):
 
 
 # ================================================================ where and how it runs
-def try_device(name=None):
-    """The device to train on: the one named, else CUDA, else MPS, else the CPU."""
+def try_device(name=None, keyword="device"):
+    """The device to train on: the one named, else CUDA, else MPS, else the CPU. keyword: the
+    caller's argument that named it, for the error."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -163,9 +164,9 @@ def try_device(name=None):
     except RuntimeError:
         missing = True
     if not missing and device.type not in ("cpu", "cuda", "mps"):  # xpu, meta...: torch knows them, this program not
-        raise UserError(f"device={name}: this program computes on cpu, cuda (cuda:N) or mps; give one of those")
+        raise UserError(f"{keyword}={name}: this program computes on cpu, cuda (cuda:N) or mps; give one of those")
     if missing:
-        raise UserError(f"device={name}: this machine has no such device; give no device= "
+        raise UserError(f"{keyword}={name}: this machine has no such device; give no {keyword}= "
                         "to use the best one there is")
     return device
 
@@ -246,7 +247,7 @@ def make_runtime(devices=None, precision="amp"):
     if precision not in ("amp", "fp32"):
         raise UserError(f"precision={precision} is not one this program computes in; give \"amp\" or \"fp32\"")
     names = [devices] if isinstance(devices, (str, torch.device)) else devices
-    devices = [try_device(str(name)) for name in names] if names else try_all_gpus()
+    devices = [try_device(str(name), "devices") for name in names] if names else try_all_gpus()
     if len(devices) > 1 and (len(set(devices)) < len(devices) or any(d.type != "cuda" for d in devices)):
         raise UserError(f"devices={[str(d) for d in devices]}: nn.DataParallel splits a batch among different "
                         "GPUs only; give one device (devices=\"cpu\": one CPU computes on all its cores)")
