@@ -184,9 +184,10 @@ def in_eval_mode(module):
 
 
 # ---------------------------------------------------------------- a saved net
-def checkpoint_in(path, name="model.pt"):
-    """A model.pt (or another name): path itself, or in the folder path, or in a run's folder
-    inside it (--compare: the first)."""
+def checkpoint_in(path, name="model.pt", one_run=False):
+    """A model.pt (or another name): path itself, or in the folder path, or in the folders of runs
+    inside it: the first (a --compare's runs continue together), or with one_run, where there are
+    several, a UserError: which one is meant is the caller's to say."""
     if not isinstance(path, (str, os.PathLike)):
         raise UserError(f"{path!r} is not a path; give the model.pt of a training run, or its folder")
     path = os.path.normpath(path)  # best.pt/ is best.pt
@@ -195,21 +196,28 @@ def checkpoint_in(path, name="model.pt"):
     found = [path] if not os.path.isdir(path) else checkpoints_in(path, name)
     if not found:
         raise UserError(f"{path} holds no {name}; give the model.pt of a training run, or its folder")
+    if one_run and len(found) > 1:
+        runs = ", ".join(os.path.basename(os.path.dirname(p)) for p in found)
+        raise UserError(f"{path} holds several runs ({runs}); give the folder of one of them")
     return found[0]
 
 
 def checkpoints_in(folder, name="model.pt"):
-    """Every model.pt (or another name) in folder or in a run's folder inside it, sorted."""
-    return sorted(p for p in [os.path.join(folder, name)] + [os.path.join(folder, run, name) for run in os.listdir(folder)]
-                  if os.path.exists(p))
+    """folder's own model.pt (or another name), else those in the runs' folders inside it, sorted:
+    a copy kept in a folder inside a run's never stands in for the run's own."""
+    own = os.path.join(folder, name)
+    if os.path.exists(own):
+        return [own]
+    return sorted(p for p in (os.path.join(folder, run, name) for run in os.listdir(folder)) if os.path.exists(p))
 
 
 def kept_in(path):
     """The checkpoint that predicts for path: a file as it is; a run's folder, the epoch its
-    best.pt keeps (its model.pt, where a run begun before runs kept best.pt has none)."""
+    best.pt keeps (its model.pt, where a run begun before runs kept best.pt has none); a folder of
+    several runs (a --compare's) is refused."""
     with contextlib.suppress(UserError):  # a folder without best.pt
-        return checkpoint_in(path, "best.pt")
-    return checkpoint_in(path)
+        return checkpoint_in(path, "best.pt", one_run=True)
+    return checkpoint_in(path, one_run=True)
 
 
 def load_checkpoint(path):

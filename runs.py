@@ -110,6 +110,8 @@ def resume(path, **given):
     folder = os.path.dirname(found)  # where the run is now, wherever it began
     planned = plan_runs(began["mode"], {**DEFAULTS, **began}, folder)
     out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: each has a folder in out
+    if os.path.isdir(path) and len(models.checkpoints_in(path)) > len(planned):  # not one training's runs
+        models.checkpoint_in(path, one_run=True)  # refused, naming them
     asked = given.pop("out", None)
     if asked and os.path.abspath(asked) != out:
         raise UserError(f"{found} continues in its own folder, {out}; leave out= out "

@@ -1775,6 +1775,25 @@ def test_a_folder_holds_one_run_or_the_runs_of_one_plan(folder, tmp_path, capsys
     assert sorted(os.listdir(tmp_path / "both")) == sorted(os.listdir(compare_run[0]))
 
 
+def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stands_in(tmp_path, capsys, scratch_run,
+                                                                                       compare_run):
+    """--predict, --export and --resume never pick one of several runs silently: a --compare's
+    folder predicts with neither, and a folder of two trainings continues neither. A run's own
+    model.pt comes before a copy in a folder inside it (backup/ sorts before model.pt)."""
+    for name in ("a-run", "b-run"):
+        shutil.copytree(scratch_run[0], tmp_path / "runs" / name)
+    for argv in (["--predict", tmp_path, "--model", compare_run[0], "--out", tmp_path / "p"],
+                 ["--export", compare_run[0], "--out", tmp_path / "best.pt2"],
+                 ["--resume", tmp_path / "runs", "--epochs", 2]):
+        status, out, err = run_cli(capsys, *argv)
+        assert status == 2 and " holds several runs (" in err and "give the folder of one of them" in err, err
+    run = tmp_path / "runs" / "a-run"
+    (run / "backup").mkdir()
+    shutil.copy(run / "model.pt", run / "backup")
+    assert models.checkpoint_in(run) == str(run / "model.pt") and models.checkpoints_in(run) == [str(run / "model.pt")]
+    assert models.kept_in(run) == str(run / "best.pt")
+
+
 def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compare_run):
     shutil.copytree(compare_run[0], tmp_path / "both")  # --compare, one epoch, batch 8
     shutil.rmtree(tmp_path / "both" / "scratch")  # as if stopped before scratch's first epoch
