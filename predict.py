@@ -66,6 +66,9 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
                                          generator=torch.Generator())  # its workers' seeds: not the caller's numbers
     runtime = train.make_runtime(train.try_device(device), precision)
     probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)  # index for the label
+    if not probs.isfinite().all():  # NaN for every image: a class from them would be a guess
+        raise UserError(f"{path} gives outputs that are not numbers (NaN): its training diverged; "
+                        "train it again with a lower lr")
     predictions = [Prediction(paths[i], classes[p.argmax()], p.max().item(), dict(zip(classes, p.tolist())))
                    for i, p in zip(index.tolist(), probs) if i >= 0]
     if csv_path and predictions:  # none predicted: an earlier predictions.csv stays

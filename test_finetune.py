@@ -2826,6 +2826,8 @@ def test_a_continued_run_without_mistakes_shows_none(folder, tmp_path, capsys, m
 
 
 def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys):
+    """...and its NaN outputs predict nothing: never right (argmax would call them class 0, here
+    half the test set), in no column of the confusion matrix, and refused by --predict."""
     argv = ["--compare", "--data-dir", folder, "--epochs", 2, "--lr", "1e8", "--precision", "fp32",
             "--batch-size", 4, "--workers", 0, "--out", tmp_path]
     assert run_cli(capsys, *argv)[0] == 0
@@ -2834,9 +2836,13 @@ def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys):
         text = (tmp_path / name / "metrics.json").read_text()
         metrics = json.loads(text, parse_constant=lambda word: pytest.fail(f"{word} in metrics.json"))
         losses += [m["loss"] for m in metrics["history"]]
+        assert [m["test_acc"] for m in metrics["history"]] == [0, 0] and metrics["balanced_accuracy"] == 0
+        assert metrics["confusion"] == [[0, 0], [0, 0]] and [c["count"] for c in metrics["per_class"].values()] == [2, 2]
     assert None in losses  # a run diverged
     status, out, err = run_cli(capsys, *argv)  # finished: the results read back, and the table printed
     assert status == 0 and "nan" in out.split("book")[-1], err
+    status, out, err = run_cli(capsys, "--predict", folder, "--model", tmp_path / "scratch", "--out", tmp_path / "p")
+    assert status == 2 and "best.pt gives outputs that are not numbers (NaN): its training diverged" in err, err
 
 
 def test_a_compares_scratch_run_says_it_stopped_and_records_what_it_used(folder, tmp_path, capsys, monkeypatch):

@@ -134,16 +134,25 @@ def evaluate(net, test_iter, runtime):
 
 
 def accuracy(probs, labels):
-    return (probs.argmax(1) == labels).float().mean().item()
+    return (predicted(probs) == labels).float().mean().item()
+
+
+def predicted(probs):
+    """Each example's class, -1 where its outputs are not finite: a diverged net's NaN predicts
+    nothing (argmax would take NaN for the largest), so it is never right, and no epoch of it is kept."""
+    return torch.where(probs.isfinite().all(1), probs.argmax(1), -1)
 
 
 def figures(probs, labels, classes):
-    """An evaluation's figures: the confusion matrix (rows: the true class), each class's
-    precision, recall, F1 and count, and the balanced accuracy (the mean recall)."""
+    """An evaluation's figures: the confusion matrix (rows: the true class; an example that
+    predicts nothing, predicted's -1, is in no column), each class's precision, recall, F1 and
+    count, and the balanced accuracy (the mean recall)."""
+    preds, count = predicted(probs), torch.bincount(labels, minlength=len(classes)).double()
+    answered = preds >= 0
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
-    confusion.index_put_((labels, probs.argmax(1)), torch.ones_like(labels), accumulate=True)
-    right, count, predicted = confusion.diag().double(), confusion.sum(1).double(), confusion.sum(0).double()
-    precision, recall = (torch.nan_to_num(right / n) for n in (predicted, count))  # 0 where none
+    confusion.index_put_((labels[answered], preds[answered]), torch.ones_like(preds[answered]), accumulate=True)
+    right, predicted_as = confusion.diag().double(), confusion.sum(0).double()
+    precision, recall = (torch.nan_to_num(right / n) for n in (predicted_as, count))  # 0 where none
     f1 = torch.nan_to_num(2 * precision * recall / (precision + recall))
     per_class = {name: dict(precision=p, recall=r, f1=f, count=int(n))
                  for name, p, r, f, n in zip(classes, precision.tolist(), recall.tolist(), f1.tolist(), count.tolist())}
