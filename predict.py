@@ -48,9 +48,8 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     if not all(isinstance(item, (str, os.PathLike)) for item in items):  # None, or a PIL image
         raise UserError(f"images={images!r:.80} is not a path or a list of paths; give image files or folders "
                         "of them (an image in memory: save it to a file first)")
-    runs.checked("batch_size", batch_size)
-    runs.checked("workers", workers)
-    out = runs.checked("out", out)
+    batch_size, workers, out = (runs.checked(name, value) for name, value in
+                                (("batch_size", batch_size), ("workers", workers), ("out", out)))
     path = models.kept_in(model)
     ckpt = models.load_checkpoint(path)
     models.same_arch(arch, ckpt)

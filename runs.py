@@ -10,6 +10,7 @@ it, save after each epoch. Also continuing (`resume`), patience, two phases and 
 import contextlib
 import json
 import math
+import numbers
 import os
 import platform
 import random
@@ -34,7 +35,8 @@ RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.9
 DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}
 
 # ---------------------------------------------------------------- the options, defined once
-AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: 0 <= v < math.inf)
+# A batch of 2**63 or more overflows the loader's index (sys.maxsize)
+AT_LEAST_1, ZERO_OR_MORE = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63), ("0 or more", lambda v: 0 <= v < math.inf)
 ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: 0 < v < math.inf), ("between 0 and 1", lambda v: 0 < v < 1)
 SEEDS = ("from -2**63 to 2**64 - 1", lambda v: -2**63 <= v < 2**64)  # what torch.manual_seed takes
 
@@ -67,19 +69,33 @@ def checked(name, value):
     default, kind, allowed = OPTIONS.get(name, (None, str, None))  # out=: where a run, --predict, --export write
     if value is None and default is None:
         return None  # the default
-    values = value if name == "lr" and isinstance(value, list) and value else [value]
-    for v in values:
-        typed = type(v) is kind or kind is float and type(v) is int or kind is str and isinstance(v, os.PathLike)
-        if not typed or (v not in allowed if isinstance(allowed, list) else allowed and not allowed[1](v)):
+    several = name == "lr" and isinstance(value, list) and value  # several lrs: one run each
+    given = value if several else [value]
+    values = [as_kind(kind, v) for v in given]
+    for v, typed in zip(given, values):
+        if typed is None or (typed not in allowed if isinstance(allowed, list) else allowed and not allowed[1](typed)):
             raise UserError(f"{name}={v!r} is not {takes(kind, allowed)}; give {takes(kind, allowed)}")
-    if name == "lr" and len({f"{v:g}" for v in values}) < len(values):  # each lr names its run's folder
+    if several and len({f"{v:g}" for v in values}) < len(values):  # each lr names its run's folder
         raise UserError(f"lr={value} names two runs alike; give each learning rate once")
-    return os.fspath(value) if isinstance(value, os.PathLike) else value
+    return values if several else values[0]
+
+
+def as_kind(kind, value):
+    """value as Python's value of an option's kind (numpy's numbers too, and a path object as its
+    text), or None where it is none: a bool is no number, an empty text no name or path."""
+    if kind is bool or isinstance(value, bool):
+        return value if kind is bool and isinstance(value, bool) else None
+    if kind is str:
+        return os.fspath(value) if isinstance(value, (str, os.PathLike)) and os.fspath(value) != "" else None
+    if isinstance(value, numbers.Integral if kind is int else numbers.Real):
+        with contextlib.suppress(OverflowError):  # an int too large for a float
+            return kind(value)
+    return None
 
 
 def takes(kind, allowed):
     """What an option takes, in words."""
-    words = {int: "a whole number", float: "a number", str: "a text", bool: "True or False"}[kind]
+    words = {int: "a whole number", float: "a number", str: "a text, not empty", bool: "True or False"}[kind]
     return ("one of " + ", ".join(map(repr, allowed)) if isinstance(allowed, list)
             else f"{words}, {allowed[0]}" if allowed else words)
 
@@ -238,7 +254,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
     # A checkpoint replaces every weight: where one is restored, ImageNet's are neither read nor needed
     net = runtime.place(local_first(models.net_for, "scratch" if ckpt else run.mode, len(about["classes"]),
                                     options["arch"], options["weights"], hotdog, options["freeze"]))
-    torch.manual_seed(options["seed"] + rank())  # then each process draws its own augmentations
+    torch.manual_seed((options["seed"] + rank()) % 2**64)  # then each process draws its own augmentations
     train_iter, test_iter = data.make_loaders(*sets[:2], options["batch_size"], options["workers"], options["seed"])
     weights = loss_weights(options["class_weights"], sets[0], runtime.device)
     loss = nn.CrossEntropyLoss(weight=weights, reduction="none")  # the book's; weighed by class where asked

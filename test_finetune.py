@@ -861,7 +861,8 @@ def launched_run(tmp_path_factory):
     read it: (its folder, the exit status, what the processes printed on stdout, and on stderr)."""
     def make(where):
         root = write_folder(where / "data", train=3, test=1)
-        argv = ["--scratch", "--data-dir", root, "--epochs", "1", "--batch-size", "8", "--out", where / "run"]
+        argv = ["--scratch", "--data-dir", root, "--epochs", "1", "--batch-size", "8", "--out", where / "run",
+                "--seed", 2**64 - 1]  # the largest: each process's seed + rank wraps round
         return launched(argv, where / "printed", processes=3)
     where, (status, printed, err) = made_once(tmp_path_factory, "launched_run", make)
     return where / "run", status, printed, err
@@ -1867,10 +1868,11 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(tmp_path, monkeypatc
 def test_each_process_draws_its_own_augmentations(launched_run):
     """Three processes, with loader workers (the default: at least one each): their random-number
     states, from which the loader seeds its workers, differ (the same seed once gave every
-    process the same crops)."""
+    process the same crops). From the largest seed too: seed + rank wraps round to torch's seeds."""
     run, status, _, err = launched_run
     assert status == 0, err
     assert json.load(open(run / "metrics.json"))["args"]["workers"] >= 1
+    assert json.load(open(run / "metrics.json"))["args"]["seed"] == 2**64 - 1
     states = [state["torch"] for state in torch.load(run / "model.pt", weights_only=False)["rng"]]
     assert len(states) == 3 and all(not torch.equal(a, b) for a, b in itertools.combinations(states, 2))
 
@@ -2492,7 +2494,8 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
            ("batch_size", "4"), ("seed", "1"), ("dataset", "x"), ("workers", -1), ("freeze_epochs", None),
            ("device", torch.device("cpu")), ("val_split", 2), ("freeze", "no"), ("patience", 0), ("cache_gb", -1),
            ("max_megapixels", 0), ("precision", "fp16"), ("class_weights", "yes"), ("dummy", 1),
-           ("lr", float("inf")), ("max_megapixels", float("inf")), ("cache_gb", float("inf")), ("seed", 2**70)]
+           ("lr", float("inf")), ("max_megapixels", float("inf")), ("cache_gb", float("inf")), ("seed", 2**70),
+           ("batch_size", 2**63), ("data_dir", ""), ("arch", ""), ("epochs", np.float64(2))]
     for name, value in bad:
         with pytest.raises(UserError, match="^" + re.escape(f"{name}={value[-1] if name == 'lr' and isinstance(value, list) else value!r} is not")):
             runs.train_runs("scratch", str(tmp_path / "never"), **{name: value})
@@ -2512,6 +2515,11 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
     with pytest.raises(UserError, match=re.escape("lr=[5e-05, 5e-05] names two runs alike; give each learning rate once")):
         runs.train_runs("pretrained", str(tmp_path / "never"), lr=[5e-5, 5e-5])  # one folder for both
     assert runs.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
+    for name, value in (("epochs", np.int64(3)), ("lr", np.float32(0.5)), ("lr", [np.float64(1e-3), 2])):
+        typed = runs.checked(name, value)  # numpy's numbers, as Python's (metrics.json, a checkpoint's args)
+        assert typed == value and {type(v) for v in (typed if isinstance(typed, list) else [typed])} == {runs.OPTIONS[name][1]}
+    with pytest.raises(UserError, match="^out='' is not a text, not empty; give a text, not empty$"):
+        runs.checked("out", "")
     assert sorted(finetune.HELP) == sorted(runs.OPTIONS)  # every option has its flag
     with pytest.raises(UserError, match=r"^resume takes out= and the options \['dataset', .*\], not \['epoch'\]$"):
         runs.resume(str(tmp_path / "never"), epoch=2)
