@@ -59,8 +59,10 @@ PATHS = {"data_dir", "data_root", "weights"}  # made absolute, and compared so
 PRETRAINED_ONLY = ("weights", "freeze", "init_head_from_imagenet", "freeze_epochs")
 SUMMARY = ("loss", "train_acc", "test_acc")
 VERSIONS = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
-# Those a continued run may be given anew; data_dir: a folder moved, whose classes data.same_data compares.
-MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "data_dir", "out", "resume", "typed"}
+# Those a continued run may be given anew; data_dir: a folder moved, whose classes data.same_data compares;
+# data_root: where downloads go (the default, ./data, is another folder from another working folder).
+MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "data_dir", "data_root", "out", "resume",
+              "typed"}
 
 
 def checked(name, value):

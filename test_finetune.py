@@ -1776,6 +1776,15 @@ def test_a_folder_holds_one_run_or_the_runs_of_one_plan(folder, tmp_path, capsys
     assert sorted(os.listdir(tmp_path / "both")) == sorted(os.listdir(compare_run[0]))
 
 
+def test_the_same_command_from_another_folder_continues_the_run(folder, tmp_path, capsys, monkeypatch, scratch_run):
+    """The default data_root, ./data, is another folder from another working folder, and where
+    downloads go changes no data: the run is found finished, not refused."""
+    shutil.copytree(scratch_run[0], tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--out", tmp_path / "run")
+    assert status == 0 and "scratch: finished its 1 epochs already" in out, err
+
+
 def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stands_in(tmp_path, capsys, scratch_run,
                                                                                        compare_run):
     """--predict, --export and --resume never pick one of several runs silently: a --compare's
