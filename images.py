@@ -13,6 +13,7 @@ import functools
 import io
 import itertools
 import os
+import stat
 import sys
 import unicodedata
 import warnings
@@ -78,10 +79,12 @@ def image_size(path):
 
 
 def read_image(path, read):
-    """read(the opened image), naming the file if it is damaged, not an image, or so large that
-    it could be a decompression bomb."""
+    """read(the opened image), naming the file if it is damaged, not an image (a pipe, a device),
+    or so large that it could be a decompression bomb."""
     heif_plugin()
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a pipe would wait for a writer for ever
+            raise OSError("not a regular file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:

@@ -1785,6 +1785,20 @@ def test_the_same_command_from_another_folder_continues_the_run(folder, tmp_path
     assert status == 0 and "scratch: finished its 1 epochs already" in out, err
 
 
+def test_a_pipe_named_like_an_image_is_named_not_waited_on(tmp_path):
+    """A pipe (or a device) with an image's name is no image: opening a pipe would wait for a
+    writer for ever. Here an alarm ends the wait, should it begin."""
+    os.mkfifo(tmp_path / "x.png")
+    before = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("waited on the pipe"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(UserError, match=r"^cannot read image .*x.png \(not a regular file\); delete or replace"):
+            images.load_rgb(str(tmp_path / "x.png"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
 def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stands_in(tmp_path, capsys, scratch_run,
                                                                                        compare_run):
     """--predict, --export and --resume never pick one of several runs silently: a --compare's
