@@ -56,6 +56,9 @@ HELP = dict(
               "(fp16 on older GPUs); fp32: the book's arithmetic",
 )
 METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION", "class_weights": "balanced"}  # else N for ints
+# What each mode that trains nothing reads: another option typed beside it would be silently ignored.
+READS = {"predict": {"model", "out", "batch_size", "workers", "device", "precision", "arch", "max_megapixels"},
+         "export": {"export_format", "out"}, "show-samples": {"data_dir", "data_root", "out", "max_megapixels"}}
 
 
 def parse_args(argv=None):
@@ -91,6 +94,10 @@ def parse_args(argv=None):
         p.error("--predict needs --model PATH (a run's folder, or its model.pt), and --model goes with --predict")
     if hasattr(args, "export_format") and not hasattr(args, "export"):
         p.error("--export-format goes with --export RUN")
+    mode = next((m for m in READS if hasattr(args, m) or getattr(args, "mode", None) == m), None)
+    ignored = sorted(set(vars(args)) - READS[mode] - {"mode", mode}) if mode else []
+    if ignored:
+        p.error(f"{flag(ignored[0])} does not apply to --{mode}, which reads {', '.join(map(flag, sorted(READS[mode])))}")
     return args
 
 

@@ -155,6 +155,12 @@ def settled(mode, given, typed=None):
                "mode": mode, "typed": sorted(typed or given), "resume": None}
     if options["class_weights"] and options["dummy"]:
         raise UserError("class_weights= needs labelled images, and dummy's are random; leave one out")
+    sources = [key for key in ("data_dir", "dummy") if options[key]] + ["dataset"] * (options["dataset"] != "hotdog")
+    if len(sources) > 1:  # one would be read, the other silently not
+        raise UserError(f"{sources[0]}= and {sources[1]}= each name the data to train on; give one of them")
+    if options["freeze"] and options["freeze_epochs"]:
+        raise UserError("freeze= trains the output layer alone in every epoch, freeze_epochs= in the first N; "
+                        "give one of them")
     ignored = [key for key in PRETRAINED_ONLY if mode == "scratch" and options[key]]
     if ignored:
         raise UserError(f"{ignored[0]}= changes the pretrained net, and scratch trains from random weights; "
@@ -190,6 +196,7 @@ def trained(options, out, read=None):
     """Train every planned run into out, each continuing its checkpoint (read: those resume read)."""
     device = join_processes(train.try_device(options["device"]))
     out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
+    outside_runs(out)
     try:
         with images.megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):  # this call's
             runs = plan_runs(options["mode"], options, out)
@@ -359,6 +366,16 @@ def checkpoint_of(run, options, read):
     if ckpt:
         refuse_changes(run_options(run, ckpt["args"]), run_options(run, options), path)
     return ckpt
+
+
+def outside_runs(out):
+    """Refuse out inside another run's folder: --resume of that run would find this one's model.pt
+    in it, and refuse to continue a folder of two trainings."""
+    folder = os.path.dirname(out)
+    while folder != os.path.dirname(folder):  # up to the root
+        if os.path.exists(os.path.join(folder, "model.pt")):
+            raise UserError(f"out={out} lies in the folder of another run, {folder}; choose an out= outside it")
+        folder = os.path.dirname(folder)
 
 
 def run_checkpoint(path):

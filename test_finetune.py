@@ -1799,6 +1799,15 @@ def test_a_pipe_named_like_an_image_is_named_not_waited_on(tmp_path):
         signal.signal(signal.SIGALRM, before)
 
 
+def test_a_run_inside_another_runs_folder_is_refused(folder, tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path / "one")
+    status, out, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--out", tmp_path / "one" / "two" / "three")
+    assert status == 2 and "data ready" not in out, err
+    assert err == f"error: --out {tmp_path / 'one' / 'two' / 'three'} lies in the folder of another run, " \
+                  f"{tmp_path / 'one'}; choose an --out outside it\n"
+    assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(scratch_run[0]))  # nothing made there
+
+
 def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stands_in(tmp_path, capsys, scratch_run,
                                                                                        compare_run):
     """--predict, --export and --resume never pick one of several runs silently: a --compare's
@@ -2546,6 +2555,23 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
     assert sorted(finetune.HELP) == sorted(runs.OPTIONS)  # every option has its flag
     with pytest.raises(UserError, match=r"^resume takes out= and the options \['dataset', .*\], not \['epoch'\]$"):
         runs.resume(str(tmp_path / "never"), epoch=2)
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
+    """An option the mode does not read, or one that another option makes unread, is refused in
+    one line, never silently ignored."""
+    for argv, message in ((["--predict", "x.png", "--model", "m", "--epochs", 3], "--epochs does not apply to --predict, "
+                           "which reads --arch, --batch-size, --device, --max-megapixels, --model, --out, --precision, --workers"),
+                          (["--export", "m", "--device", "cuda"], "--device does not apply to --export"),
+                          (["--show-samples", "--dummy"], "--dummy does not apply to --show-samples")):
+        with pytest.raises(SystemExit):
+            finetune.parse_args([str(a) for a in argv])
+        assert message in capsys.readouterr().err
+    for options, message in ((dict(dummy=True, data_dir=str(tmp_path)), "^data_dir= and dummy= each name the data to "
+                              "train on; give one of them$"), (dict(dummy=True, dataset="cifar10"), "^dummy= and dataset= each"),
+                             (dict(freeze=True, freeze_epochs=1), "^freeze= trains the output layer alone in every epoch")):
+        with pytest.raises(UserError, match=message):
+            runs.train_runs("pretrained", str(tmp_path / "never"), **options)
 
 
 def test_every_classifier_with_one_linear_head_is_taken_and_the_others_refused_in_one_line():
