@@ -2336,7 +2336,7 @@ def test_the_python_calls_take_a_net_without_fc_and_refuse_what_they_cannot_use(
     run = str(tmp_path / "run")  # out= as well, checked before anything is read or trained
     for call in (lambda: predict.predict(run, [photo], out=5), lambda: runs.resume(run, out=5),
                  lambda: predict.export(run, 5), lambda: runs.train_runs("scratch", 5, data_dir=folder)):
-        with pytest.raises(UserError, match="^out=5 is not a text; give a text"):
+        with pytest.raises(UserError, match="^out=5 is not a text, not empty; give a text, not empty"):
             call()
     assert len(predict.predict(str(tmp_path / "run"), (p for p in [photo]), workers=0)) == 1  # any iterable of paths
 
