@@ -20,7 +20,7 @@ import data
 import models
 import predict
 import runs
-from images import image_paths, megapixels_limit
+from images import image_paths, megapixels_limit, shown
 from utils import UserError, job_size, rank, say, under_torchrun
 
 MODES = {"pretrained": "fine-tune the ImageNet resnet18", "scratch": "train resnet18 from random weights",
@@ -170,7 +170,7 @@ def predict_images(options):
     out = options.get("out", ".")
     predictions = predict.predict(options["model"], options["predict"], out=out, **keywords)
     for p in predictions:
-        print(f"{p.path}: {p.label} {p.probability:.3f}")
+        print(f"{shown(p.path)}: {p.label} {p.probability:.3f}")
     found = len(image_paths(options["predict"]))
     wrote = f"wrote {os.path.join(out, 'predictions.csv')}" if predictions else "wrote no predictions.csv"
     print(wrote + (f"; {found - len(predictions)} of {found} images could not be read" if len(predictions) < found

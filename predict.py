@@ -99,7 +99,7 @@ def write_csv(predictions, classes, path):
     csv.writer(table).writerows([["path", "class", "probability", *classes]]
                                 + [[p.path, p.label, f"{p.probability:.4f}", *(f"{q:.4f}" for q in p.probabilities.values())]
                                    for p in predictions])
-    write_whole(path, table.getvalue().encode())
+    write_whole(path, table.getvalue().encode(errors="surrogateescape"))  # a name that is not UTF-8: as the disk has it
 
 
 # ---------------------------------------------------------------- one file, for use elsewhere

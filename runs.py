@@ -448,7 +448,8 @@ def save(folder, history, about, state, best=False):
             write_whole(os.path.join(folder, "best.pt"), saved({**checkpoint, "is_best": True}))
         write_whole(os.path.join(folder, "model.pt"), saved(checkpoint))
         if about["held_out"] is not None:
-            write_whole(os.path.join(folder, "held_out.txt"), "".join(p + "\n" for p in about["held_out"]).encode())
+            held_out = "".join(p + "\n" for p in about["held_out"])  # a name that is not UTF-8: as the disk has it
+            write_whole(os.path.join(folder, "held_out.txt"), held_out.encode(errors="surrogateescape"))
 
 
 def kept_epoch(folder, ckpt):

@@ -1808,6 +1808,25 @@ def test_a_run_inside_another_runs_folder_is_refused(folder, tmp_path, capsys, s
     assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(scratch_run[0]))  # nothing made there
 
 
+def test_names_that_are_not_utf8(folder, tmp_path, capsys, scratch_run):
+    """Linux names are bytes: a photo whose name is not UTF-8 is predicted, shown with the odd
+    byte escaped, and written to predictions.csv and held_out.txt as the disk has it; a class
+    folder so named is refused in one line (tables, pictures and files show class names)."""
+    photos = os.fsencode(tmp_path / "photos")
+    os.mkdir(photos)
+    shutil.copy(os.path.join(folder, "test", "hotdog", "0.png"), photos + b"/bad\xff.png")
+    status, out, err = run_cli(capsys, "--predict", os.fsdecode(photos), "--model", scratch_run[0], "--out", tmp_path,
+                               "--workers", 0)
+    assert status == 0 and out.startswith(f"{tmp_path / 'photos'}/bad\\xff.png: "), err
+    assert photos + b"/bad\xff.png," in (tmp_path / "predictions.csv").read_bytes()
+    runs.save(str(tmp_path), [], dict(held_out=[os.fsdecode(b"hotdog/bad\xff.png")]), {})
+    assert (tmp_path / "held_out.txt").read_bytes() == b"hotdog/bad\xff.png\n"
+    os.rename(photos, photos + b"/../not\xffhot")
+    shutil.copytree(os.path.join(folder, "train", "hotdog"), tmp_path / "hotdog")
+    with pytest.raises(UserError, match=r"^the class folder .*/not\\xffhot has a name that is not UTF-8 text; rename it$"):
+        data.image_folders(str(tmp_path))
+
+
 def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stands_in(tmp_path, capsys, scratch_run,
                                                                                        compare_run):
     """--predict, --export and --resume never pick one of several runs silently: a --compare's
