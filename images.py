@@ -109,10 +109,15 @@ def heif_plugin():
 
 
 # ---------------------------------------------------------------- finding images in folders
+SYSTEM_NAMES = ("__MACOSX", "Thumbs.db", "desktop.ini",  # macOS's zip files, Windows
+                "@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot")  # Synology's and QNAP's
+
+
 def ignored(name):
     """Never a class or an image: hidden names (.ipynb_checkpoints, .DS_Store, macOS's ._x.jpg),
-    what NAS boxes and Windows add (Synology's @eaDir, Thumbs.db, desktop.ini), and __MACOSX."""
-    return name.startswith((".", "@")) or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
+    and what zip files, Windows and NAS boxes add (SYSTEM_NAMES). Only those: a class folder of
+    one's own, @home, stays a class, never one left out unsaid."""
+    return name.startswith(".") or name in SYSTEM_NAMES
 
 
 def nfc(name):

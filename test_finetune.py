@@ -1490,6 +1490,7 @@ def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_p
     (hotdog / "desktop.ini").write_text("[.ShellClassInfo]")
     train_set, _ = data.image_folders(root)
     assert train_set.classes == ["hotdog", "not-hotdog"]
+    assert not images.ignored("@home")  # a class of one's own, not a NAS box's folder
     assert sorted(os.path.relpath(p, hotdog) for p, _ in train_set.samples if "/hotdog/" in p) \
         == ["0.png", "1.png", "more/0.png"]
     folder = tmp_path / "photos"
