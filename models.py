@@ -223,7 +223,8 @@ def kept_in(path):
 def load_checkpoint(path):
     """A model.pt or best.pt a run wrote: the weights, the classes, the test transforms'
     settings, and what continuing needs."""
-    fix = "give the model.pt of a training run"
+    fix = ("put back a whole copy, or delete it to keep the run's last epoch, its model.pt, in its place"
+           if os.path.basename(path) == "best.pt" else "give the model.pt of a training run")
     ckpt = load_file(path, "a checkpoint of this program", fix)
     if not isinstance(ckpt, dict) or "history" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this program; {fix}")

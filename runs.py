@@ -207,6 +207,9 @@ def trained(options, out, read=None):
             if options["resume"]:  # a run's model.pt named, or its folder in a compare's: that run alone
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
             ckpts = [checkpoint_of(run, options, read or {}) for run in runs]  # before any data is read
+            if any(ckpts) and options["data_dir"] and not os.path.isdir(options["data_dir"]):
+                raise UserError(f"{options['data_dir']}, the data folder the run was trained on, is not there; "
+                                "give data_dir= where it is now")
             start = time.perf_counter()
             sets = local_first(load_sets, options, next((c.get("held_out") for c in ckpts if c), None))
             say(f"data ready in {time.perf_counter() - start:.1f} s")

@@ -1828,6 +1828,21 @@ def test_names_that_are_not_utf8(folder, tmp_path, capsys, scratch_run):
         data.image_folders(str(tmp_path))
 
 
+def test_a_continued_runs_missing_data_and_damaged_best_pt_are_named_with_their_fix(tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    ckpt["args"]["data_dir"] = str(tmp_path / "moved")
+    torch.save(ckpt, tmp_path / "run" / "model.pt")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)
+    assert status == 2 and "data ready" not in out, err
+    assert err == f"error: {tmp_path / 'moved'}, the data folder the run was trained on, is not there; " \
+                  "give --data-dir where it is now\n"
+    (tmp_path / "run" / "best.pt").write_bytes((tmp_path / "run" / "best.pt").read_bytes()[:1000])
+    status, out, err = run_cli(capsys, "--predict", tmp_path, "--model", tmp_path / "run", "--out", tmp_path / "p")
+    assert status == 2 and err == f"error: {tmp_path / 'run' / 'best.pt'} is not a checkpoint of this program; put back " \
+                                  "a whole copy, or delete it to keep the run's last epoch, its model.pt, in its place\n"
+
+
 def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stands_in(tmp_path, capsys, scratch_run,
                                                                                        compare_run):
     """--predict, --export and --resume never pick one of several runs silently: a --compare's
