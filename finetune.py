@@ -97,7 +97,8 @@ def parse_args(argv=None):
     mode = next((m for m in READS if hasattr(args, m) or getattr(args, "mode", None) == m), None)
     ignored = sorted(set(vars(args)) - READS[mode] - {"mode", mode}) if mode else []
     if ignored:
-        p.error(f"{flag(ignored[0])} does not apply to --{mode}, which reads {', '.join(map(flag, sorted(READS[mode])))}")
+        typed = flag(ignored[0]).replace("--cache-gb", "--cache-gb or --no-cache")  # both set cache_gb
+        p.error(f"{typed} does not apply to --{mode}, which reads {', '.join(map(flag, sorted(READS[mode])))}")
     return args
 
 
@@ -110,7 +111,8 @@ def parsed(name):
         try:
             return runs.checked(name, kind(text))
         except (UserError, ValueError):
-            raise argparse.ArgumentTypeError(f"give {runs.takes(*runs.OPTIONS[name][1:])}, not {text}") from None
+            takes = runs.takes(*runs.OPTIONS[name][1:])
+            raise argparse.ArgumentTypeError(f"give {takes}, not {text or repr(text)}") from None
     return parse
 
 
@@ -173,8 +175,8 @@ def predict_images(options):
         print(f"{shown(p.path)}: {p.label} {p.probability:.3f}")
     found = len(image_paths(options["predict"]))
     wrote = f"wrote {os.path.join(out, 'predictions.csv')}" if predictions else "wrote no predictions.csv"
-    print(wrote + (f"; {found - len(predictions)} of {found} images could not be read" if len(predictions) < found
-                   else ""), file=sys.stderr)
+    missed = f"; {found - len(predictions)} of {found} images are not predicted (named above)"
+    print(wrote + (missed if len(predictions) < found else ""), file=sys.stderr)
     return 0 if len(predictions) == found else 1
 
 

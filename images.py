@@ -13,7 +13,6 @@ import functools
 import io
 import itertools
 import os
-import stat
 import sys
 import unicodedata
 import warnings
@@ -79,12 +78,10 @@ def image_size(path):
 
 
 def read_image(path, read):
-    """read(the opened image), naming the file if it is damaged, not an image (a pipe, a device),
-    or so large that it could be a decompression bomb."""
+    """read(the opened image), naming the file if it is damaged, not an image, or so large that
+    it could be a decompression bomb."""
     heif_plugin()
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a pipe would wait for a writer for ever
-            raise OSError("not a regular file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
@@ -128,7 +125,8 @@ def nfc(name):
 
 def image_files(folder):
     """The image files under folder, sorted: links to files and folders followed, but no folder
-    read twice (a link back up would loop) and no file taken twice; ignored names skipped."""
+    read twice (a link back up would loop) and no file taken twice; ignored names skipped, and
+    pipes, sockets and devices (opening a pipe no one writes to would wait for ever)."""
     found, seen = [], set()
     for root, folders, names in os.walk(folder, followlinks=True):
         if os.path.realpath(root) in seen:
@@ -136,9 +134,14 @@ def image_files(folder):
             continue
         seen.add(os.path.realpath(root))
         folders[:] = [name for name in folders if not ignored(name)]
-        found += sorted(os.path.join(root, name) for name in names
-                        if not ignored(name) and has_file_allowed_extension(name, IMAGE_EXTENSIONS))
+        found += sorted(os.path.join(root, name) for name in names if not ignored(name)
+                        and has_file_allowed_extension(name, IMAGE_EXTENSIONS) and not special(os.path.join(root, name)))
     return sorted(once(found))
+
+
+def special(path):
+    """Whether path is a pipe, a socket or a device (a broken link is a file that cannot be read)."""
+    return os.path.exists(path) and not os.path.isfile(path)
 
 
 def once(paths):

@@ -215,16 +215,17 @@ def kept_in(path):
     """The checkpoint that predicts for path: a file as it is; a run's folder, the epoch its
     best.pt keeps (its model.pt, where a run begun before runs kept best.pt has none); a folder of
     several runs (a --compare's) is refused."""
-    with contextlib.suppress(UserError):  # a folder without best.pt
-        return checkpoint_in(path, "best.pt", one_run=True)
-    return checkpoint_in(path, one_run=True)
+    found = checkpoint_in(path, one_run=True)  # the file, or the run's model.pt
+    best = os.path.join(os.path.dirname(found), "best.pt")
+    return best if os.path.isdir(path) and os.path.exists(best) else found
 
 
 def load_checkpoint(path):
     """A model.pt or best.pt a run wrote: the weights, the classes, the test transforms'
     settings, and what continuing needs."""
+    beside = os.path.join(os.path.dirname(path), "model.pt")  # a run's best.pt: it can be made again
     fix = ("put back a whole copy, or delete it to keep the run's last epoch, its model.pt, in its place"
-           if os.path.basename(path) == "best.pt" else "give the model.pt of a training run")
+           if os.path.basename(path) == "best.pt" and os.path.exists(beside) else "give the model.pt of a training run")
     ckpt = load_file(path, "a checkpoint of this program", fix)
     if not isinstance(ckpt, dict) or "history" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this program; {fix}")

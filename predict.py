@@ -40,16 +40,17 @@ class Prediction:
 def predict(model, images, *, out=None, batch_size=128, workers=None, device=None, precision="amp", arch=None):
     """Classify images (a path or a list of paths: files, and folders searched for them) with
     model, a model.pt or best.pt written by training, or its run's folder (the epoch its best.pt
-    keeps: models.kept_in), on one device. Returns one Prediction per image that could be read,
-    in the order given; each one that could not is named on stderr. With out, a folder:
-    predictions.csv there too. arch, where given, must be the model's."""
+    keeps: models.kept_in), on one device. Returns one Prediction per image predicted, in the
+    order given; each one that could not be read, or that the net gives NaN for, is named on
+    stderr. With out, a folder: predictions.csv there too. arch, where given, must be the model's."""
     items = [images] if isinstance(images, (str, os.PathLike)) else images  # one file or folder
     items = list(items) if isinstance(items, Iterable) else [items]  # a generator read once
     if not all(isinstance(item, (str, os.PathLike)) for item in items):  # None, or a PIL image
         raise UserError(f"images={images!r:.80} is not a path or a list of paths; give image files or folders "
                         "of them (an image in memory: save it to a file first)")
-    batch_size, workers, out = (runs.checked(name, value) for name, value in
-                                (("batch_size", batch_size), ("workers", workers), ("out", out)))
+    batch_size = runs.checked("batch_size", batch_size)
+    workers = runs.checked("workers", workers)
+    out = runs.checked("out", out)
     path = models.kept_in(model)
     ckpt = models.load_checkpoint(path)
     models.same_arch(arch, ckpt)
@@ -65,11 +66,14 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
                                          generator=torch.Generator())  # its workers' seeds: not the caller's numbers
     runtime = train.make_runtime(train.try_device(device), precision)
     probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)  # index for the label
-    if not probs.isfinite().all():  # NaN for every image: a class from them would be a guess
-        raise UserError(f"{path} gives outputs that are not numbers (NaN): its training diverged; "
+    finite, read = probs.isfinite().all(1), index >= 0  # a net's NaN outputs predict nothing
+    if read.any() and not finite[read].any():
+        raise UserError(f"{path} gives outputs that are not numbers (NaN) for every image: its training diverged; "
                         "train it again with a lower lr")
+    for i in index[read & ~finite].tolist():  # an overflow in fp16, say: named, as an image that cannot be read is
+        print(f"error: {paths[i]}: the net's outputs are not numbers (NaN); try the precision fp32", file=sys.stderr)
     predictions = [Prediction(paths[i], classes[p.argmax()], p.max().item(), dict(zip(classes, p.tolist())))
-                   for i, p in zip(index.tolist(), probs) if i >= 0]
+                   for i, p in zip(index[read & finite].tolist(), probs[read & finite])]
     if csv_path and predictions:  # none predicted: an earlier predictions.csv stays
         write_csv(predictions, classes, csv_path)
     return predictions

@@ -35,8 +35,8 @@ RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.9
 DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}
 
 # ---------------------------------------------------------------- the options, defined once
-# A batch of 2**63 or more overflows the loader's index (sys.maxsize)
-AT_LEAST_1, ZERO_OR_MORE = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63), ("0 or more", lambda v: 0 <= v < math.inf)
+AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: 0 <= v < math.inf)
+BATCHES = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63)  # a batch of 2**63 overflows the loader's index
 ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: 0 < v < math.inf), ("between 0 and 1", lambda v: 0 < v < 1)
 SEEDS = ("from -2**63 to 2**64 - 1", lambda v: -2**63 <= v < 2**64)  # what torch.manual_seed takes
 
@@ -48,7 +48,7 @@ OPTIONS = dict(
     max_megapixels=(200, float, ABOVE_0),                                        # what to train on, how to read it
     arch=("resnet18", str, None), weights=(None, str, None), freeze=(False, bool, None),
     init_head_from_imagenet=(False, bool, None),                                 # the net
-    epochs=(None, int, AT_LEAST_1), batch_size=(128, int, AT_LEAST_1), lr=(None, float, ABOVE_0),
+    epochs=(None, int, AT_LEAST_1), batch_size=(128, int, BATCHES), lr=(None, float, ABOVE_0),
     no_param_group=(False, bool, None), seed=(0, int, SEEDS),                    # the book's recipe
     patience=(None, int, AT_LEAST_1), freeze_epochs=(0, int, ZERO_OR_MORE),
     class_weights=(None, str, ["balanced"]),                                     # beyond it: off by default
@@ -83,10 +83,12 @@ def checked(name, value):
 
 
 def as_kind(kind, value):
-    """value as Python's value of an option's kind (numpy's numbers too, and a path object as its
-    text), or None where it is none: a bool is no number, an empty text no name or path."""
-    if kind is bool or isinstance(value, bool):
-        return value if kind is bool and isinstance(value, bool) else None
+    """value as a Python value of an option's kind (numpy's numbers as Python's, a path object as its
+    text), or None where value is not of that kind."""
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):  # True is an int to Python, and never a number here
+        return None
     if kind is str:
         return os.fspath(value) if isinstance(value, (str, os.PathLike)) and os.fspath(value) != "" else None
     if isinstance(value, numbers.Integral if kind is int else numbers.Real):
@@ -97,7 +99,7 @@ def as_kind(kind, value):
 
 def takes(kind, allowed):
     """What an option takes, in words."""
-    words = {int: "a whole number", float: "a number", str: "a text, not empty", bool: "True or False"}[kind]
+    words = {int: "a whole number", float: "a number", str: "a non-empty text", bool: "True or False"}[kind]
     return ("one of " + ", ".join(map(repr, allowed)) if isinstance(allowed, list)
             else f"{words}, {allowed[0]}" if allowed else words)
 
@@ -128,8 +130,10 @@ def resume(path, **given):
     folder = os.path.dirname(found)  # where the run is now, wherever it began
     planned = plan_runs(began["mode"], {**DEFAULTS, **began}, folder)
     out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: each has a folder in out
-    if os.path.isdir(path) and len(models.checkpoints_in(path)) > len(planned):  # not one training's runs
-        models.checkpoint_in(path, one_run=True)  # refused, naming them
+    others = set(models.checkpoints_in(os.path.abspath(path))) if os.path.isdir(path) else set()
+    if others - {os.path.join(run.out, "model.pt") for run in planned}:  # the runs of several trainings
+        names = ", ".join(sorted(os.path.basename(os.path.dirname(p)) for p in others))
+        raise UserError(f"{path} holds several runs ({names}); give the folder of one of them")
     asked = given.pop("out", None)
     if asked and os.path.abspath(asked) != out:
         raise UserError(f"{found} continues in its own folder, {out}; leave out= out "
@@ -155,12 +159,8 @@ def settled(mode, given, typed=None):
                "mode": mode, "typed": sorted(typed or given), "resume": None}
     if options["class_weights"] and options["dummy"]:
         raise UserError("class_weights= needs labelled images, and dummy's are random; leave one out")
-    sources = [key for key in ("data_dir", "dummy") if options[key]] + ["dataset"] * (options["dataset"] != "hotdog")
-    if len(sources) > 1:  # one would be read, the other silently not
-        raise UserError(f"{sources[0]}= and {sources[1]}= each name the data to train on; give one of them")
-    if options["freeze"] and options["freeze_epochs"]:
-        raise UserError("freeze= trains the output layer alone in every epoch, freeze_epochs= in the first N; "
-                        "give one of them")
+    if typed is None:  # given now; a resumed run's own were refused, or taken, as it began
+        refuse_unread(options, given)
     ignored = [key for key in PRETRAINED_ONLY if mode == "scratch" and options[key]]
     if ignored:
         raise UserError(f"{ignored[0]}= changes the pretrained net, and scratch trains from random weights; "
@@ -171,6 +171,20 @@ def settled(mode, given, typed=None):
     options["workers"] = data.default_workers(options["workers"])
     options.update({key: options[key] and os.path.abspath(options[key]) for key in PATHS})
     return options
+
+
+def refuse_unread(options, given):
+    """Refuse options that the run would silently not read: two that each name the data, where
+    downloads go beside data that downloads nothing, --freeze beside --freeze-epochs."""
+    sources = [key for key in ("data_dir", "dummy") if options[key]] + ["dataset"] * (options["dataset"] != "hotdog")
+    if len(sources) > 1:
+        raise UserError(f"{sources[0]}= and {sources[1]}= each name the data to train on; give one of them")
+    if "data_root" in given and sources and sources[0] != "dataset":
+        raise UserError(f"data_root= is where the hot-dog set and CIFAR-10 are downloaded, and {sources[0]}= "
+                        "downloads nothing; leave data_root= out")
+    if options["freeze"] and options["freeze_epochs"]:
+        raise UserError("freeze= trains the output layer alone in every epoch, freeze_epochs= in the first N; "
+                        "give one of them")
 
 
 def lrs(lr):
@@ -196,7 +210,6 @@ def trained(options, out, read=None):
     """Train every planned run into out, each continuing its checkpoint (read: those resume read)."""
     device = join_processes(train.try_device(options["device"]))
     out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
-    outside_runs(out)
     try:
         with images.megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):  # this call's
             runs = plan_runs(options["mode"], options, out)
@@ -208,8 +221,8 @@ def trained(options, out, read=None):
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
             ckpts = [checkpoint_of(run, options, read or {}) for run in runs]  # before any data is read
             if any(ckpts) and options["data_dir"] and not os.path.isdir(options["data_dir"]):
-                raise UserError(f"{options['data_dir']}, the data folder the run was trained on, is not there; "
-                                "give data_dir= where it is now")
+                raise UserError(f"data_dir={options['data_dir']} is not a folder; give data_dir= where the run's "
+                                "data folder is now")
             start = time.perf_counter()
             sets = local_first(load_sets, options, next((c.get("held_out") for c in ckpts if c), None))
             say(f"data ready in {time.perf_counter() - start:.1f} s")
@@ -369,16 +382,6 @@ def checkpoint_of(run, options, read):
     if ckpt:
         refuse_changes(run_options(run, ckpt["args"]), run_options(run, options), path)
     return ckpt
-
-
-def outside_runs(out):
-    """Refuse out inside another run's folder: --resume of that run would find this one's model.pt
-    in it, and refuse to continue a folder of two trainings."""
-    folder = os.path.dirname(out)
-    while folder != os.path.dirname(folder):  # up to the root
-        if os.path.exists(os.path.join(folder, "model.pt")):
-            raise UserError(f"out={out} lies in the folder of another run, {folder}; choose an out= outside it")
-        folder = os.path.dirname(folder)
 
 
 def run_checkpoint(path):

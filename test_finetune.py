@@ -1786,27 +1786,15 @@ def test_the_same_command_from_another_folder_continues_the_run(folder, tmp_path
     assert status == 0 and "scratch: finished its 1 epochs already" in out, err
 
 
-def test_a_pipe_named_like_an_image_is_named_not_waited_on(tmp_path):
-    """A pipe (or a device) with an image's name is no image: opening a pipe would wait for a
-    writer for ever. Here an alarm ends the wait, should it begin."""
-    os.mkfifo(tmp_path / "x.png")
-    before = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("waited on the pipe"))
-    signal.alarm(20)
-    try:
-        with pytest.raises(UserError, match=r"^cannot read image .*x.png \(not a regular file\); delete or replace"):
-            images.load_rgb(str(tmp_path / "x.png"))
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, before)
-
-
-def test_a_run_inside_another_runs_folder_is_refused(folder, tmp_path, capsys, scratch_run):
-    shutil.copytree(scratch_run[0], tmp_path / "one")
-    status, out, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--out", tmp_path / "one" / "two" / "three")
-    assert status == 2 and "data ready" not in out, err
-    assert err == f"error: --out {tmp_path / 'one' / 'two' / 'three'} lies in the folder of another run, " \
-                  f"{tmp_path / 'one'}; choose an --out outside it\n"
-    assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(scratch_run[0]))  # nothing made there
+def test_a_pipe_named_like_an_image_in_a_folder_is_skipped(tmp_path):
+    """Opening a pipe no one writes to would wait for ever: in a folder, one named like an image is
+    no image. Named on the command line (--predict <(curl ...)), it is read."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    os.mkfifo(photos / "x.png")
+    Image.new("RGB", (8, 8)).save(photos / "y.png")
+    assert images.image_files(str(photos)) == [str(photos / "y.png")]
+    assert images.image_paths([str(photos / "x.png")]) == [str(photos / "x.png")]
 
 
 def test_names_that_are_not_utf8(folder, tmp_path, capsys, scratch_run):
@@ -1835,12 +1823,15 @@ def test_a_continued_runs_missing_data_and_damaged_best_pt_are_named_with_their_
     torch.save(ckpt, tmp_path / "run" / "model.pt")
     status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)
     assert status == 2 and "data ready" not in out, err
-    assert err == f"error: {tmp_path / 'moved'}, the data folder the run was trained on, is not there; " \
-                  "give --data-dir where it is now\n"
+    assert err == f"error: --data-dir {tmp_path / 'moved'} is not a folder; give --data-dir where the run's data " \
+                  "folder is now\n"
     (tmp_path / "run" / "best.pt").write_bytes((tmp_path / "run" / "best.pt").read_bytes()[:1000])
     status, out, err = run_cli(capsys, "--predict", tmp_path, "--model", tmp_path / "run", "--out", tmp_path / "p")
     assert status == 2 and err == f"error: {tmp_path / 'run' / 'best.pt'} is not a checkpoint of this program; put back " \
                                   "a whole copy, or delete it to keep the run's last epoch, its model.pt, in its place\n"
+    os.replace(tmp_path / "run" / "best.pt", tmp_path / "best.pt")  # not a run's: no run's epoch takes its place
+    with pytest.raises(UserError, match="best.pt is not a checkpoint of this program; give the model.pt of a training run$"):
+        models.load_checkpoint(str(tmp_path / "best.pt"))
 
 
 def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stands_in(tmp_path, capsys, scratch_run,
@@ -1860,6 +1851,12 @@ def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stand
     shutil.copy(run / "model.pt", run / "backup")
     assert models.checkpoint_in(run) == str(run / "model.pt") and models.checkpoints_in(run) == [str(run / "model.pt")]
     assert models.kept_in(run) == str(run / "best.pt")
+    os.replace(run / "best.pt", run / "backup" / "best.pt")  # a run begun before best.pt: its model.pt predicts
+    assert models.kept_in(run) == str(run / "model.pt")
+    shutil.copytree(compare_run[0], tmp_path / "both")
+    os.remove(tmp_path / "both" / "pretrained" / "best.pt")  # one best.pt among several runs names no run either
+    with pytest.raises(UserError, match=r" holds several runs \(pretrained, scratch\); give the folder of one of them$"):
+        models.kept_in(tmp_path / "both")
 
 
 def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compare_run):
@@ -2371,7 +2368,7 @@ def test_the_python_calls_take_a_net_without_fc_and_refuse_what_they_cannot_use(
     run = str(tmp_path / "run")  # out= as well, checked before anything is read or trained
     for call in (lambda: predict.predict(run, [photo], out=5), lambda: runs.resume(run, out=5),
                  lambda: predict.export(run, 5), lambda: runs.train_runs("scratch", 5, data_dir=folder)):
-        with pytest.raises(UserError, match="^out=5 is not a text, not empty; give a text, not empty"):
+        with pytest.raises(UserError, match="^out=5 is not a non-empty text; give a non-empty text"):
             call()
     assert len(predict.predict(str(tmp_path / "run"), (p for p in [photo]), workers=0)) == 1  # any iterable of paths
 
@@ -2585,7 +2582,7 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
     for name, value in (("epochs", np.int64(3)), ("lr", np.float32(0.5)), ("lr", [np.float64(1e-3), 2])):
         typed = runs.checked(name, value)  # numpy's numbers, as Python's (metrics.json, a checkpoint's args)
         assert typed == value and {type(v) for v in (typed if isinstance(typed, list) else [typed])} == {runs.OPTIONS[name][1]}
-    with pytest.raises(UserError, match="^out='' is not a text, not empty; give a text, not empty$"):
+    with pytest.raises(UserError, match="^out='' is not a non-empty text; give a non-empty text$"):
         runs.checked("out", "")
     assert sorted(finetune.HELP) == sorted(runs.OPTIONS)  # every option has its flag
     with pytest.raises(UserError, match=r"^resume takes out= and the options \['dataset', .*\], not \['epoch'\]$"):
@@ -2604,9 +2601,19 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
         assert message in capsys.readouterr().err
     for options, message in ((dict(dummy=True, data_dir=str(tmp_path)), "^data_dir= and dummy= each name the data to "
                               "train on; give one of them$"), (dict(dummy=True, dataset="cifar10"), "^dummy= and dataset= each"),
-                             (dict(freeze=True, freeze_epochs=1), "^freeze= trains the output layer alone in every epoch")):
+                             (dict(freeze=True, freeze_epochs=1), "^freeze= trains the output layer alone in every epoch"),
+                             (dict(dummy=True, data_root=str(tmp_path)), "^data_root= is where the hot-dog set and CIFAR-10 "
+                              "are downloaded, and dummy= downloads nothing; leave data_root= out$")):
         with pytest.raises(UserError, match=message):
             runs.train_runs("pretrained", str(tmp_path / "never"), **options)
+    began = dict(freeze=True, freeze_epochs=1)  # a run begun before these were refused still resumes
+    assert runs.settled("pretrained", began, list(began))["freeze"]
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--predict", "x.png", "--model", "m", "--no-cache"])
+    assert "--cache-gb or --no-cache does not apply to --predict" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--scratch", "--data-dir", ""])
+    assert "argument --data-dir: give a non-empty text, not ''" in capsys.readouterr().err
 
 
 def test_every_classifier_with_one_linear_head_is_taken_and_the_others_refused_in_one_line():
@@ -2934,7 +2941,23 @@ def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys):
     status, out, err = run_cli(capsys, *argv)  # finished: the results read back, and the table printed
     assert status == 0 and "nan" in out.split("book")[-1], err
     status, out, err = run_cli(capsys, "--predict", folder, "--model", tmp_path / "scratch", "--out", tmp_path / "p")
-    assert status == 2 and "best.pt gives outputs that are not numbers (NaN): its training diverged" in err, err
+    assert status == 2 and "best.pt gives outputs that are not numbers (NaN) for every image: its training diverged" in err
+
+
+def test_an_image_the_net_gives_nan_for_is_named_and_left_out(folder, tmp_path, capsys, monkeypatch, scratch_run):
+    """NaN for one image (an overflow in fp16, say) leaves that image out, named; the others are predicted."""
+    evaluate = train.evaluate
+
+    def nan_first(*args):
+        probs, index = evaluate(*args)
+        probs[index == 0] = float("nan")
+        return probs, index
+    monkeypatch.setattr(train, "evaluate", nan_first)
+    photos = os.path.join(folder, "test", "hotdog")
+    status, out, err = run_cli(capsys, "--predict", photos, "--model", scratch_run[0], "--out", tmp_path, "--workers", 0)
+    first, *others = images.image_files(photos)
+    assert status == 1 and f"error: {first}: the net's outputs are not numbers (NaN); try the precision fp32" in err, err
+    assert [line.split(":")[0] for line in out.splitlines()] == others and len(others) >= 1
 
 
 def test_a_compares_scratch_run_says_it_stopped_and_records_what_it_used(folder, tmp_path, capsys, monkeypatch):
