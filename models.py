@@ -215,7 +215,10 @@ def kept_in(path):
     """The checkpoint that predicts for path: a file as it is; a run's folder, the epoch its
     best.pt keeps (its model.pt, where a run begun before runs kept best.pt has none); a folder of
     several runs (a --compare's) is refused."""
-    found = checkpoint_in(path, one_run=True)  # the file, or the run's model.pt
+    own = os.path.join(path, "best.pt") if isinstance(path, (str, os.PathLike)) else None
+    if own and os.path.isfile(own):  # the run's in this folder, or one copied here alone to predict
+        return own
+    found = checkpoint_in(path, one_run=True)  # the file, or the model.pt of the one run in the folder
     best = os.path.join(os.path.dirname(found), "best.pt")
     return best if os.path.isdir(path) and os.path.exists(best) else found
 

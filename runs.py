@@ -130,9 +130,9 @@ def resume(path, **given):
     folder = os.path.dirname(found)  # where the run is now, wherever it began
     planned = plan_runs(began["mode"], {**DEFAULTS, **began}, folder)
     out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: each has a folder in out
-    others = set(models.checkpoints_in(os.path.abspath(path))) if os.path.isdir(path) else set()
-    if others - {os.path.join(run.out, "model.pt") for run in planned}:  # the runs of several trainings
-        names = ", ".join(sorted(os.path.basename(os.path.dirname(p)) for p in others))
+    found_in_path = models.checkpoints_in(path) if os.path.isdir(path) else [found]
+    if len(planned) == 1 and len(found_in_path) > 1:  # a folder of several trainings: which one?
+        names = ", ".join(os.path.basename(os.path.dirname(p)) for p in found_in_path)
         raise UserError(f"{path} holds several runs ({names}); give the folder of one of them")
     asked = given.pop("out", None)
     if asked and os.path.abspath(asked) != out:
