@@ -188,6 +188,7 @@ def export(options):
 
 def show_samples(options):
     """--show-samples: the book's first look at the data, and the same images augmented."""
+    runs.refuse_unread({**runs.DEFAULTS, **options}, set(options))  # --data-root beside --data-dir
     data_dir = options.get("data_dir") or data.get_hotdog(options.get("data_root", "data"))
     path = data.samples(data_dir, options.get("out", "."))
     if path:

@@ -197,9 +197,14 @@ def checkpoint_in(path, name="model.pt", one_run=False):
     if not found:
         raise UserError(f"{path} holds no {name}; give the model.pt of a training run, or its folder")
     if one_run and len(found) > 1:
-        runs = ", ".join(os.path.basename(os.path.dirname(p)) for p in found)
-        raise UserError(f"{path} holds several runs ({runs}); give the folder of one of them")
+        raise several_runs(path, found)
     return found[0]
+
+
+def several_runs(folder, checkpoints):
+    """The error for a folder of several runs (their checkpoints) where one was meant."""
+    runs = ", ".join(os.path.basename(os.path.dirname(p)) for p in checkpoints)
+    return UserError(f"{folder} holds several runs ({runs}); give the folder of one of them")
 
 
 def checkpoints_in(folder, name="model.pt"):
@@ -215,12 +220,12 @@ def kept_in(path):
     """The checkpoint that predicts for path: a file as it is; a run's folder, the epoch its
     best.pt keeps (its model.pt, where a run begun before runs kept best.pt has none); a folder of
     several runs (a --compare's) is refused."""
-    own = os.path.join(path, "best.pt") if isinstance(path, (str, os.PathLike)) else None
-    if own and os.path.isfile(own):  # the run's in this folder, or one copied here alone to predict
-        return own
+    folder = isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
+    if folder and not checkpoints_in(path) and checkpoints_in(path, "best.pt"):  # a best.pt copied alone, to predict
+        return checkpoint_in(path, "best.pt", one_run=True)
     found = checkpoint_in(path, one_run=True)  # the file, or the model.pt of the one run in the folder
     best = os.path.join(os.path.dirname(found), "best.pt")
-    return best if os.path.isdir(path) and os.path.exists(best) else found
+    return best if folder and os.path.exists(best) else found
 
 
 def load_checkpoint(path):

@@ -24,7 +24,7 @@ import data
 import models
 import runs
 import train
-from images import image_paths, load_rgb
+from images import image_paths, load_rgb, shown
 from utils import UserError, first_line, writable_folder, write_whole
 
 
@@ -67,11 +67,12 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     runtime = train.make_runtime(train.try_device(device), precision)
     probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)  # index for the label
     finite, read = probs.isfinite().all(1), index >= 0  # a net's NaN outputs predict nothing
+    fp32 = "" if runtime.dtype is None else f", or its {runtime.dtype} arithmetic overflowed: try the precision fp32"
     if read.any() and not finite[read].any():
-        raise UserError(f"{path} gives outputs that are not numbers (NaN) for every image: its training diverged; "
-                        "train it again with a lower lr")
-    for i in index[read & ~finite].tolist():  # an overflow in fp16, say: named, as an image that cannot be read is
-        print(f"error: {paths[i]}: the net's outputs are not numbers (NaN); try the precision fp32", file=sys.stderr)
+        raise UserError(f"{path} gives outputs that are not numbers (NaN) for every image: its training diverged, and "
+                        f"should be trained again with a lower lr{fp32}")
+    for i in index[read & ~finite].tolist():  # named, as an image that cannot be read is
+        print(f"error: {shown(paths[i])}: the net's outputs are not numbers (NaN){fp32}", file=sys.stderr)
     predictions = [Prediction(paths[i], classes[p.argmax()], p.max().item(), dict(zip(classes, p.tolist())))
                    for i, p in zip(index[read & finite].tolist(), probs[read & finite])]
     if csv_path and predictions:  # none predicted: an earlier predictions.csv stays
@@ -93,7 +94,7 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             return self.augs(load_rgb(self.paths[i])), i
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {shown(str(e))}", file=sys.stderr, flush=True)
             return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), -1
 
 

@@ -84,7 +84,7 @@ def checked(name, value):
 
 def as_kind(kind, value):
     """value as a Python value of an option's kind (numpy's numbers as Python's, a path object as its
-    text), or None where value is not of that kind."""
+    text), or None where value is not of that kind, or is an empty text."""
     if kind is bool:
         return value if isinstance(value, bool) else None
     if isinstance(value, bool):  # True is an int to Python, and never a number here
@@ -130,10 +130,7 @@ def resume(path, **given):
     folder = os.path.dirname(found)  # where the run is now, wherever it began
     planned = plan_runs(began["mode"], {**DEFAULTS, **began}, folder)
     out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: each has a folder in out
-    found_in_path = models.checkpoints_in(path) if os.path.isdir(path) else [found]
-    if len(planned) == 1 and len(found_in_path) > 1:  # a folder of several trainings: which one?
-        names = ", ".join(os.path.basename(os.path.dirname(p)) for p in found_in_path)
-        raise UserError(f"{path} holds several runs ({names}); give the folder of one of them")
+    one_training(path, began, out)
     asked = given.pop("out", None)
     if asked and os.path.abspath(asked) != out:
         raise UserError(f"{found} continues in its own folder, {out}; leave out= out "
@@ -144,8 +141,19 @@ def resume(path, **given):
         del given["lr"]  # the recipe's own, which the run began with, typed out
     options = settled(began["mode"], {k: v for k, v in {**began, **given}.items() if k in OPTIONS},
                       {*began["typed"], *given})
+    refuse_unread(options, set(given))  # a run begun before these were refused still continues as it began
     alone = os.path.abspath(path) != out  # a run's model.pt, or its folder among others: that run alone
     return trained({**options, "resume": found if alone else None}, out, {found: ckpt})
+
+
+def one_training(path, began, out):
+    """Refuse a folder path that holds other runs than those of the training that began with
+    `began` and continues in out: the runs of several trainings (which one is meant?)."""
+    if os.path.isdir(path):
+        planned = {os.path.join(run.out, "model.pt") for run in plan_runs(began["mode"], {**DEFAULTS, **began}, out)}
+        held = [os.path.abspath(p) for p in models.checkpoints_in(path)]
+        if set(held) - planned:
+            raise models.several_runs(path, held)
 
 
 def settled(mode, given, typed=None):
@@ -159,8 +167,8 @@ def settled(mode, given, typed=None):
                "mode": mode, "typed": sorted(typed or given), "resume": None}
     if options["class_weights"] and options["dummy"]:
         raise UserError("class_weights= needs labelled images, and dummy's are random; leave one out")
-    if typed is None:  # given now; a resumed run's own were refused, or taken, as it began
-        refuse_unread(options, given)
+    if typed is None:  # a run begun now (resume checks only what it is given anew)
+        refuse_unread(options, set(given))
     ignored = [key for key in PRETRAINED_ONLY if mode == "scratch" and options[key]]
     if ignored:
         raise UserError(f"{ignored[0]}= changes the pretrained net, and scratch trains from random weights; "
@@ -174,15 +182,16 @@ def settled(mode, given, typed=None):
 
 
 def refuse_unread(options, given):
-    """Refuse options that the run would silently not read: two that each name the data, where
-    downloads go beside data that downloads nothing, --freeze beside --freeze-epochs."""
+    """Refuse options, one of them given now (the names in `given`), that the run would silently
+    not read: two that each name the data, where downloads go beside data that downloads nothing,
+    --freeze beside --freeze-epochs."""
     sources = [key for key in ("data_dir", "dummy") if options[key]] + ["dataset"] * (options["dataset"] != "hotdog")
-    if len(sources) > 1:
+    if len(sources) > 1 and given & set(sources):
         raise UserError(f"{sources[0]}= and {sources[1]}= each name the data to train on; give one of them")
     if "data_root" in given and sources and sources[0] != "dataset":
         raise UserError(f"data_root= is where the hot-dog set and CIFAR-10 are downloaded, and {sources[0]}= "
                         "downloads nothing; leave data_root= out")
-    if options["freeze"] and options["freeze_epochs"]:
+    if options["freeze"] and options["freeze_epochs"] and given & {"freeze", "freeze_epochs"}:
         raise UserError("freeze= trains the output layer alone in every epoch, freeze_epochs= in the first N; "
                         "give one of them")
 
@@ -221,8 +230,8 @@ def trained(options, out, read=None):
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
             ckpts = [checkpoint_of(run, options, read or {}) for run in runs]  # before any data is read
             if any(ckpts) and options["data_dir"] and not os.path.isdir(options["data_dir"]):
-                raise UserError(f"data_dir={options['data_dir']} is not a folder; give data_dir= where the run's "
-                                "data folder is now")
+                raise UserError(f"data_dir={options['data_dir']}, the run's data folder, is not a folder; "
+                                "give data_dir= where it is now")
             start = time.perf_counter()
             sets = local_first(load_sets, options, next((c.get("held_out") for c in ckpts if c), None))
             say(f"data ready in {time.perf_counter() - start:.1f} s")

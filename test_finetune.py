@@ -1823,8 +1823,8 @@ def test_a_continued_runs_missing_data_and_damaged_best_pt_are_named_with_their_
     torch.save(ckpt, tmp_path / "run" / "model.pt")
     status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)
     assert status == 2 and "data ready" not in out, err
-    assert err == f"error: --data-dir {tmp_path / 'moved'} is not a folder; give --data-dir where the run's data " \
-                  "folder is now\n"
+    assert err == f"error: --data-dir {tmp_path / 'moved'}, the run's data folder, is not a folder; " \
+                  "give --data-dir where it is now\n"
     (tmp_path / "run" / "best.pt").write_bytes((tmp_path / "run" / "best.pt").read_bytes()[:1000])
     status, out, err = run_cli(capsys, "--predict", tmp_path, "--model", tmp_path / "run", "--out", tmp_path / "p")
     assert status == 2 and err == f"error: {tmp_path / 'run' / 'best.pt'} is not a checkpoint of this program; put back " \
@@ -1857,6 +1857,14 @@ def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stand
     os.remove(tmp_path / "both" / "pretrained" / "best.pt")  # one best.pt among several runs names no run either
     with pytest.raises(UserError, match=r" holds several runs \(pretrained, scratch\); give the folder of one of them$"):
         models.kept_in(tmp_path / "both")
+    shutil.copytree(scratch_run[0], tmp_path / "both" / "zzz")  # a compare's folder, and another training's run
+    with pytest.raises(UserError, match=r" holds several runs \(pretrained, scratch, zzz\); give the folder of one of"):
+        runs.resume(tmp_path / "both")
+    for name in ("pretrained", "scratch", "zzz"):  # runs that keep their best.pt alone: the folder of one finds it
+        os.remove(tmp_path / "both" / name / "model.pt")
+    shutil.rmtree(tmp_path / "both" / "pretrained")
+    shutil.move(tmp_path / "both" / "zzz", tmp_path / "zzz")
+    assert models.kept_in(tmp_path / "both") == str(tmp_path / "both" / "scratch" / "best.pt")
 
 
 def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compare_run):
@@ -2608,6 +2616,11 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
             runs.train_runs("pretrained", str(tmp_path / "never"), **options)
     began = dict(freeze=True, freeze_epochs=1)  # a run begun before these were refused still resumes
     assert runs.settled("pretrained", began, list(began))["freeze"]
+    runs.refuse_unread({**runs.DEFAULTS, "dummy": True, "data_dir": "x"}, set())  # as such a run began: taken
+    with pytest.raises(UserError, match="^data_dir= and dummy= each name the data"):  # data_dir= given anew: refused
+        runs.refuse_unread({**runs.DEFAULTS, "dummy": True, "data_dir": "x"}, {"data_dir"})
+    status, _, err = run_cli(capsys, "--show-samples", "--data-dir", tmp_path, "--data-root", tmp_path, "--out", tmp_path)
+    assert status == 2 and "--data-root is where the hot-dog set and CIFAR-10 are downloaded, and --data-dir" in err
     with pytest.raises(SystemExit):
         finetune.parse_args(["--predict", "x.png", "--model", "m", "--no-cache"])
     assert "--cache-gb or --no-cache does not apply to --predict" in capsys.readouterr().err
@@ -2941,7 +2954,10 @@ def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys):
     status, out, err = run_cli(capsys, *argv)  # finished: the results read back, and the table printed
     assert status == 0 and "nan" in out.split("book")[-1], err
     status, out, err = run_cli(capsys, "--predict", folder, "--model", tmp_path / "scratch", "--out", tmp_path / "p")
-    assert status == 2 and "best.pt gives outputs that are not numbers (NaN) for every image: its training diverged" in err
+    dtype = train.amp_dtype(torch.device("cpu"))  # where autocast runs, its type may have overflowed
+    overflow = f", or its {dtype} arithmetic overflowed: try the precision fp32" if dtype else ""
+    assert status == 2 and err.endswith("best.pt gives outputs that are not numbers (NaN) for every image: its training "
+                                        f"diverged, and should be trained again with a lower lr{overflow}\n"), err
 
 
 def test_an_image_the_net_gives_nan_for_is_named_and_left_out(folder, tmp_path, capsys, monkeypatch, scratch_run):
@@ -2956,7 +2972,9 @@ def test_an_image_the_net_gives_nan_for_is_named_and_left_out(folder, tmp_path, 
     photos = os.path.join(folder, "test", "hotdog")
     status, out, err = run_cli(capsys, "--predict", photos, "--model", scratch_run[0], "--out", tmp_path, "--workers", 0)
     first, *others = images.image_files(photos)
-    assert status == 1 and f"error: {first}: the net's outputs are not numbers (NaN); try the precision fp32" in err, err
+    dtype = train.amp_dtype(torch.device("cpu"))  # where autocast runs, its type may have overflowed
+    overflow = f", or its {dtype} arithmetic overflowed: try the precision fp32" if dtype else ""
+    assert status == 1 and f"error: {first}: the net's outputs are not numbers (NaN){overflow}\n" in err, err
     assert [line.split(":")[0] for line in out.splitlines()] == others and len(others) >= 1
 
 
