@@ -3,7 +3,7 @@
     python finetune.py --pretrained     # fine-tune the ImageNet net (book: test acc 0.940)
     python finetune.py --scratch        # the same net from random weights (book: 0.850)
 
-This file is the command line: it parses the arguments (each option as runs.OPTIONS defines
+This file is the command line: it parses the arguments (each option as options.OPTIONS defines
 it), asks runs.py once for the runs (or predict.py, or data.py for samples), prints what they
 return, and turns errors and Ctrl-C into one line and an exit status. On a machine with several
 GPUs it starts one process per GPU through torchrun's own launcher.
@@ -21,13 +21,13 @@ import models
 import predict
 import runs
 from images import image_paths, megapixels_limit, shown
+from options import DATASETS, DEFAULTS, OPTIONS, checked, refuse_unread, takes
 from utils import UserError, job_size, rank, say, under_torchrun
 
 MODES = {"pretrained": "fine-tune the ImageNet resnet18", "scratch": "train resnet18 from random weights",
          "compare": "both, with a table against the book", "show-samples": "write samples.png and exit"}
 
-DEFAULTS = runs.DEFAULTS
-# Each option's help, in the order --help lists them (runs.OPTIONS defines its default, type and values).
+# Each option's help, in the order --help lists them (options.OPTIONS defines its default, type and values).
 HELP = dict(
     dataset=f"hotdog or cifar10 (default: {DEFAULTS['dataset']})",
     data_dir="a folder with train/ and test/ ImageFolders, or class folders alone",
@@ -63,8 +63,8 @@ READS = {"predict": {"model", "out", "batch_size", "workers", "device", "precisi
 
 def parse_args(argv=None):
     """The mode, and the options typed on the command line (those left out are not in the
-    namespace: runs.DEFAULTS holds their defaults, and --resume tells typed ones apart). The flags:
-    the modes, one for each option of runs.OPTIONS, each converted and checked by the rule defined
+    namespace: options.DEFAULTS holds their defaults, and --resume tells typed ones apart). The flags:
+    the modes, one for each option of options.OPTIONS, each converted and checked by the rule defined
     there (parsed), and --no-cache, --model, --export-format, --out."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     mode = p.add_mutually_exclusive_group()
@@ -77,11 +77,11 @@ def parse_args(argv=None):
     p.add_argument("--model", metavar="PATH", help="a run's folder (its best.pt), best.pt or model.pt, for --predict")
     p.add_argument("--export-format", choices=["pt2", "onnx"], help="pt2 (default: torch.export's) or onnx")
     for name, text in HELP.items():
-        if runs.OPTIONS[name][1] is bool:
+        if OPTIONS[name][1] is bool:
             p.add_argument(flag(name), action="store_true", help=text)
         else:
             p.add_argument(flag(name), type=parsed(name), help=text,
-                           metavar=METAVARS.get(name, "N" if runs.OPTIONS[name][1] is int else None),
+                           metavar=METAVARS.get(name, "N" if OPTIONS[name][1] is int else None),
                            nargs="+" if name == "lr" else None)  # several lrs: one run each
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
                    help="decode images every epoch, not once (--cache-gb 0)")
@@ -104,15 +104,14 @@ def parse_args(argv=None):
 
 def parsed(name):
     """The type of option `name` on the command line: its text converted, then checked by the
-    same rule as a Python caller's value (runs.checked)."""
-    kind = runs.OPTIONS[name][1]
+    same rule as a Python caller's value (options.checked)."""
+    kind = OPTIONS[name][1]
 
     def parse(text):
         try:
-            return runs.checked(name, kind(text))
+            return checked(name, kind(text))
         except (UserError, ValueError):
-            takes = runs.takes(*runs.OPTIONS[name][1:])
-            raise argparse.ArgumentTypeError(f"give {takes}, not {text or repr(text)}") from None
+            raise argparse.ArgumentTypeError(f"give {takes(*OPTIONS[name][1:])}, not {text or repr(text)}") from None
     return parse
 
 
@@ -158,7 +157,7 @@ def print_table(results):
     say(f"\n{'run':<24} {'loss':>6} {'train acc':>9} {'test acc':>8} {'ex/sec':>8}   book")
     for r in results:
         if r["args"]["dataset"] == "cifar10":
-            book = f"test acc {runs.DATASETS['cifar10']['book_test_acc']}"
+            book = f"test acc {DATASETS['cifar10']['book_test_acc']}"
         else:
             book = "loss {:.3f}, train acc {:.3f}, test acc {:.3f}".format(*runs.RECIPES[r["mode"]]["book"])
         loss = float("nan") if r["loss"] is None else r["loss"]  # metrics.json's null: a run that diverged
@@ -188,7 +187,7 @@ def export(options):
 
 def show_samples(options):
     """--show-samples: the book's first look at the data, and the same images augmented."""
-    runs.refuse_unread({**runs.DEFAULTS, **options}, set(options))  # --data-root beside --data-dir
+    refuse_unread({**DEFAULTS, **options}, set(options))  # --data-root beside --data-dir
     data_dir = options.get("data_dir") or data.get_hotdog(options.get("data_root", "data"))
     path = data.samples(data_dir, options.get("out", "."))
     if path:
@@ -203,7 +202,7 @@ def one_line(error):
     message = str(error)
     message = message.replace("hotdog_class", "--init-head-from-imagenet").replace("weights_file=", "weights=")
     message = message.replace("format=", "--export-format ").replace("predict.predict", "--predict")
-    for name in [*runs.OPTIONS, "out", "mode"]:  # not inside a path such as runs/lr=0.1
+    for name in [*OPTIONS, "out", "mode"]:  # not inside a path such as runs/lr=0.1
         message = re.sub(rf"(?<![\w/.=-]){name}=(?=\S)", flag(name) + " ", message)  # batch_size=3: --batch-size 3
         message = re.sub(rf"(?<![\w/.=-]){name}(=|(?=: ))", flag(name), message)  # lr: ... and "another out="
     return f"error: {message}"
@@ -216,7 +215,7 @@ def flag(name):
 def guarded(fn, options):
     """Run fn(options), turning bad input and Ctrl-C into a one-line message and an exit status."""
     try:
-        with megapixels_limit(options.get("max_megapixels", runs.DEFAULTS["max_megapixels"])):
+        with megapixels_limit(options.get("max_megapixels", DEFAULTS["max_megapixels"])):
             return fn(options)
     except UserError as e:  # every process meets the same bad input: process 0 says it
         say(one_line(e), file=sys.stderr)
@@ -224,7 +223,7 @@ def guarded(fn, options):
     except KeyboardInterrupt as e:
         return interrupted(e)
     except torch.OutOfMemoryError:
-        batch_size = options.get("batch_size", runs.DEFAULTS["batch_size"])
+        batch_size = options.get("batch_size", DEFAULTS["batch_size"])
         print(f"error: out of GPU memory at --batch-size {batch_size}; try --batch-size {max(1, batch_size // 2)}",
               file=sys.stderr)
         return 2

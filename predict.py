@@ -22,9 +22,9 @@ from torchvision.transforms import v2
 
 import data
 import models
-import runs
 import train
 from images import image_paths, load_rgb, shown
+from options import checked
 from utils import UserError, first_line, writable_folder, write_whole
 
 
@@ -48,9 +48,9 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     if not all(isinstance(item, (str, os.PathLike)) for item in items):  # None, or a PIL image
         raise UserError(f"images={images!r:.80} is not a path or a list of paths; give image files or folders "
                         "of them (an image in memory: save it to a file first)")
-    batch_size = runs.checked("batch_size", batch_size)
-    workers = runs.checked("workers", workers)
-    out = runs.checked("out", out)
+    batch_size = checked("batch_size", batch_size)
+    workers = checked("workers", workers)
+    out = checked("out", out)
     path = models.kept_in(model)
     ckpt = models.load_checkpoint(path)
     models.same_arch(arch, ckpt)
@@ -117,7 +117,7 @@ def export(model, out=None, *, format="pt2"):
     Written whole to out (default: beside the checkpoint, its name with .pt2 or .onnx); returns out."""
     if format not in ("pt2", "onnx"):
         raise UserError(f"format={format} is not one this program exports; give format=pt2 or format=onnx")
-    out = runs.checked("out", out)
+    out = checked("out", out)
     if out and not out.endswith("." + format):  # never over a checkpoint or a run's other files
         raise UserError(f"out={out} is not a .{format} file; give out= a name that ends in .{format}")
     path = models.kept_in(model)

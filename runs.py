@@ -1,7 +1,7 @@
-"""A run: all the book's recipe leaves out of a training, in one owner. The options, defined and
-checked once; the runs asked for; and a run's life in its folder, driving the book's loop
-(train.ch13_epochs) from outside as torchvision's main() drives train_one_epoch: restore before
-it, save after each epoch. Also continuing (`resume`), patience, two phases and class weights.
+"""A run: all the book's recipe leaves out of a training, in one owner. The runs asked for (their
+options defined and checked in options.py), and a run's life in its folder, driving the book's
+loop (train.ch13_epochs) from outside as torchvision's main() drives train_one_epoch: restore
+before it, save after each epoch. Also continuing (`resume`), patience, two phases and class weights.
 
     import runs
     trained = runs.train_runs("pretrained", data_dir="photos", epochs=3, out="runs/photos")
@@ -9,8 +9,6 @@ it, save after each epoch. Also continuing (`resume`), patience, two phases and 
 """
 import contextlib
 import json
-import math
-import numbers
 import os
 import platform
 import random
@@ -25,6 +23,7 @@ import data
 import images
 import models
 import train
+from options import DATASETS, DEFAULTS, OPTIONS, PATHS, PRETRAINED_ONLY, checked, refuse_unread
 from utils import (UserError, finite, first_line, from_process_0, gathered, join_processes, leave_processes, local_first,
                    processes_batch, rank, rng_kept, saved, say, torchrun_start, writable_folder, world_size, write_whole,
                    writing_to)
@@ -32,76 +31,13 @@ from utils import (UserError, finite, first_line, from_process_0, gathered, join
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
 RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
            "scratch": dict(lr=5e-4, param_group=False, book=(0.352, 0.846, 0.850))}
-DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}
 
-# ---------------------------------------------------------------- the options, defined once
-AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: 0 <= v < math.inf)
-BATCHES = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63)  # a batch of 2**63 overflows the loader's index
-ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: 0 < v < math.inf), ("between 0 and 1", lambda v: 0 < v < 1)
-SEEDS = ("from -2**63 to 2**64 - 1", lambda v: -2**63 <= v < 2**64)  # what torch.manual_seed takes
-
-# Every option of a run by its Python name (the flag's, with - for _): its default (None: off, or chosen
-# when the run starts), type and values (a list, or a rule): `checked` holds Python's and flags alike to them.
-OPTIONS = dict(
-    dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None), data_root=("data", str, None),
-    dummy=(False, bool, None), cache_gb=(None, float, ZERO_OR_MORE), val_split=(0.2, float, BETWEEN_0_AND_1),
-    max_megapixels=(200, float, ABOVE_0),                                        # what to train on, how to read it
-    arch=("resnet18", str, None), weights=(None, str, None), freeze=(False, bool, None),
-    init_head_from_imagenet=(False, bool, None),                                 # the net
-    epochs=(None, int, AT_LEAST_1), batch_size=(128, int, BATCHES), lr=(None, float, ABOVE_0),
-    no_param_group=(False, bool, None), seed=(0, int, SEEDS),                    # the book's recipe
-    patience=(None, int, AT_LEAST_1), freeze_epochs=(0, int, ZERO_OR_MORE),
-    class_weights=(None, str, ["balanced"]),                                     # beyond it: off by default
-    workers=(None, int, ZERO_OR_MORE), device=(None, str, None), precision=("amp", str, ["amp", "fp32"]),  # where
-)
-DEFAULTS = {name: default for name, (default, _, _) in OPTIONS.items()}
-PATHS = {"data_dir", "data_root", "weights"}  # made absolute, and compared so
-PRETRAINED_ONLY = ("weights", "freeze", "init_head_from_imagenet", "freeze_epochs")
 SUMMARY = ("loss", "train_acc", "test_acc")
 VERSIONS = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
 # Those a continued run may be given anew; data_dir: a folder moved, whose classes data.same_data compares;
 # data_root: where downloads go (the default, ./data, is another folder from another working folder).
 MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "data_dir", "data_root", "out", "resume",
               "typed"}
-
-
-def checked(name, value):
-    """value, where option `name` (or out=, a path) takes it (lr: one number or a list, one run
-    each); else a UserError naming the option and what it takes."""
-    default, kind, allowed = OPTIONS.get(name, (None, str, None))  # out=: where a run, --predict, --export write
-    if value is None and default is None:
-        return None  # the default
-    several = name == "lr" and isinstance(value, list) and value  # several lrs: one run each
-    given = value if several else [value]
-    values = [as_kind(kind, v) for v in given]
-    for v, typed in zip(given, values):
-        if typed is None or (typed not in allowed if isinstance(allowed, list) else allowed and not allowed[1](typed)):
-            raise UserError(f"{name}={v!r} is not {takes(kind, allowed)}; give {takes(kind, allowed)}")
-    if several and len({f"{v:g}" for v in values}) < len(values):  # each lr names its run's folder
-        raise UserError(f"lr={value} names two runs alike; give each learning rate once")
-    return values if several else values[0]
-
-
-def as_kind(kind, value):
-    """value as a Python value of an option's kind (numpy's numbers as Python's, a path object as its
-    text), or None where value is not of that kind, or is an empty text."""
-    if kind is bool:
-        return value if isinstance(value, bool) else None
-    if isinstance(value, bool):  # True is an int to Python, and never a number here
-        return None
-    if kind is str:
-        return os.fspath(value) if isinstance(value, (str, os.PathLike)) and os.fspath(value) != "" else None
-    if isinstance(value, numbers.Integral if kind is int else numbers.Real):
-        with contextlib.suppress(OverflowError):  # an int too large for a float
-            return kind(value)
-    return None
-
-
-def takes(kind, allowed):
-    """What an option takes, in words."""
-    words = {int: "a whole number", float: "a number", str: "a non-empty text", bool: "True or False"}[kind]
-    return ("one of " + ", ".join(map(repr, allowed)) if isinstance(allowed, list)
-            else f"{words}, {allowed[0]}" if allowed else words)
 
 
 Run = namedtuple("Run", "name mode lr out")  # one training: the book's mode, its lr, where it writes
@@ -179,21 +115,6 @@ def settled(mode, given, typed=None):
     options["workers"] = data.default_workers(options["workers"])
     options.update({key: options[key] and os.path.abspath(options[key]) for key in PATHS})
     return options
-
-
-def refuse_unread(options, given):
-    """Refuse options, one of them given now (the names in `given`), that the run would silently
-    not read: two that each name the data, where downloads go beside data that downloads nothing,
-    --freeze beside --freeze-epochs."""
-    sources = [key for key in ("data_dir", "dummy") if options[key]] + ["dataset"] * (options["dataset"] != "hotdog")
-    if len(sources) > 1 and given & set(sources):
-        raise UserError(f"{sources[0]}= and {sources[1]}= each name the data to train on; give one of them")
-    if "data_root" in given and sources and sources[0] != "dataset":
-        raise UserError(f"data_root= is where the hot-dog set and CIFAR-10 are downloaded, and {sources[0]}= "
-                        "downloads nothing; leave data_root= out")
-    if options["freeze"] and options["freeze_epochs"] and given & {"freeze", "freeze_epochs"}:
-        raise UserError("freeze= trains the output layer alone in every epoch, freeze_epochs= in the first N; "
-                        "give one of them")
 
 
 def lrs(lr):

@@ -41,6 +41,7 @@ import data
 import finetune
 import images
 import models
+import options
 import predict
 import runs
 import train
@@ -2548,11 +2549,11 @@ def test_the_extras_keep_their_promises_at_the_edges(folder, tmp_path, capsys, m
     assert json.load(open(tmp_path / "run" / "metrics.json"))["final_test"]["split"] == "test/"
     status, _, err = run_cli(capsys, "--resume", tmp_path / "run" / "best.pt", "--epochs", 2)
     assert status == 2 and "is the epoch a run kept, for prediction" in err
-    for options, message in ((dict(class_weights="balance"), "class_weights='balance' is not one of 'balanced'"),
-                             (dict(class_weights="balanced", dummy=True), "needs labelled images"),
-                             (dict(patience=-1), "patience=-1 is not a whole number, 1 or more")):
+    for given, message in ((dict(class_weights="balance"), "class_weights='balance' is not one of 'balanced'"),
+                           (dict(class_weights="balanced", dummy=True), "needs labelled images"),
+                           (dict(patience=-1), "patience=-1 is not a whole number, 1 or more")):
         with pytest.raises(UserError, match=message):
-            runs.train_runs("scratch", str(tmp_path / "never"), **options)
+            runs.train_runs("scratch", str(tmp_path / "never"), **given)
     assert len(predict.predict(tmp_path / "run", os.path.join(folder, "test", "hotdog", "0.png"), workers=0)) == 1
     train_iter, test_iter = data.load_data(4, root)  # the book's call: train/ and test/, whatever else is there
     assert os.path.basename(test_iter.dataset.root) == "test"
@@ -2560,7 +2561,7 @@ def test_the_extras_keep_their_promises_at_the_edges(folder, tmp_path, capsys, m
 
 def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(tmp_path, capsys, monkeypatch):
     """Every option a Python caller gets wrong is one UserError naming it, before any data is
-    read; the command line's flags pass through the same rule (runs.OPTIONS, runs.checked)."""
+    read; the command line's flags pass through the same rule (options.OPTIONS, options.checked)."""
     monkeypatch.setattr(data, "datasets", lambda *a, **k: pytest.fail("data read before the options were checked"))
     bad = [("epochs", 0), ("epochs", "1"), ("epochs", 1.5), ("epochs", -1), ("lr", -1), ("lr", "5e-5"), ("lr", [5e-5, 0]), ("lr", [None]),
            ("batch_size", "4"), ("seed", "1"), ("dataset", "x"), ("workers", -1), ("freeze_epochs", None),
@@ -2579,20 +2580,20 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
         with pytest.raises(SystemExit):
             finetune.parse_args(["--scratch", flag, text])
         err = capsys.readouterr().err
-        assert f"argument {flag}: give {runs.takes(*runs.OPTIONS[name][1:])}, not {text}" in err, err
+        assert f"argument {flag}: give {options.takes(*options.OPTIONS[name][1:])}, not {text}" in err, err
     for name, text, value in (("val_split", "0.5", 0.5), ("epochs", "3", 3), ("lr", "5e-5", 5e-5), ("seed", "-1", -1),
                               ("precision", "fp32", "fp32"), ("freeze_epochs", "0", 0)):
         typed = getattr(finetune.parse_args(["--scratch", "--" + name.replace("_", "-"), text]), name)
-        assert typed == ([value] if name == "lr" else value) and runs.checked(name, value) == value
+        assert typed == ([value] if name == "lr" else value) and options.checked(name, value) == value
     with pytest.raises(UserError, match=re.escape("lr=[5e-05, 5e-05] names two runs alike; give each learning rate once")):
         runs.train_runs("pretrained", str(tmp_path / "never"), lr=[5e-5, 5e-5])  # one folder for both
-    assert runs.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
+    assert options.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
     for name, value in (("epochs", np.int64(3)), ("lr", np.float32(0.5)), ("lr", [np.float64(1e-3), 2])):
-        typed = runs.checked(name, value)  # numpy's numbers, as Python's (metrics.json, a checkpoint's args)
-        assert typed == value and {type(v) for v in (typed if isinstance(typed, list) else [typed])} == {runs.OPTIONS[name][1]}
+        typed = options.checked(name, value)  # numpy's numbers, as Python's (metrics.json, a checkpoint's args)
+        assert typed == value and {type(v) for v in (typed if isinstance(typed, list) else [typed])} == {options.OPTIONS[name][1]}
     with pytest.raises(UserError, match="^out='' is not a non-empty text; give a non-empty text$"):
-        runs.checked("out", "")
-    assert sorted(finetune.HELP) == sorted(runs.OPTIONS)  # every option has its flag
+        options.checked("out", "")
+    assert sorted(finetune.HELP) == sorted(options.OPTIONS)  # every option has its flag
     with pytest.raises(UserError, match=r"^resume takes out= and the options \['dataset', .*\], not \['epoch'\]$"):
         runs.resume(str(tmp_path / "never"), epoch=2)
 
@@ -2607,18 +2608,18 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             finetune.parse_args([str(a) for a in argv])
         assert message in capsys.readouterr().err
-    for options, message in ((dict(dummy=True, data_dir=str(tmp_path)), "^data_dir= and dummy= each name the data to "
-                              "train on; give one of them$"), (dict(dummy=True, dataset="cifar10"), "^dummy= and dataset= each"),
-                             (dict(freeze=True, freeze_epochs=1), "^freeze= trains the output layer alone in every epoch"),
-                             (dict(dummy=True, data_root=str(tmp_path)), "^data_root= is where the hot-dog set and CIFAR-10 "
-                              "are downloaded, and dummy= downloads nothing; leave data_root= out$")):
+    for given, message in ((dict(dummy=True, data_dir=str(tmp_path)), "^data_dir= and dummy= each name the data to "
+                            "train on; give one of them$"), (dict(dummy=True, dataset="cifar10"), "^dummy= and dataset= each"),
+                           (dict(freeze=True, freeze_epochs=1), "^freeze= trains the output layer alone in every epoch"),
+                           (dict(dummy=True, data_root=str(tmp_path)), "^data_root= is where the hot-dog set and CIFAR-10 "
+                            "are downloaded, and dummy= downloads nothing; leave data_root= out$")):
         with pytest.raises(UserError, match=message):
-            runs.train_runs("pretrained", str(tmp_path / "never"), **options)
+            runs.train_runs("pretrained", str(tmp_path / "never"), **given)
     began = dict(freeze=True, freeze_epochs=1)  # a run begun before these were refused still resumes
     assert runs.settled("pretrained", began, list(began))["freeze"]
-    runs.refuse_unread({**runs.DEFAULTS, "dummy": True, "data_dir": "x"}, set())  # as such a run began: taken
+    options.refuse_unread({**options.DEFAULTS, "dummy": True, "data_dir": "x"}, set())  # as such a run began: taken
     with pytest.raises(UserError, match="^data_dir= and dummy= each name the data"):  # data_dir= given anew: refused
-        runs.refuse_unread({**runs.DEFAULTS, "dummy": True, "data_dir": "x"}, {"data_dir"})
+        options.refuse_unread({**options.DEFAULTS, "dummy": True, "data_dir": "x"}, {"data_dir"})
     status, _, err = run_cli(capsys, "--show-samples", "--data-dir", tmp_path, "--data-root", tmp_path, "--out", tmp_path)
     assert status == 2 and "--data-root is where the hot-dog set and CIFAR-10 are downloaded, and --data-dir" in err
     with pytest.raises(SystemExit):
