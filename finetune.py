@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 import data
-import models
 import predict
 import runs
 from images import image_paths, megapixels_limit, shown
@@ -244,16 +243,6 @@ def interrupted(error):
     return 130
 
 
-def run_device(options):
-    """The device a run asks for; a resumed run's own, unless given anew."""
-    if "device" in options or "resume" not in options:
-        return options.get("device")
-    try:
-        return models.load_checkpoint(models.checkpoint_in(options["resume"]))["args"].get("device")
-    except UserError:  # guarded(train) will say what is wrong
-        return None
-
-
 def on_all_gpus(argv, gpus):
     """One process per GPU, as the book's try_all_gpus meant, started by torchrun's own launcher
     (`torchrun --standalone --nproc_per_node=GPUS finetune.py ...`): the environment torchrun
@@ -288,7 +277,7 @@ def main(argv=None):
     if "predict" in options or "export" in options or options.get("mode") == "show-samples":
         return 0 if rank() > 0 else guarded(once, options)  # under torchrun, once: by process 0
     gpus = torch.cuda.device_count()
-    if gpus > 1 and not under_torchrun() and run_device(options) in (None, "cuda"):
+    if gpus > 1 and not under_torchrun() and runs.asked_device(options, options.get("resume")) in (None, "cuda"):
         return on_all_gpus(argv, gpus)
     return guarded(train, options)
 

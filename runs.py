@@ -92,6 +92,16 @@ def one_training(path, began, out):
             raise models.several_runs(path, held)
 
 
+def asked_device(given, path=None):
+    """The device a run asks for: the one given, else, continuing the run that wrote path, that
+    run's own; None: the best there is."""
+    if "device" in given or path is None:
+        return given.get("device")
+    with contextlib.suppress(UserError):  # resume will say what is wrong with path
+        return models.load_checkpoint(models.checkpoint_in(path))["args"].get("device")
+    return None
+
+
 def settled(mode, given, typed=None):
     """The options of a run: the defaults, the ones given, checked (recorded as `typed` for
     resume), paths made absolute, and the machine's defaults."""
