@@ -66,7 +66,7 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
                                          generator=torch.Generator())  # its workers' seeds: not the caller's numbers
     runtime = train.make_runtime(train.try_device(device), precision)
     probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)  # index for the label
-    finite, read = probs.isfinite().all(1), index >= 0  # a net's NaN outputs predict nothing
+    finite, read = train.predicted(probs) >= 0, index >= 0  # a net's NaN outputs predict nothing
     fp32 = "" if runtime.dtype is None else f", or its {runtime.dtype} arithmetic overflowed: try the precision fp32"
     if read.any() and not finite[read].any():
         raise UserError(f"{path} gives outputs that are not numbers (NaN) for every image: its training diverged, and "
