@@ -402,16 +402,17 @@ def grid(rows, captions, path, scale=1.6):
     return show_images(padded, len(rows), width, texts, scale, path) if width else None
 
 
-def mistakes(test_set, probs, labels, classes, path):
-    """Up to 16 test images the net gets wrong (probs: its evaluation of test_set), captioned
-    with the true and the predicted class. Where it gets none wrong, no picture: one that path
-    held before is removed, since it shows mistakes that these figures no longer have."""
-    preds = probs.argmax(1)
+def mistakes(test_set, probs, preds, labels, classes, path):
+    """Up to 16 test images the net gets wrong (probs: its evaluation of test_set; preds: the class
+    each is given, train.predicted's, -1 for none), captioned with the true and the predicted class.
+    Where it gets none wrong, no picture: one that path held before is removed, since it shows
+    mistakes that these figures no longer have."""
     wrong = (preds != labels).nonzero().flatten()[:16].tolist()
     if not wrong:
         remove(path)
         return None
     pictures = [test_set[i][0] for i in wrong]
-    captions = [f"true {classes[labels[i]]}\npred {classes[preds[i]]} {probs[i].max():.2f}" for i in wrong]
+    captions = [f"true {classes[labels[i]]}\n" + (f"pred {classes[preds[i]]} {probs[i].max():.2f}" if preds[i] >= 0
+                                                  else "pred nothing (NaN)") for i in wrong]
     return grid([pictures[i:i + 8] for i in range(0, len(wrong), 8)],
                 [captions[i:i + 8] for i in range(0, len(wrong), 8)], path, scale=2)

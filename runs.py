@@ -419,7 +419,8 @@ def concluded(run, sets, options, runtime, about, last=None):
     if rank() == 0:  # metrics.json first (a picture that cannot be written loses nothing else), curves.png
         write_metrics(run.out, result)  # and mistakes.png (the images best.pt's epoch gets wrong)
         images.curves({result["name"]: history}, os.path.join(run.out, "curves.png"))
-        images.mistakes(sets[1], probs, labels, result["classes"], os.path.join(run.out, "mistakes.png"))
+        images.mistakes(sets[1], probs, train.predicted(probs), labels, result["classes"],
+                        os.path.join(run.out, "mistakes.png"))
     return result
 
 

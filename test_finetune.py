@@ -2938,12 +2938,16 @@ def test_a_continued_run_without_mistakes_shows_none(folder, tmp_path, capsys, m
     assert json.load(open(tmp_path / "metrics.json"))["balanced_accuracy"] == 1.0
 
 
-def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys):
+def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys, monkeypatch):
     """...and its NaN outputs predict nothing: never right (argmax would call them class 0, here
-    half the test set), in no column of the confusion matrix, and refused by --predict."""
+    half the test set), in no column of the confusion matrix, each in mistakes.png, and refused by --predict."""
     argv = ["--compare", "--data-dir", folder, "--epochs", 2, "--lr", "1e8", "--precision", "fp32",
             "--batch-size", 4, "--workers", 0, "--out", tmp_path]
+    captions = []
+    monkeypatch.setattr(images, "grid", lambda rows, texts, path, scale: captions.append(sum(texts, [])))
     assert run_cli(capsys, *argv)[0] == 0
+    assert [len(texts) for texts in captions] == [4, 4]  # the 4 test images, in both runs
+    assert all(text.endswith("\npred nothing (NaN)") for texts in captions for text in texts), captions
     losses = []
     for name in ("pretrained", "scratch"):
         text = (tmp_path / name / "metrics.json").read_text()
