@@ -783,13 +783,6 @@ def two_processes(tmp_path_factory):
     return made_once(tmp_path_factory, "two_processes", make)
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_agree(two_processes):
     out, root = two_processes
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -1704,8 +1697,8 @@ def test_each_arch_gets_the_augmentations_its_weights_were_trained_with(folder):
 
 # ---------------------------------------------------------------- torchrun's restarts, many processes
 def torchrun(*argv, restarts=0):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--max-restarts={restarts}",
-            "--master_port", str(free_port()), os.path.join(HERE, "finetune.py"), *map(str, argv)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # a free port, torchrun's
+            f"--max-restarts={restarts}", os.path.join(HERE, "finetune.py"), *map(str, argv)]
 
 
 def children(pid):
