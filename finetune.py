@@ -277,7 +277,7 @@ def main(argv=None):
     if "predict" in options or "export" in options or options.get("mode") == "show-samples":
         return 0 if rank() > 0 else guarded(once, options)  # under torchrun, once: by process 0
     gpus = torch.cuda.device_count()
-    if gpus > 1 and not under_torchrun() and runs.asked_device(options, options.get("resume")) in (None, "cuda"):
+    if gpus > 1 and not under_torchrun() and runs.asked_device(options) in (None, "cuda"):
         return on_all_gpus(argv, gpus)
     return guarded(train, options)
 

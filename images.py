@@ -141,7 +141,7 @@ def image_files(folder):
 
 def special(path):
     """Whether path is a pipe, a socket or a device (a broken link is a file that cannot be read)."""
-    return os.path.exists(path) and not os.path.isfile(path)
+    return not os.path.isfile(path) and os.path.exists(path)  # one call for a file
 
 
 def once(paths):

@@ -66,15 +66,16 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
                                          generator=torch.Generator())  # its workers' seeds: not the caller's numbers
     runtime = train.make_runtime(train.try_device(device), precision)
     probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)  # index for the label
-    finite, read = train.predicted(probs) >= 0, index >= 0  # a net's NaN outputs predict nothing
+    preds, read = train.predicted(probs), index >= 0  # a net's NaN outputs predict nothing: -1
+    kept = read & (preds >= 0)
     fp32 = "" if runtime.dtype is None else f", or its {runtime.dtype} arithmetic overflowed: try the precision fp32"
-    if read.any() and not finite[read].any():
+    if read.any() and not kept.any():
         raise UserError(f"{path} gives outputs that are not numbers (NaN) for every image: its training diverged, and "
                         f"should be trained again with a lower lr{fp32}")
-    for i in index[read & ~finite].tolist():  # named, as an image that cannot be read is
+    for i in index[read & ~kept].tolist():  # named, as an image that cannot be read is
         print(f"error: {shown(paths[i])}: the net's outputs are not numbers (NaN){fp32}", file=sys.stderr)
-    predictions = [Prediction(paths[i], classes[p.argmax()], p.max().item(), dict(zip(classes, p.tolist())))
-                   for i, p in zip(index[read & finite].tolist(), probs[read & finite])]
+    predictions = [Prediction(paths[i], classes[c], p.max().item(), dict(zip(classes, p.tolist())))
+                   for i, c, p in zip(index[kept].tolist(), preds[kept].tolist(), probs[kept])]
     if csv_path and predictions:  # none predicted: an earlier predictions.csv stays
         write_csv(predictions, classes, csv_path)
     return predictions

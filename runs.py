@@ -92,13 +92,13 @@ def one_training(path, began, out):
             raise models.several_runs(path, held)
 
 
-def asked_device(given, path=None):
-    """The device a run asks for: the one given, else, continuing the run that wrote path, that
-    run's own; None: the best there is."""
-    if "device" in given or path is None:
+def asked_device(given):
+    """The device a run asks for: the one given, else, continuing a run (resume=), that run's
+    own; None: the best there is."""
+    if "device" in given or given.get("resume") is None:
         return given.get("device")
-    with contextlib.suppress(UserError):  # resume will say what is wrong with path
-        return models.load_checkpoint(models.checkpoint_in(path))["args"].get("device")
+    with contextlib.suppress(UserError):  # resume will say what is wrong with its path
+        return models.load_checkpoint(models.checkpoint_in(given["resume"]))["args"].get("device")
     return None
 
 
