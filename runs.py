@@ -159,7 +159,7 @@ def trained(options, out, read=None):
                                 "or of one list of learning rates; choose another out=")
             if options["resume"]:  # a run's model.pt named, or its folder in a compare's: that run alone
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
-            ckpts = [checkpoint_of(run, options, read or {}) for run in runs]  # before any data is read
+            ckpts = [checkpoint_of(run, options, read) for run in runs]  # before any data is read
             if any(ckpts) and options["data_dir"] and not os.path.isdir(options["data_dir"]):
                 raise UserError(f"data_dir={options['data_dir']}, the run's data folder, is not a folder; "
                                 "give data_dir= where it is now")
@@ -316,11 +316,16 @@ def header(run, options, sets, runtime, weights=None):
 # ---------------------------------------------------------------- a run's files
 def checkpoint_of(run, options, read):
     """The checkpoint run continues, refused where made with other options: the file resume named
-    (trained continues its run alone), else its model.pt (None: a fresh run); read by resume or by process 0."""
+    (trained continues its run alone), else its model.pt (None: a fresh run); read by resume (read:
+    what it read) or by process 0. The same command again (read None) continues on the same data folder."""
     path = options["resume"] or os.path.join(run.out, "model.pt")
-    ckpt = read.get(path) or from_process_0(run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
+    ckpt = (read or {}).get(path) or from_process_0(run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
     if ckpt:
-        refuse_changes(run_options(run, ckpt["args"]), run_options(run, options), path)
+        refuse_changes(run_options(run, ckpt["args"]), run_options(run, options), path,
+                       MAY_CHANGE if read is not None else MAY_CHANGE - {"data_dir"})
+    elif from_process_0(rank() == 0 and os.path.exists(os.path.join(run.out, "best.pt"))):  # a fresh run would write over it
+        raise UserError(f"{run.out} holds a run's best.pt but no model.pt to continue the run from; delete that "
+                        "best.pt to train anew there, or choose another out=")
     return ckpt
 
 
@@ -346,18 +351,20 @@ def described(run, options, sets, runtime):
                 final_split=data.final_split(sets))
 
 
-def refuse_changes(before, now, path):
-    """A run continues with the options it began with: name those that differ, in one line."""
+def refuse_changes(before, now, path, may_change):
+    """A run continues with the options it began with, but for those that may change: name those
+    that differ, in one line."""
     def same(key, value):
         return os.path.abspath(value) if key in PATHS and value else value
 
     def shown(value):
         return "the default" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
 
-    changed = sorted(k for k in before if k in now and k not in MAY_CHANGE and same(k, before[k]) != same(k, now[k]))
+    changed = sorted(k for k in before if k in now and k not in may_change and same(k, before[k]) != same(k, now[k]))
     if changed:
         options = "; ".join(f"{k}: {shown(before[k])} there, {shown(now[k])} now" for k in changed)
-        raise UserError(f"{path} was made with other options ({options}); continue it with the same, "
+        moved = " (a data folder moved: resume the run with data_dir= where it is now)" if "data_dir" in changed else ""
+        raise UserError(f"{path} was made with other options ({options}); continue it with the same{moved}, "
                         "or train a new run in another out=")
 
 

@@ -2208,11 +2208,15 @@ def test_a_runs_folder_inside_the_data_is_never_read_as_data(tmp_path, capsys):
 
 def test_resume_with_the_data_folder_moved(folder, tmp_path, capsys):
     """--resume RUN --data-dir NEW continues where NEW holds the same classes (a split folder
-    holds out the same images); where not, one line names the difference."""
+    holds out the same images); where not, one line names the difference. The same command
+    again with NEW is refused: it names another data folder, which may hold other images."""
     shutil.copytree(folder, tmp_path / "d")
     argv = ["--epochs", 1, "--batch-size", 4, "--workers", 0]
     assert run_cli(capsys, "--scratch", "--data-dir", tmp_path / "d", *argv, "--out", tmp_path / "run")[0] == 0
     os.rename(tmp_path / "d", tmp_path / "moved")
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", tmp_path / "moved", *argv, "--out", tmp_path / "run")
+    assert status == 2 and f"(--data-dir: {tmp_path / 'd'} there, {tmp_path / 'moved'} now); continue it with the same " \
+        "(a data folder moved: resume the run with --data-dir where it is now), or train" in err, err
     status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--data-dir", tmp_path / "moved", "--epochs", 2)
     assert status == 0 and "epoch 2:" in out, err
     assert json.load(open(tmp_path / "run" / "metrics.json"))["args"]["data_dir"] == str(tmp_path / "moved")
@@ -2231,6 +2235,18 @@ def test_resume_with_the_data_folder_moved(folder, tmp_path, capsys):
         os.remove(tmp_path / "flat2" / path)
     status, _, err = run_cli(capsys, "--resume", tmp_path / "split", "--data-dir", tmp_path / "flat2", "--epochs", 3)
     assert status == 2 and len(err.strip().splitlines()) == 1 and "held out for testing" in err, err
+
+
+def test_a_best_pt_without_its_model_pt_is_never_trained_over(folder, tmp_path, capsys, scratch_run):
+    """A run's folder that holds best.pt alone (its model.pt deleted, or best.pt copied in to
+    predict): a new run there would write over it, so it is refused."""
+    shutil.copytree(scratch_run[0], tmp_path / "run")
+    os.remove(tmp_path / "run" / "model.pt")
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")}
+    status, _, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--out", tmp_path / "run")
+    assert status == 2 and err == f"error: {tmp_path / 'run'} holds a run's best.pt but no model.pt to continue the run " \
+        "from; delete that best.pt to train anew there, or choose another --out\n"
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")} == before
 
 
 def test_val_added_or_removed_between_runs_names_the_change_and_the_fix(folder, tmp_path, capsys):
