@@ -170,7 +170,7 @@ def predict_images(options):
     out = options.get("out", ".")
     predictions = predict.predict(options["model"], options["predict"], out=out, **keywords)
     for p in predictions:
-        print(f"{shown(p.path)}: {p.label} {p.probability:.3f}")
+        say(f"{shown(p.path)}: {p.label} {p.probability:.3f}")
     found = len(image_paths(options["predict"]))
     wrote = f"wrote {os.path.join(out, 'predictions.csv')}" if predictions else "wrote no predictions.csv"
     missed = f"; {found - len(predictions)} of {found} images are not predicted (named above)"
@@ -180,7 +180,7 @@ def predict_images(options):
 
 def export(options):
     """--export: one file, the run's test augmentations and net, for use without this project."""
-    print(f"wrote {predict.export(options['export'], options.get('out'), format=options.get('export_format', 'pt2'))}")
+    say(f"wrote {predict.export(options['export'], options.get('out'), format=options.get('export_format', 'pt2'))}")
     return 0
 
 
@@ -190,7 +190,7 @@ def show_samples(options):
     data_dir = options.get("data_dir") or data.get_hotdog(options.get("data_root", "data"))
     path = data.samples(data_dir, options.get("out", "."))
     if path:
-        print(f"wrote {path}")
+        say(f"wrote {path}")
     return 0
 
 
@@ -221,6 +221,9 @@ def guarded(fn, options):
         return 2
     except KeyboardInterrupt as e:
         return interrupted(e)
+    except BrokenPipeError:  # its reader stopped reading (| head): stop quietly, as the shell's tools do, 128 + SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush has then nowhere to fail
+        return 141
     except torch.OutOfMemoryError:
         batch_size = options.get("batch_size", DEFAULTS["batch_size"])
         print(f"error: out of GPU memory at --batch-size {batch_size}; try --batch-size {max(1, batch_size // 2)}",

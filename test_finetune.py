@@ -641,6 +641,18 @@ def test_ctrl_c_saves_and_says_how_to_resume(folder, tmp_path):
     assert torch.load(tmp_path / "model.pt", weights_only=True)["history"]
 
 
+@pytest.mark.parametrize("mode", [["--predict", "test", "--model", "run"], ["--scratch", "--data-dir", "."]])
+def test_output_read_no_more_stops_it_quietly(folder, tmp_path, scratch_run, mode):
+    """`finetune.py ... | head -1`: where what it prints is read no more, it stops, with no
+    traceback and the status of a tool stopped by SIGPIPE (128 + 13)."""
+    argv = [{"test": os.path.join(folder, "test"), "run": scratch_run[0], ".": folder}.get(a, a) for a in mode]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "finetune.py"), *map(str, argv), "--workers", "0",
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == "", err
+
+
 @pytest.mark.parametrize("setup, argv, message", [
     (None, ["--data-dir", "{tmp}/nowhere"], "nowhere/train is not a folder"),
     ("no_test", ["--data-dir", "{tmp}/d"], "test is not a folder"),
