@@ -14,6 +14,7 @@ import io
 import itertools
 import os
 import sys
+import threading
 import unicodedata
 import warnings
 
@@ -48,6 +49,9 @@ def megapixels_limit(megapixels):
 
 
 # ---------------------------------------------------------------- reading an image
+# Python's warnings filters are the process's, and catch_warnings puts back the ones it found: two
+# threads at once (data.DecodedImages decodes in several) could leave one's filter in place.
+SIZE_CHECK = threading.Lock()
 def load_rgb(path):
     """Any image as 8-bit RGB, the way up it was taken: the EXIF orientation applied (phones store
     portraits sideways), 16-bit and floating-point pixels scaled to 8 bits (PIL would clip them),
@@ -82,10 +86,11 @@ def read_image(path, read):
     it could be a decompression bomb."""
     heif_plugin()
     try:
-        with warnings.catch_warnings():
+        with SIZE_CHECK, warnings.catch_warnings():  # PIL checks the size as it opens, with a warning
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return read(img)
+            img = Image.open(path)  # the header alone: the pixels are read outside the lock, in parallel
+        with img:
+            return read(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"cannot read image {path} ({e}); raise the limit to read it: --max-megapixels N (in "
                         "Python, runs' max_megapixels option, or around any call: with images.megapixels_limit(N))") from None

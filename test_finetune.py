@@ -374,6 +374,16 @@ def test_unreadable_and_huge_images_are_named(tmp_path, monkeypatch):
             read(str(tmp_path / "ok.png"))
 
 
+def test_decoding_in_threads_leaves_the_warnings_filters_as_found(tmp_path):
+    """The cache decodes in several threads, and each image's size check changes Python's warnings
+    filters (the process's) for a moment: one thread at a time, so none is left behind."""
+    root = write_folder(tmp_path, train=40, test=10)
+    before = list(warnings.filters)
+    for _ in range(3):
+        assert isinstance(data.image_folders(root, workers=2)[0], data.DecodedImages)
+    assert warnings.filters == before
+
+
 def test_non_image_files_are_skipped(tmp_path):
     root = write_folder(tmp_path)
     (tmp_path / "train" / "hotdog" / "notes.txt").write_text("not an image")
