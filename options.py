@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 
+from data import layout
 from utils import UserError
 
 # Each data set's defaults: its epochs (and, for CIFAR-10, its lr and the book's figure).
@@ -80,13 +81,17 @@ def takes(kind, allowed):
 def refuse_unread(options, given):
     """Refuse options, one of them given now (the names in `given`), that the run would silently
     not read: two that each name the data, where downloads go beside data that downloads nothing,
-    --freeze beside --freeze-epochs."""
+    a split of data that has its own test set, --freeze beside --freeze-epochs."""
     sources = [key for key in ("data_dir", "dummy") if options[key]] + ["dataset"] * (options["dataset"] != "hotdog")
     if len(sources) > 1 and given & set(sources):
         raise UserError(f"{sources[0]}= and {sources[1]}= each name the data to train on; give one of them")
     if "data_root" in given and sources and sources[0] != "dataset":
         raise UserError(f"data_root= is where the hot-dog set and CIFAR-10 are downloaded, and {sources[0]}= "
                         "downloads nothing; leave data_root= out")
+    data = options["data_dir"] or ("dummy data" if options["dummy"] else f"the {options['dataset']} set")
+    if "val_split" in given and (data != options["data_dir"] or os.path.isdir(data) and layout(data) == "splits"):
+        raise UserError(f"val_split= splits a data_dir= of class folders alone, and {data} has its own test set; "
+                        "leave val_split= out")
     if options["freeze"] and options["freeze_epochs"] and given & {"freeze", "freeze_epochs"}:
         raise UserError("freeze= trains the output layer alone in every epoch, freeze_epochs= in the first N; "
                         "give one of them")

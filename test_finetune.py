@@ -599,9 +599,9 @@ def test_a_finished_run_is_never_overwritten(folder, tmp_path, capsys, scratch_r
     before = (tmp_path / "model.pt").read_bytes()
     status, out, err = run_cli(capsys, *argv)  # the same command again: nothing left to do
     assert status == 0 and "scratch: finished its 1 epochs already" in out, err
-    status, _, err = run_cli(capsys, *argv, "--lr", "1e-3", "--val-split", 0.5)  # another run's options
+    status, _, err = run_cli(capsys, *argv, "--lr", "1e-3", "--seed", 5)  # another run's options
     assert status == 2 and len(err.strip().splitlines()) == 1
-    assert "was made with other options (--lr: the default there, 0.001 now; --val-split: 0.2 there, 0.5 now)" in err
+    assert "was made with other options (--lr: the default there, 0.001 now; --seed: 0 there, 5 now)" in err
     assert (tmp_path / "model.pt").read_bytes() == before
 
 
@@ -2629,7 +2629,7 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
         runs.resume(str(tmp_path / "never"), epoch=2)
 
 
-def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
+def test_options_that_would_be_ignored_are_refused(folder, tmp_path, capsys):
     """An option the mode does not read, or one that another option makes unread, is refused in
     one line, never silently ignored."""
     for argv, message in ((["--predict", "x.png", "--model", "m", "--epochs", 3], "--epochs does not apply to --predict, "
@@ -2643,7 +2643,11 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
                             "train on; give one of them$"), (dict(dummy=True, dataset="cifar10"), "^dummy= and dataset= each"),
                            (dict(freeze=True, freeze_epochs=1), "^freeze= trains the output layer alone in every epoch"),
                            (dict(dummy=True, data_root=str(tmp_path)), "^data_root= is where the hot-dog set and CIFAR-10 "
-                            "are downloaded, and dummy= downloads nothing; leave data_root= out$")):
+                            "are downloaded, and dummy= downloads nothing; leave data_root= out$"),
+                           (dict(data_dir=folder, val_split=0.5), f"^val_split= splits a data_dir= of class folders "
+                            f"alone, and {folder} has its own test set; leave val_split= out$"),
+                           (dict(val_split=0.5), "^val_split= .*, and the hotdog set has its own test set"),
+                           (dict(dummy=True, val_split=0.5), "^val_split= .*, and dummy data has its own test set")):
         with pytest.raises(UserError, match=message):
             runs.train_runs("pretrained", str(tmp_path / "never"), **given)
     began = dict(freeze=True, freeze_epochs=1)  # a run begun before these were refused still resumes
