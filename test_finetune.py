@@ -960,6 +960,16 @@ def test_val_folder_when_there_is_no_test_folder(name, tmp_path, capsys):
     assert torch.tensor(json.load(open(tmp_path / "out" / "metrics.json"))["confusion"]).sum() == 6
 
 
+def test_the_books_loaders_refuse_test_classes_other_than_trains(tmp_path):
+    """Label i is the i-th class folder of each: where test/'s are not train/'s, the test acc
+    would score each test image against another class."""
+    root = write_folder(tmp_path, train=1, test=1)
+    os.rename(tmp_path / "test" / "not-hotdog", tmp_path / "test" / "pizza")
+    with pytest.raises(UserError, match=r"train has classes \['hotdog', 'not-hotdog'\] but \S*test has \['hotdog', "
+                                        r"'pizza'\]; give both the same class folders$"):
+        data.load_data(4, root)
+
+
 def test_test_folder_is_preferred_and_named(tmp_path, capsys):
     """The book's function evaluates test/ where val/ is there too; a run evaluates its epochs on
     val/ and tests on test/ once."""
