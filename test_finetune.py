@@ -81,7 +81,9 @@ def torch_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory):
-    return write_folder(tmp_path_factory.mktemp("hotdog"))
+    """The data folder tests only read, written once for every test process (made_once, below),
+    so that each run made once names the same one as the test that continues it."""
+    return made_once(tmp_path_factory, "hotdog", write_folder)[1]
 
 
 def one_epoch(net, train_iter, test_iter, runtime=CPU, lr=0.01):
