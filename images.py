@@ -167,10 +167,10 @@ def split_classes(split, data_dir):
     folders = sorted((e.name for e in entries if e.is_dir()), key=lambda name: (nfc(name), name))
     classes = list(dict.fromkeys(map(nfc, folders)))
     loose = [e.name for e in entries if e.is_file() and has_file_allowed_extension(e.name, IMAGE_EXTENSIONS)]
-    odd = [name for name in folders if not utf8(name)]
+    odd = [name for name in folders if shown(name) != name]
     if odd:  # a class's name is shown in tables, pictures and files
-        raise UserError(f"the class folder {shown(os.path.join(split, odd[0]))} has a name that is not UTF-8 text; "
-                        "rename it")
+        raise UserError(f"the class folder {shown(os.path.join(split, odd[0]))} has a name that is not UTF-8 text, "
+                        "or holds a control character (a newline, a tab); rename it")
     if loose or len(classes) < 2:
         found = f"images ({loose[0]}, ...) but " if loose else ""
         raise UserError(f"{split} holds {found}{len(classes)} class folder(s) {classes}; the layout is "
@@ -185,18 +185,11 @@ def split_classes(split, data_dir):
     return [next(f for f in folders if nfc(f) == c) for c in classes], {f: classes.index(nfc(f)) for f in folders}
 
 
-def utf8(name):
-    """Whether name is UTF-8 text: a name whose bytes are not is decoded with surrogates."""
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def shown(path):
-    """path as text to print: the bytes of a name that is not UTF-8 escaped (bad\\xff.png)."""
-    return path.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    """path as text to print, on one line: the bytes of a name that is not UTF-8 (which Python
+    decodes with surrogates) escaped, bad\\xff.png, and control characters too, a\\nb."""
+    text = path.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def readable(samples):

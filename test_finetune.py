@@ -1828,7 +1828,8 @@ def test_a_pipe_named_like_an_image_in_a_folder_is_skipped(tmp_path):
 def test_names_that_are_not_utf8(folder, tmp_path, capsys, scratch_run):
     """Linux names are bytes: a photo whose name is not UTF-8 is predicted, shown with the odd
     byte escaped, and written to predictions.csv and held_out.txt as the disk has it; a class
-    folder so named is refused in one line (tables, pictures and files show class names)."""
+    folder so named is refused in one line (tables, pictures and files show class names). So
+    are control characters: a newline in a name is shown as \\n, never as a line of its own."""
     photos = os.fsencode(tmp_path / "photos")
     os.mkdir(photos)
     shutil.copy(os.path.join(folder, "test", "hotdog", "0.png"), photos + b"/bad\xff.png")
@@ -1840,8 +1841,17 @@ def test_names_that_are_not_utf8(folder, tmp_path, capsys, scratch_run):
     assert (tmp_path / "held_out.txt").read_bytes() == b"hotdog/bad\xff.png\n"
     os.rename(photos, photos + b"/../not\xffhot")
     shutil.copytree(os.path.join(folder, "train", "hotdog"), tmp_path / "hotdog")
-    with pytest.raises(UserError, match=r"^the class folder .*/not\\xffhot has a name that is not UTF-8 text; rename it$"):
+    with pytest.raises(UserError, match=r"^the class folder .*/not\\xffhot has a name that is not UTF-8 text, or holds "
+                                        r"a control character \(a newline, a tab\); rename it$"):
         data.image_folders(str(tmp_path))
+    os.rename(os.fsencode(tmp_path / "not") + b"\xffhot", tmp_path / "not\nhot")  # a newline would print a line of its own
+    with pytest.raises(UserError, match=r"^the class folder .*/not\\nhot has a name that is not UTF-8 text, or holds"):
+        data.image_folders(str(tmp_path))
+    os.mkdir(tmp_path / "more")
+    shutil.copy(os.path.join(folder, "test", "hotdog", "0.png"), tmp_path / "more" / "two\nlines.png")
+    status, out, err = run_cli(capsys, "--predict", tmp_path / "more", "--model", scratch_run[0], "--out", tmp_path,
+                               "--workers", 0)
+    assert status == 0 and out.startswith(f"{tmp_path / 'more'}/two\\nlines.png: ") and len(out.splitlines()) == 1, out
 
 
 def test_a_continued_runs_missing_data_and_damaged_best_pt_are_named_with_their_fix(tmp_path, capsys, scratch_run):
