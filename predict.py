@@ -120,7 +120,9 @@ def export(model, out=None, *, format="pt2"):
         raise UserError(f"format={format} is not one this program exports; give format=pt2 or format=onnx")
     out = checked("out", out)
     if out and not out.endswith("." + format):  # never over a checkpoint or a run's other files
-        raise UserError(f"out={out} is not a .{format} file; give out= a name that ends in .{format}")
+        other = "onnx" if format == "pt2" else "pt2"  # the format out's name asks for, perhaps
+        fix = f"format={other} to export {other}" if out.endswith("." + other) else f"out= a name that ends in .{format}"
+        raise UserError(f"out={out} is not a .{format} file; give {fix}")
     path = models.kept_in(model)
     out = out or os.path.splitext(path)[0] + "." + format
     if os.path.realpath(out) == os.path.realpath(path):  # a checkpoint named .pt2 or .onnx

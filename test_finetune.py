@@ -1106,6 +1106,8 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(exported_run, tmp_path,
     status, _, err = run_cli(capsys, "--export", run, "--out", run / "best.pt")
     assert status == 2 and "is not a .pt2 file; give --out a name that ends in .pt2" in err, err
     assert (run / "best.pt").read_bytes() == best
+    status, _, err = run_cli(capsys, "--export", run, "--out", tmp_path / "net.onnx")  # pt2 by default
+    assert status == 2 and err.endswith("net.onnx is not a .pt2 file; give --export-format onnx to export onnx\n"), err
     (tmp_path / "named.pt2").write_bytes(best)  # a checkpoint named as an export: never written over
     status, _, err = run_cli(capsys, "--export", tmp_path / "named.pt2")
     assert status == 2 and "is the checkpoint exported, which the export would write over; give --out" in err, err
