@@ -389,7 +389,7 @@ def load_data(batch_size=128, data_dir=None, root="data", persistent=False):
     data_dir = data_dir or get_hotdog(root)
     train_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["train"]), transform=train_augs)
     test_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["test", *VAL]), transform=test_augs)
-    if test_imgs.classes != train_imgs.classes:  # label i would name another class in each
+    if list(map(nfc, test_imgs.classes)) != list(map(nfc, train_imgs.classes)):  # label i names class i in each
         raise UserError(f"{train_imgs.root} has classes {train_imgs.classes} but {test_imgs.root} has "
                         f"{test_imgs.classes}; give both the same class folders")
     return make_loaders(train_imgs, test_imgs, batch_size, default_workers(), persistent=persistent)

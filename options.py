@@ -90,7 +90,7 @@ def refuse_unread(options, given):
                         "downloads nothing; leave data_root= out")
     data = options["data_dir"] or ("dummy data" if options["dummy"] else f"the {options['dataset']} set")
     if "val_split" in given and (data != options["data_dir"] or os.path.isdir(data) and layout(data) == "splits"):
-        raise UserError(f"val_split= splits a data_dir= of class folders alone, and {data} has its own test set; "
+        raise UserError(f"val_split= splits a data_dir= of class folders alone, and {data} is not one; "
                         "leave val_split= out")
     if options["freeze"] and options["freeze_epochs"] and given & {"freeze", "freeze_epochs"}:
         raise UserError("freeze= trains the output layer alone in every epoch, freeze_epochs= in the first N; "

@@ -235,11 +235,11 @@ def train_net(run, options, sets, runtime, about, ckpt):
     animator, frozen = images.animator(), options["freeze_epochs"]
     for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
         history.append(epoch.metrics)
-        train.show_epoch(history, animator)
         best = best_so_far is None or epoch.metrics["test_acc"] > best_so_far["test_acc"]  # the earlier of ties stays
         best_so_far = epoch.metrics if best else best_so_far
         state = dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=runtime.scaler.state_dict())
         save(run.out, history, about, state, best)
+        train.show_epoch(history, animator)  # once saved: where printing fails (| head), the epoch is kept
         if stalled(history, options["patience"], frozen):
             break
     train.show_summary(history, runtime)
@@ -317,16 +317,24 @@ def header(run, options, sets, runtime, weights=None):
 def checkpoint_of(run, options, read):
     """The checkpoint run continues, refused where made with other options: the file resume named
     (trained continues its run alone), else its model.pt (None: a fresh run); read by resume (read:
-    what it read) or by process 0. The same command again (read None) continues on the same data folder."""
+    what it read) or by process 0. A best.pt without model.pt, which a fresh run writes over, is
+    refused too where made with other options (the same: a run stopped between writing the two)."""
     path = options["resume"] or os.path.join(run.out, "model.pt")
     ckpt = (read or {}).get(path) or from_process_0(run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
-    if ckpt:
-        refuse_changes(run_options(run, ckpt["args"]), run_options(run, options), path,
-                       MAY_CHANGE if read is not None else MAY_CHANGE - {"data_dir"})
-    elif from_process_0(rank() == 0 and os.path.exists(os.path.join(run.out, "best.pt"))):  # a fresh run would write over it
-        raise UserError(f"{run.out} holds a run's best.pt but no model.pt to continue the run from; delete that "
-                        "best.pt to train anew there, or choose another out=")
+    best = os.path.join(run.out, "best.pt")
+    began = ckpt or from_process_0(models.load_checkpoint(best) if rank() == 0 and os.path.exists(best) else None)
+    if began:
+        refuse_changes(run_options(run, began["args"]), run_options(run, options), path if ckpt else best,
+                       may_change(began, read))
     return ckpt
+
+
+def may_change(ckpt, read):
+    """The options a run that wrote ckpt may be given anew (MAY_CHANGE): data_dir only to resume
+    (read: what it read; None, the same command again, names the same data folder); and val_split
+    too where the run split no class folders, so never read it."""
+    changes = MAY_CHANGE if read is not None else MAY_CHANGE - {"data_dir"}
+    return changes | ({"val_split"} if ckpt.get("held_out") is None else set())
 
 
 def run_checkpoint(path):
@@ -355,7 +363,7 @@ def refuse_changes(before, now, path, may_change):
     """A run continues with the options it began with, but for those that may change: name those
     that differ, in one line."""
     def same(key, value):
-        return os.path.abspath(value) if key in PATHS and value else value
+        return os.path.realpath(value) if key in PATHS and value else value  # a folder through a link is that folder
 
     def shown(value):
         return "the default" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value

@@ -665,6 +665,19 @@ def test_output_read_no_more_stops_it_quietly(folder, tmp_path, scratch_run, mod
     assert proc.wait() == 141 and err == "", err
 
 
+def test_an_epoch_is_saved_before_its_line_is_printed(folder, tmp_path):
+    """`| head -2`: the run stops at the line it cannot print, and the epoch that line reports is kept."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "finetune.py"), *map(str, SCRATCH), "--data-dir", folder,
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("scratch: resnet18"):  # the run's header: epoch 1's line comes next
+            break
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == "", err
+    assert [m["epoch"] for m in torch.load(tmp_path / "model.pt", weights_only=True)["history"]] == [1]
+
+
 @pytest.mark.parametrize("setup, argv, message", [
     (None, ["--data-dir", "{tmp}/nowhere"], "nowhere/train is not a folder"),
     ("no_test", ["--data-dir", "{tmp}/d"], "test is not a folder"),
@@ -970,6 +983,10 @@ def test_the_books_loaders_refuse_test_classes_other_than_trains(tmp_path):
     with pytest.raises(UserError, match=r"train has classes \['hotdog', 'not-hotdog'\] but \S*test has \['hotdog', "
                                         r"'pizza'\]; give both the same class folders$"):
         data.load_data(4, root)
+    os.rename(tmp_path / "test" / "pizza", tmp_path / "test" / "not-hotdog")
+    os.rename(tmp_path / "train" / "hotdog", tmp_path / "train" / "caf\u00e9")
+    os.rename(tmp_path / "test" / "hotdog", tmp_path / "test" / "cafe\u0301")  # one name, as macOS writes it: one class
+    assert data.load_data(4, root)[1].dataset.classes == ["cafe\u0301", "not-hotdog"]
 
 
 def test_test_folder_is_preferred_and_named(tmp_path, capsys):
@@ -2259,6 +2276,9 @@ def test_resume_with_the_data_folder_moved(folder, tmp_path, capsys):
     shutil.copytree(folder, tmp_path / "d")
     argv = ["--epochs", 1, "--batch-size", 4, "--workers", 0]
     assert run_cli(capsys, "--scratch", "--data-dir", tmp_path / "d", *argv, "--out", tmp_path / "run")[0] == 0
+    os.symlink(tmp_path / "d", tmp_path / "link")  # the same folder, through a link: the same command
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", tmp_path / "link", *argv, "--out", tmp_path / "run")
+    assert status == 0 and "finished its 1 epochs already" in out, err
     os.rename(tmp_path / "d", tmp_path / "moved")
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", tmp_path / "moved", *argv, "--out", tmp_path / "run")
     assert status == 2 and f"(--data-dir: {tmp_path / 'd'} there, {tmp_path / 'moved'} now); continue it with the same " \
@@ -2283,16 +2303,30 @@ def test_resume_with_the_data_folder_moved(folder, tmp_path, capsys):
     assert status == 2 and len(err.strip().splitlines()) == 1 and "held out for testing" in err, err
 
 
-def test_a_best_pt_without_its_model_pt_is_never_trained_over(folder, tmp_path, capsys, scratch_run):
+def test_a_best_pt_without_its_model_pt_is_trained_over_only_by_its_own_run(folder, tmp_path, capsys, scratch_run):
     """A run's folder that holds best.pt alone (its model.pt deleted, or best.pt copied in to
-    predict): a new run there would write over it, so it is refused."""
+    predict): a run with other options would write over it, so it is refused; the same run (one
+    stopped between writing best.pt and model.pt) trains again."""
     shutil.copytree(scratch_run[0], tmp_path / "run")
     os.remove(tmp_path / "run" / "model.pt")
     before = {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")}
-    status, _, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--out", tmp_path / "run")
-    assert status == 2 and err == f"error: {tmp_path / 'run'} holds a run's best.pt but no model.pt to continue the run " \
-        "from; delete that best.pt to train anew there, or choose another --out\n"
+    status, _, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--seed", 5, "--out", tmp_path / "run")
+    assert status == 2 and err.startswith(f"error: {tmp_path / 'run' / 'best.pt'} was made with other options "
+                                          "(--seed: 0 there, 5 now); continue it with the same, or train"), err
     assert {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")} == before
+    status, out, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--out", tmp_path / "run")
+    assert status == 0 and "epoch 1:" in out and (tmp_path / "run" / "model.pt").exists(), err
+
+
+def test_a_run_continues_without_the_val_split_it_never_read(folder, tmp_path, capsys, scratch_run):
+    """A run begun with --val-split on train/ and test/ (taken before such a split was refused)
+    continues without it: it split nothing, so the split is no change."""
+    shutil.copytree(scratch_run[0], tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    ckpt["args"]["val_split"] = 0.3
+    torch.save(ckpt, tmp_path / "run" / "model.pt")
+    status, out, err = run_cli(capsys, *SCRATCH[:2], 2, *SCRATCH[3:], "--data-dir", folder, "--out", tmp_path / "run")
+    assert status == 0 and "epoch 2:" in out, err
 
 
 def test_val_added_or_removed_between_runs_names_the_change_and_the_fix(folder, tmp_path, capsys):
@@ -2669,9 +2703,9 @@ def test_options_that_would_be_ignored_are_refused(folder, tmp_path, capsys):
                            (dict(dummy=True, data_root=str(tmp_path)), "^data_root= is where the hot-dog set and CIFAR-10 "
                             "are downloaded, and dummy= downloads nothing; leave data_root= out$"),
                            (dict(data_dir=folder, val_split=0.5), f"^val_split= splits a data_dir= of class folders "
-                            f"alone, and {folder} has its own test set; leave val_split= out$"),
-                           (dict(val_split=0.5), "^val_split= .*, and the hotdog set has its own test set"),
-                           (dict(dummy=True, val_split=0.5), "^val_split= .*, and dummy data has its own test set")):
+                            f"alone, and {folder} is not one; leave val_split= out$"),
+                           (dict(val_split=0.5), "^val_split= .*, and the hotdog set is not one"),
+                           (dict(dummy=True, val_split=0.5), "^val_split= .*, and dummy data is not one")):
         with pytest.raises(UserError, match=message):
             runs.train_runs("pretrained", str(tmp_path / "never"), **given)
     began = dict(freeze=True, freeze_epochs=1)  # a run begun before these were refused still resumes
