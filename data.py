@@ -389,7 +389,8 @@ def load_data(batch_size=128, data_dir=None, root="data", persistent=False):
     data_dir = data_dir or get_hotdog(root)
     train_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["train"]), transform=train_augs)
     test_imgs = torchvision.datasets.ImageFolder(split_folder(data_dir, ["test", *VAL]), transform=test_augs)
-    if list(map(nfc, test_imgs.classes)) != list(map(nfc, train_imgs.classes)):  # label i names class i in each
+    # label i names class i in each; one name in either Unicode form (macOS writes NFD) is one class
+    if test_imgs.classes != train_imgs.classes and list(map(nfc, test_imgs.classes)) != list(map(nfc, train_imgs.classes)):
         raise UserError(f"{train_imgs.root} has classes {train_imgs.classes} but {test_imgs.root} has "
                         f"{test_imgs.classes}; give both the same class folders")
     return make_loaders(train_imgs, test_imgs, batch_size, default_workers(), persistent=persistent)
