@@ -52,6 +52,8 @@ def megapixels_limit(megapixels):
 # Python's warnings filters are the process's, and catch_warnings puts back the ones it found: two
 # threads at once (data.DecodedImages decodes in several) could leave one's filter in place.
 SIZE_CHECK = threading.Lock()
+
+
 def load_rgb(path):
     """Any image as 8-bit RGB, the way up it was taken: the EXIF orientation applied (phones store
     portraits sideways), 16-bit and floating-point pixels scaled to 8 bits (PIL would clip them),

@@ -321,8 +321,9 @@ def checkpoint_of(run, options, read):
     refused too where made with other options (the same: a run stopped between writing the two)."""
     path = options["resume"] or os.path.join(run.out, "model.pt")
     ckpt = (read or {}).get(path) or from_process_0(run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
-    best = os.path.join(run.out, "best.pt")
-    began = ckpt or from_process_0(models.load_checkpoint(best) if rank() == 0 and os.path.exists(best) else None)
+    best = os.path.join(run.out, "best.pt")  # what may_change reads of it, not its weights, goes to every process
+    began = ckpt or from_process_0({k: v for k, v in models.load_checkpoint(best).items() if k in ("args", "held_out")}
+                                   if rank() == 0 and os.path.exists(best) else None)
     if began:
         refuse_changes(run_options(run, began["args"]), run_options(run, options), path if ckpt else best,
                        may_change(began, read))
