@@ -3,286 +3,38 @@
     python finetune.py --pretrained     # fine-tune the ImageNet net (book: test acc 0.940)
     python finetune.py --scratch        # the same net from random weights (book: 0.850)
 
-This file is the command line: it parses the arguments (each option as options.OPTIONS defines
-it), asks runs.py once for the runs (or predict.py, or data.py for samples), prints what they
-return, and turns errors and Ctrl-C into one line and an exit status. On a machine with several
-GPUs it starts one process per GPU through torchrun's own launcher.
+Also --compare (both), --resume, --predict, --export and --show-samples: --help lists them. The
+flags, printing and exit statuses are beyond.cli's; a run's life is beyond.runs'.
 """
-import argparse
 import os
-import re
 import sys
 
 import torch
-import torch.distributed as dist
 
-import data
-import predict
-import runs
-from images import image_paths, megapixels_limit, shown
-from options import DATASETS, DEFAULTS, OPTIONS, checked, refuse_unread, takes
-from utils import UserError, job_size, rank, say, under_torchrun
-
-MODES = {"pretrained": "fine-tune the ImageNet resnet18", "scratch": "train resnet18 from random weights",
-         "compare": "both, with a table against the book", "show-samples": "write samples.png and exit"}
-
-# Each option's help, in the order --help lists them (options.OPTIONS defines its default, type and values).
-HELP = dict(
-    dataset=f"hotdog or cifar10 (default: {DEFAULTS['dataset']})",
-    data_dir="a folder with train/ and test/ ImageFolders, or class folders alone",
-    data_root=f"where downloads go (default: ./{DEFAULTS['data_root']})",
-    dummy="random hot-dog-shaped data, for speed",
-    cache_gb="decode images once if they fit in GB (default: half the free memory)",
-    arch="an ImageNet classifier of torchvision's that ends in one Linear layer, e.g. resnet50, "
-         f"mobilenet_v3_small, convnext_tiny (default: {DEFAULTS['arch']}, the book's)",
-    weights="the arch's ImageNet state-dict, for offline use",
-    epochs="default: 5 (cifar10: 10)",
-    batch_size=f"global, over all processes (default: {DEFAULTS['batch_size']})",
-    lr="base lr; several give one run each (default: the recipe's, 5e-5 pretrained and 5e-4 scratch; "
-       "5e-4 for both with cifar10)",
-    no_param_group="fc at the base lr, not 10x",
-    freeze="train only the new output layer",
-    init_head_from_imagenet="start from ImageNet's hot-dog row",
-    patience="stop when the test acc (val/'s, where there is one) has not improved for N epochs",
-    freeze_epochs="first train the output layer alone, N epochs",
-    class_weights="balanced: weigh the loss so that every class counts the same",
-    workers="loader processes (default: one per core, at most 16)",
-    max_megapixels=f"larger images are refused as possible decompression bombs (default: {DEFAULTS['max_megapixels']})",
-    val_split=f"class folders alone: the share of each class held out for testing (default: {DEFAULTS['val_split']})",
-    seed=f"for the initial weights, the augmentations, the shuffles and --val-split (default: {DEFAULTS['seed']})",
-    device="cpu, cuda, cuda:1, mps (default: the best there is)",
-    precision="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native bf16 "
-              "(fp16 on older GPUs); fp32: the book's arithmetic",
-)
-METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION", "class_weights": "balanced"}  # else N for ints
-# What each mode that trains nothing reads: another option typed beside it would be silently ignored.
-READS = {"predict": {"model", "out", "batch_size", "workers", "device", "precision", "arch", "max_megapixels"},
-         "export": {"export_format", "out"}, "show-samples": {"data_dir", "data_root", "out", "max_megapixels"}}
-
-
-def parse_args(argv=None):
-    """The mode, and the options typed on the command line (those left out are not in the
-    namespace: options.DEFAULTS holds their defaults, and --resume tells typed ones apart). The flags:
-    the modes, one for each option of options.OPTIONS, each converted and checked by the rule defined
-    there (parsed), and --no-cache, --model, --export-format, --out."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    mode = p.add_mutually_exclusive_group()
-    for name, text in MODES.items():
-        mode.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=text)
-    mode.add_argument("--predict", nargs="+", metavar="IMAGE", help="classify images with --model")
-    mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH (model.pt, or its folder)")
-    mode.add_argument("--export", metavar="RUN", help="write one file that classifies images without this project: "
-                                                      "RUN's folder (its best.pt), best.pt or model.pt")
-    p.add_argument("--model", metavar="PATH", help="a run's folder (its best.pt), best.pt or model.pt, for --predict")
-    p.add_argument("--export-format", choices=["pt2", "onnx"], help="pt2 (default: torch.export's) or onnx")
-    for name, text in HELP.items():
-        if OPTIONS[name][1] is bool:
-            p.add_argument(flag(name), action="store_true", help=text)
-        else:
-            p.add_argument(flag(name), type=parsed(name), help=text,
-                           metavar=METAVARS.get(name, "N" if OPTIONS[name][1] is int else None),
-                           nargs="+" if name == "lr" else None)  # several lrs: one run each
-    p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
-                   help="decode images every epoch, not once (--cache-gb 0)")
-    p.add_argument("--out", help="output folder (default: runs/<mode>-<time>; for --predict, --show-samples: .); for "
-                                 "--export, the file (default: beside the checkpoint, best.pt2 or best.onnx for best.pt)")
-    args = p.parse_args(argv)
-    if not any(hasattr(args, key) for key in ("mode", "predict", "resume", "export")):
-        p.error("say what to do: --pretrained, --scratch, --compare, --predict, --export, --show-samples or --resume")
-    if hasattr(args, "predict") != hasattr(args, "model"):
-        p.error("--predict needs --model PATH (a run's folder, or its model.pt), and --model goes with --predict")
-    if hasattr(args, "export_format") and not hasattr(args, "export"):
-        p.error("--export-format goes with --export RUN")
-    mode = next((m for m in READS if hasattr(args, m) or getattr(args, "mode", None) == m), None)
-    ignored = sorted(set(vars(args)) - READS[mode] - {"mode", mode}) if mode else []
-    if ignored:
-        typed = flag(ignored[0]).replace("--cache-gb", "--cache-gb or --no-cache")  # both set cache_gb
-        p.error(f"{typed} does not apply to --{mode}, which reads {', '.join(map(flag, sorted(READS[mode])))}")
-    return args
-
-
-def parsed(name):
-    """The type of option `name` on the command line: its text converted, then checked by the
-    same rule as a Python caller's value (options.checked)."""
-    kind = OPTIONS[name][1]
-
-    def parse(text):
-        try:
-            return checked(name, kind(text))
-        except (UserError, ValueError):
-            raise argparse.ArgumentTypeError(f"give {takes(*OPTIONS[name][1:])}, not {text or repr(text)}") from None
-    return parse
-
-
-# ---------------------------------------------------------------- what each mode prints
-def train(options):
-    """--pretrained, --scratch, --compare and --resume: train, then the results."""
-    resume = options.pop("resume", None)
-    trained = runs.resume(resume, **options) if resume else runs.train_runs(options.pop("mode"), **options)
-    for result in trained.results:
-        print_result(result)
-    if len(trained.results) > 1:
-        print_table(trained.results)
-    say(f"wrote {trained.out}")
-    return 0
-
-
-def print_result(result):
-    """The evaluation of the epoch best.pt keeps (up to 10 classes: the confusion matrix and each
-    class's figures), whether the run stopped early, which epoch it kept, and its final test."""
-    name, classes, history = result["name"], result["classes"], result["history"]
-    if "per_class" in result and len(classes) <= 10:
-        of = f" of epoch {result['figures_epoch']}, the one best.pt keeps" if "figures_epoch" in result else ""
-        say(f"{name}: confusion{of} (rows: true class, columns: predicted), then precision, recall, F1, count:")
-        for c, row in zip(classes, result["confusion"]):
-            figure = result["per_class"][c]
-            say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row)
-                + f"   {figure['precision']:.3f} {figure['recall']:.3f} {figure['f1']:.3f} {figure['count']:5d}")
-        say(f"  balanced accuracy {result['balanced_accuracy']:.3f}")
-    patience = result["args"].get("patience")
-    if len(history) < result["args"]["epochs"] and runs.stalled(history, patience, result["args"].get("freeze_epochs", 0)):
-        say(f"{name}: stopped early after epoch {history[-1]['epoch']}: no better test acc in {patience} epochs")
-    if "kept" in result:
-        kept = result["kept"]
-        say(f"{name}: best.pt keeps epoch {kept['epoch']}, test acc {kept['test_acc']:.3f}"
-            + (f"; {kept['note']}" if kept["optimistic"] else ""))
-    if "final_test" in result:
-        final = result["final_test"]
-        say(f"{name}: {final['split']}, once, with epoch {final['epoch']}'s weights: acc {final['acc']:.3f}, "
-            f"balanced accuracy {final['balanced_accuracy']:.3f}")
-
-
-def print_table(results):
-    say(f"\n{'run':<24} {'loss':>6} {'train acc':>9} {'test acc':>8} {'ex/sec':>8}   book")
-    for r in results:
-        if r["args"]["dataset"] == "cifar10":
-            book = f"test acc {DATASETS['cifar10']['book_test_acc']}"
-        else:
-            book = "loss {:.3f}, train acc {:.3f}, test acc {:.3f}".format(*runs.RECIPES[r["mode"]]["book"])
-        loss = float("nan") if r["loss"] is None else r["loss"]  # metrics.json's null: a run that diverged
-        say(f"{r['name']:<24} {loss:6.3f} {r['train_acc']:9.3f} {r['test_acc']:8.3f} "
-            f"{r['examples_per_sec']:8.1f}   {book}")
-
-
-def predict_images(options):
-    """--predict: a line per image, and predictions.csv."""
-    keywords = {key: options[key] for key in ("batch_size", "workers", "device", "precision", "arch") if key in options}
-    out = options.get("out", ".")
-    predictions = predict.predict(options["model"], options["predict"], out=out, **keywords)
-    for p in predictions:
-        say(f"{shown(p.path)}: {p.label} {p.probability:.3f}")
-    found = len(image_paths(options["predict"]))
-    wrote = f"wrote {os.path.join(out, 'predictions.csv')}" if predictions else "wrote no predictions.csv"
-    missed = f"; {found - len(predictions)} of {found} images are not predicted (named above)"
-    print(wrote + (missed if len(predictions) < found else ""), file=sys.stderr)
-    return 0 if len(predictions) == found else 1
-
-
-def export(options):
-    """--export: one file, the run's test augmentations and net, for use without this project."""
-    say(f"wrote {predict.export(options['export'], options.get('out'), format=options.get('export_format', 'pt2'))}")
-    return 0
-
-
-def show_samples(options):
-    """--show-samples: the book's first look at the data, and the same images augmented."""
-    refuse_unread({**DEFAULTS, **options}, set(options))  # --data-root beside --data-dir
-    data_dir = options.get("data_dir") or data.get_hotdog(options.get("data_root", "data"))
-    path = data.samples(data_dir, options.get("out", "."))
-    if path:
-        say(f"wrote {path}")
-    return 0
-
-
-# ---------------------------------------------------------------- starting
-def one_line(error):
-    """A library error as the command line's one line: the Python arguments it names
-    (batch_size=3, lr: ...) named as flags."""
-    message = str(error)
-    message = message.replace("hotdog_class", "--init-head-from-imagenet").replace("weights_file=", "weights=")
-    message = message.replace("format=", "--export-format ").replace("predict.predict", "--predict")
-    for name in [*OPTIONS, "out", "mode"]:  # not inside a path such as runs/lr=0.1
-        message = re.sub(rf"(?<![\w/.=-]){name}=(?=\S)", flag(name) + " ", message)  # batch_size=3: --batch-size 3
-        message = re.sub(rf"(?<![\w/.=-]){name}(=|(?=: ))", flag(name), message)  # lr: ... and "another out="
-    return f"error: {message}"
-
-
-def flag(name):
-    return "--pretrained, --scratch or --compare" if name == "mode" else "--" + name.replace("_", "-")
-
-
-def guarded(fn, options):
-    """Run fn(options), turning bad input and Ctrl-C into a one-line message and an exit status."""
-    try:
-        with megapixels_limit(options.get("max_megapixels", DEFAULTS["max_megapixels"])):
-            return fn(options)
-    except UserError as e:  # every process meets the same bad input: process 0 says it
-        say(one_line(e), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        return interrupted(e)
-    except BrokenPipeError:  # its reader stopped reading (| head): stop quietly, as the shell's tools do, 128 + SIGPIPE
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush has then nowhere to fail
-        return 141
-    except torch.OutOfMemoryError:
-        batch_size = options.get("batch_size", DEFAULTS["batch_size"])
-        print(f"error: out of GPU memory at --batch-size {batch_size}; try --batch-size {max(1, batch_size // 2)}",
-              file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # another process died (killed, out of memory): torchrun restarts all
-        if job_size() == 1 or ("gloo" not in str(e) and not isinstance(e, dist.DistError)):
-            raise
-        say("error: another process of this run stopped; with torchrun --max-restarts the "
-            "run continues from its last epoch", file=sys.stderr)
-        return 1
-
-
-def interrupted(error):
-    """Ctrl-C: in a training, say how to continue where an epoch had finished (process 0 says it)."""
-    checkpoint = getattr(error, "checkpoint", "")  # set by runs.trained, None before any epoch; "": no training
-    said = (f"; {checkpoint} holds the last whole epoch: continue with python finetune.py --resume {checkpoint}"
-            if checkpoint else "; no epoch had finished, so there is nothing to resume" if checkpoint is None else "")
-    say("\ninterrupted" + said, file=sys.stderr)
-    return 130
-
-
-def on_all_gpus(argv, gpus):
-    """One process per GPU, as the book's try_all_gpus meant, started by torchrun's own launcher
-    (`torchrun --standalone --nproc_per_node=GPUS finetune.py ...`): the environment torchrun
-    sets, loader workers forked as under torchrun, and a process that dies reported."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args as torchrun_args, run
-    try:
-        run(torchrun_args(["--standalone", f"--nproc_per_node={gpus}", os.path.abspath(__file__), *argv]))
-    except ChildFailedError as e:
-        return died(e)
-    except SignalException:  # Ctrl-C: the processes have said how to continue
-        return 130
-    return 0
-
-
-def died(error):
-    """torchrun's report of a failed process as one line, where the process did not say why."""
-    process, failure = error.get_first_failure()
-    if failure.exitcode >= 0:  # it exited with a status, after saying why
-        return failure.exitcode
-    print(f"error: process {process} was killed by {failure.signal_name()}"
-          + (" (as the out-of-memory killer does: try a smaller --batch-size or fewer --workers)"
-             if failure.signal_name() == "SIGKILL" else ""), file=sys.stderr)
-    return 1
+import beyond.cli
+import beyond.processes
+import beyond.runs
 
 
 def main(argv=None):
+    """Parse the command line, run what it asks for once, and return the exit status."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    options = vars(parse_args(argv))
-    once = predict_images if "predict" in options else export if "export" in options else show_samples
-    if "predict" in options or "export" in options or options.get("mode") == "show-samples":
-        return 0 if rank() > 0 else guarded(once, options)  # under torchrun, once: by process 0
-    gpus = torch.cuda.device_count()
-    if gpus > 1 and not under_torchrun() and runs.asked_device(options) in (None, "cuda"):
-        return on_all_gpus(argv, gpus)
-    return guarded(train, options)
+    options = vars(beyond.cli.parse_args(argv))
+    if "predict" in options:
+        todo = beyond.cli.predict_images
+    elif "export" in options:
+        todo = beyond.cli.export
+    elif options.get("mode") == "show-samples":
+        todo = beyond.cli.show_samples
+    else:
+        todo = None
+    if todo:  # under torchrun, by process 0 alone
+        return 0 if beyond.processes.rank() > 0 else beyond.cli.guarded(todo, options)
+    gpus = torch.cuda.device_count()  # several: one process each, as the book's try_all_gpus
+    if (gpus > 1 and not beyond.processes.under_torchrun()
+            and beyond.runs.asked_device(options) in (None, "cuda")):
+        return beyond.cli.on_all_gpus(argv, gpus, os.path.abspath(__file__))
+    return beyond.cli.guarded(beyond.cli.train, options)
 
 
 if __name__ == "__main__":

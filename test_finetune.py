@@ -39,15 +39,12 @@ from torchvision.transforms import v2
 
 import data
 import finetune
-import images
 import models
-import options
-import predict
-import runs
 import train
-import utils
-from utils import UserError
-from train import evaluate, make_runtime, train_epoch, try_device
+from beyond import (UserError, archs, cache, checkpoints, cli, datasets, devices, download, figures, files,
+                    folders, loaders, options, phases, photos, pictures, predict, processes, progress, runs)
+from beyond.devices import make_runtime, try_device
+from train import evaluate, train_epoch
 
 CPU = make_runtime(torch.device("cpu"), "fp32")
 
@@ -280,14 +277,14 @@ def test_examples_per_sec_are_the_books_all_epochs_over_their_time():
     """The summary's speed, as the book's train_ch13 gives it: every example over every second
     (the mean of the epochs' speeds would count a slow epoch as much as a fast one)."""
     history = [dict(examples=100, examples_per_sec=10.0), dict(examples=100, examples_per_sec=50.0)]
-    assert train.mean_speed(history) == pytest.approx(200 / (10 + 2))
+    assert progress.mean_speed(history) == pytest.approx(200 / (10 + 2))
 
 
 def test_freeze_trains_only_the_head(folder):
     net = models.finetune_net(2)
     models.freeze_features(net)  # as a statement: in place
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    train_iter, test_iter = data.make_loaders(*data.image_folders(folder), batch_size=4)
+    train_iter, test_iter = loaders.make_loaders(*datasets.image_folders(folder), batch_size=4)
     one_epoch(net, train_iter, test_iter)
     after = net.state_dict()
     for name in before:  # weights and BatchNorm statistics alike
@@ -299,7 +296,7 @@ def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert try_device() == torch.device("cpu") and train.try_all_gpus() == [torch.device("cpu")]
+    assert try_device() == torch.device("cpu") and devices.try_all_gpus() == [torch.device("cpu")]
     with pytest.raises(UserError, match="no such device"):
         try_device("cuda")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
@@ -307,7 +304,7 @@ def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert try_device() == torch.device("cuda") and try_device("cuda:1") == torch.device("cuda", 1)
-    assert train.try_all_gpus() == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert devices.try_all_gpus() == [torch.device("cuda", 0), torch.device("cuda", 1)]
     with pytest.raises(UserError, match="no such device"):
         try_device("cuda:2")
 
@@ -315,18 +312,18 @@ def test_device_choice(monkeypatch):
 def test_the_cpu_named_twice_is_refused_before_the_data(folder, tmp_path):
     """nn.DataParallel splits a batch among GPUs: the CPU twice (or one GPU twice) would run it
     on the CPU in fp16, DataParallel's type."""
-    for devices in (["cpu", "cpu"], [torch.device("cpu"), "cpu"]):
+    for named in (["cpu", "cpu"], [torch.device("cpu"), "cpu"]):
         with pytest.raises(UserError, match=r"devices=\['cpu', 'cpu'\]: nn.DataParallel .* give one device"):
-            train.train_fine_tuning(models.scratch_net(), 5e-4, 4, 1, False, data_dir=str(tmp_path / "none"), devices=devices)
+            train.train_fine_tuning(models.scratch_net(), 5e-4, 4, 1, False, data_dir=str(tmp_path / "none"), devices=named)
     with pytest.raises(UserError, match="^devices=gpu: this machine has no such device; give no devices= "):  # its keyword
         train.train_fine_tuning(models.scratch_net(), 5e-4, devices="gpu")
 
 
 # ---------------------------------------------------------------- data
 def test_loaders(folder):
-    train_set, test_set = data.image_folders(folder)
+    train_set, test_set = datasets.image_folders(folder)
     assert train_set.classes == ["hotdog", "not-hotdog"]
-    train_iter, test_iter = data.make_loaders(train_set, test_set, batch_size=4)
+    train_iter, test_iter = loaders.make_loaders(train_set, test_set, batch_size=4)
     X, y = next(iter(test_iter))
     assert X.shape == (4, 3, 224, 224) and X.dtype == torch.uint8
     assert y.tolist() == [0, 0, 1, 1]  # hotdog = 0, not-hotdog = 1, in order
@@ -338,9 +335,9 @@ def test_loaders(folder):
 
 
 def test_cache_gives_the_same_images(folder):
-    cached, _ = data.image_folders(folder)
-    plain, _ = data.image_folders(folder, cache_budget=0)
-    assert isinstance(cached, data.DecodedImages) and not isinstance(plain, data.DecodedImages)
+    cached, _ = datasets.image_folders(folder)
+    plain, _ = datasets.image_folders(folder, cache_budget=0)
+    assert isinstance(cached, cache.DecodedImages) and not isinstance(plain, cache.DecodedImages)
     torch.manual_seed(1)
     a = cached[3]
     torch.manual_seed(1)
@@ -353,25 +350,25 @@ def test_image_modes_load_as_rgb(tmp_path):
     for mode in ("L", "P", "RGBA", "CMYK"):
         img.convert(mode).save(tmp_path / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
     for path in tmp_path.iterdir():
-        assert images.load_rgb(str(path)).mode == "RGB"
+        assert photos.load_rgb(str(path)).mode == "RGB"
 
 
 def test_unreadable_and_huge_images_are_named(tmp_path, monkeypatch):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
     with pytest.raises(UserError, match="cut.png"):
-        images.load_rgb(str(tmp_path / "cut.png"))
+        photos.load_rgb(str(tmp_path / "cut.png"))
     png = (tmp_path / "ok.png").read_bytes()  # a text chunk too large to decompress, after the PNG's header
     text = b"zTXt" + b"Comment\0\0" + zlib.compress(bytes(2 << 20))
     (tmp_path / "text.png").write_bytes(png[:33] + struct.pack(">I", len(text) - 4) + text
                                         + struct.pack(">I", zlib.crc32(text)) + png[33:])
     (tmp_path / "head.ppm").write_bytes(b"P6\n64 4X\n255\n" + bytes(100))
     for name in ("text.png", "head.ppm"):  # PIL raises ValueError for these, not OSError
-        for read in (images.load_rgb, images.image_size):
+        for read in (photos.load_rgb, photos.image_size):
             with pytest.raises(UserError, match=f"^cannot read image .*{name} .*; delete or replace that file"):
                 read(str(tmp_path / name))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    for read in (images.load_rgb, images.image_size):  # the cache's size estimate reads headers too
+    for read in (photos.load_rgb, photos.image_size):  # the cache's size estimate reads headers too
         with pytest.raises(UserError, match="ok.png"):
             read(str(tmp_path / "ok.png"))
 
@@ -382,19 +379,19 @@ def test_decoding_in_threads_leaves_the_warnings_filters_as_found(tmp_path):
     root = write_folder(tmp_path, train=40, test=10)
     before = list(warnings.filters)
     for _ in range(3):
-        assert isinstance(data.image_folders(root, workers=2)[0], data.DecodedImages)
+        assert isinstance(datasets.image_folders(root, workers=2)[0], cache.DecodedImages)
     assert warnings.filters == before
 
 
 def test_non_image_files_are_skipped(tmp_path):
     root = write_folder(tmp_path)
     (tmp_path / "train" / "hotdog" / "notes.txt").write_text("not an image")
-    assert len(data.image_folders(root)[0]) == 8
+    assert len(datasets.image_folders(root)[0]) == 8
 
 
 def test_dummy_run(tmp_path, capsys, monkeypatch):
-    real = data.fake_data
-    monkeypatch.setattr(data, "fake_data", lambda: real(8, 4))  # a hot-dog set is 2000 + 800
+    real = datasets.fake_data
+    monkeypatch.setattr(datasets, "fake_data", lambda: real(8, 4))  # a hot-dog set is 2000 + 800
     status, out, _ = run_cli(capsys, "--scratch", "--dummy", "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path)
     assert status == 0 and "training on 8 images, testing on 4" in out
@@ -402,7 +399,7 @@ def test_dummy_run(tmp_path, capsys, monkeypatch):
 
 
 def test_fake_data():
-    train_set, test_set = data.fake_data()
+    train_set, test_set = datasets.fake_data()
     X, y = train_set[0]
     assert len(train_set) == 2000 and len(test_set) == 800
     assert X.shape == (3, 224, 224) and y in (0, 1)
@@ -555,8 +552,8 @@ def test_predict_matches_the_evaluation_loop(folder, tmp_path, capsys, scratch_r
     ckpt = torch.load(run / "model.pt", weights_only=True)
     net = models.scratch_net(2)
     net.load_state_dict(ckpt["model"])
-    _, test_set = data.image_folders(folder)
-    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
+    _, test_set = datasets.image_folders(folder)
+    probs, labels = evaluate(net, loaders.make_loaders(test_set, test_set, 4)[1], CPU)
     paths = [p for p, _ in test_set.samples]
     status, out, _ = run_cli(capsys, "--predict", *paths, "--model", run / "model.pt", "--precision", "fp32",
                              "--out", tmp_path / "predictions")
@@ -572,16 +569,16 @@ def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
         a, b = tmp_path / "d" / "test" / "hotdog" / name, tmp_path / "d" / "test" / "not-hotdog" / name
         a.rename(tmp_path / "swap.png"), b.rename(a), (tmp_path / "swap.png").rename(b)
     shown = {}
-    real = images.grid
-    monkeypatch.setattr(images, "grid", lambda rows, captions, path, scale: shown.update(
+    real = pictures.grid
+    monkeypatch.setattr(pictures, "grid", lambda rows, captions, path, scale: shown.update(
         images=sum(rows, []), captions=sum(captions, []), path=real(rows, captions, path, scale)))
     status, out, _ = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--precision", "fp32", "--out", tmp_path / "out")
     assert status == 0
     net = models.scratch_net(2)
     net.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True)["model"])
-    _, test_set = data.image_folders(root)
-    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
+    _, test_set = datasets.image_folders(root)
+    probs, labels = evaluate(net, loaders.make_loaders(test_set, test_set, 4)[1], CPU)
     wrong = (probs.argmax(1) != labels).nonzero().flatten().tolist()
     assert wrong and len(shown["images"]) == len(wrong)
     for image, i, caption in zip(shown["images"], wrong, shown["captions"]):
@@ -780,13 +777,13 @@ def test_cifar10_through_the_same_dataset_function(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
     with pytest.raises(UserError, match=r"cifar-10-python.tar.gz is not CIFAR-10's archive .*no network.*delete it"):
-        data.cifar10(str(tmp_path / "placed"))
+        datasets.cifar10(str(tmp_path / "placed"))
 
 
 def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    assert images.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
+    assert pictures.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
                                  str(tmp_path / "curves.png")) is None
     assert "pip install matplotlib" in capsys.readouterr().out
     assert not (tmp_path / "curves.png").exists()
@@ -800,7 +797,7 @@ def ddp_worker(rank, root, out):
     torch.distributed.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     torch.manual_seed(0)
     net = models.scratch_net(2)
-    train_iter, test_iter = data.make_loaders(*data.image_folders(root), batch_size=4)
+    train_iter, test_iter = loaders.make_loaders(*datasets.image_folders(root), batch_size=4)
     seen = list(train_iter.sampler)  # epoch 0's share, as train() will draw it
     epochs = one_epoch(net, train_iter, test_iter)
     torch.save({"model": net.state_dict(), "seen": seen, "test_acc": epochs[-1].metrics["test_acc"],
@@ -829,8 +826,8 @@ def test_two_processes_agree(two_processes):
     assert sorted(seen) == list(range(8))  # every training example once
     net = models.scratch_net(2)
     net.load_state_dict(ranks[0]["model"])
-    _, test_set = data.image_folders(root)
-    probs, labels = evaluate(net, data.make_loaders(test_set, test_set, 6)[1], CPU)
+    _, test_set = datasets.image_folders(root)
+    probs, labels = evaluate(net, loaders.make_loaders(test_set, test_set, 6)[1], CPU)
     single = (probs.argmax(1) == labels).float().mean().item()
     assert ranks[0]["test_acc"] == ranks[1]["test_acc"] == pytest.approx(single)
 
@@ -840,7 +837,7 @@ def one_step(net, X, y):
     so that the step does not depend on how the batch is split."""
     net.eval().train = lambda mode=True: net
     before = net.fc.weight.detach().clone()
-    model = utils.parallel(net, [torch.device("cpu")])
+    model = processes.parallel(net, [torch.device("cpu")])
     train_epoch(model, [(X, y)], torch.nn.CrossEntropyLoss(reduction="none"),
                 torch.optim.SGD(net.parameters(), lr=1e-3), CPU)
     return net.fc.weight.detach() - before
@@ -887,7 +884,7 @@ def printed_by_processes(path):
 def launched_run(tmp_path_factory):
     """`finetune.py --scratch --data-dir D` (one epoch, batch 8, --device cpu, the default loader
     workers) as `python finetune.py` starts it on a machine with 3 GPUs: through
-    finetune.on_all_gpus, here as 3 CPU processes, on 6 training images and 2 test images (fewer
+    cli.on_all_gpus, here as 3 CPU processes, on 6 training images and 2 test images (fewer
     than the processes; and a batch of 8 does not divide by 3). Launched once for the tests that
     read it: (its folder, the exit status, what the processes printed on stdout, and on stderr)."""
     def make(where):
@@ -900,15 +897,16 @@ def launched_run(tmp_path_factory):
 
 
 def launched(argv, printed, processes=2):
-    """finetune.py's argv in CPU processes (finetune.on_all_gpus): the exit status, and what they
+    """finetune.py's argv in CPU processes (cli.on_all_gpus): the exit status, and what they
     printed on stdout and on stderr (in printed.out and printed.err)."""
     with printed_by_processes(printed):
-        status = finetune.on_all_gpus([*map(str, argv), "--device", "cpu"], processes)
+        status = cli.on_all_gpus([*map(str, argv), "--device", "cpu"], processes,
+                                 os.path.join(HERE, "finetune.py"))
     return status, open(f"{printed}.out").read(), open(f"{printed}.err").read()
 
 
 def test_torchrun_command_line(launched_run):
-    """torchrun's command line as finetune.on_all_gpus gives it to torchrun's own parser (`torchrun
+    """torchrun's command line as cli.on_all_gpus gives it to torchrun's own parser (`torchrun
     --standalone --nproc_per_node=3 finetune.py ...`); the command typed, `python -m
     torch.distributed.run ...`, trains in the tests of torchrun's restarts below."""
     run, status, out, err = launched_run
@@ -929,7 +927,7 @@ def test_all_gpus_launcher_on_cpu_processes(launched_run):
 def test_a_process_killed_is_reported_in_one_line(capsys):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
     failure = ProcessFailure(local_rank=1, pid=123, exitcode=-9, error_file="")
-    assert finetune.died(ChildFailedError("finetune.py", {1: failure})) == 1
+    assert cli.died(ChildFailedError("finetune.py", {1: failure})) == 1
     assert capsys.readouterr().err == ("error: process 1 was killed by SIGKILL (as the out-of-memory killer does: "
                                        "try a smaller --batch-size or fewer --workers)\n")
 
@@ -952,7 +950,7 @@ def test_hidden_entries_are_never_classes_or_images(tmp_path, capsys):
     write_folder(root, train=3, test=2)
     add_junk(root)
     for cache_budget in (None, 0):
-        train_set, test_set = data.image_folders(root, cache_budget)
+        train_set, test_set = datasets.image_folders(root, cache_budget)
         assert train_set.classes == test_set.classes == ["hotdog", "not-hotdog"]
         assert len(train_set) == 6 and len(test_set) == 4
         assert not any("/." in p or "__MACOSX" in p for p, _ in train_set.samples + test_set.samples)
@@ -1004,18 +1002,18 @@ def test_test_folder_is_preferred_and_named(tmp_path, capsys):
 
 def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys, scratch_run):
     run, _ = scratch_run
-    photos = tmp_path / "photos"
-    os.makedirs(photos / "b" / ".ipynb_checkpoints")
-    for path in (photos / "z.png", photos / "a.png", photos / "b" / "c.png", photos / "b" / ".ipynb_checkpoints" / "c.png"):
+    photo_dir = tmp_path / "photo_dir"
+    os.makedirs(photo_dir / "b" / ".ipynb_checkpoints")
+    for path in (photo_dir / "z.png", photo_dir / "a.png", photo_dir / "b" / "c.png", photo_dir / "b" / ".ipynb_checkpoints" / "c.png"):
         Image.new("RGB", (50, 40), (220, 60, 30)).save(path)
-    (photos / "notes.txt").write_text("not an image")
-    (photos / "b" / "broken.png").write_bytes(b"\x89PNG broken")
+    (photo_dir / "notes.txt").write_text("not an image")
+    (photo_dir / "b" / "broken.png").write_bytes(b"\x89PNG broken")
     single = os.path.join(folder, "test", "not-hotdog", "0.png")
-    status, out, err = run_cli(capsys, "--predict", single, photos, "--model", run / "model.pt",
+    status, out, err = run_cli(capsys, "--predict", single, photo_dir, "--model", run / "model.pt",
                                "--batch-size", 2, "--workers", 0, "--out", tmp_path / "pred")
     assert status == 1  # one image failed, the others were predicted
     assert "broken.png" in err and err.count("error:") == 1
-    expected = [single, str(photos / "a.png"), str(photos / "b" / "c.png"), str(photos / "z.png")]
+    expected = [single, str(photo_dir / "a.png"), str(photo_dir / "b" / "c.png"), str(photo_dir / "z.png")]
     assert [line.split(": ")[0] for line in out.splitlines()] == expected
     import csv
     rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
@@ -1044,7 +1042,7 @@ model = torch.export.load(sys.argv[1], extra_files=about).module()
 images = [torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) for path in sys.argv[2:]]
 alone = [model(image[None])[0].tolist() for image in images]
 batch = model(torch.stack(images[:-1])).tolist()  # the test images, all of one size
-ours = [name for name in ("data", "finetune", "images", "models", "predict", "runs", "train", "utils") if name in sys.modules]
+ours = [name for name in ("data", "finetune", "models", "train", "beyond") if name in sys.modules]
 print(json.dumps(dict(about, alone=alone, batch=batch, ours=ours)))
 """
 
@@ -1059,7 +1057,7 @@ def trained_to_export(root, folder, *mode):
     probabilities for them in fp32."""
     assert finetune.main([*mode, "--data-dir", folder, "--epochs", "1", "--batch-size", "4",
                           "--workers", "0", "--out", str(root / "run")]) == 0
-    paths = [p for p, _ in data.image_folders(folder)[1].samples] + [str(root / "photo.jpg")]
+    paths = [p for p, _ in datasets.image_folders(folder)[1].samples] + [str(root / "photo.jpg")]
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(paths[-1])
     probs = torch.tensor([list(p.probabilities.values()) for p in predict.predict(root / "run", paths, precision="fp32",
                                                                                   workers=0)])
@@ -1160,21 +1158,21 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(exported_run, tmp_path,
     assert err.strip().endswith("; pip install onnx onnxscript")
     assert os.listdir(tmp_path / "out") == []  # nothing half-written
     with pytest.raises(SystemExit):
-        finetune.parse_args(["--pretrained", "--export-format", "onnx"])
+        cli.parse_args(["--pretrained", "--export-format", "onnx"])
     with pytest.raises(UserError, match="format=tar is not one this program exports; give format=pt2 or format=onnx"):
         predict.export(run, format="tar")
 
 
 def test_cache_only_when_it_fits(folder, capsys):
-    train_set, test_set = data.image_folders(folder)
+    train_set, test_set = datasets.image_folders(folder)
     pixels = sum(3 * img.size[0] * img.size[1] for s in (train_set, test_set)
                  for img in (Image.open(p) for p, _ in s.samples))
     assert train_set.pixels.numel() + test_set.pixels.numel() == pixels  # the estimate is exact
     for i in range(len(test_set)):  # and each image sits where its header said
-        assert torch.equal(test_set.image(i), v2.functional.pil_to_tensor(images.load_rgb(test_set.samples[i][0])))
+        assert torch.equal(test_set.image(i), v2.functional.pil_to_tensor(photos.load_rgb(test_set.samples[i][0])))
     capsys.readouterr()
-    train_set, _ = data.image_folders(folder, cache_budget=pixels - 1)
-    assert not isinstance(train_set, data.DecodedImages)
+    train_set, _ = datasets.image_folders(folder, cache_budget=pixels - 1)
+    assert not isinstance(train_set, cache.DecodedImages)
     err = capsys.readouterr().err
     assert err.startswith("note: decoding images every epoch") and "--cache-gb" in err and len(err.splitlines()) == 1
 
@@ -1211,14 +1209,14 @@ class HalfWritten:
 
 
 def full_disk(monkeypatch, name, at_call):
-    """The at_call-th write of a file called name (through data.write_whole) finds the disk full."""
+    """The at_call-th write of a file called name (through files.write_whole) finds the disk full."""
     calls = []
 
     def open_(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
         calls.append(path) if path.endswith(name + ".part") else None
         return HalfWritten(f) if path.endswith(name + ".part") and len(calls) == at_call else f
-    monkeypatch.setattr(utils, "open", open_, raising=False)
+    monkeypatch.setattr(files, "open", open_, raising=False)
 
 
 def test_full_disk_keeps_the_last_whole_checkpoint(folder, tmp_path, capsys, monkeypatch):
@@ -1247,10 +1245,10 @@ def test_download_progress_on_a_terminal_only(tmp_path, server, capsys, monkeypa
     url, files, _ = server
     body = make_zip(tmp_path) * 2
     files["/hotdog.zip"] = (body, len(body))
-    data.download(url + "/hotdog.zip", str(tmp_path / "quiet.zip"))
+    download.download(url + "/hotdog.zip", str(tmp_path / "quiet.zip"))
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    data.download(url + "/hotdog.zip", str(tmp_path / "hotdog.zip"), hashlib.sha1(body).hexdigest())
+    download.download(url + "/hotdog.zip", str(tmp_path / "hotdog.zip"), hashlib.sha1(body).hexdigest())
     err = capsys.readouterr().err
     assert "\r  hotdog.zip: 0.0 of 0.0 MB" in err and err.endswith("\r\033[K")
 
@@ -1266,7 +1264,7 @@ def tiny_set():
 
 def runtime(monkeypatch, dtype):
     """What make_runtime gives on a CPU whose fastest type is dtype."""
-    monkeypatch.setattr(train, "amp_dtype", lambda device: dtype)
+    monkeypatch.setattr(devices, "amp_dtype", lambda device: dtype)
     return make_runtime(torch.device("cpu"))
 
 
@@ -1299,11 +1297,11 @@ def test_fp16_with_its_gradient_scaler_on_the_cpu(tmp_path, monkeypatch):
     assert not torch.equal(net.fc.weight.detach(), before) and torch.isfinite(net.fc.weight).all()
     assert fp16.scaler.get_scale() > 0
     optimizer = train.fine_tuning_optimizer(net, 0.01)
-    runs.save(str(tmp_path), [epochs[-1].metrics], {"held_out": None},
+    checkpoints.save(str(tmp_path), [epochs[-1].metrics], {"held_out": None},
               dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=fp16.scaler.state_dict()))
     resumed = runtime(monkeypatch, torch.float16)
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert runs.restore(ckpt, net, train.fine_tuning_optimizer(net, 0.01), resumed.scaler) == [epochs[-1].metrics]
+    assert checkpoints.restore(ckpt, net, train.fine_tuning_optimizer(net, 0.01), resumed.scaler) == [epochs[-1].metrics]
     assert resumed.scaler.state_dict() == fp16.scaler.state_dict()
 
 
@@ -1342,7 +1340,7 @@ def test_the_books_train_fine_tuning_trains_and_returns_the_history(folder, caps
     last_two = out.strip().splitlines()[-2:]  # the book's closing lines
     m = history[-1]
     assert "epoch 5: loss" in out and last_two[0] == f"loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, test acc {m['test_acc']:.3f}"
-    assert last_two[1].endswith("examples/sec on cpu, " + str(train.make_runtime()).split(", ", 1)[1])
+    assert last_two[1].endswith("examples/sec on cpu, " + str(devices.make_runtime()).split(", ", 1)[1])
     scratch_net = models.scratch_net()
     history = train.train_fine_tuning(scratch_net, 5e-4, 4, 1, param_group=False, data_dir=folder)
     assert len(history) == 1 and history[0]["examples"] == 8
@@ -1371,10 +1369,10 @@ def test_a_notebook_keeps_continues_and_predicts_a_run_in_three_calls(folder, tm
     state = torch.get_rng_state()
     predictions = predict.predict(out, [test], workers=1, precision="fp32")
     assert torch.equal(torch.get_rng_state(), state)  # the caller's draws: predicting draws none of them
-    assert [p.path for p in predictions] == images.image_files(test)
-    net = models.saved_net(torch.load(os.path.join(out, "best.pt"), weights_only=True))  # a folder: best.pt's epoch
-    _, test_set = data.image_folders(folder)
-    probs, _ = evaluate(net, data.make_loaders(test_set, test_set, 4)[1], CPU)
+    assert [p.path for p in predictions] == photos.image_files(test)
+    net = checkpoints.saved_net(torch.load(os.path.join(out, "best.pt"), weights_only=True))  # a folder: best.pt's epoch
+    _, test_set = datasets.image_folders(folder)
+    probs, _ = evaluate(net, loaders.make_loaders(test_set, test_set, 4)[1], CPU)
     for p, q in zip(predictions, probs):
         assert list(p.probabilities.values()) == pytest.approx(q.tolist(), abs=1e-5)
         assert p.label == test_set.classes[q.argmax()] and p.probability == pytest.approx(q.max().item(), abs=1e-5)
@@ -1425,7 +1423,7 @@ def test_pictures_keep_the_callers_backend(tmp_path):
     before = matplotlib.get_backend()
     matplotlib.use("pdf")
     try:
-        path = images.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
+        path = pictures.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
                                      str(tmp_path / "curves.png"))
         assert matplotlib.get_backend() == "pdf" and open(path, "rb").read(4) == b"\x89PNG"
     finally:
@@ -1452,9 +1450,9 @@ def test_the_notebook_runs_cell_by_cell_in_a_kernel(tmp_path, monkeypatch):
         cell = next(cell for cell in nb.cells if source in cell.source)
         text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in cell.outputs)
         return text, sum("image/png" in o.get("data", {}) for o in cell.outputs)
-    text, pictures = outputs("finetune_history = train.train_fine_tuning(finetune_net, 5e-5)")
-    assert "epoch 5: loss" in text and "batch 1/1" in text and pictures == 1  # curves redrawn in place
-    assert outputs("images.show_images(hotdogs + not_hotdogs, 2, 8, scale=1.4)")[1] == 1
+    text, shown_pictures = outputs("finetune_history = train.train_fine_tuning(finetune_net, 5e-5)")
+    assert "epoch 5: loss" in text and "batch 1/1" in text and shown_pictures == 1  # curves redrawn in place
+    assert outputs("pictures.show_images(hotdogs + not_hotdogs, 2, 8, scale=1.4)")[1] == 1
     assert "inline" in outputs("matplotlib.get_backend()")[0]
     text, _ = outputs("runs.resume('runs/kept', epochs=2)")
     assert "epoch 2: loss" in text and "epoch 1: loss" not in text  # continued, not trained again
@@ -1481,11 +1479,11 @@ def test_every_reader_turns_photos_upright_and_scales_16_bits(tmp_path):
     assert Image.open(tmp_path / "scan16.png").mode == "I;16"
     Image.fromarray(grey).save(tmp_path / "scan8.png")
     upright.save(tmp_path / "anim.gif")
-    assert np.array_equal(np.asarray(images.load_rgb(str(tmp_path / "sideways.png"))), np.asarray(upright))
-    assert np.array_equal(np.asarray(images.load_rgb(str(tmp_path / "scan16.png"))),
-                          np.asarray(images.load_rgb(str(tmp_path / "scan8.png"))))
-    assert images.load_rgb(str(tmp_path / "anim.gif")).size == (40, 60)
-    assert images.image_files(str(tmp_path)) == [str(tmp_path / n) for n in
+    assert np.array_equal(np.asarray(photos.load_rgb(str(tmp_path / "sideways.png"))), np.asarray(upright))
+    assert np.array_equal(np.asarray(photos.load_rgb(str(tmp_path / "scan16.png"))),
+                          np.asarray(photos.load_rgb(str(tmp_path / "scan8.png"))))
+    assert photos.load_rgb(str(tmp_path / "anim.gif")).size == (40, 60)
+    assert photos.image_files(str(tmp_path)) == [str(tmp_path / n) for n in
                                                ("anim.gif", "scan16.png", "scan8.png", "sideways.png")]
 
 
@@ -1495,7 +1493,7 @@ def test_sideways_and_16_bit_photos_predict_as_their_twins(tmp_path, capsys):
     root = write_folder(tmp_path / "d", train=3, test=2, size=(48, 32))
     photo = Image.open(tmp_path / "d" / "test" / "hotdog" / "0.png")
     sideways(photo, tmp_path / "d" / "train" / "hotdog" / "turned.png")
-    train_set, _ = data.image_folders(root)
+    train_set, _ = datasets.image_folders(root)
     turned = [i for i, (p, _) in enumerate(train_set.samples) if p.endswith("turned.png")][0]
     assert torch.equal(train_set.image(turned), v2.functional.pil_to_tensor(photo))
     status, _, _ = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
@@ -1517,7 +1515,7 @@ def test_what_cannot_be_read_is_named_once_with_what_to_do(tmp_path, capsys):
     (tmp_path / "d" / "train" / "hotdog" / "IMG_0001.heic").write_bytes(b"\x00\x00\x00\x18ftypheic not decodable")
     (tmp_path / "d" / "train" / "hotdog" / "broken.png").write_bytes(b"\x89PNG broken")
     for cache_budget in (None, 0):
-        train_set, _ = data.image_folders(root, cache_budget)
+        train_set, _ = datasets.image_folders(root, cache_budget)
         assert len(train_set) == 6
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("note: left out 2 file(s)")]
@@ -1535,15 +1533,15 @@ def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_p
     Image.new("RGB", (8, 8)).save(tmp_path / "d" / "train" / "@eaDir" / "thumb.png")
     (hotdog / "Thumbs.db").write_bytes(b"junk")
     (hotdog / "desktop.ini").write_text("[.ShellClassInfo]")
-    train_set, _ = data.image_folders(root)
+    train_set, _ = datasets.image_folders(root)
     assert train_set.classes == ["hotdog", "not-hotdog"]
-    assert not images.ignored("@home")  # a class of one's own, not a NAS box's folder
+    assert not photos.ignored("@home")  # a class of one's own, not a NAS box's folder
     assert sorted(os.path.relpath(p, hotdog) for p, _ in train_set.samples if "/hotdog/" in p) \
         == ["0.png", "1.png", "more/0.png"]
     folder = tmp_path / "photos"
     os.makedirs(folder)
     os.symlink(hotdog, folder / "linked")  # --predict follows linked folders too
-    assert sorted(map(os.path.basename, images.image_paths([str(folder), str(folder / "linked"), str(hotdog / "0.png")]))) \
+    assert sorted(map(os.path.basename, photos.image_paths([str(folder), str(folder / "linked"), str(hotdog / "0.png")]))) \
         == ["0.png", "0.png", "1.png"]  # each file once (elsewhere's 0.png too), however often it is named
 
 
@@ -1551,7 +1549,7 @@ def test_class_names_from_a_mac_match_their_twins(tmp_path, capsys):
     import unicodedata
     root = write_folder(tmp_path / "d", train=2, test=1, classes={"café": (200, 0, 0), "tea": (0, 0, 200)})
     os.rename(tmp_path / "d" / "test" / "café", tmp_path / "d" / "test" / unicodedata.normalize("NFD", "café"))
-    train_set, test_set = data.image_folders(root)
+    train_set, test_set = datasets.image_folders(root)
     assert train_set.classes == ["café"] + ["tea"] and test_set.targets == [0, 1]
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
                              "--workers", 0, "--out", tmp_path / "out")
@@ -1579,7 +1577,7 @@ def test_output_folder_checked_first_and_none_left_by_an_early_failure(tmp_path,
 
 def test_numbers_and_very_large_photos(folder, tmp_path, capsys, monkeypatch, scratch_run):
     with pytest.raises(SystemExit):
-        finetune.parse_args(["--scratch", "--workers", "-1"])
+        cli.parse_args(["--scratch", "--workers", "-1"])
     assert "--workers: give a whole number, 0 or more, not -1" in capsys.readouterr().err
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     photo = os.path.join(folder, "test", "hotdog", "0.png")  # 40 x 48 pixels
@@ -1603,16 +1601,16 @@ def class_folders_alone(root, counts=(10, 7, 3)):
 
 def test_class_folders_alone_are_split_by_class_reproducibly(tmp_path):
     root = class_folders_alone(tmp_path / "photos")
-    train_set, test_set = data.image_folders(root, val_split=0.2, seed=0)
+    train_set, test_set = datasets.image_folders(root, val_split=0.2, seed=0)
     held = lambda test: [sum(t == c for t in test.targets) for c in range(3)]
     assert held(test_set) == [2, 1, 1] and len(train_set) + len(test_set) == 20  # round(0.2 n), at least 1
     assert not {p for p, _ in train_set.samples} & {p for p, _ in test_set.samples}
     assert test_set.transform is data.test_augs and train_set.transform is data.train_augs
-    again = data.image_folders(root, val_split=0.2, seed=0)[1]
-    other = data.image_folders(root, val_split=0.2, seed=1)[1]
+    again = datasets.image_folders(root, val_split=0.2, seed=0)[1]
+    other = datasets.image_folders(root, val_split=0.2, seed=1)[1]
     assert again.samples == test_set.samples and other.samples != test_set.samples
-    assert data.image_folders(root, val_split=0.5)[1].targets.count(0) == 5
-    reused = data.image_folders(root, held_out=test_set.held_out, seed=1)[1]
+    assert datasets.image_folders(root, val_split=0.5)[1].targets.count(0) == 5
+    reused = datasets.image_folders(root, held_out=test_set.held_out, seed=1)[1]
     assert reused.samples == test_set.samples  # a resumed run holds out what it held out before
 
 
@@ -1655,7 +1653,7 @@ def test_train_and_class_folders_together_is_one_line(tmp_path, capsys):
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "holds both ['train'] and class folders ['predict']" in err
     with pytest.raises(SystemExit):
-        finetune.parse_args(["--scratch", "--val-split", "1"])
+        cli.parse_args(["--scratch", "--val-split", "1"])
 
 
 # ---------------------------------------------------------------- other architectures
@@ -1669,7 +1667,7 @@ def arch_weights(torch_home):
     for arch in ARCHS:
         torch.manual_seed(7)
         states[arch] = torchvision.models.get_model(arch).state_dict()
-        torch.save(states[arch], os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints", models.weights_name(arch)))
+        torch.save(states[arch], os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints", archs.weights_name(arch)))
     return states
 
 
@@ -1701,7 +1699,7 @@ def test_heads_named_otherwise_become_fc(arch, monkeypatch):
     check_recipe_groups(monkeypatch, net)
     models.freeze_features(net)
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
-    size = models.preprocessing(arch)["crop"]
+    size = archs.preprocessing(arch)["crop"]
     assert net.train()(torch.rand(2, 3, size, size)).shape == (2, 2)  # no side outputs in training
 
 
@@ -1710,7 +1708,7 @@ def test_checking_an_arch_leaves_the_callers_random_numbers():
     cannot be, is built on the CPU, and its draws are not the caller's."""
     for arch in ("resnet18", "regnet_y_400mf"):
         state = torch.get_rng_state()
-        assert models.check_arch.__wrapped__(arch) == arch
+        assert archs.check_arch.__wrapped__(arch) == arch
         assert torch.equal(torch.get_rng_state(), state), arch
 
 
@@ -1724,7 +1722,7 @@ def test_arch_on_the_command_line(folder, tmp_path, capsys, arch_weights):
     assert ckpt["arch"] == "mobilenet_v3_small" and ckpt["transform"]["interpolation"] == "bilinear"
     status, out, err = run_cli(capsys, "--predict", os.path.join(folder, "test"), "--model", run / "model.pt",
                                "--out", tmp_path, "--workers", 0)
-    probs, labels = evaluate(models.saved_net(ckpt), data.make_loaders(*data.image_folders(folder), 4)[1], CPU)
+    probs, labels = evaluate(checkpoints.saved_net(ckpt), loaders.make_loaders(*datasets.image_folders(folder), 4)[1], CPU)
     assert status == 0 and [line.split(": ")[1].split()[0] for line in out.splitlines()] \
         == [ckpt["classes"][p.argmax()] for p in probs]
     status, out, err = run_cli(capsys, "--resume", run / "model.pt", "--epochs", 2, "--workers", 0)
@@ -1836,12 +1834,12 @@ def test_the_same_command_from_another_folder_continues_the_run(folder, tmp_path
 def test_a_pipe_named_like_an_image_in_a_folder_is_skipped(tmp_path):
     """Opening a pipe no one writes to would wait for ever: in a folder, one named like an image is
     no image. Named on the command line (--predict <(curl ...)), it is read."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    os.mkfifo(photos / "x.png")
-    Image.new("RGB", (8, 8)).save(photos / "y.png")
-    assert images.image_files(str(photos)) == [str(photos / "y.png")]
-    assert images.image_paths([str(photos / "x.png")]) == [str(photos / "x.png")]
+    photo_dir = tmp_path / "photo_dir"
+    photo_dir.mkdir()
+    os.mkfifo(photo_dir / "x.png")
+    Image.new("RGB", (8, 8)).save(photo_dir / "y.png")
+    assert photos.image_files(str(photo_dir)) == [str(photo_dir / "y.png")]
+    assert photos.image_paths([str(photo_dir / "x.png")]) == [str(photo_dir / "x.png")]
 
 
 def test_names_that_are_not_utf8(folder, tmp_path, capsys, scratch_run):
@@ -1849,23 +1847,23 @@ def test_names_that_are_not_utf8(folder, tmp_path, capsys, scratch_run):
     byte escaped, and written to predictions.csv and held_out.txt as the disk has it; a class
     folder so named is refused in one line (tables, pictures and files show class names). So
     are control characters: a newline in a name is shown as \\n, never as a line of its own."""
-    photos = os.fsencode(tmp_path / "photos")
-    os.mkdir(photos)
-    shutil.copy(os.path.join(folder, "test", "hotdog", "0.png"), photos + b"/bad\xff.png")
-    status, out, err = run_cli(capsys, "--predict", os.fsdecode(photos), "--model", scratch_run[0], "--out", tmp_path,
+    photo_dir = os.fsencode(tmp_path / "photo_dir")
+    os.mkdir(photo_dir)
+    shutil.copy(os.path.join(folder, "test", "hotdog", "0.png"), photo_dir + b"/bad\xff.png")
+    status, out, err = run_cli(capsys, "--predict", os.fsdecode(photo_dir), "--model", scratch_run[0], "--out", tmp_path,
                                "--workers", 0)
-    assert status == 0 and out.startswith(f"{tmp_path / 'photos'}/bad\\xff.png: "), err
-    assert photos + b"/bad\xff.png," in (tmp_path / "predictions.csv").read_bytes()
-    runs.save(str(tmp_path), [], dict(held_out=[os.fsdecode(b"hotdog/bad\xff.png")]), {})
+    assert status == 0 and out.startswith(f"{tmp_path / 'photo_dir'}/bad\\xff.png: "), err
+    assert photo_dir + b"/bad\xff.png," in (tmp_path / "predictions.csv").read_bytes()
+    checkpoints.save(str(tmp_path), [], dict(held_out=[os.fsdecode(b"hotdog/bad\xff.png")]), {})
     assert (tmp_path / "held_out.txt").read_bytes() == b"hotdog/bad\xff.png\n"
-    os.rename(photos, photos + b"/../not\xffhot")
+    os.rename(photo_dir, photo_dir + b"/../not\xffhot")
     shutil.copytree(os.path.join(folder, "train", "hotdog"), tmp_path / "hotdog")
     with pytest.raises(UserError, match=r"^the class folder .*/not\\xffhot has a name that is not UTF-8 text, or holds "
                                         r"a control character \(a newline, a tab\); rename it$"):
-        data.image_folders(str(tmp_path))
+        datasets.image_folders(str(tmp_path))
     os.rename(os.fsencode(tmp_path / "not") + b"\xffhot", tmp_path / "not\nhot")  # a newline would print a line of its own
     with pytest.raises(UserError, match=r"^the class folder .*/not\\nhot has a name that is not UTF-8 text, or holds"):
-        data.image_folders(str(tmp_path))
+        datasets.image_folders(str(tmp_path))
     os.mkdir(tmp_path / "more")
     shutil.copy(os.path.join(folder, "test", "hotdog", "0.png"), tmp_path / "more" / "two\nlines.png")
     status, out, err = run_cli(capsys, "--predict", tmp_path / "more", "--model", scratch_run[0], "--out", tmp_path,
@@ -1888,7 +1886,7 @@ def test_a_continued_runs_missing_data_and_damaged_best_pt_are_named_with_their_
                                   "a whole copy, or delete it to keep the run's last epoch, its model.pt, in its place\n"
     os.replace(tmp_path / "run" / "best.pt", tmp_path / "best.pt")  # not a run's: no run's epoch takes its place
     with pytest.raises(UserError, match="best.pt is not a checkpoint of this program; give the model.pt of a training run$"):
-        models.load_checkpoint(str(tmp_path / "best.pt"))
+        checkpoints.load_checkpoint(str(tmp_path / "best.pt"))
 
 
 def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stands_in(tmp_path, capsys, scratch_run,
@@ -1906,14 +1904,14 @@ def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stand
     run = tmp_path / "runs" / "a-run"
     (run / "backup").mkdir()
     shutil.copy(run / "model.pt", run / "backup")
-    assert models.checkpoint_in(run) == str(run / "model.pt") and models.checkpoints_in(run) == [str(run / "model.pt")]
-    assert models.kept_in(run) == str(run / "best.pt")
+    assert checkpoints.checkpoint_in(run) == str(run / "model.pt") and checkpoints.checkpoints_in(run) == [str(run / "model.pt")]
+    assert checkpoints.kept_in(run) == str(run / "best.pt")
     os.replace(run / "best.pt", run / "backup" / "best.pt")  # a run begun before best.pt: its model.pt predicts
-    assert models.kept_in(run) == str(run / "model.pt")
+    assert checkpoints.kept_in(run) == str(run / "model.pt")
     shutil.copytree(compare_run[0], tmp_path / "both")
     os.remove(tmp_path / "both" / "pretrained" / "best.pt")  # one best.pt among several runs names no run either
     with pytest.raises(UserError, match=r" holds several runs \(pretrained, scratch\); give the folder of one of them$"):
-        models.kept_in(tmp_path / "both")
+        checkpoints.kept_in(tmp_path / "both")
     shutil.copytree(scratch_run[0], tmp_path / "both" / "zzz")  # a compare's folder, and another training's run
     with pytest.raises(UserError, match=r" holds several runs \(pretrained, scratch, zzz\); give the folder of one of"):
         runs.resume(tmp_path / "both")
@@ -1921,7 +1919,7 @@ def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stand
         os.remove(tmp_path / "both" / name / "model.pt")
     shutil.rmtree(tmp_path / "both" / "pretrained")
     shutil.move(tmp_path / "both" / "zzz", tmp_path / "zzz")
-    assert models.kept_in(tmp_path / "both") == str(tmp_path / "both" / "scratch" / "best.pt")
+    assert checkpoints.kept_in(tmp_path / "both") == str(tmp_path / "both" / "scratch" / "best.pt")
 
 
 def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compare_run):
@@ -1972,7 +1970,7 @@ def test_a_cpu_run_resumes_on_the_cpu_on_a_machine_with_gpus(folder, tmp_path, c
     assert run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1, "--batch-size", 8, "--workers", 0,
                    "--device", "cpu", "--out", tmp_path)[0] == 0
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(finetune, "on_all_gpus", lambda *a: pytest.fail("a process per GPU for a --device cpu run"))
+    monkeypatch.setattr(cli, "on_all_gpus", lambda *a: pytest.fail("a process per GPU for a --device cpu run"))
     status, out, err = run_cli(capsys, "--resume", tmp_path / "model.pt", "--epochs", 2)
     assert status == 0 and "epoch 2:" in out, err
 
@@ -1989,8 +1987,8 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(tmp_path, monkeypatc
                    "cuda": [torch.cuda.default_generators[0].get_state() if torch.cuda.is_available()
                             else torch.get_rng_state()] * 8}}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert len(runs.restore(old, net, optimizer, torch.amp.GradScaler("cpu", enabled=False))) == 1
-    runs.save(str(tmp_path), [{"epoch": 1, "test_acc": 0.5}], {"held_out": None}, {"model": net.state_dict()})
+    assert len(checkpoints.restore(old, net, optimizer, torch.amp.GradScaler("cpu", enabled=False))) == 1
+    checkpoints.save(str(tmp_path), [{"epoch": 1, "test_acc": 0.5}], {"held_out": None}, {"model": net.state_dict()})
     assert [set(state) for state in torch.load(tmp_path / "model.pt", weights_only=True)["rng"]] == [{"torch", "python"}]
 
 
@@ -2008,13 +2006,14 @@ def test_each_process_draws_its_own_augmentations(launched_run):
 
 def test_no_tensor_from_a_list_per_batch(monkeypatch):
     """A mean and std given as lists are copied to the device on every call, and on CUDA each
-    copy waits for the GPU (pytorch/pytorch#120996): the runtime builds them there once."""
-    runtime = make_runtime(torch.device("cpu"), "fp32")
+    copy waits for the GPU (pytorch/pytorch#120996): normalize builds them there once."""
+    X = torch.full((2, 3, 8, 8), 255, dtype=torch.uint8)
+    data.normalize(X)  # the device's first batch
     real = torch.as_tensor
     monkeypatch.setattr(torch, "as_tensor", lambda data, *a, **k: pytest.fail("a tensor from a list")
                         if isinstance(data, (list, tuple)) else real(data, *a, **k))
-    X = runtime.input(torch.full((2, 3, 8, 8), 255, dtype=torch.uint8))
-    assert torch.allclose(X[0, :, 0, 0], (1 - torch.tensor(data.MEAN)) / torch.tensor(data.STD))
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("a tensor from a list"))
+    assert torch.allclose(data.normalize(X)[0, :, 0, 0], (1 - real(data.MEAN)) / real(data.STD))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -2047,12 +2046,12 @@ def test_the_named_gpu_is_made_current_and_macs_run_one_process(monkeypatch):
             raise ValueError("Expected a torch.device with a specified index or an integer")
         current.append(device)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    assert utils.join_processes(torch.device("cuda", 1)) == torch.device("cuda", 1)
-    assert utils.join_processes(torch.device("cuda")) == torch.device("cuda")  # --device cuda: the current one
+    assert processes.join_processes(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert processes.join_processes(torch.device("cuda")) == torch.device("cuda")  # --device cuda: the current one
     assert current == [torch.device("cuda", 1)]
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="gloo cannot carry MPS tensors"):
-        utils.join_processes(torch.device("mps"))
+        processes.join_processes(torch.device("mps"))
 
 
 def test_fp32_is_the_books_arithmetic_without_tf32_while_it_computes_alone(folder):
@@ -2079,13 +2078,13 @@ def test_a_runs_image_limit_is_its_own(folder, tmp_path):
     """max_megapixels holds for the call alone, and in the loader workers it forks; after it,
     the process reads images as before, the caller's own Image.open included."""
     before = Image.MAX_IMAGE_PIXELS
-    with pytest.raises(UserError, match=r"none of the 8 images can be read.* with images.megapixels_limit\(N\)\)$"):
+    with pytest.raises(UserError, match=r"none of the 8 images can be read.* with beyond.photos.megapixels_limit\(N\)\)$"):
         runs.train_runs("scratch", str(tmp_path / "run"), data_dir=folder, max_megapixels=0.001, workers=0)
     assert Image.MAX_IMAGE_PIXELS == before
     Image.open(os.path.join(folder, "train", "hotdog", "0.png")).load()
     limits = type("Limits", (torch.utils.data.Dataset,), dict(__len__=lambda self: 1,
                                                               __getitem__=lambda self, i: Image.MAX_IMAGE_PIXELS))
-    with images.megapixels_limit(5):
+    with photos.megapixels_limit(5):
         assert list(torch.utils.data.DataLoader(limits(), num_workers=1)) == [torch.tensor([5 * 10**6])]
     assert Image.MAX_IMAGE_PIXELS == before
 
@@ -2108,7 +2107,7 @@ def test_a_link_back_up_labels_each_image_once_by_its_own_folder(tmp_path, capsy
     root = write_folder(tmp_path / "d", train=2, test=1)
     os.symlink("..", tmp_path / "d" / "train" / "hotdog" / "loop")  # hotdog/loop/not-hotdog/...
     (tmp_path / "d" / "train" / "not-hotdog" / "broken.png").write_bytes(b"\x89PNG broken")
-    train_set, _ = data.image_folders(root)
+    train_set, _ = datasets.image_folders(root)
     assert len({os.path.realpath(p) for p, _ in train_set.samples}) == len(train_set) == 4
     for path, target in train_set.samples:
         assert os.path.basename(os.path.dirname(os.path.realpath(path))) == train_set.classes[target], path
@@ -2125,12 +2124,12 @@ def test_a_link_never_brings_in_another_splits_or_classs_images(tmp_path, capsys
     argv = ["--data-dir", root, "--epochs", 1, "--batch-size", 4, "--workers", 0, "--out", tmp_path / "out"]
     status, out, err = run_cli(capsys, "--scratch", *argv)
     assert status == 0 and "training on 8 images, testing on 4 in test/" in out, err
-    for split, folder in zip(("train", "test"), data.image_folders(root)):
+    for split, folder in zip(("train", "test"), datasets.image_folders(root)):
         for path, target in folder.samples:
             assert os.path.dirname(os.path.realpath(path)) == str(tmp_path / "d" / split / folder.classes[target])
     os.symlink("test", tmp_path / "d" / "val")  # val/hotdog is test/hotdog
     with pytest.raises(UserError, match="val/hotdog is a link to .*test/hotdog"):
-        data.image_folders(root)
+        datasets.image_folders(root)
     os.remove(tmp_path / "d" / "val")
     shutil.rmtree(tmp_path / "d" / "train" / "not-hotdog")
     os.symlink("hotdog", tmp_path / "d" / "train" / "not-hotdog")
@@ -2147,7 +2146,7 @@ def test_twin_class_folders_are_one_class(tmp_path, capsys):
         twin = tmp_path / "d" / split / unicodedata.normalize("NFD", "café")
         os.makedirs(twin)
         Image.new("RGB", (40, 48), (200, 0, 0)).save(twin / "mac.png")
-    train_set, test_set = data.image_folders(root)
+    train_set, test_set = datasets.image_folders(root)
     assert train_set.targets == [0, 0, 0, 1, 1] and test_set.targets == [0, 0, 1]
     assert [unicodedata.normalize("NFC", c) for c in train_set.classes] == ["café", "tea"]
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1, "--batch-size", 4,
@@ -2265,8 +2264,8 @@ def test_a_runs_folder_inside_the_data_is_never_read_as_data(tmp_path, capsys):
     assert sorted(os.listdir(root)) == ["class0", "class1"]
     book = write_folder(tmp_path / "book", train=2, test=1)
     with pytest.raises(UserError, match="train, whose folders are read as classes"):
-        data.image_folders(book, out=str(tmp_path / "book" / "train" / "run"))
-    assert len(data.image_folders(book, out=str(tmp_path / "book" / "runs" / "run"))[0]) == 4
+        datasets.image_folders(book, out=str(tmp_path / "book" / "train" / "run"))
+    assert len(datasets.image_folders(book, out=str(tmp_path / "book" / "runs" / "run"))[0]) == 4
 
 
 def test_resume_with_the_data_folder_moved(folder, tmp_path, capsys):
@@ -2376,13 +2375,13 @@ def test_ctrl_c_in_a_compare_says_how_to_resume_both_runs(folder, tmp_path, caps
     assert status == 130 and "no epoch had finished, so there is nothing to resume" in err, err
     assert not (tmp_path / "none").exists()
     monkeypatch.undo()
-    real_curves = images.curves
+    real_curves = pictures.curves
 
     def stopped_in_the_combined_curves(histories, path=None):
         if len(histories) > 1:  # every run finished
             raise KeyboardInterrupt
         return real_curves(histories, path)
-    monkeypatch.setattr(images, "curves", stopped_in_the_combined_curves)
+    monkeypatch.setattr(pictures, "curves", stopped_in_the_combined_curves)
     status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 1, "--batch-size", 8,
                              "--workers", 0, "--out", tmp_path / "drawn")
     assert status == 130 and f"--resume {tmp_path / 'drawn'}\n" in err, err
@@ -2401,9 +2400,9 @@ def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_fo
 
 
 def test_downloads_offline_leave_no_folder_and_a_headless_arch_is_refused_first(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setattr(datasets, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(UserError, match="cannot download"):
-        data.cifar10(str(tmp_path / "new" / "root"))
+        datasets.cifar10(str(tmp_path / "new" / "root"))
     assert not (tmp_path / "new").exists()
     status, _, err = run_cli(capsys, "--scratch", "--arch", "squeezenet1_0", "--data-dir", tmp_path / "nowhere")
     assert status == 2 and "SqueezeNet does not end in a Linear layer" in err and "--arch" in err
@@ -2422,9 +2421,9 @@ def test_the_python_calls_check_what_they_are_given(folder, tmp_path):
         with pytest.raises(UserError, match=rf"the net has {net.fc.out_features} outputs .* the data has {classes} classes"):
             train.train_fine_tuning(net, 5e-5, data_dir=three if classes == 3 else folder)
     with pytest.raises(UserError, match='precision=fp16 is not one this program computes in; give "amp" or "fp32"'):
-        train.make_runtime("cpu", "fp16")
-    pictures = [torch.rand(20, 30, 3), torch.rand(20, 30, 3)]  # the book's: height x width x channels, floats
-    assert images.show_images(pictures, 1, 2, titles=["one"], path=str(tmp_path / "grid.png")) == str(tmp_path / "grid.png")
+        devices.make_runtime("cpu", "fp16")
+    imgs = [torch.rand(20, 30, 3), torch.rand(20, 30, 3)]  # the book's: height x width x channels, floats
+    assert pictures.show_images(imgs, 1, 2, titles=["one"], path=str(tmp_path / "grid.png")) == str(tmp_path / "grid.png")
 
 
 class OwnNet(torch.nn.Module):
@@ -2570,7 +2569,7 @@ def test_balanced_class_weights_change_the_loss_as_the_formula_says(tmp_path, ca
 
 def test_per_class_figures_match_a_hand_count(scratch_run):
     labels, preds = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2])
-    result = train.figures(torch.nn.functional.one_hot(preds, 3).float(), labels, ["a", "b", "c"])
+    result = figures.figures(torch.nn.functional.one_hot(preds, 3).float(), labels, ["a", "b", "c"])
     assert result["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     a, b, c = (result["per_class"][name] for name in "abc")
     assert (a["precision"], a["recall"], a["count"]) == (1.0, pytest.approx(2 / 3), 3)
@@ -2621,7 +2620,7 @@ def test_the_extras_keep_their_promises_at_the_edges(folder, tmp_path, capsys, m
     final test is made up after Ctrl-C in it; best.pt is not continued; the options a Python
     caller gives are checked first."""
     net = models.freeze_features(models.finetune_net())
-    with models.features_frozen(net):
+    with phases.features_frozen(net):
         assert not any(p.requires_grad for p in net.parameters() if p is not net.fc.weight and p is not net.fc.bias)
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
     flat = [{"epoch": e, "test_acc": 0.5} for e in range(1, 5)]
@@ -2651,7 +2650,7 @@ def test_the_extras_keep_their_promises_at_the_edges(folder, tmp_path, capsys, m
 def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(tmp_path, capsys, monkeypatch):
     """Every option a Python caller gets wrong is one UserError naming it, before any data is
     read; the command line's flags pass through the same rule (options.OPTIONS, options.checked)."""
-    monkeypatch.setattr(data, "datasets", lambda *a, **k: pytest.fail("data read before the options were checked"))
+    monkeypatch.setattr(datasets, "datasets", lambda *a, **k: pytest.fail("data read before the options were checked"))
     bad = [("epochs", 0), ("epochs", "1"), ("epochs", 1.5), ("epochs", -1), ("lr", -1), ("lr", "5e-5"), ("lr", [5e-5, 0]), ("lr", [None]),
            ("batch_size", "4"), ("seed", "1"), ("dataset", "x"), ("workers", -1), ("freeze_epochs", None),
            ("device", torch.device("cpu")), ("val_split", 2), ("freeze", "no"), ("patience", 0), ("cache_gb", -1),
@@ -2667,12 +2666,12 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
                        ("patience", "0"), ("dataset", "x"), ("precision", "fp16"), ("seed", "x"), ("max_megapixels", "0")):
         flag = "--" + name.replace("_", "-")
         with pytest.raises(SystemExit):
-            finetune.parse_args(["--scratch", flag, text])
+            cli.parse_args(["--scratch", flag, text])
         err = capsys.readouterr().err
         assert f"argument {flag}: give {options.takes(*options.OPTIONS[name][1:])}, not {text}" in err, err
     for name, text, value in (("val_split", "0.5", 0.5), ("epochs", "3", 3), ("lr", "5e-5", 5e-5), ("seed", "-1", -1),
                               ("precision", "fp32", "fp32"), ("freeze_epochs", "0", 0)):
-        typed = getattr(finetune.parse_args(["--scratch", "--" + name.replace("_", "-"), text]), name)
+        typed = getattr(cli.parse_args(["--scratch", "--" + name.replace("_", "-"), text]), name)
         assert typed == ([value] if name == "lr" else value) and options.checked(name, value) == value
     with pytest.raises(UserError, match=re.escape("lr=[5e-05, 5e-05] names two runs alike; give each learning rate once")):
         runs.train_runs("pretrained", str(tmp_path / "never"), lr=[5e-5, 5e-5])  # one folder for both
@@ -2682,7 +2681,7 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(t
         assert typed == value and {type(v) for v in (typed if isinstance(typed, list) else [typed])} == {options.OPTIONS[name][1]}
     with pytest.raises(UserError, match="^out='' is not a non-empty text; give a non-empty text$"):
         options.checked("out", "")
-    assert sorted(finetune.HELP) == sorted(options.OPTIONS)  # every option has its flag
+    assert sorted(cli.HELP) == sorted(options.OPTIONS)  # every option has its flag
     with pytest.raises(UserError, match=r"^resume takes out= and the options \['dataset', .*\], not \['epoch'\]$"):
         runs.resume(str(tmp_path / "never"), epoch=2)
 
@@ -2695,7 +2694,7 @@ def test_options_that_would_be_ignored_are_refused(folder, tmp_path, capsys):
                           (["--export", "m", "--device", "cuda"], "--device does not apply to --export"),
                           (["--show-samples", "--dummy"], "--dummy does not apply to --show-samples")):
         with pytest.raises(SystemExit):
-            finetune.parse_args([str(a) for a in argv])
+            cli.parse_args([str(a) for a in argv])
         assert message in capsys.readouterr().err
     for given, message in ((dict(dummy=True, data_dir=str(tmp_path)), "^data_dir= and dummy= each name the data to "
                             "train on; give one of them$"), (dict(dummy=True, dataset="cifar10"), "^dummy= and dataset= each"),
@@ -2716,19 +2715,19 @@ def test_options_that_would_be_ignored_are_refused(folder, tmp_path, capsys):
     status, _, err = run_cli(capsys, "--show-samples", "--data-dir", tmp_path, "--data-root", tmp_path, "--out", tmp_path)
     assert status == 2 and "--data-root is where the hot-dog set and CIFAR-10 are downloaded, and --data-dir" in err
     with pytest.raises(SystemExit):
-        finetune.parse_args(["--predict", "x.png", "--model", "m", "--no-cache"])
+        cli.parse_args(["--predict", "x.png", "--model", "m", "--no-cache"])
     assert "--cache-gb or --no-cache does not apply to --predict" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        finetune.parse_args(["--scratch", "--data-dir", ""])
+        cli.parse_args(["--scratch", "--data-dir", ""])
     assert "argument --data-dir: give a non-empty text, not ''" in capsys.readouterr().err
 
 
 def test_every_classifier_with_one_linear_head_is_taken_and_the_others_refused_in_one_line():
     """check_arch builds each arch on the meta device; regnets, which cannot be built there, are
     built for real rather than crash; an arch without one Linear output layer is one line."""
-    assert models.check_arch("regnet_x_400mf") == "regnet_x_400mf"
+    assert archs.check_arch("regnet_x_400mf") == "regnet_x_400mf"
     with pytest.raises(UserError, match="^SqueezeNet does not end in a Linear layer.*choose another arch="):
-        models.check_arch("squeezenet1_0")
+        archs.check_arch("squeezenet1_0")
 
 
 # ---------------------------------------------------------------- the recipe held to the book: each statement has a test that fails without it
@@ -2746,7 +2745,7 @@ def test_augmentations_are_the_books_to_one_grey_level():
     level, with the same random draws (the crop's place and size, the flip), for the book's call
     (data.train_augs) and for a run (at resnet18's sizes, which are the book's)."""
     book_train, book_test = book_augs()
-    sizes = models.preprocessing("resnet18")
+    sizes = archs.preprocessing("resnet18")
     assert sizes == dict(resize=256, crop=224, interpolation="bilinear")
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8))  # not square
     one_grey = 1.5 / 255 / 0.224
@@ -2765,18 +2764,18 @@ def test_augmentations_are_the_books_to_one_grey_level():
 
 def test_the_training_loader_is_shuffled_and_the_test_loader_is_not(folder):
     """The book's train_iter is shuffled (shuffle=True) and its test_iter is not: in the book's
-    call (data.load_data) and in a run's loaders (data.make_loaders)."""
+    call (data.load_data) and in a run's loaders (loaders.make_loaders)."""
     def order(loader):
         return [i for batch in loader.batch_sampler for i in batch]
     torch.manual_seed(0)
-    for train_iter, test_iter in (data.load_data(4, folder), data.make_loaders(*data.image_folders(folder), 4)):
+    for train_iter, test_iter in (data.load_data(4, folder), loaders.make_loaders(*datasets.image_folders(folder), 4)):
         orders = [order(train_iter) for _ in range(3)]
         assert all(sorted(o) == list(range(8)) for o in orders) and any(o != list(range(8)) for o in orders)
         assert order(test_iter) == list(range(4))
 
 
 def test_restore_puts_back_the_weights_the_optimizer_and_the_random_numbers(tmp_path):
-    """What runs.save keeps, runs.restore puts back into a fresh net and optimizer: the weights,
+    """What checkpoints.save keeps, checkpoints.restore puts back into a fresh net and optimizer: the weights,
     the optimizer's state (the book's SGD keeps none, so momentum stands in here for any that
     does) and the random numbers that draw the next crops and shuffles."""
     import random
@@ -2786,14 +2785,14 @@ def test_restore_puts_back_the_weights_the_optimizer_and_the_random_numbers(tmp_
     net(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
     history = [{"epoch": 1, "test_acc": 0.5}]
-    runs.save(str(tmp_path), history, {"held_out": None},
+    checkpoints.save(str(tmp_path), history, {"held_out": None},
               dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler={}))
     draws = torch.rand(3), random.random()  # what comes next, after the save
     torch.manual_seed(1)
     fresh = models.scratch_net(2)
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert runs.restore(ckpt, fresh, fresh_optimizer, torch.amp.GradScaler("cpu", enabled=False)) == history
+    assert checkpoints.restore(ckpt, fresh, fresh_optimizer, torch.amp.GradScaler("cpu", enabled=False)) == history
     assert torch.equal(torch.rand(3), draws[0]) and random.random() == draws[1]
     assert all(torch.equal(value, fresh.state_dict()[name]) for name, value in net.state_dict().items())
     momentum = [optimizer.state[p]["momentum_buffer"] for p in net.parameters()]
@@ -2810,7 +2809,7 @@ def test_evaluate_uses_the_nets_evaluation_mode():
     probs, labels = evaluate(net, [(X, y)], CPU)
     assert all(torch.equal(value, before[name]) for name, value in net.state_dict().items())
     with torch.no_grad():
-        assert torch.allclose(probs, torch.softmax(net.eval()(CPU.input(X)), 1), atol=1e-6)
+        assert torch.allclose(probs, torch.softmax(net.eval()(data.normalize(X)), 1), atol=1e-6)
 
 
 # ---------------------------------------------------------------- the docs' code blocks, run
@@ -2828,21 +2827,21 @@ DOC_BLOCKS = {
         ("pip install -r requirements.txt pytest pytest-xdist matplotlib nbclient ipykernel onnx onnxscript "
          "onnxruntime && python -m pytest -q -n 2 test_finetune.py\n", "")],  # the network, and this suite itself
     "data ready in 9.8 s": ("output", "pip install -r requirements.txt && python finetune.py --pretrained"),
-    "import images, models, train": [("train_fine_tuning(finetune_net, 5e-5)", "train_fine_tuning(finetune_net, 5e-5, num_epochs=1)"),
+    "import models, train": [("train_fine_tuning(finetune_net, 5e-5)", "train_fine_tuning(finetune_net, 5e-5, num_epochs=1)"),
                                      ("param_group=False)", "param_group=False, num_epochs=1)")],
-    "import predict, runs": [("epochs=5)", "epochs=1, batch_size=4, workers=0)"), ("epochs=8)", "epochs=2)")],
+    "from beyond import predict, runs": [("epochs=5)", "epochs=1, batch_size=4, workers=0)"), ("epochs=8)", "epochs=2)")],
     "run loss train acc test acc ex/sec book": ("output", "--compare"),
     "runs/pretrained-20261123-101500/": ("files", "pip install -r requirements.txt && python finetune.py --pretrained"),
     "python finetune.py --predict photo1.jpg holiday/ --model runs/pretrained-.../model.pt --out predictions":
         [("runs/pretrained-...", "{run}")],  # the run of the README's first command
     "python finetune.py --resume runs/pretrained-.../model.pt": [("runs/pretrained-...", "{run}")],
     "torchrun --nproc_per_node=4 finetune.py --pretrained # 4 GPUs (or 4 CPU processes)":
-        "4 processes, then 8 on each of 2 machines; test_torchrun_command_line runs torchrun (as finetune.on_all_gpus "
+        "4 processes, then 8 on each of 2 machines; test_torchrun_command_line runs torchrun (as cli.on_all_gpus "
         "starts it) with 2 CPU processes",
     "torchrun --nproc_per_node=4 --max-restarts=3 finetune.py --pretrained":
         "4 GPUs; test_torchrun_restarts_a_killed_worker_and_the_run_finishes runs it with 2 CPU processes",
     "torchrun --nnodes=2 --nproc_per_node=8 --max-restarts=3 --rdzv-id=hotdog-1 \\": "2 machines of 8 GPUs",
-    "python benchmark.py --data-dir data/hotdog # or --dummy: no data needed":
+    "python -m beyond.benchmark --data-dir data/hotdog # or --dummy: no data needed":
         [("data/hotdog", "data/hotdog --batch-size 4 --batches 1 --workers 0")],
     "python finetune.py --export runs/pretrained-... # runs/pretrained-.../best.pt2": [("runs/pretrained-...", "{run}")],
     "import json": [('"best.', '"{run}/best.'), ("photo.jpg", "photo1.jpg")],  # with torch alone, and with onnxruntime
@@ -2873,12 +2872,14 @@ def run_block(text, language, monkeypatch):
     """A Python block, or a shell block's commands (python finetune.py, python benchmark.py), in this process."""
     if language == "python":
         return exec(compile(text, "block", "exec"), {})
-    import benchmark
     import shlex
+    from beyond import benchmark
     for line in text.replace("\\\n", " ").splitlines():
         for command in filter(None, map(str.strip, line.split("&&"))):
             python, program, *argv = shlex.split(command, comments=True)
-            assert python == "python" and program in ("finetune.py", "benchmark.py"), command
+            if program == "-m":
+                program, *argv = argv
+            assert python == "python" and program in ("finetune.py", "beyond.benchmark"), command
             if program == "finetune.py":
                 assert finetune.main(argv) == 0, command
             else:
@@ -2942,7 +2943,7 @@ def test_every_command_the_docs_name_is_one_the_command_line_takes():
     commands = set(re.findall(r"`python finetune\.py ([^`]+)`", text))
     assert len(commands) > 10
     for command in commands:
-        finetune.parse_args(command.split())
+        cli.parse_args(command.split())
 
 
 # ---------------------------------------------------------------- a run's folder tells the truth
@@ -2964,7 +2965,7 @@ def test_best_pt_says_what_it_is_under_any_name(tmp_path, capsys, scratch_run):
     for named in (f"{tmp_path / 'best.pt'}/", tmp_path / "epoch1.pt", tmp_path / "link.pt"):
         status, _, err = run_cli(capsys, "--resume", named, "--epochs", 2)
         assert status == 2 and "is the epoch a run kept, for prediction" in err, (named, err)
-    assert models.load_checkpoint(models.kept_in(f"{tmp_path / 'best.pt'}/"))["is_best"]  # as --predict, --export read it
+    assert checkpoints.load_checkpoint(checkpoints.kept_in(f"{tmp_path / 'best.pt'}/"))["is_best"]  # as --predict, --export read it
     old = torch.load(tmp_path / "model.pt", weights_only=True)  # written before checkpoints said what they are
     del old["is_best"]
     torch.save(old, tmp_path / "best.pt")
@@ -2991,8 +2992,8 @@ def test_a_model_pt_copied_alone_keeps_and_tests_an_epoch_it_has(tmp_path, capsy
     assert best["history"][-1]["epoch"] == 1 and "best.pt keeps epoch 1" in out and "with epoch 1's weights" in out
     first = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(best["model"][k], first[k]) for k in first)
-    read, load = [], models.load_checkpoint
-    monkeypatch.setattr(models, "load_checkpoint", lambda path: read.append(os.path.basename(path)) or load(path))
+    read, load = [], checkpoints.load_checkpoint
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path: read.append(os.path.basename(path)) or load(path))
     os.makedirs(tmp_path / "c")
     shutil.copy(tmp_path / "b" / "best.pt", tmp_path / "c")  # best.pt alone, copied to predict elsewhere
     for model in (tmp_path / "b", tmp_path / "b" / "model.pt", tmp_path / "c"):  # a folder: the epoch it keeps
@@ -3019,8 +3020,8 @@ def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, caps
 
 def test_a_continued_run_without_mistakes_shows_none(folder, tmp_path, capsys, monkeypatch):
     argv = ["--scratch", "--data-dir", folder, "--batch-size", 8, "--workers", 0, "--out", tmp_path]
-    read, load = [], models.load_checkpoint
-    monkeypatch.setattr(models, "load_checkpoint", lambda path: read.append(os.path.basename(path)) or load(path))
+    read, load = [], checkpoints.load_checkpoint
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path: read.append(os.path.basename(path)) or load(path))
     judged(monkeypatch, [False])
     assert run_cli(capsys, *argv, "--epochs", 1)[0] == 0 and (tmp_path / "mistakes.png").exists()
     assert read == []  # the last epoch is the one best.pt keeps: its figures are known without reading it back
@@ -3037,7 +3038,7 @@ def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys, monkeypatc
     argv = ["--compare", "--data-dir", folder, "--epochs", 2, "--lr", "1e8", "--precision", "fp32",
             "--batch-size", 4, "--workers", 0, "--out", tmp_path]
     captions = []
-    monkeypatch.setattr(images, "grid", lambda rows, texts, path, scale: captions.append(sum(texts, [])))
+    monkeypatch.setattr(pictures, "grid", lambda rows, texts, path, scale: captions.append(sum(texts, [])))
     assert run_cli(capsys, *argv)[0] == 0
     assert [len(texts) for texts in captions] == [4, 4]  # the 4 test images, in both runs
     assert all(text.endswith("\npred nothing (NaN)") for texts in captions for text in texts), captions
@@ -3052,7 +3053,7 @@ def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys, monkeypatc
     status, out, err = run_cli(capsys, *argv)  # finished: the results read back, and the table printed
     assert status == 0 and "nan" in out.split("book")[-1], err
     status, out, err = run_cli(capsys, "--predict", folder, "--model", tmp_path / "scratch", "--out", tmp_path / "p")
-    dtype = train.amp_dtype(torch.device("cpu"))  # where autocast runs, its type may have overflowed
+    dtype = devices.amp_dtype(torch.device("cpu"))  # where autocast runs, its type may have overflowed
     overflow = f", or its {dtype} arithmetic overflowed: try the precision fp32" if dtype else ""
     assert status == 2 and err.endswith("best.pt gives outputs that are not numbers (NaN) for every image: its training "
                                         f"diverged, and should be trained again with a lower lr{overflow}\n"), err
@@ -3067,10 +3068,10 @@ def test_an_image_the_net_gives_nan_for_is_named_and_left_out(folder, tmp_path, 
         probs[index == 0] = float("nan")
         return probs, index
     monkeypatch.setattr(train, "evaluate", nan_first)
-    photos = os.path.join(folder, "test", "hotdog")
-    status, out, err = run_cli(capsys, "--predict", photos, "--model", scratch_run[0], "--out", tmp_path, "--workers", 0)
-    first, *others = images.image_files(photos)
-    dtype = train.amp_dtype(torch.device("cpu"))  # where autocast runs, its type may have overflowed
+    photo_dir = os.path.join(folder, "test", "hotdog")
+    status, out, err = run_cli(capsys, "--predict", photo_dir, "--model", scratch_run[0], "--out", tmp_path, "--workers", 0)
+    first, *others = photos.image_files(photo_dir)
+    dtype = devices.amp_dtype(torch.device("cpu"))  # where autocast runs, its type may have overflowed
     overflow = f", or its {dtype} arithmetic overflowed: try the precision fp32" if dtype else ""
     assert status == 1 and f"error: {first}: the net's outputs are not numbers (NaN){overflow}\n" in err, err
     assert [line.split(":")[0] for line in out.splitlines()] == others and len(others) >= 1

@@ -1,7 +1,7 @@
 """Where training time goes: start-up, the model alone, the whole input pipeline, and memory.
 
-    python benchmark.py --data-dir DIR                 # a folder with train/ and test/
-    python benchmark.py --dummy --batches 2 --batch-size 8   # no data: a short run, as CI does
+    python -m beyond.benchmark --data-dir DIR          # a folder with train/ and test/
+    python -m beyond.benchmark --dummy --batches 2 --batch-size 8   # no data: as CI runs it
 
 The model-only figure trains the same net, batch and precision on one batch already on the
 device: no input pipeline can beat it, so pipeline / model-only says how busy loading keeps it.
@@ -16,11 +16,11 @@ import resource  # noqa: E402
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
 import models  # noqa: E402
-import runs  # noqa: E402
-from train import fine_tuning_optimizer, make_runtime, train_epoch, try_device  # noqa: E402
-from utils import UserError  # noqa: E402
+from beyond import UserError, folders, loaders, runs  # noqa: E402
+from beyond.archs import preprocessing  # noqa: E402
+from beyond.devices import make_runtime, try_device  # noqa: E402
+from train import fine_tuning_loss, fine_tuning_optimizer, train_epoch  # noqa: E402
 
 IMPORT_SEC = time.perf_counter() - START
 
@@ -34,7 +34,7 @@ def timed_epoch(net, batches, optimizer, runtime):
     """Examples per second of train_epoch over the batches, the device's queue drained."""
     sync(runtime.device)
     start = time.perf_counter()
-    n = train_epoch(net, batches, torch.nn.CrossEntropyLoss(reduction="none"), optimizer, runtime)["examples"]
+    n = train_epoch(net, batches, fine_tuning_loss(), optimizer, runtime)["examples"]
     sync(runtime.device)
     return n / (time.perf_counter() - start)
 
@@ -52,7 +52,7 @@ def main():
     p.add_argument("--dummy", action="store_true", help="FakeData shaped like the hot-dog set")
     p.add_argument("--batches", type=int, help="batches per measurement (default: one epoch)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=data.default_workers())
+    p.add_argument("--workers", type=int, default=loaders.default_workers())
     p.add_argument("--arch", default="resnet18", help="an ImageNet classifier of torchvision's that ends in one Linear layer")
     p.add_argument("--device")
     p.add_argument("--precision", choices=["amp", "fp32"], default="amp")
@@ -69,14 +69,14 @@ def main():
     start = time.perf_counter()
     sets = runs.load_sets(options)  # the command line's data, at the sizes the arch was trained at
     data_sec = time.perf_counter() - start
-    train_iter, _ = data.make_loaders(*sets[:2], args.batch_size, args.workers)
+    train_iter, _ = loaders.make_loaders(*sets[:2], args.batch_size, args.workers)
     batches = args.batches or len(train_iter)
 
     # the recipe's net, optimizer and precision; speed does not depend on the weights
     runtime = make_runtime(device, args.precision)
-    net = runtime.place(models.scratch_net(len(data.class_names(sets[0])), args.arch))
+    net = runtime.place(models.scratch_net(len(folders.class_names(sets[0])), args.arch))
     optimizer = fine_tuning_optimizer(net, 5e-5)
-    size = models.preprocessing(args.arch)
+    size = preprocessing(args.arch)
 
     start = time.perf_counter()
     X, y = next(iter(train_iter))  # starts the (persistent) workers

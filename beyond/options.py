@@ -8,8 +8,8 @@ import math
 import numbers
 import os
 
-from data import layout
-from utils import UserError
+from beyond.folders import layout
+from beyond import UserError
 
 # Each data set's defaults: its epochs (and, for CIFAR-10, its lr and the book's figure).
 DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}

@@ -1,16 +1,8 @@
-"""Images in and out. In: photos as devices write them, read upright as 8-bit RGB (EXIF turns,
-16-bit and float pixels, CMYK, GIF, HEIC), and found in folders as people's machines fill them
-(hidden and system files, links, names in either Unicode form, files that cannot be read). Out:
-pictures, the book's show_images and training curves and the test images a net gets wrong,
-saved to files and shown inline in a notebook.
-
-matplotlib is optional: without it each picture is skipped with a one-line note. Figures are
-built with matplotlib's object API, never pyplot, so the caller's backend stays as it is (a
-notebook's inline figures keep working).
-"""
+"""Photos as devices write them, read upright as 8-bit RGB (EXIF turns, 16-bit and float
+pixels, CMYK, GIF, HEIC), and found in folders as people's machines fill them (hidden and system
+files, links, names in either Unicode form, files that cannot be read)."""
 import contextlib
 import functools
-import io
 import itertools
 import os
 import sys
@@ -24,7 +16,9 @@ import torchvision
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from utils import UserError, remove, say, write_whole
+from beyond import UserError
+from beyond.files import inside
+from beyond.processes import say
 
 # torchvision's image types, and what phones and the web also give: GIF, and HEIC (read where the
 # pillow-heif plugin is installed, and otherwise named as unreadable, never skipped unsaid).
@@ -95,7 +89,7 @@ def read_image(path, read):
             return read(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"cannot read image {path} ({e}); raise the limit to read it: --max-megapixels N (in "
-                        "Python, runs' max_megapixels option, or around any call: with images.megapixels_limit(N))") from None
+                        "Python, runs' max_megapixels option, or around any call: with beyond.photos.megapixels_limit(N))") from None
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; check the path") from None
     except (OSError, ValueError) as e:  # PIL raises ValueError for some damaged headers and chunks too
@@ -288,131 +282,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         return sorted(samples, key=lambda s: (s[1], s[0]))
 
 
-def inside(path, folder):
-    """Whether path (a file or a folder) lies in folder, links followed; folder itself counts."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
-
 def image_paths(items):
     """The images among items, each once however often it is named: files as given, folders
     searched (image_files)."""
     return once(path for item in items for path in (image_files(item) if os.path.isdir(item) else [item]))
-
-
-# ================================================================ pictures
-
-
-def figure(**kwargs):
-    """A new matplotlib Figure, or None (with a note) where matplotlib is not installed."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("note: pictures skipped; `pip install matplotlib` to get them")
-        return None
-    return Figure(**kwargs)
-
-
-def notebook():
-    """IPython.display where this runs in a Jupyter kernel (Jupyter, VS Code, Colab), else None."""
-    ipython = sys.modules.get("IPython")  # every kernel has imported it; we never import it first
-    shell = ipython and ipython.get_ipython()
-    if shell is None or not hasattr(shell, "kernel"):
-        return None
-    import IPython.display
-    return IPython.display
-
-
-def png(fig):
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def finish(fig, path=None):
-    """Save the figure to path (whole, or not at all) and show it in a notebook; returns path."""
-    image = png(fig)
-    if path:
-        write_whole(path, image)
-    if display := notebook():
-        display.display(display.Image(image))
-    return path
-
-
-def as_picture(img):
-    """An image as imshow shows it: a PIL image as it is; a tensor, uint8 or float in [0, 1],
-    channels first (this project's loaders) or last (the book's figures) or grey."""
-    if not isinstance(img, torch.Tensor):
-        return img
-    img = img.detach().cpu()
-    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):  # channels first
-        img = img.permute(1, 2, 0)
-    return img.squeeze(-1).numpy() if img.ndim == 3 and img.shape[-1] == 1 else img.numpy()
-
-
-def show_images(imgs, num_rows, num_cols, titles=None, scale=1.5, path=None):
-    """The book's d2l.show_images: images in a grid, row by row; a None leaves a gap."""
-    fig = figure(figsize=(num_cols * scale, num_rows * scale * (1.2 if titles else 1)))
-    if fig is None:
-        return None
-    axes = fig.subplots(num_rows, num_cols, squeeze=False).flatten()
-    for i, ax in enumerate(axes):
-        ax.axis("off")
-        if i < len(imgs) and imgs[i] is not None:
-            ax.imshow(as_picture(imgs[i]))
-            ax.set_title(titles[i] if titles and i < len(titles) else "", fontsize=7)
-    return finish(fig, path)
-
-
-def draw_curves(fig, histories):
-    """Train loss, train acc and test acc per epoch, one panel per run (the book's figure)."""
-    axes = fig.subplots(1, len(histories), squeeze=False, sharey=True)
-    for ax, (name, history) in zip(axes[0], histories.items()):
-        epochs = [m["epoch"] for m in history]
-        for key, style in (("loss", "-"), ("train_acc", "--"), ("test_acc", "-.")):
-            ax.plot(epochs, [m[key] for m in history], style, marker="o", label=key.replace("_", " "))
-        ax.set(title=name, xlabel="epoch", xlim=(0.5, max(epochs) + 0.5))
-        ax.grid(True)
-        ax.legend()
-    return fig
-
-
-def curves(histories, path=None):
-    """The curves of several runs ({name: history}) side by side."""
-    fig = figure(figsize=(4.5 * len(histories), 3.5))
-    return fig and finish(draw_curves(fig, histories), path)
-
-
-def animator():
-    """The book's Animator: in a notebook, a function that redraws the curves of a history in
-    place after every epoch; elsewhere, one that does nothing."""
-    display = notebook()
-    if not display or not figure():
-        return lambda history: None
-    handle = display.display(display.Pretty(""), display_id=True)
-    return lambda history: handle.update(display.Image(png(draw_curves(figure(figsize=(4.5, 3.5)),
-                                                                       {"": history}))))
-
-
-def grid(rows, captions, path, scale=1.6):
-    """Rows of images (up to 8 each) with a caption under each."""
-    width = max(map(len, rows))
-    padded = [row[i] if i < len(row) else None for row in rows for i in range(width)]
-    texts = [row[i] if i < len(row) else "" for row in captions for i in range(width)]
-    return show_images(padded, len(rows), width, texts, scale, path) if width else None
-
-
-def mistakes(test_set, probs, preds, labels, classes, path):
-    """Up to 16 test images the net gets wrong (probs: its evaluation of test_set; preds: the class
-    each is given, train.predicted's, -1 for none), captioned with the true and the predicted class.
-    Where it gets none wrong, no picture: one that path held before is removed, since it shows
-    mistakes that these figures no longer have."""
-    wrong = (preds != labels).nonzero().flatten()[:16].tolist()
-    if not wrong:
-        remove(path)
-        return None
-    pictures = [test_set[i][0] for i in wrong]
-    captions = [f"true {classes[labels[i]]}\n" + (f"pred {classes[preds[i]]} {probs[i].max():.2f}" if preds[i] >= 0
-                                                  else "pred nothing (NaN)") for i in wrong]
-    return grid([pictures[i:i + 8] for i in range(0, len(wrong), 8)],
-                [captions[i:i + 8] for i in range(0, len(wrong), 8)], path, scale=2)

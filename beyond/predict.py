@@ -2,7 +2,7 @@
 and folders of them, in batches, through the test augmentations its run used; or becomes one
 file, those augmentations and the net, that classifies images without this project (export).
 
-    import predict
+    from beyond import predict
     for p in predict.predict("runs/pretrained", ["photos/"]):  # the epoch its best.pt keeps
         print(p.path, p.label, p.probability)
     predict.export("runs/pretrained")  # runs/pretrained/best.pt2, for torch.export.load
@@ -21,11 +21,12 @@ from torch.export import Dim
 from torchvision.transforms import v2
 
 import data
-import models
 import train
-from images import image_paths, load_rgb, shown
-from options import checked
-from utils import UserError, first_line, writable_folder, write_whole
+from beyond import UserError, checkpoints, devices, loaders
+from beyond.figures import predicted
+from beyond.files import first_line, writable_folder, write_whole
+from beyond.options import checked
+from beyond.photos import image_paths, load_rgb, shown
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Prediction:
 def predict(model, images, *, out=None, batch_size=128, workers=None, device=None, precision="amp", arch=None):
     """Classify images (a path or a list of paths: files, and folders searched for them) with
     model, a model.pt or best.pt written by training, or its run's folder (the epoch its best.pt
-    keeps: models.kept_in), on one device. Returns one Prediction per image predicted, in the
+    keeps: checkpoints.kept_in), on one device. Returns one Prediction per image predicted, in the
     order given; each one that could not be read, or that the net gives NaN for, is named on
     stderr. With out, a folder: predictions.csv there too. arch, where given, must be the model's."""
     items = [images] if isinstance(images, (str, os.PathLike)) else images  # one file or folder
@@ -51,9 +52,9 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     batch_size = checked("batch_size", batch_size)
     workers = checked("workers", workers)
     out = checked("out", out)
-    path = models.kept_in(model)
-    ckpt = models.load_checkpoint(path)
-    models.same_arch(arch, ckpt)
+    path = checkpoints.kept_in(model)
+    ckpt = checkpoints.load_checkpoint(path)
+    checkpoints.same_arch(arch, ckpt)
     paths = image_paths(items)
     if not paths:
         raise UserError(f"found no images in {' '.join(map(str, items)) or 'an empty list'}; "
@@ -62,11 +63,11 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     settings, classes = ckpt["transform"], ckpt["classes"]
     augs = data.make_test_augs(settings["resize"], settings["crop"], settings.get("interpolation", "bilinear"))
     loader = torch.utils.data.DataLoader(ImageFiles(paths, augs, settings["crop"]), batch_size,
-                                         num_workers=data.default_workers(workers),
+                                         num_workers=loaders.default_workers(workers),
                                          generator=torch.Generator())  # its workers' seeds: not the caller's numbers
-    runtime = train.make_runtime(train.try_device(device), precision)
-    probs, index = train.evaluate(runtime.place(models.saved_net(ckpt)), loader, runtime)  # index for the label
-    preds, read = train.predicted(probs), index >= 0  # a net's NaN outputs predict nothing: -1
+    runtime = devices.make_runtime(devices.try_device(device), precision)
+    probs, index = train.evaluate(runtime.place(checkpoints.saved_net(ckpt)), loader, runtime)  # index for the label
+    preds, read = predicted(probs), index >= 0  # a net's NaN outputs predict nothing: -1
     kept = read & (preds >= 0)
     fp32 = "" if runtime.dtype is None else f", or its {runtime.dtype} arithmetic overflowed: try the precision fp32"
     if read.any() and not kept.any():
@@ -123,13 +124,13 @@ def export(model, out=None, *, format="pt2"):
         other = "onnx" if format == "pt2" else "pt2"  # the format out's name asks for, perhaps
         fix = f"format={other} to export {other}" if out.endswith("." + other) else f"out= a name that ends in .{format}"
         raise UserError(f"out={out} is not a .{format} file; give {fix}")
-    path = models.kept_in(model)
+    path = checkpoints.kept_in(model)
     out = out or os.path.splitext(path)[0] + "." + format
     if os.path.realpath(out) == os.path.realpath(path):  # a checkpoint named .pt2 or .onnx
         raise UserError(f"{out} is the checkpoint exported, which the export would write over; give out= another name")
-    ckpt = models.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     writable_folder(os.path.dirname(out) or ".")  # tried before the work
-    net = Pixels(models.saved_net(ckpt), ckpt["transform"]).eval()
+    net = Pixels(checkpoints.saved_net(ckpt), ckpt["transform"]).eval()
     about = {"classes": json.dumps(ckpt["classes"]), "input": net.input(len(ckpt["classes"]))}
     images, dims = torch.zeros(2, 3, 300, 400, dtype=torch.uint8), ({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},)
     file = io.BytesIO()
@@ -146,7 +147,7 @@ def export(model, out=None, *, format="pt2"):
         if format == "onnx" and isinstance(e, ImportError):
             raise UserError(f"format=onnx needs the packages onnx and onnxscript ({e}); pip install onnx onnxscript") from None
         raise UserError(f"a {ckpt.get('arch') or 'resnet18'} cannot be captured as {format} ({first_line(e)}); give "
-                        f"format={'onnx' if format == 'pt2' else 'pt2'}, or classify with predict.predict") from None
+                        f"format={'onnx' if format == 'pt2' else 'pt2'}, or classify with beyond.predict.predict") from None
     write_whole(out, file.getvalue())
     return out
 

@@ -17,16 +17,19 @@ from collections import namedtuple
 
 import torch
 import torchvision
-from torch import nn
 
 import data
-import images
 import models
 import train
-from options import DATASETS, DEFAULTS, OPTIONS, PATHS, PRETRAINED_ONLY, checked, refuse_unread
-from utils import (UserError, finite, first_line, from_process_0, gathered, join_processes, leave_processes, local_first,
-                   processes_batch, rank, rng_kept, saved, say, torchrun_start, writable_folder, world_size, write_whole,
-                   writing_to)
+from beyond import UserError, archs, checkpoints, datasets, folders, loaders, pictures, progress
+from beyond.devices import make_runtime, try_device
+from beyond.figures import figures, predicted
+from beyond.files import finite, writable_folder, write_whole, writing_to
+from beyond.options import DATASETS, DEFAULTS, OPTIONS, PATHS, PRETRAINED_ONLY, checked, refuse_unread
+from beyond.phases import two_phases
+from beyond.photos import megapixels_limit
+from beyond.processes import (from_process_0, join_processes, leave_processes, local_first,
+                              processes_batch, rank, rng_kept, say, torchrun_start, world_size)
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
 RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
@@ -34,7 +37,7 @@ RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.9
 
 SUMMARY = ("loss", "train_acc", "test_acc")
 VERSIONS = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
-# Those a continued run may be given anew; data_dir: a folder moved, whose classes data.same_data compares;
+# Those a continued run may be given anew; data_dir: a folder moved, whose classes folders.same_data compares;
 # data_root: where downloads go (the default, ./data, is another folder from another working folder).
 MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "data_dir", "data_root", "out", "resume",
               "typed"}
@@ -59,10 +62,10 @@ def resume(path, **given):
         raise UserError(f"resume takes out= and the options {list(OPTIONS)}, not {unknown}")
     given = {key: checked(key, value) for key, value in given.items()}
     given = {key: value for key, value in given.items() if value is not None}  # None: as the run began
-    found = os.path.abspath(models.checkpoint_in(path))
-    ckpt = run_checkpoint(found)  # the only time this process reads it
+    found = os.path.abspath(checkpoints.checkpoint_in(path))
+    ckpt = checkpoints.run_checkpoint(found)  # the only time this process reads it
     began = ckpt["args"]
-    models.same_arch(given.pop("arch", None), ckpt)
+    checkpoints.same_arch(given.pop("arch", None), ckpt)
     folder = os.path.dirname(found)  # where the run is now, wherever it began
     planned = plan_runs(began["mode"], {**DEFAULTS, **began}, folder)
     out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: each has a folder in out
@@ -87,9 +90,9 @@ def one_training(path, began, out):
     `began` and continues in out: the runs of several trainings (which one is meant?)."""
     if os.path.isdir(path):
         planned = {os.path.join(run.out, "model.pt") for run in plan_runs(began["mode"], {**DEFAULTS, **began}, out)}
-        held = [os.path.abspath(p) for p in models.checkpoints_in(path)]
+        held = [os.path.abspath(p) for p in checkpoints.checkpoints_in(path)]
         if set(held) - planned:
-            raise models.several_runs(path, held)
+            raise checkpoints.several_runs(path, held)
 
 
 def asked_device(given):
@@ -98,7 +101,7 @@ def asked_device(given):
     if "device" in given or given.get("resume") is None:
         return given.get("device")
     with contextlib.suppress(UserError):  # resume will say what is wrong with its path
-        return models.load_checkpoint(models.checkpoint_in(given["resume"]))["args"].get("device")
+        return checkpoints.load_checkpoint(checkpoints.checkpoint_in(given["resume"]))["args"].get("device")
     return None
 
 
@@ -119,10 +122,10 @@ def settled(mode, given, typed=None):
     if ignored:
         raise UserError(f"{ignored[0]}= changes the pretrained net, and scratch trains from random weights; "
                         f"leave {ignored[0]}= out, or train pretrained (or compare: it applies to the pretrained run)")
-    options["arch"] = models.check_arch(options["arch"])
+    options["arch"] = archs.check_arch(options["arch"])
     options["epochs"] = options["epochs"] or DATASETS[options["dataset"]]["epochs"]
     options["lr"] = lrs(options["lr"])
-    options["workers"] = data.default_workers(options["workers"])
+    options["workers"] = loaders.default_workers(options["workers"])
     options.update({key: options[key] and os.path.abspath(options[key]) for key in PATHS})
     return options
 
@@ -148,12 +151,12 @@ def plan_runs(mode, options, out):
 # ---------------------------------------------------------------- a run's life
 def trained(options, out, read=None):
     """Train every planned run into out, each continuing its checkpoint (read: those resume read)."""
-    device = join_processes(train.try_device(options["device"]))
+    device = join_processes(try_device(options["device"]))
     out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
     try:
-        with images.megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):  # this call's
+        with megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):  # this call's
             runs = plan_runs(options["mode"], options, out)
-            found = from_process_0(models.checkpoints_in(out) if rank() == 0 else None)  # out: made by process 0
+            found = from_process_0(checkpoints.checkpoints_in(out) if rank() == 0 else None)  # out: made by process 0
             if set(found) - {os.path.join(run.out, "model.pt") for run in runs}:  # a compare into a run's folder, or back
                 raise UserError(f"out={out} holds another run, and a folder holds one run, or the runs of one compare "
                                 "or of one list of learning rates; choose another out=")
@@ -168,7 +171,7 @@ def trained(options, out, read=None):
             say(f"data ready in {time.perf_counter() - start:.1f} s")
             results = [train_one(run, run_options(run, options), sets, device, ckpt) for run, ckpt in zip(runs, ckpts)]
             if rank() == 0 and len(runs) > 1:
-                images.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
+                pictures.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
             return Trained(out, results)
     except KeyboardInterrupt as e:
         e.checkpoint = resumable(options)  # for the caller to say how to continue
@@ -180,26 +183,26 @@ def trained(options, out, read=None):
 def load_sets(options, held_out=None):
     """The data the options name, augmented at the arch's sizes; held_out: what a run held out."""
     budget = None if options["cache_gb"] is None else int(options["cache_gb"] * 2**30)
-    sets = data.datasets(options["data_dir"], "dummy" if options["dummy"] else options["dataset"],
+    sets = datasets.datasets(options["data_dir"], "dummy" if options["dummy"] else options["dataset"],
                          options["data_root"], cache_budget=budget, workers=options["workers"] or 1,
                          val_split=options["val_split"], seed=options["seed"], held_out=held_out,
                          out=options.get("out"))  # never read as data; none for benchmark.py
-    return data.with_augs(sets, models.preprocessing(options["arch"]))
+    return datasets.with_augs(sets, archs.preprocessing(options["arch"]))
 
 
 def train_one(run, options, sets, device, ckpt):
     """Train one net into its folder with its options (run_options), continuing ckpt (a finished
     run's missing results written again), then test it once on a final test set where there is one."""
-    runtime = train.make_runtime(device, options["precision"])
+    runtime = make_runtime(device, options["precision"])
     about = described(run, options, sets, runtime)
     if ckpt:  # on the data it was trained on (with its options: checkpoint_of)
-        data.same_data(sets, ckpt)
+        folders.same_data(sets, ckpt)
     history = ckpt["history"] if ckpt else []
     if len(history) >= options["epochs"] or stalled(history, options["patience"], options["freeze_epochs"]):
         say(f"{run.name}: finished its {len(history)} epochs already; "
             + (f"it stopped early (patience {options['patience']})" if len(history) < options["epochs"]
                else "give more epochs to train on"))
-        kept_epoch(run.out, ckpt)  # best.pt, where it is missing
+        checkpoints.kept_epoch(run.out, ckpt)  # best.pt, where it is missing
         result = finished(run.out, ckpt) or concluded(run, sets, options, runtime, {**about, "history": history})
     else:
         result = train_net(run, options, sets, runtime, about, ckpt)
@@ -217,46 +220,48 @@ def train_net(run, options, sets, runtime, about, ckpt):
     random.seed(options["seed"])
     torch.manual_seed(options["seed"])  # the same initial head on every process
     # A checkpoint replaces every weight: where one is restored, ImageNet's are neither read nor needed
-    net = runtime.place(local_first(models.net_for, "scratch" if ckpt else run.mode, len(about["classes"]),
+    net = runtime.place(local_first(net_for, "scratch" if ckpt else run.mode, len(about["classes"]),
                                     options["arch"], options["weights"], hotdog, options["freeze"]))
     torch.manual_seed((options["seed"] + rank()) % 2**64)  # then each process draws its own augmentations
-    train_iter, test_iter = data.make_loaders(*sets[:2], options["batch_size"], options["workers"], options["seed"])
+    train_iter, test_iter = loaders.make_loaders(*sets[:2], options["batch_size"], options["workers"], options["seed"])
     weights = loss_weights(options["class_weights"], sets[0], runtime.device)
-    loss = nn.CrossEntropyLoss(weight=weights, reduction="none")  # the book's; weighed by class where asked
+    loss = train.fine_tuning_loss(weights)  # the book's, weighed by class where asked
     optimizer = train.fine_tuning_optimizer(net, run.lr, RECIPES[run.mode]["param_group"] and not options["no_param_group"])
-    history = restore(ckpt, net, optimizer, runtime.scaler)  # [] for a fresh run
-    best_so_far = kept_epoch(run.out, ckpt)
+    history = checkpoints.restore(ckpt, net, optimizer, runtime.scaler)  # [] for a fresh run
+    best_so_far = checkpoints.kept_epoch(run.out, ckpt)
     say(header(run, options, sets, runtime, weights))
     if rank() == 0:
         writable_folder(run.out)  # a run of several has a folder of its own in out
 
     def book_epochs(start, end):  # the book's loop, over epochs start + 1 to end
         return train.ch13_epochs(net, train_iter, test_iter, loss, optimizer, range(start, end), runtime)
-    animator, frozen = images.animator(), options["freeze_epochs"]
+    animator, frozen = pictures.animator(), options["freeze_epochs"]
     for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
         history.append(epoch.metrics)
         best = best_so_far is None or epoch.metrics["test_acc"] > best_so_far["test_acc"]  # the earlier of ties stays
         best_so_far = epoch.metrics if best else best_so_far
         state = dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=runtime.scaler.state_dict())
-        save(run.out, history, about, state, best)
-        train.show_epoch(history, animator)  # once saved: where printing fails (| head), the epoch is kept
+        checkpoints.save(run.out, history, about, state, best)
+        progress.show_epoch(history, animator)  # once saved: where printing fails (| head), the epoch is kept
         if stalled(history, options["patience"], frozen):
             break
-    train.show_summary(history, runtime)
+    progress.show_summary(history, runtime)
     last = epoch if best else None  # the last epoch is the one kept: its figures are best.pt's, no need to read it
     return concluded(run, sets, options, runtime, {**about, "history": history}, last)
 
 
+
+def net_for(mode, num_classes=2, arch="resnet18", weights_file=None, hotdog_class=None,
+            freeze=False):
+    """The book's net for a mode, "scratch" or "pretrained"; with freeze, exercise 3's."""
+    if mode == "scratch":
+        net = models.scratch_net(num_classes, arch)
+    else:
+        net = models.finetune_net(num_classes, weights_file, hotdog_class, arch)
+    return models.freeze_features(net) if freeze else net
+
+
 # ---------------------------------------------------------------- beyond the book
-def two_phases(book_epochs, net, first, frozen, num_epochs):
-    """The book's epochs from epoch first + 1 on, in two phases (Kumar et al., ICLR 2022): a linear
-    probe, the first `frozen` epochs training only the output layer with the features and their
-    BatchNorm statistics fixed (models.features_frozen), then every layer with the book's groups.
-    With frozen 0, the book's epochs as they are."""
-    if first < frozen:
-        with models.features_frozen(net):
-            yield from book_epochs(first, min(frozen, num_epochs))
-    yield from book_epochs(max(first, frozen), num_epochs)
 
 
 def run_options(run, options):
@@ -285,23 +290,23 @@ def loss_weights(kind, train_set, device):
 def final_test(run, sets, options, runtime):
     """The final test set evaluated once, with best.pt's weights: which epoch's, the accuracy, the figures."""
     best, probs, labels = evaluated(run, sets[2], options, runtime)
-    return dict(split=data.final_split(sets), epoch=best["epoch"], acc=train.accuracy(probs, labels),
-                **train.figures(probs, labels, data.class_names(sets[0])))
+    return dict(split=folders.final_split(sets), epoch=best["epoch"], acc=train.accuracy(probs, labels),
+                **figures(probs, labels, folders.class_names(sets[0])))
 
 
 def evaluated(run, test_set, options, runtime):
     """The metrics of the epoch best.pt keeps, and its probabilities and labels for test_set."""
-    best = from_process_0(models.load_checkpoint(os.path.join(run.out, "best.pt")) if rank() == 0 else None)
-    loader = data.make_loaders(test_set, test_set, options["batch_size"], options["workers"])[1]  # the test loader
-    return (best["history"][-1], *train.evaluate(runtime.place(models.saved_net(best)), loader, runtime))
+    best = from_process_0(checkpoints.load_checkpoint(os.path.join(run.out, "best.pt")) if rank() == 0 else None)
+    loader = loaders.make_loaders(test_set, test_set, options["batch_size"], options["workers"])[1]  # the test loader
+    return (best["history"][-1], *train.evaluate(runtime.place(checkpoints.saved_net(best)), loader, runtime))
 
 
 def header(run, options, sets, runtime, weights=None):
     """The run's first line: the net and its image sizes, the data, the learning rate, what goes
     beyond the book's recipe, the runtime."""
-    size = models.preprocessing(options["arch"])
+    size = archs.preprocessing(options["arch"])
     split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
-    final = f", and once, at the end, {len(sets[2])} in {data.final_split(sets)}" if len(sets) > 2 else ""
+    final = f", and once, at the end, {len(sets[2])} in {folders.final_split(sets)}" if len(sets) > 2 else ""
     frozen = min(options["freeze_epochs"], options["epochs"])  # what this run will do
     phase = f", the output layer alone in the first {frozen} of {options['epochs']} epochs" if frozen else ""
     weighed = "" if weights is None else f", class weights balanced ({', '.join(f'{w:.2f}' for w in weights.tolist())})"
@@ -311,8 +316,6 @@ def header(run, options, sets, runtime, weights=None):
             f"{runtime}{several}")
 
 
-
-
 # ---------------------------------------------------------------- a run's files
 def checkpoint_of(run, options, read):
     """The checkpoint run continues, refused where made with other options: the file resume named
@@ -320,9 +323,9 @@ def checkpoint_of(run, options, read):
     what it read) or by process 0. A best.pt without model.pt, which a fresh run writes over, is
     refused too where made with other options (the same: a run stopped between writing the two)."""
     path = options["resume"] or os.path.join(run.out, "model.pt")
-    ckpt = (read or {}).get(path) or from_process_0(run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
+    ckpt = (read or {}).get(path) or from_process_0(checkpoints.run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
     best = os.path.join(run.out, "best.pt")  # what may_change reads of it, not its weights, goes to every process
-    began = ckpt or from_process_0({k: v for k, v in models.load_checkpoint(best).items() if k in ("args", "held_out")}
+    began = ckpt or from_process_0({k: v for k, v in checkpoints.load_checkpoint(best).items() if k in ("args", "held_out")}
                                    if rank() == 0 and os.path.exists(best) else None)
     if began:
         refuse_changes(run_options(run, began["args"]), run_options(run, options), path if ckpt else best,
@@ -338,26 +341,15 @@ def may_change(ckpt, read):
     return changes | ({"val_split"} if ckpt.get("held_out") is None else set())
 
 
-def run_checkpoint(path):
-    """A checkpoint a run continues: a model.pt a run wrote, not best.pt (which says it is one)."""
-    ckpt = models.load_checkpoint(path)
-    if ckpt.get("is_best", os.path.basename(path) == "best.pt"):  # continuing it would rewind the run
-        raise UserError(f"{path} is the epoch a run kept, for prediction; continue the run from its model.pt or folder")
-    if "mode" not in ckpt["args"]:
-        raise UserError(f"{path} was written by an older train.train_fine_tuning(..., out=), which no run "
-                        "continues; train a run with runs.train_runs, or predict with the file as it is")
-    return ckpt
-
-
 def described(run, options, sets, runtime):
     """What a run's checkpoint and metrics.json say of it beside its figures: what prediction
     needs (arch, classes, transform), how it computes, what continuing compares."""
     return dict(name=run.name, mode=run.mode, lr=run.lr, args=options, arch=options["arch"],
-                classes=data.class_names(sets[0]),
-                transform=dict(**models.preprocessing(options["arch"]), mean=data.MEAN, std=data.STD),
+                classes=folders.class_names(sets[0]),
+                transform=dict(**archs.preprocessing(options["arch"]), mean=data.MEAN, std=data.STD),
                 device=str(runtime.device), precision=str(runtime.dtype or torch.float32),
                 memory_format=str(runtime.memory_format), held_out=getattr(sets[1], "held_out", None),
-                final_split=data.final_split(sets))
+                final_split=folders.final_split(sets))
 
 
 def refuse_changes(before, now, path, may_change):
@@ -377,65 +369,19 @@ def refuse_changes(before, now, path, may_change):
                         "or train a new run in another out=")
 
 
-def restore(ckpt, net, optimizer, scaler):
-    """A checkpoint's state back in place (weights, optimizer, gradient scaler, and the random
-    numbers where the processes are as many as they were); returns its history, [] for None."""
-    if not ckpt:
-        return []
-    try:
-        net.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{ckpt['path']} holds another architecture than this net ({first_line(e)}); "
-                        "continue it with the net it was trained with") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"] and scaler.is_enabled():  # empty when written without fp16
-        scaler.load_state_dict(ckpt["scaler"])
-    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # older: one dict
-    if len(states) == world_size():
-        torch.set_rng_state(states[rank()]["torch"])
-        random.setstate(states[rank()]["python"])
-    return list(ckpt["history"])
-
-
-def save(folder, history, about, state, best=False):
-    """model.pt after every epoch: the state, the history, every process's random-number state
-    (not the GPUs': resnet18 draws nothing there; a net with dropout there draws other masks after
-    a resume) and the run's description; best.pt too, saying so, after the epoch it keeps (best);
-    held_out.txt where a split held images out. Process 0 writes each whole
-    (utils.write_whole), from memory: any failure to write is the file's."""
-    rng = gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
-    if rank() == 0:
-        checkpoint = {**state, "history": history, "rng": rng, **about, "is_best": False}
-        if best:  # first: a model.pt past the epoch best.pt lacks would leave it out for good
-            write_whole(os.path.join(folder, "best.pt"), saved({**checkpoint, "is_best": True}))
-        write_whole(os.path.join(folder, "model.pt"), saved(checkpoint))
-        if about["held_out"] is not None:
-            held_out = "".join(p + "\n" for p in about["held_out"])  # a name that is not UTF-8: as the disk has it
-            write_whole(os.path.join(folder, "held_out.txt"), held_out.encode(errors="surrogateescape"))
-
-
-def kept_epoch(folder, ckpt):
-    """The metrics of the epoch best.pt keeps (None for a fresh run). Where a checkpoint lies
-    without best.pt (copied alone, or older than best.pt), its epoch is kept there first."""
-    best = os.path.join(folder, "best.pt")
-    if ckpt and rank() == 0 and not os.path.exists(best):
-        write_whole(best, saved({**{k: v for k, v in ckpt.items() if k != "path"}, "is_best": True}))
-    return ckpt and from_process_0(models.load_checkpoint(best)["history"][-1] if rank() == 0 else None)
-
-
 def concluded(run, sets, options, runtime, about, last=None):
     """The run's results, written: its description and history (about), the last epoch's
     figures, and best.pt's on the evaluation set (last: the last epoch trained, where best.pt keeps it)."""
     best, probs, labels = last or evaluated(run, sets[1], options, runtime)
     history = about["history"]  # the last epoch's loss and accuracies: the book's summary
     result = finite(dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")},
-                         **{k: history[-1][k] for k in SUMMARY}, examples_per_sec=train.mean_speed(history),
+                         **{k: history[-1][k] for k in SUMMARY}, examples_per_sec=progress.mean_speed(history),
                          world_size=world_size(), figures_epoch=best["epoch"],
-                         **train.figures(probs, labels, about["classes"]), kept=kept(best, about), versions=VERSIONS))
+                         **figures(probs, labels, about["classes"]), kept=kept(best, about), versions=VERSIONS))
     if rank() == 0:  # metrics.json first (a picture that cannot be written loses nothing else), curves.png
         write_metrics(run.out, result)  # and mistakes.png (the images best.pt's epoch gets wrong)
-        images.curves({result["name"]: history}, os.path.join(run.out, "curves.png"))
-        images.mistakes(sets[1], probs, train.predicted(probs), labels, result["classes"],
+        pictures.curves({result["name"]: history}, os.path.join(run.out, "curves.png"))
+        pictures.mistakes(sets[1], probs, predicted(probs), labels, result["classes"],
                         os.path.join(run.out, "mistakes.png"))
     return result
 
@@ -449,7 +395,7 @@ def kept(best, about):
         "folder, train/, val/ and test/ together keep test/ apart for one honest figure") or None)
 
 
-def write_metrics(folder, result):  # strict JSON: what is not finite was made None (utils.finite)
+def write_metrics(folder, result):  # strict JSON: what is not finite was made None (files.finite)
     write_whole(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1, allow_nan=False).encode())
 
 
@@ -466,6 +412,6 @@ def resumable(options):
     holds one run, else out (--compare, several lrs: every run continues); None before any epoch."""
     out = options["out"]
     with contextlib.suppress(UserError):  # out holds no model.pt
-        found = models.checkpoint_in(out)
+        found = checkpoints.checkpoint_in(out)
         return options["resume"] or (found if len(plan_runs(options["mode"], options, out)) == 1 else out)
     return None

@@ -1,0 +1,19 @@
+"""Everything the book's recipe leaves out, in rooms named for what they hold.
+
+Helpers the recipe calls (they import nothing from the top): files, processes, devices, progress,
+figures, download, photos, pictures, archs, folders, cache, loaders. Drivers that run the recipe
+from outside (they import it): datasets, checkpoints, phases, options, runs, predict, cli,
+benchmark.
+"""
+import re
+
+
+class UserError(Exception):
+    """Bad input: the message names the problem and the fix, and is shown as one line."""
+
+    def __init__(self, message=""):
+        # A DataLoader raises a worker's error again, with the worker's traceback as the message:
+        # its last line holds the worker's message
+        if "Original Traceback" in message:
+            message = re.sub(r"^[\w.]*UserError: ", "", message.strip().splitlines()[-1])
+        super().__init__(message)

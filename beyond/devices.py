@@ -1,0 +1,112 @@
+"""Where and how the arithmetic runs: the device (the book's try_gpu and try_all_gpus, with a
+fallback where there is no GPU) and the precision (autocast, channels-last, the gradient scaler)."""
+import contextlib
+
+import torch
+
+from beyond import UserError
+
+
+def try_device(name=None, keyword="device"):
+    """The device named, else CUDA, else MPS, else the CPU. keyword: the caller's argument that
+    named it, for the error."""
+    if name is None:
+        name = ("cuda" if torch.cuda.is_available()
+                else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)  # raises for a name torch does not know, such as "gpu"
+        missing = (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+                   or device.type == "mps" and not torch.backends.mps.is_available())
+    except RuntimeError:
+        missing = True
+    if not missing and device.type not in ("cpu", "cuda", "mps"):  # xpu, meta: not this program's
+        raise UserError(f"{keyword}={name}: this program computes on cpu, cuda (cuda:N) or mps; "
+                        "give one of those")
+    if missing:
+        raise UserError(f"{keyword}={name}: this machine has no such device; give no {keyword}= "
+                        "to use the best one there is")
+    return device
+
+
+def try_all_gpus():
+    """Every GPU, as the book's try_all_gpus; where there is none, the best other device, not
+    the book's empty list, on which its train_ch13 fails."""
+    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [try_device()]
+
+
+class Runtime:
+    """The devices and their arithmetic. "amp" on CUDA and the CPU: channels-last, and autocast
+    to the fastest type that keeps accuracy (amp_dtype); "fp32", and on MPS: the book's."""
+
+    def __init__(self, devices, precision):
+        self.devices, self.device = devices, devices[0]  # the first GPU holds the net
+        amp = precision == "amp" and self.device.type in ("cuda", "cpu")
+        self.fp32 = precision == "fp32"  # the book's arithmetic, asked for: no TF32 either
+        self.dtype = amp_dtype(self.device) if amp else None  # autocast's, None for fp32
+        if len(devices) > 1 and self.dtype:  # nn.DataParallel's threads autocast to fp16
+            self.dtype = torch.float16
+        self.memory_format = torch.channels_last if amp else torch.contiguous_format
+        # GradScaler's first scale, 2**16, is made for a mean loss; the book's is summed over a
+        # batch of 128, so fp16 would overflow for the first steps
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16 / 128,
+                                           enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    @contextlib.contextmanager
+    def cudnn_flags(self):
+        """cuDNN's flags, which are the process's, set for the block and put back after it:
+        autotuning on (the shapes are fixed), and in fp32 no TF32 for convolutions."""
+        cudnn = torch.backends.cudnn
+        before = cudnn.benchmark, cudnn.conv.fp32_precision  # TF32's setting from torch 2.9 on
+        cudnn.benchmark = True
+        if self.fp32:
+            cudnn.conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            cudnn.benchmark, cudnn.conv.fp32_precision = before
+
+    def place(self, net):
+        return net.to(self.device, memory_format=self.memory_format)
+
+    def input(self, X):
+        """A loader's batch on the device, in the memory format the net computes in."""
+        X = X.to(self.device, non_blocking=self.device.type == "cuda")  # pinned memory only there
+        return X.contiguous(memory_format=self.memory_format)
+
+    def target(self, y):
+        return y.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def __str__(self):
+        more = f" and {len(self.devices) - 1} more" if len(self.devices) > 1 else ""
+        dtype = "fp32" if self.dtype is None else str(self.dtype)[6:] + " autocast"
+        last = ", channels-last" if self.memory_format == torch.channels_last else ""
+        return f"{self.device}{more}, {dtype}{last}"
+
+
+def make_runtime(devices=None, precision="amp"):
+    """The Runtime for a device or a list of GPUs (default: all GPUs, else the best device), in
+    precision "amp" or "fp32"."""
+    if precision not in ("amp", "fp32"):
+        raise UserError(f"precision={precision} is not one this program computes in; "
+                        "give \"amp\" or \"fp32\"")
+    names = [devices] if isinstance(devices, (str, torch.device)) else devices
+    devices = [try_device(str(name), "devices") for name in names] if names else try_all_gpus()
+    if len(devices) > 1 and (len(set(devices)) < len(devices)
+                             or any(d.type != "cuda" for d in devices)):
+        raise UserError(f"devices={[str(d) for d in devices]}: nn.DataParallel splits a batch "
+                        "among different GPUs only; give one device (devices=\"cpu\": one CPU "
+                        "computes on all its cores)")
+    return Runtime(devices, precision)
+
+
+def amp_dtype(device):
+    """bf16 where the device has it natively (GPUs from Ampere on; CPUs with AMX or AVX512-BF16),
+    fp16 on older GPUs, None (fp32) on other CPUs, where bf16 is emulated and slower."""
+    if device.type == "cuda":
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False)
+                else torch.float16)
+    cpu = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return torch.bfloat16 if cpu.get("amx_bf16") or cpu.get("avx512_bf16") else None

@@ -1,0 +1,37 @@
+"""The loaders: shuffled for training, ordered for testing, each process its share under
+torchrun, and worker processes one per core."""
+import os
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from beyond import UserError
+from beyond.processes import local_processes, rank, world_size
+
+
+def default_workers(workers=None):
+    """workers, where given; else one loader process per core this process may use, shared
+    among the processes on this machine, at most 16."""
+    if workers is not None:
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(16, cores // local_processes()))
+
+
+def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0, persistent=True):
+    """Shuffled training and ordered test loaders; under torch.distributed each process gets its
+    share: the global batch is split, and every test image is evaluated by exactly one process.
+    persistent: the worker processes live as long as the loaders. Started anew each epoch, they
+    would share this process's memory copy-on-write, and every page it writes while they live
+    (weights, gradients, activations) would be copied again each epoch."""
+    world = world_size()
+    if batch_size < world:
+        raise UserError(f"batch_size={batch_size} is smaller than the {world} processes; "
+                        "give at least one image per process")
+    sampler = DistributedSampler(train_set, seed=seed) if world > 1 else None
+    if world > 1:
+        test_set = Subset(test_set, range(rank(), len(test_set), world))
+    opts = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+                persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None)
+    return (DataLoader(train_set, batch_size // world, shuffle=sampler is None, sampler=sampler, **opts),
+            DataLoader(test_set, batch_size // world, **opts))
