@@ -31,16 +31,14 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as the p
 
 def make_train_augs(crop=224, interpolation="bilinear"):
     """The book's training augmentations, up to ToTensor, for a net trained at crop pixels."""
-    return v2.Compose([v2.ToImage(),
-                       v2.RandomResizedCrop(crop, interpolation=v2.InterpolationMode(interpolation)),
-                       v2.RandomHorizontalFlip(), v2.ToPureTensor()])
+    resized_crop = v2.RandomResizedCrop(crop, interpolation=v2.InterpolationMode(interpolation))
+    return v2.Compose([v2.ToImage(), resized_crop, v2.RandomHorizontalFlip(), v2.ToPureTensor()])
 
 
 def make_test_augs(resize=256, crop=224, interpolation="bilinear"):
     """The book's test augmentations, up to ToTensor."""
-    return v2.Compose([v2.ToImage(),
-                       v2.Resize([resize, resize], interpolation=v2.InterpolationMode(interpolation)),
-                       v2.CenterCrop(crop), v2.ToPureTensor()])
+    resize = v2.Resize([resize, resize], interpolation=v2.InterpolationMode(interpolation))
+    return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(crop), v2.ToPureTensor()])
 
 
 # ToImage first, so the crop and resize run on uint8 tensors, from PIL or from the decoded cache.
@@ -50,14 +48,11 @@ train_augs = make_train_augs(224)
 test_augs = make_test_augs(256, 224)
 
 
-def normalize(X, mean=None, std=None):
+def normalize(X, stats=None):
     """The book's ToTensor and Normalize, for a batch of uint8 images where it lies; a batch of
-    floats (the book's own loaders) has had them already."""
-    if X.is_floating_point():
-        return X
-    if mean is None:
-        mean, std = imagenet_stats(X.device)
-    return v2.functional.normalize(X.float() / 255, mean, std)
+    floats (the book's own loaders) has had them already. stats: (mean, std) as tensors."""
+    mean, std = stats or imagenet_stats(X.device)
+    return X if X.is_floating_point() else v2.functional.normalize(X.float() / 255, mean, std)
 
 
 @functools.cache

@@ -21,16 +21,17 @@ def pretrained_net(arch="resnet18", weights_file=None):
     """torchvision's `arch` with its ImageNet weights (the book's `pretrained=True`), downloaded
     once into $TORCH_HOME, or read from a state-dict file."""
     beyond.archs.check_arch(arch)
-    name = beyond.archs.weights_name
     if weights_file is None:
         try:
             return torchvision.models.get_model(arch, weights="DEFAULT")
         except OSError as e:
             raise beyond.UserError(f"cannot download the ImageNet weights of {arch} ({e}); fetch "
-                                   f"{name(arch)} elsewhere and pass weights_file=FILE") from None
-    return beyond.files.load_file(weights_file, f"a {arch} state-dict", f"give {name(arch)}",
-                                  f"weights_file={weights_file}",
-                                  into=torchvision.models.get_model(arch))
+                                   f"{beyond.archs.weights_name(arch)} elsewhere and pass "
+                                   "weights_file=FILE") from None
+    net = torchvision.models.get_model(arch)
+    return beyond.files.load_file(weights_file, f"a {arch} state-dict",
+                                  f"give {beyond.archs.weights_name(arch)}",
+                                  f"weights_file={weights_file}", into=net)
 
 
 def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resnet18"):

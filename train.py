@@ -31,8 +31,7 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
     beyond.archs.check_outputs(net, train_iter.dataset.classes)
     loss = fine_tuning_loss()
     trainer = fine_tuning_optimizer(net, learning_rate, param_group)
-    return train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices,
-                      precision=precision)
+    return train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices, precision)
 
 
 def fine_tuning_loss(weight=None):
@@ -58,7 +57,7 @@ def fine_tuning_optimizer(net, learning_rate, param_group=True):
                            weight_decay=0.001)
 
 
-def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=None, *,
+def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=None,
                precision="amp"):
     """§14.1 (chapter 13 in the book's first edition), called as the book calls it: trains,
     shows each epoch and the book's summary, and returns the history."""
@@ -128,8 +127,7 @@ def evaluate(net, test_iter, runtime):
     with runtime.cudnn_flags():
         for X, y in test_iter:
             with runtime.autocast():
-                X = data.normalize(runtime.input(X))
-                probs.append(torch.softmax(net(X).float(), 1).cpu())
+                probs.append(torch.softmax(net(data.normalize(runtime.input(X))).float(), 1).cpu())
             labels.append(y)
     return beyond.processes.gather_in_order(probs, labels)
 

@@ -10,9 +10,9 @@ from beyond import UserError
 def try_device(name=None, keyword="device"):
     """The device named, else CUDA, else MPS, else the CPU. keyword: the caller's argument that
     named it, for the error."""
-    if name is None:
-        name = ("cuda" if torch.cuda.is_available()
-                else "mps" if torch.backends.mps.is_available() else "cpu")
+    if name is None:  # the best there is
+        return torch.device("cuda" if torch.cuda.is_available()
+                            else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)  # raises for a name torch does not know, such as "gpu"
         missing = (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()

@@ -168,7 +168,8 @@ class Pixels(nn.Module):
 
     def forward(self, images):
         X = nn.functional.interpolate(images, [self.resize] * 2, mode=self.interpolation, antialias=True)
-        return torch.softmax(self.net(data.normalize(v2.functional.center_crop(X, self.crop), self.mean, self.std)), 1)
+        X = data.normalize(v2.functional.center_crop(X, self.crop), (self.mean, self.std))
+        return torch.softmax(self.net(X), 1)
 
     def input(self, num_classes):
         return (f"images: uint8 RGB pixels as decoded, shape (batch, 3, height, width), any batch, height and "

@@ -160,9 +160,8 @@ def from_process_0(obj):
 
 def reshuffle(train_iter, epoch):
     """A new shuffle each epoch under DistributedSampler (a plain loader reshuffles itself)."""
-    sampler = getattr(train_iter, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    if hasattr(getattr(train_iter, "sampler", None), "set_epoch"):
+        train_iter.sampler.set_epoch(epoch)
 
 
 def all_reduce_sum(tensor):

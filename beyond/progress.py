@@ -10,10 +10,9 @@ from beyond.processes import rank, say, world_size
 def show_epoch(history, animator):
     """The curves redrawn in a notebook (the book's Animator), and the epoch's line."""
     m = history[-1]
+    note = f" (start-up: first batch after {m['first_batch_sec']:.1f} s)" if m["epoch"] == 1 else ""
     say(f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
-        f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"
-        + (f" (start-up: first batch after {m['first_batch_sec']:.1f} s)"
-           if m["epoch"] == 1 else ""))
+        f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec{note}")
     animator(history)
 
 
@@ -33,12 +32,12 @@ def mean_speed(history):
 
 class Progress:
     """A loader's batches, with a live progress line redrawn every half second (the book's
-    num_batches // 5 is zero for small data), and the seconds until the first batch."""
+    num_batches // 5 is zero for small data), and the seconds until the first batch. metric:
+    the loss sum, the examples right and the examples seen so far."""
 
     def __init__(self, loader, metric):
-        self.loader, self.metric = loader, metric  # metric: loss sum, correct, examples so far
+        self.loader, self.metric, self.first_batch_sec = loader, metric, 0.0
         self.show = live_text() if rank() == 0 and hasattr(loader, "__len__") else None
-        self.first_batch_sec = 0.0
 
     def __iter__(self):
         start = shown = time.perf_counter()
