@@ -15,31 +15,25 @@ from beyond.processes import local_processes, say
 
 
 class DecodedImages(torch.utils.data.Dataset):
-    """An ImageFolder decoded once into uint8 pixels, then augmented afresh per item.
-
-    Where we differ from ImageFolder + PIL, and why: decoding a PNG costs several times the
-    augmentations, so decoding every epoch starves a GPU. All images share one buffer, sized from
-    their headers, so worker processes receive it whole (and cheaply) on every platform.
-    """
+    """An ImageFolder decoded once into one uint8 buffer (worker processes get it cheaply), then
+    augmented afresh per item: decoding a PNG costs several times the augmentations."""
 
     def __init__(self, folder, workers=1):
-        self.classes, self.targets, self.transform = folder.classes, folder.targets, folder.transform
-        self.samples, self.root, self.where, self.held_out = folder.samples, folder.root, folder.where, folder.held_out
+        for name in ("classes", "targets", "transform", "samples", "root", "where", "held_out"):
+            setattr(self, name, getattr(folder, name))
         self.shapes = [(3, height, width) for width, height in folder.sizes]
-        self.starts = [0, *itertools.accumulate(3 * width * height for width, height in folder.sizes)]
+        self.starts = [0, *itertools.accumulate(3 * w * h for w, h in folder.sizes)]
         self.pixels = torch.empty(self.starts.pop(), dtype=torch.uint8)
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
             failed = [error for error in pool.map(self.decode, range(len(self))) if error]
-        # Those that cannot be decoded are left out as those whose headers cannot be read (readable)
-        left_out(failed, len(self.samples))
+        left_out(failed, len(self.samples))  # as those whose headers cannot be read
         kept = [i for i, shape in enumerate(self.shapes) if shape]
-        self.samples, self.targets, self.shapes, self.starts = (
-            [items[i] for i in kept] for items in (self.samples, self.targets, self.shapes, self.starts))
+        items = (self.samples, self.targets, self.shapes, self.starts)
+        self.samples, self.targets, self.shapes, self.starts = ([x[i] for i in kept] for x in items)
         every_class_read(self)
 
     def decode(self, i):
-        """Decode image i into its place; the error, where its pixels cannot be read (a file cut
-        short after a whole header)."""
+        """Decode image i into its place; the error, where its pixels cannot be read."""
         try:
             pixels = v2.functional.pil_to_tensor(load_rgb(self.samples[i][0]))
         except UserError as e:
@@ -49,7 +43,7 @@ class DecodedImages(torch.utils.data.Dataset):
         self.image(i).copy_(pixels)
 
     def image(self, i):
-        return self.pixels[self.starts[i]:self.starts[i] + math.prod(self.shapes[i])].view(self.shapes[i])
+        return self.pixels.narrow(0, self.starts[i], math.prod(self.shapes[i])).view(self.shapes[i])
 
     def __len__(self):
         return len(self.shapes)
@@ -62,7 +56,7 @@ def available_memory():
     """Bytes the machine can still give (Linux's MemAvailable), else half of all memory."""
     try:
         with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            return next(int(row.split()[1]) * 1024 for row in f if row.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
@@ -77,6 +71,7 @@ def decoded(folders, cache_budget=None, workers=1):
     budget = cache_budget or available_memory() // (2 * local_processes())
     if needed > budget:
         say(f"note: decoding images every epoch: decoded they would take {needed / 2**30:.3g} GB, "
-            f"more than the cache's {budget / 2**30:.3g} GB (cache_budget; --cache-gb)", file=sys.stderr)
+            f"more than the cache's {budget / 2**30:.3g} GB (cache_budget; --cache-gb)",
+            file=sys.stderr)
         return folders
     return [DecodedImages(folder, workers) for folder in folders]

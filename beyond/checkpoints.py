@@ -1,5 +1,5 @@
-"""A checkpoint's format, in one place: what model.pt and best.pt hold (save), how they are
-found in a run's folder, read back, and restored into a net, an optimizer and the random numbers."""
+"""A checkpoint's format in one place: what model.pt and best.pt hold (save), how they are found
+in a run's folder, read back, and restored into a net, an optimizer and the random numbers."""
 import os
 import random
 
@@ -12,17 +12,17 @@ from beyond.processes import from_process_0, gathered, rank, world_size
 
 
 def checkpoint_in(path, name="model.pt", one_run=False):
-    """A model.pt (or another name): path itself, or in the folder path, or in the folders of runs
-    inside it: the first (a --compare's runs continue together), or with one_run, where there are
-    several, a UserError: which one is meant is the caller's to say."""
+    """A model.pt (or another name): path itself, or in the folder path, or in its runs' folders:
+    the first (a --compare's runs continue together), or with one_run, one run's alone."""
+    fix = "give the model.pt of a training run, or its folder"
     if not isinstance(path, (str, os.PathLike)):
-        raise UserError(f"{path!r} is not a path; give the model.pt of a training run, or its folder")
+        raise UserError(f"{path!r} is not a path; {fix}")
     path = os.path.normpath(path)  # best.pt/ is best.pt
     if not os.path.exists(path):
-        raise UserError(f"{path} does not exist; give the model.pt of a training run, or its folder")
+        raise UserError(f"{path} does not exist; {fix}")
     found = [path] if not os.path.isdir(path) else checkpoints_in(path, name)
     if not found:
-        raise UserError(f"{path} holds no {name}; give the model.pt of a training run, or its folder")
+        raise UserError(f"{path} holds no {name}; {fix}")
     if one_run and len(found) > 1:
         raise several_runs(path, found)
     return found[0]
@@ -35,32 +35,31 @@ def several_runs(folder, checkpoints):
 
 
 def checkpoints_in(folder, name="model.pt"):
-    """folder's own model.pt (or another name), else those in the runs' folders inside it, sorted:
-    a copy kept in a folder inside a run's never stands in for the run's own."""
+    """folder's own model.pt (or another name), else those of the runs' folders inside it."""
     own = os.path.join(folder, name)
     if os.path.exists(own):
         return [own]
-    return sorted(p for p in (os.path.join(folder, run, name) for run in os.listdir(folder)) if os.path.exists(p))
+    paths = [os.path.join(folder, run, name) for run in os.listdir(folder)]
+    return sorted(p for p in paths if os.path.exists(p))
 
 
 def kept_in(path):
     """The checkpoint that predicts for path: a file as it is; a run's folder, the epoch its
-    best.pt keeps (its model.pt, where a run begun before runs kept best.pt has none); a folder of
-    several runs (a --compare's) is refused."""
+    best.pt keeps (else its model.pt); a folder of several runs is refused."""
     folder = isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
-    if folder and not checkpoints_in(path) and checkpoints_in(path, "best.pt"):  # a best.pt copied alone, to predict
+    if folder and not checkpoints_in(path) and checkpoints_in(path, "best.pt"):  # copied alone
         return checkpoint_in(path, "best.pt", one_run=True)
-    found = checkpoint_in(path, one_run=True)  # the file, or the model.pt of the one run in the folder
+    found = checkpoint_in(path, one_run=True)  # the file, or the model.pt of the folder's one run
     best = os.path.join(os.path.dirname(found), "best.pt")
     return best if folder and os.path.exists(best) else found
 
 
 def load_checkpoint(path):
-    """A model.pt or best.pt a run wrote: the weights, the classes, the test transforms'
-    settings, and what continuing needs."""
-    beside = os.path.join(os.path.dirname(path), "model.pt")  # a run's best.pt: it can be made again
-    fix = ("put back a whole copy, or delete it to keep the run's last epoch, its model.pt, in its place"
-           if os.path.basename(path) == "best.pt" and os.path.exists(beside) else "give the model.pt of a training run")
+    """A model.pt or best.pt a run wrote: the weights, the classes, what continuing needs."""
+    beside = os.path.join(os.path.dirname(path), "model.pt")  # a best.pt can be made again
+    fix = ("put back a whole copy, or delete it to keep the run's last epoch, its model.pt, in its "
+           "place" if os.path.basename(path) == "best.pt" and os.path.exists(beside)
+           else "give the model.pt of a training run")
     ckpt = load_file(path, "a checkpoint of this program", fix)
     if not isinstance(ckpt, dict) or "history" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this program; {fix}")
@@ -69,43 +68,42 @@ def load_checkpoint(path):
 
 def same_arch(arch, ckpt):
     """The checkpoint knows its architecture: an arch given beside it must be the same."""
-    held = ckpt.get("arch") or "resnet18"  # None: a net of one's own, read as the book's resnet18 (saved_net)
+    held = ckpt.get("arch") or "resnet18"  # None: a net of one's own, read as a resnet18
     if arch and arch != held:
         raise UserError(f"{ckpt['path']} holds a {held}, not a {arch}; leave arch= out")
 
 
 def saved_net(checkpoint):
-    """The net a training run saved (load_checkpoint), ready to predict. Its BatchNorm
-    layers are FrozenBatchNorm2d, which compute as BatchNorm does at test time and so load the
-    weights of any mode, --freeze or not."""
-    arch = checkpoint.get("arch") or "resnet18"  # None: a net of one's own, perhaps the book's resnet18
-    with torch.random.fork_rng(devices=[]):  # its initial weights, overwritten, are not drawn from the caller's numbers
+    """The net a training run saved (load_checkpoint), ready to predict; its FrozenBatchNorm2d
+    layers load the weights of any mode, --freeze or not."""
+    arch = checkpoint.get("arch") or "resnet18"  # None: a net of one's own, perhaps a resnet18
+    with torch.random.fork_rng(devices=[]):  # the caller's numbers stay as they were
         net = models.freeze_features(models.scratch_net(len(checkpoint["classes"]), arch))
     try:
         net.load_state_dict(checkpoint["model"])
     except RuntimeError:
-        raise UserError(f"the checkpoint holds the weights of another net than a {arch}; build that net and load "
-                        "them into it: net.load_state_dict(torch.load(path)['model'])") from None
+        raise UserError(f"the checkpoint holds the weights of another net than a {arch}; build "
+                        "that net and load them into it: "
+                        "net.load_state_dict(torch.load(path)['model'])") from None
     return net.eval()
 
 
 def run_checkpoint(path):
-    """A checkpoint a run continues: a model.pt a run wrote, not best.pt (which says it is one)."""
+    """A checkpoint a run continues: a model.pt a run wrote, not a best.pt."""
     ckpt = load_checkpoint(path)
-    if ckpt.get("is_best", os.path.basename(path) == "best.pt"):  # continuing it would rewind the run
-        raise UserError(f"{path} is the epoch a run kept, for prediction; continue the run from its model.pt or folder")
+    if ckpt.get("is_best", os.path.basename(path) == "best.pt"):  # it would rewind the run
+        raise UserError(f"{path} is the epoch a run kept, for prediction; continue the run "
+                        "from its model.pt or folder")
     if "mode" not in ckpt["args"]:
-        raise UserError(f"{path} was written by an older train.train_fine_tuning(..., out=), which no run "
-                        "continues; train a run with runs.train_runs, or predict with the file as it is")
+        raise UserError(f"{path} was written by an older train.train_fine_tuning(..., out=), "
+                        "which no run continues; train a run with beyond.runs.train_runs, or "
+                        "predict with the file as it is")
     return ckpt
 
 
 def save(folder, history, about, state, best=False):
-    """model.pt after every epoch: the state, the history, every process's random-number state
-    (not the GPUs': resnet18 draws nothing there; a net with dropout there draws other masks after
-    a resume) and the run's description; best.pt too, saying so, after the epoch it keeps (best);
-    held_out.txt where a split held images out. Process 0 writes each whole
-    (utils.write_whole), from memory: any failure to write is the file's."""
+    """Process 0 writes model.pt (the state, the history, every process's random numbers, the
+    run's description), best.pt too where best, and held_out.txt where a split held images out."""
     rng = gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
     if rank() == 0:
         checkpoint = {**state, "history": history, "rng": rng, **about, "is_best": False}
@@ -113,20 +111,21 @@ def save(folder, history, about, state, best=False):
             write_whole(os.path.join(folder, "best.pt"), saved({**checkpoint, "is_best": True}))
         write_whole(os.path.join(folder, "model.pt"), saved(checkpoint))
         if about["held_out"] is not None:
-            held_out = "".join(p + "\n" for p in about["held_out"])  # a name that is not UTF-8: as the disk has it
-            write_whole(os.path.join(folder, "held_out.txt"), held_out.encode(errors="surrogateescape"))
+            held_out = "".join(p + "\n" for p in about["held_out"]).encode(errors="surrogateescape")
+            write_whole(os.path.join(folder, "held_out.txt"), held_out)  # not UTF-8: as on disk
 
 
 def restore(ckpt, net, optimizer, scaler):
-    """A checkpoint's state back in place (weights, optimizer, gradient scaler, and the random
-    numbers where the processes are as many as they were); returns its history, [] for None."""
+    """A checkpoint's state put back (the random numbers where the processes are as many as they
+    were); returns its history, [] for None."""
     if not ckpt:
         return []
     try:
         net.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UserError(f"{ckpt['path']} holds another architecture than this net ({first_line(e)}); "
-                        "continue it with the net it was trained with") from None
+        raise UserError(f"{ckpt['path']} holds another architecture than this net "
+                        f"({first_line(e)}); continue it with the net it was trained "
+                        "with") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"] and scaler.is_enabled():  # empty when written without fp16
         scaler.load_state_dict(ckpt["scaler"])
@@ -138,9 +137,9 @@ def restore(ckpt, net, optimizer, scaler):
 
 
 def kept_epoch(folder, ckpt):
-    """The metrics of the epoch best.pt keeps (None for a fresh run). Where a checkpoint lies
-    without best.pt (copied alone, or older than best.pt), its epoch is kept there first."""
+    """The metrics of the epoch best.pt keeps (None for a fresh run); a checkpoint without best.pt
+    beside it (copied alone, or older) makes its epoch the one kept."""
     best = os.path.join(folder, "best.pt")
     if ckpt and rank() == 0 and not os.path.exists(best):
-        write_whole(best, saved({**{k: v for k, v in ckpt.items() if k != "path"}, "is_best": True}))
+        write_whole(best, saved({k: v for k, v in ckpt.items() if k != "path"} | {"is_best": True}))
     return ckpt and from_process_0(load_checkpoint(best)["history"][-1] if rank() == 0 else None)

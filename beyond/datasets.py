@@ -1,6 +1,5 @@
-"""The data a run trains on, with the book's augmentations (data.py) at the sizes its arch's
-weights were trained with: a data folder read as devices write it, the hot-dog set, CIFAR-10,
-or random images; and the book's first look at the data, samples.png."""
+"""The data a run trains on, with the book's augmentations (data.py): a data folder, the hot-dog
+set, CIFAR-10 or random images; and the book's first look at the data, samples.png."""
 import http.client
 import os
 
@@ -17,15 +16,13 @@ from beyond.photos import ImageFolder
 from beyond.pictures import grid
 
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torchvision checks its MD5
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # MD5 checked
 
 
 def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0, held_out=None,
                   out=None):
-    """data_dir's training and evaluation sets with the book's augmentations: its train/ and
-    test/ (val/ too: book_folders), or a split of its class folders (split_by_class), decoded
-    once where they fit in cache_budget bytes (default: half the free memory; 0: never). out:
-    the run's folder, refused where it would be read as data."""
+    """data_dir's sets with the book's augmentations: its train/ and test/ (book_folders) or a
+    split of its class folders (split_by_class), decoded once where they fit in cache_budget."""
     if layout(data_dir, out) == "classes":
         folders = split_by_class(data_dir, val_split, seed, held_out)
     else:
@@ -35,7 +32,7 @@ def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0,
 
 def with_augs(sets, sizes=None):
     """The sets with the book's augmentations, at the sizes an arch's weights were trained with
-    (archs.preprocessing; default, and resnet18: the book's own)."""
+    (beyond.archs.preprocessing; default: the book's own)."""
     augs = ((data.make_train_augs(sizes["crop"], sizes["interpolation"]),
              data.make_test_augs(sizes["resize"], sizes["crop"], sizes["interpolation"]))
             if sizes else (data.train_augs, data.test_augs))
@@ -50,14 +47,16 @@ def cifar10(root="data"):
     archive = os.path.join(root, "cifar-10-python.tar.gz")
     fetch = not os.path.isdir(os.path.join(root, "cifar-10-batches-py"))
     try:
-        if fetch:  # ours: written whole, and a failure is one line; torchvision checks the MD5 and extracts
+        if fetch:  # ours writes it whole; torchvision checks the MD5 and extracts
             download(CIFAR10_URL, archive)
         return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=fetch)
                 for t, augs in ((True, data.train_augs), (False, data.test_augs))]
     except (OSError, http.client.HTTPException) as e:
-        if os.path.exists(archive) and not check_integrity(archive, torchvision.datasets.CIFAR10.tgz_md5):
-            raise UserError(f"{archive} is not CIFAR-10's archive (another MD5), and torchvision could not download "
-                            f"it again ({e}); delete it, and run again or put a whole copy there") from None
+        md5 = torchvision.datasets.CIFAR10.tgz_md5
+        if os.path.exists(archive) and not check_integrity(archive, md5):
+            raise UserError(f"{archive} is not CIFAR-10's archive (another MD5), and torchvision "
+                            f"could not download it again ({e}); delete it, and run again or put a "
+                            "whole copy there") from None
         raise UserError(f"cannot download CIFAR-10 ({e}); put cifar-10-python.tar.gz "
                         f"in {root} by hand") from None
 
@@ -80,8 +79,7 @@ def datasets(data_dir=None, dataset="hotdog", root="data", **folders):
 
 def samples(data_dir, out="."):
     """The book's first look at the data (§14.2.2.1): 8 images of the first class and 8 of the
-    last (fewer where a class has fewer), as loaded and after train_augs; writes out/samples.png
-    and returns its path."""
+    last, as loaded and after train_augs, in out/samples.png; returns its path."""
     # out is refused among the class folders (layout): samples.png there would be trained on
     train = data_dir if layout(data_dir, out) == "classes" else split_folder(data_dir, ["train"])
     folder = ImageFolder(train, data_dir=data_dir)

@@ -1,6 +1,5 @@
-"""A data folder's training and evaluation sets: its layout (train/ and test/, val/ too, or class
-folders alone), a split of class folders alone, and the checks that a continued run's data is
-the data it was trained on. The augmentations are set by beyond.datasets."""
+"""A data folder's sets: its layout (train/ and test/, val/ too, or class folders alone), a split
+of class folders alone, and the checks that a continued run's data is the data it had."""
 import copy
 import os
 
@@ -18,35 +17,35 @@ SPLITS = ("train", "test", *VAL)
 
 
 def layout(data_dir, out=None):
-    """How data_dir holds its images: "splits" (train/ beside test/ or val/, as the book's: any
-    other folder beside them is left unused), or "classes" (class folders alone, to be split).
-    out, a run's folder, is refused inside a folder whose images are read (the splits, or data_dir
-    itself where it holds class folders alone): what a run writes is never read as data."""
+    """"splits" (train/ beside test/ or val/, as the book's) or "classes" (class folders alone, to
+    be split); out, a run's folder, is refused where its files would be read as images."""
     splits = [name for name in subfolders(data_dir) if name.lower() in SPLITS]
     classes = [name for name in subfolders(data_dir) if name.lower() not in SPLITS]
     for folder in [os.path.join(data_dir, name) for name in splits] or [data_dir]:
         if out and inside(out, folder):
-            raise UserError(f"out={out} lies in {folder}, whose folders are read as classes of images, "
-                            "and what a run writes there would be too; choose an out= outside it")
+            raise UserError(f"out={out} lies in {folder}, whose folders are read as classes of "
+                            "images, and what a run writes there would be too; choose an out= "
+                            "outside it")
     if not classes or "train" in map(str.lower, splits) and len(splits) > 1:
         return "splits"
     if splits:  # train/ alone (or test/) beside class folders: which is meant?
-        raise UserError(f"{data_dir} holds both {sorted(splits)} and class folders {sorted(classes)[:3]}; "
-                        "keep one layout: train/<class>/ and test/<class>/, or <class>/ alone, to be split")
+        raise UserError(f"{data_dir} holds both {sorted(splits)} and class folders "
+                        f"{sorted(classes)[:3]}; keep one layout: train/<class>/ and "
+                        "test/<class>/, or <class>/ alone, to be split")
     return "classes"
 
 
 def subfolders(data_dir):
-    return [e.name for e in os.scandir(data_dir) if e.is_dir() and not ignored(e.name)] \
-        if os.path.isdir(data_dir) else []
+    names = [e.name for e in os.scandir(data_dir) if e.is_dir()] if os.path.isdir(data_dir) else []
+    return [name for name in names if not ignored(name)]
 
 
 def book_folders(data_dir):
-    """data_dir's train/ and test/ ImageFolders, as the book's (where it has no test/, its val/,
-    valid/ or validation/). Where it holds val/ and test/ together, the epochs are evaluated on
-    val/, and test/ comes third: the final test, evaluated once, at the end."""
+    """data_dir's train/ and test/ (or val/) ImageFolders, as the book's; with val/ and test/
+    both, val/ chooses the epochs and test/ comes third, for the final test."""
     splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", *VAL])]
-    if os.path.basename(splits[1]).lower() == "test" and set(VAL) & set(map(str.lower, subfolders(data_dir))):
+    has_val = set(VAL) & set(map(str.lower, subfolders(data_dir)))
+    if os.path.basename(splits[1]).lower() == "test" and has_val:
         splits.insert(1, split_folder(data_dir, VAL))
     classes = [[nfc(name) for name in split_classes(s, data_dir)[0]] for s in splits]
     for split, names in zip(splits, classes):
@@ -54,34 +53,35 @@ def book_folders(data_dir):
             raise UserError(f"{splits[0]} has classes {classes[0]} but {split} has {names}; "
                             "give both the same class folders")
     folders = [ImageFolder(split, data_dir=data_dir) for split in splits]
-    unused = sorted(set(subfolders(data_dir)) - {os.path.basename(s) for s in splits})
-    if unused:
+    if unused := sorted(set(subfolders(data_dir)) - {os.path.basename(s) for s in splits}):
         folders[1].where += f" ({', '.join(name + '/' for name in unused)} left unused)"
     return folders
 
 
 def same_data(sets, ckpt):
-    """Refuse to continue a run (ckpt: its checkpoint) on data other than it was trained on, in one
-    line naming the difference: other classes; the other layout (the images tested on would change,
-    and some held out would be trained on); or val/ beside test/ where the run had none, or the
-    other way round (what val/ and test/ are for, each message says)."""
-    classes, path, before, now = class_names(sets[0]), ckpt["path"], ckpt.get("final_split"), final_split(sets)
+    """Refuse to continue a run (ckpt: its checkpoint) on other data than it was trained on:
+    other classes, the other layout, or val/ beside test/ where it had none, or the reverse."""
+    classes, path = class_names(sets[0]), ckpt["path"]
+    before, now = ckpt.get("final_split"), final_split(sets)
     if classes != ckpt["classes"]:
-        raise UserError(f"{path} was trained on classes {ckpt['classes']}, not {classes}; continue it with "
-                        "a data folder of those classes")
-    split = ckpt.get("held_out") is not None  # the run held images of class folders alone out for testing
+        raise UserError(f"{path} was trained on classes {ckpt['classes']}, not {classes}; "
+                        "continue it with a data folder of those classes")
+    split = ckpt.get("held_out") is not None  # the run held images of class folders alone out
     if split != (getattr(sets[1], "held_out", None) is not None):
         tested, holds = (("images held out of class folders alone", "train/ and test/") if split
                          else ("a test folder", "class folders alone, to split"))
-        raise UserError(f"{path} was tested on {tested}, and the data folder now holds {holds}; continue it with the "
-                        "data folder it was trained on")
+        raise UserError(f"{path} was tested on {tested}, and the data folder now holds {holds}; "
+                        "continue it with the data folder it was trained on")
     if now and not before:
-        raise UserError(f"{path} was trained with no val/ beside {now}, and {os.path.dirname(sets[1].root)} now holds "
-                        f"{os.path.basename(sets[1].root)}/, which would choose the epochs in {now}'s place; move it out "
-                        "of the data folder to continue the run, or train a new one in another out=")
+        raise UserError(f"{path} was trained with no val/ beside {now}, and "
+                        f"{os.path.dirname(sets[1].root)} now holds "
+                        f"{os.path.basename(sets[1].root)}/, which would choose the epochs in "
+                        f"{now}'s place; move it out of the data folder to continue the run, or "
+                        "train a new one in another out=")
     if before and not now:
-        raise UserError(f"{path} chose its epochs on val/ and kept {before} for a final test, but the data folder no "
-                        "longer holds both; put them back to continue the run, or train a new one in another out=")
+        raise UserError(f"{path} chose its epochs on val/ and kept {before} for a final test, but "
+                        "the data folder no longer holds both; put them back to continue the "
+                        "run, or train a new one in another out=")
 
 
 def final_split(sets):
@@ -90,46 +90,46 @@ def final_split(sets):
 
 
 def split_folder(data_dir, names):
-    """The first of names that is a folder in data_dir: the evaluation split is test/, or where
-    a data set has none, its val/ (valid/, validation/)."""
-    found = {e.name.lower(): e.path for e in os.scandir(data_dir) if e.is_dir()} if os.path.isdir(data_dir) else {}
-    for name in names:  # Train/ as well as train/
-        if name in found:
-            return found[name]
+    """The first of names (any case) that is a folder in data_dir."""
+    entries = os.scandir(data_dir) if os.path.isdir(data_dir) else []
+    found = {e.name.lower(): e.path for e in entries if e.is_dir()}
+    if paths := [found[name] for name in names if name in found]:  # Train/ as well as train/
+        return paths[0]
     raise UserError(f"{os.path.join(data_dir, names[0])} is not a folder; the data folder needs "
                     "train/ and test/ (or val/), each with one subfolder of images per class, "
-                    "or only the class folders, which runs.train_runs and the command line split")
+                    "or only the class folders, which beyond.runs.train_runs and the command "
+                    "line split")
 
 
 def split_by_class(data_dir, val_split, seed, held_out=None):
-    """A folder of class folders as a training and an evaluation ImageFolder: from each class,
-    val_split of its images, drawn with seed (the same on every process and every run), are held
-    out for evaluation and get the test augmentations only. held_out, a list of paths relative to
-    data_dir, names them instead: a resumed run holds out what it held out before."""
+    """A folder of class folders as a training and an evaluation ImageFolder: val_split of each
+    class held out (hold_out), or the paths held_out names (a resumed run's)."""
     train_set = ImageFolder(data_dir)
     paths = [os.path.relpath(path, data_dir) for path, _ in train_set.samples]
-    held = set(held_out) if held_out is not None else {paths[i] for i in hold_out(train_set, val_split, seed)}
+    held = (set(held_out) if held_out is not None
+            else {paths[i] for i in hold_out(train_set, val_split, seed)})
     test_set = copy.copy(train_set)
     test_set.held_out = sorted(held & set(paths))
     test_set.where = f"of {len(paths)} images, split {val_split:g} by class, seed {seed}"
     for folder, held_part in ((train_set, False), (test_set, True)):
         folder.keep([i for i, path in enumerate(paths) if (path in held) == held_part])
-    every_class_read(test_set, "holds none of the images the run held out for testing (held_out.txt); continue it "
-                               "with the folder it was split from, or train anew in another out=")
+    every_class_read(test_set, "holds none of the images the run held out for testing "
+                               "(held_out.txt); continue it with the folder it was split from, or "
+                               "train anew in another out=")
     return [train_set, test_set]
 
 
 def hold_out(folder, val_split, seed):
-    """The indices to hold out: from each class, val_split of its images, at least one and never
-    all, drawn with seed."""
+    """The indices to hold out, drawn with seed: val_split of each class, one or more, not all."""
     generator, held = torch.Generator().manual_seed(seed), []
     for target, name in enumerate(folder.classes):
         members = [i for i, t in enumerate(folder.targets) if t == target]
         if len(members) < 2:
-            raise UserError(f"{os.path.join(folder.root, name)} holds {len(members)} image; to split it "
-                            "for testing, a class needs at least 2")
+            raise UserError(f"{os.path.join(folder.root, name)} holds {len(members)} image; to "
+                            "split it for testing, a class needs at least 2")
         count = min(len(members) - 1, max(1, round(val_split * len(members))))
-        held += [members[j] for j in torch.randperm(len(members), generator=generator)[:count].tolist()]
+        drawn = torch.randperm(len(members), generator=generator)[:count].tolist()
+        held += [members[j] for j in drawn]
     return held
 
 
@@ -139,8 +139,7 @@ def class_names(dataset):
 
 
 def same_classes(train_set, test_set):
-    """Refuse a test set whose classes are not the training set's: label i names class i in
-    each. One name in either Unicode form (macOS writes NFD) is one class."""
+    """Refuse a test set whose classes are not the training set's, in either Unicode form."""
     if (test_set.classes != train_set.classes
             and list(map(nfc, test_set.classes)) != list(map(nfc, train_set.classes))):
         raise UserError(f"{train_set.root} has classes {train_set.classes} but {test_set.root} "

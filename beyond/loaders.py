@@ -20,10 +20,8 @@ def default_workers(workers=None):
 
 def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0, persistent=True):
     """Shuffled training and ordered test loaders; under torch.distributed each process gets its
-    share: the global batch is split, and every test image is evaluated by exactly one process.
-    persistent: the worker processes live as long as the loaders. Started anew each epoch, they
-    would share this process's memory copy-on-write, and every page it writes while they live
-    (weights, gradients, activations) would be copied again each epoch."""
+    share of the batch and of the test images. persistent: the workers live as long as the loaders
+    (started each epoch, they would copy again every page this process writes meanwhile)."""
     world = world_size()
     if batch_size < world:
         raise UserError(f"batch_size={batch_size} is smaller than the {world} processes; "
@@ -31,7 +29,7 @@ def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0, persist
     sampler = DistributedSampler(train_set, seed=seed) if world > 1 else None
     if world > 1:
         test_set = Subset(test_set, range(rank(), len(test_set), world))
-    opts = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
-                persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None)
-    return (DataLoader(train_set, batch_size // world, shuffle=sampler is None, sampler=sampler, **opts),
+    opts = dict(num_workers=workers, prefetch_factor=4 if workers else None,
+                pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0)
+    return (DataLoader(train_set, batch_size // world, shuffle=world == 1, sampler=sampler, **opts),
             DataLoader(test_set, batch_size // world, **opts))

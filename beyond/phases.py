@@ -1,16 +1,13 @@
-"""Two phases (Kumar et al., ICLR 2022): first the output layer alone, the features and their
-BatchNorm statistics fixed (a linear probe, the book's exercise 3 for a while), then every layer
-with the book's groups."""
+"""Two phases (Kumar et al., ICLR 2022): first a linear probe, the output layer alone (the book's
+exercise 3 for a while), then every layer with the book's groups."""
 import contextlib
 
 from torch import nn
 
 
 def two_phases(book_epochs, net, first, frozen, num_epochs):
-    """The book's epochs from epoch first + 1 on, in two phases (Kumar et al., ICLR 2022): a linear
-    probe, the first `frozen` epochs training only the output layer with the features and their
-    BatchNorm statistics fixed (features_frozen), then every layer with the book's groups.
-    With frozen 0, the book's epochs as they are."""
+    """The book's epochs from epoch first + 1 on, the run's first `frozen` with the features frozen
+    (features_frozen), then every layer; with frozen 0, the book's epochs as they are."""
     if first < frozen:
         with features_frozen(net):
             yield from book_epochs(first, min(frozen, num_epochs))
@@ -19,11 +16,10 @@ def two_phases(book_epochs, net, first, frozen, num_epochs):
 
 @contextlib.contextmanager
 def features_frozen(net):
-    """For a while, exercise 3: only the output layer learns, and the BatchNorm layers compute as
-    at test time, their statistics fixed. The layers stay the same objects (models.freeze_features
-    replaces them for good), so a checkpoint written meanwhile loads into the whole net."""
-    features = [(param, param.requires_grad) for name, param in net.named_parameters() if not name.startswith("fc.")]
-    norms = [module for module in net.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    """Exercise 3 for a while: only the output layer learns, BatchNorm statistics fixed; the layers
+    stay the same objects (not as models.freeze_features), so checkpoints load into the net."""
+    features = [(p, p.requires_grad) for n, p in net.named_parameters() if not n.startswith("fc.")]
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for param, _ in features:
         param.requires_grad_(False)
     for bn in norms:  # net.train() calls each layer's train(): this one's keeps it in eval mode

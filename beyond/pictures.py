@@ -1,9 +1,6 @@
-"""Pictures: the book's show_images, training curves (and the book's Animator, live in a
-notebook), and the test images a net gets wrong, saved to files and shown inline in a notebook.
-
-matplotlib is optional: without it each picture is skipped with a one-line note. Figures use
-matplotlib's object API, never pyplot, so the caller's backend stays as it is.
-"""
+"""Pictures: the book's show_images, training curves (live in a notebook: the book's Animator),
+and the test images a net gets wrong, saved to files and shown in a notebook. matplotlib is
+optional, and used through its object API, never pyplot: the caller's backend stays as it is."""
 import io
 import sys
 
@@ -78,8 +75,8 @@ def draw_curves(fig, histories):
     axes = fig.subplots(1, len(histories), squeeze=False, sharey=True)
     for ax, (name, history) in zip(axes[0], histories.items()):
         epochs = [m["epoch"] for m in history]
-        for key, style in (("loss", "-"), ("train_acc", "--"), ("test_acc", "-.")):
-            ax.plot(epochs, [m[key] for m in history], style, marker="o", label=key.replace("_", " "))
+        for key, style in (("loss", "o-"), ("train_acc", "o--"), ("test_acc", "o-.")):
+            ax.plot(epochs, [m[key] for m in history], style, label=key.replace("_", " "))
         ax.set(title=name, xlabel="epoch", xlim=(0.5, max(epochs) + 0.5))
         ax.grid(True)
         ax.legend()
@@ -99,8 +96,8 @@ def animator():
     if not display or not figure():
         return lambda history: None
     handle = display.display(display.Pretty(""), display_id=True)
-    return lambda history: handle.update(display.Image(png(draw_curves(figure(figsize=(4.5, 3.5)),
-                                                                       {"": history}))))
+    return lambda history: handle.update(
+        display.Image(png(draw_curves(figure(figsize=(4.5, 3.5)), {"": history}))))
 
 
 def grid(rows, captions, path, scale=1.6):
@@ -112,16 +109,14 @@ def grid(rows, captions, path, scale=1.6):
 
 
 def mistakes(test_set, probs, preds, labels, classes, path):
-    """Up to 16 test images the net gets wrong (probs: its evaluation of test_set; preds: the class
-    each is given, figures.predicted's, -1 for none), captioned with the true and the predicted class.
-    Where it gets none wrong, no picture: one that path held before is removed, since it shows
-    mistakes that these figures no longer have."""
+    """Up to 16 test images the net gets wrong (preds: beyond.figures.predicted's, -1 for none),
+    captioned with the true and the predicted class; where none, the old picture is removed."""
     wrong = (preds != labels).nonzero().flatten()[:16].tolist()
     if not wrong:
         remove(path)
         return None
     pictures = [test_set[i][0] for i in wrong]
-    captions = [f"true {classes[labels[i]]}\n" + (f"pred {classes[preds[i]]} {probs[i].max():.2f}" if preds[i] >= 0
-                                                  else "pred nothing (NaN)") for i in wrong]
+    captions = [f"true {classes[labels[i]]}\n" + (f"pred {classes[preds[i]]} {probs[i].max():.2f}"
+                if preds[i] >= 0 else "pred nothing (NaN)") for i in wrong]
     return grid([pictures[i:i + 8] for i in range(0, len(wrong), 8)],
                 [captions[i:i + 8] for i in range(0, len(wrong), 8)], path, scale=2)
