@@ -3,8 +3,8 @@
     python -m beyond.benchmark --data-dir DIR          # a folder with train/ and test/
     python -m beyond.benchmark --dummy --batches 2 --batch-size 8   # no data: as CI runs it
 
-The model-only figure trains the same net, batch and precision on one batch already on the
-device: no input pipeline can beat it, so pipeline / model-only says how busy loading keeps it.
+Model-only trains on one batch already on the device, which no input pipeline can beat:
+pipeline / model-only says how busy loading keeps the device.
 """
 import time
 
@@ -53,7 +53,8 @@ def main():
     p.add_argument("--batches", type=int, help="batches per measurement (default: one epoch)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=loaders.default_workers())
-    p.add_argument("--arch", default="resnet18", help="an ImageNet classifier of torchvision's that ends in one Linear layer")
+    p.add_argument("--arch", default="resnet18",
+                   help="an ImageNet classifier of torchvision's that ends in one Linear layer")
     p.add_argument("--device")
     p.add_argument("--precision", choices=["amp", "fp32"], default="amp")
     p.add_argument("--no-cache", action="store_true")
@@ -61,8 +62,9 @@ def main():
     if not (args.dummy or args.data_dir):
         p.error("give --data-dir DIR or --dummy")
     try:
-        options = runs.settled("scratch", dict(data_dir=args.data_dir, dummy=args.dummy, arch=args.arch,
-                                               workers=args.workers, cache_gb=0 if args.no_cache else None))
+        given = dict(data_dir=args.data_dir, dummy=args.dummy, arch=args.arch, workers=args.workers,
+                     cache_gb=0 if args.no_cache else None)
+        options = runs.settled("scratch", given)
         device = try_device(args.device)
     except UserError as e:
         p.error(str(e))
@@ -87,16 +89,18 @@ def main():
     pipeline = timed_epoch(net, itertools.islice(train_iter, batches), optimizer, runtime)
     loader = loader_only(itertools.islice(train_iter, batches))
 
-    print(f"{args.arch} at {size['crop']} px, {runtime}, batch {args.batch_size}, {args.workers} workers, "
-          f"{torch.get_num_threads()} compute threads, {batches} batches per measurement")
-    print(f"start-up: imports {IMPORT_SEC:.1f} s and workers with the first batch {first_sec:.1f} s (fixed); "
-          f"data ready {data_sec:.1f} s for {sum(map(len, sets))} images (grows with the data)")
+    print(f"{args.arch} at {size['crop']} px, {runtime}, batch {args.batch_size}, {args.workers} "
+          f"workers, {torch.get_num_threads()} compute threads, {batches} batches per measurement")
+    print(f"start-up: imports {IMPORT_SEC:.1f} s and workers with the first batch "
+          f"{first_sec:.1f} s (fixed); data ready {data_sec:.1f} s for {sum(map(len, sets))} "
+          "images (grows with the data)")
     print(f"model only: {model_only:.1f} examples/sec")
     print(f"pipeline:   {pipeline:.1f} examples/sec ({pipeline / model_only:.0%} of model only)")
     print(f"loader only: {loader:.1f} examples/sec ({loader / max(1, args.workers):.1f} per worker"
           f"{'' if args.workers else ', in the main process'})")
-    print(f"peak memory: host {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
-          + (f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""))
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    print(f"peak memory: host {host:.2f} GiB" + ("" if gpu is None else f", GPU {gpu:.2f} GiB"))
 
 
 if __name__ == "__main__":

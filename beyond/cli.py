@@ -1,5 +1,5 @@
-"""The command line: its flags (each option as beyond.options defines it), what each mode
-prints, and errors and Ctrl-C turned into one line and an exit status; finetune.py calls it."""
+"""The command line: its flags (each option as beyond.options defines it), what each mode prints,
+and errors and Ctrl-C turned into one line and an exit status; finetune.py calls it."""
 import argparse
 import os
 import re
@@ -15,10 +15,12 @@ from beyond.photos import image_paths, megapixels_limit, shown
 from beyond.processes import job_size, say
 
 DESCRIPTION = "Fine-tune resnet18 to recognise hot dogs, as in Dive into Deep Learning §14.2."
-MODES = {"pretrained": "fine-tune the ImageNet resnet18", "scratch": "train resnet18 from random weights",
-         "compare": "both, with a table against the book", "show-samples": "write samples.png and exit"}
+MODES = {"pretrained": "fine-tune the ImageNet resnet18",
+         "scratch": "train resnet18 from random weights",
+         "compare": "both, with a table against the book",
+         "show-samples": "write samples.png and exit"}
 
-# Each option's help, in the order --help lists them (options.OPTIONS defines its default, type and values).
+# Each option's help, in the order --help lists them (OPTIONS holds its default, type and values).
 HELP = dict(
     dataset=f"hotdog or cifar10 (default: {DEFAULTS['dataset']})",
     data_dir="a folder with train/ and test/ ImageFolders, or class folders alone",
@@ -30,8 +32,8 @@ HELP = dict(
     weights="the arch's ImageNet state-dict, for offline use",
     epochs="default: 5 (cifar10: 10)",
     batch_size=f"global, over all processes (default: {DEFAULTS['batch_size']})",
-    lr="base lr; several give one run each (default: the recipe's, 5e-5 pretrained and 5e-4 scratch; "
-       "5e-4 for both with cifar10)",
+    lr="base lr; several give one run each (default: the recipe's, 5e-5 pretrained and 5e-4 "
+       "scratch; 5e-4 for both with cifar10)",
     no_param_group="fc at the base lr, not 10x",
     freeze="train only the new output layer",
     init_head_from_imagenet="start from ImageNet's hot-dog row",
@@ -39,78 +41,86 @@ HELP = dict(
     freeze_epochs="first train the output layer alone, N epochs",
     class_weights="balanced: weigh the loss so that every class counts the same",
     workers="loader processes (default: one per core, at most 16)",
-    max_megapixels=f"larger images are refused as possible decompression bombs (default: {DEFAULTS['max_megapixels']})",
-    val_split=f"class folders alone: the share of each class held out for testing (default: {DEFAULTS['val_split']})",
-    seed=f"for the initial weights, the augmentations, the shuffles and --val-split (default: {DEFAULTS['seed']})",
+    max_megapixels="larger images are refused as possible decompression bombs "
+                   f"(default: {DEFAULTS['max_megapixels']})",
+    val_split="class folders alone: the share of each class held out for testing "
+              f"(default: {DEFAULTS['val_split']})",
+    seed="for the initial weights, the augmentations, the shuffles and --val-split "
+         f"(default: {DEFAULTS['seed']})",
     device="cpu, cuda, cuda:1, mps (default: the best there is)",
-    precision="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native bf16 "
-              "(fp16 on older GPUs); fp32: the book's arithmetic",
+    precision="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native "
+              "bf16 (fp16 on older GPUs); fp32: the book's arithmetic",
 )
-METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION", "class_weights": "balanced"}  # else N for ints
-# What each mode that trains nothing reads: another option typed beside it would be silently ignored.
-READS = {"predict": {"model", "out", "batch_size", "workers", "device", "precision", "arch", "max_megapixels"},
-         "export": {"export_format", "out"}, "show-samples": {"data_dir", "data_root", "out", "max_megapixels"}}
+METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION",
+            "class_weights": "balanced"}  # else N for whole numbers
+NARGS = {"lr": "+"}  # several lrs: one run each
+# What each mode that trains nothing reads: another option typed beside it would be ignored.
+READS = {"predict": {"model", "out", "batch_size", "workers", "device", "precision", "arch",
+                     "max_megapixels"}, "export": {"export_format", "out"},
+         "show-samples": {"data_dir", "data_root", "out", "max_megapixels"}}
 
 
 def parse_args(argv=None):
-    """The mode, and the options typed on the command line (those left out are not in the
-    namespace: options.DEFAULTS holds their defaults, and --resume tells typed ones apart). The flags:
-    the modes, one for each option of options.OPTIONS, each converted and checked by the rule defined
-    there (parsed), and --no-cache, --model, --export-format, --out."""
+    """The mode, and the options typed (those left out are not in the namespace: DEFAULTS)."""
     p = argparse.ArgumentParser(description=DESCRIPTION, argument_default=argparse.SUPPRESS)
     mode = p.add_mutually_exclusive_group()
     for name, text in MODES.items():
         mode.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=text)
     mode.add_argument("--predict", nargs="+", metavar="IMAGE", help="classify images with --model")
-    mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH (model.pt, or its folder)")
-    mode.add_argument("--export", metavar="RUN", help="write one file that classifies images without this project: "
-                                                      "RUN's folder (its best.pt), best.pt or model.pt")
-    p.add_argument("--model", metavar="PATH", help="a run's folder (its best.pt), best.pt or model.pt, for --predict")
-    p.add_argument("--export-format", choices=["pt2", "onnx"], help="pt2 (default: torch.export's) or onnx")
+    mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH "
+                                                       "(model.pt, or its folder)")
+    mode.add_argument("--export", metavar="RUN", help="write one file that classifies images "
+                      "without this project: RUN's folder (its best.pt), best.pt or model.pt")
+    p.add_argument("--model", metavar="PATH", help="a run's folder (its best.pt), best.pt or "
+                   "model.pt, for --predict")
+    p.add_argument("--export-format", choices=["pt2", "onnx"], help="pt2 (default: torch.export's) "
+                   "or onnx")
     for name, text in HELP.items():
         if OPTIONS[name][1] is bool:
             p.add_argument(flag(name), action="store_true", help=text)
         else:
-            p.add_argument(flag(name), type=parsed(name), help=text,
-                           metavar=METAVARS.get(name, "N" if OPTIONS[name][1] is int else None),
-                           nargs="+" if name == "lr" else None)  # several lrs: one run each
-    p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0,
-                   help="decode images every epoch, not once (--cache-gb 0)")
-    p.add_argument("--out", help="output folder (default: runs/<mode>-<time>; for --predict, --show-samples: .); for "
-                                 "--export, the file (default: beside the checkpoint, best.pt2 or best.onnx for best.pt)")
+            p.add_argument(flag(name), type=parsed(name), help=text, nargs=NARGS.get(name),
+                           metavar=METAVARS.get(name, "N" if OPTIONS[name][1] is int else None))
+    p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0, help="decode "
+                   "images every epoch, not once (--cache-gb 0)")
+    p.add_argument("--out", help="output folder (default: runs/<mode>-<time>; for --predict, "
+                   "--show-samples: .); for --export, the file (default: beside the checkpoint, "
+                   "best.pt2 or best.onnx for best.pt)")
     args = p.parse_args(argv)
     if not any(hasattr(args, key) for key in ("mode", "predict", "resume", "export")):
-        p.error("say what to do: --pretrained, --scratch, --compare, --predict, --export, --show-samples or --resume")
+        p.error("say what to do: --pretrained, --scratch, --compare, --predict, --export, "
+                "--show-samples or --resume")
     if hasattr(args, "predict") != hasattr(args, "model"):
-        p.error("--predict needs --model PATH (a run's folder, or its model.pt), and --model goes with --predict")
+        p.error("--predict needs --model PATH (a run's folder, or its model.pt), and --model goes "
+                "with --predict")
     if hasattr(args, "export_format") and not hasattr(args, "export"):
         p.error("--export-format goes with --export RUN")
     mode = next((m for m in READS if hasattr(args, m) or getattr(args, "mode", None) == m), None)
-    ignored = sorted(set(vars(args)) - READS[mode] - {"mode", mode}) if mode else []
-    if ignored:
-        typed = flag(ignored[0]).replace("--cache-gb", "--cache-gb or --no-cache")  # both set cache_gb
-        p.error(f"{typed} does not apply to --{mode}, which reads {', '.join(map(flag, sorted(READS[mode])))}")
+    for ignored in sorted(set(vars(args)) - READS[mode] - {"mode", mode}) if mode else ():
+        typed = flag(ignored).replace("--cache-gb", "--cache-gb or --no-cache")  # both set it
+        p.error(f"{typed} does not apply to --{mode}, which reads "
+                f"{', '.join(map(flag, sorted(READS[mode])))}")
     return args
 
 
 def parsed(name):
-    """The type of option `name` on the command line: its text converted, then checked by the
-    same rule as a Python caller's value (options.checked)."""
+    """Option name's type on the command line: its text converted, then options.checked."""
     kind = OPTIONS[name][1]
 
     def parse(text):
         try:
             return checked(name, kind(text))
         except (UserError, ValueError):
-            raise argparse.ArgumentTypeError(f"give {takes(*OPTIONS[name][1:])}, not {text or repr(text)}") from None
+            raise argparse.ArgumentTypeError(f"give {takes(*OPTIONS[name][1:])}, not "
+                                             f"{text or repr(text)}") from None
     return parse
 
 
 # ---------------------------------------------------------------- what each mode prints
 def train(options):
-    """--pretrained, --scratch, --compare and --resume: train, then the results."""
+    """--pretrained, --scratch, --compare (options["mode"]) and --resume: train, print results."""
     resume = options.pop("resume", None)
-    trained = runs.resume(resume, **options) if resume else runs.train_runs(options.pop("mode"), **options)
+    trained = runs.resume(resume, **options) if resume else runs.train_runs(**options)
     for result in trained.results:
         print_result(result)
     if len(trained.results) > 1:
@@ -120,28 +130,29 @@ def train(options):
 
 
 def print_result(result):
-    """The evaluation of the epoch best.pt keeps (up to 10 classes: the confusion matrix and each
-    class's figures), whether the run stopped early, which epoch it kept, and its final test."""
+    """The figures of the epoch best.pt keeps, an early stop, the epoch kept, the final test."""
     name, classes, history = result["name"], result["classes"], result["history"]
-    if "per_class" in result and len(classes) <= 10:
-        of = f" of epoch {result['figures_epoch']}, the one best.pt keeps" if "figures_epoch" in result else ""
-        say(f"{name}: confusion{of} (rows: true class, columns: predicted), then precision, recall, F1, count:")
+    if "per_class" in result and len(classes) <= 10:  # the confusion matrix and each class's
+        of = "" if "figures_epoch" not in result else (f" of epoch {result['figures_epoch']}, "
+                                                        "the one best.pt keeps")
+        say(f"{name}: confusion{of} (rows: true class, columns: predicted), then precision, "
+            "recall, F1, count:")
         for c, row in zip(classes, result["confusion"]):
-            figure = result["per_class"][c]
-            say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row)
-                + f"   {figure['precision']:.3f} {figure['recall']:.3f} {figure['f1']:.3f} {figure['count']:5d}")
+            say(f"  {c:>12} " + " ".join(f"{v:6d}" for v in row) + "   {precision:.3f} "
+                "{recall:.3f} {f1:.3f} {count:5d}".format(**result["per_class"][c]))
         say(f"  balanced accuracy {result['balanced_accuracy']:.3f}")
-    patience = result["args"].get("patience")
-    if len(history) < result["args"]["epochs"] and runs.stalled(history, patience, result["args"].get("freeze_epochs", 0)):
-        say(f"{name}: stopped early after epoch {history[-1]['epoch']}: no better test acc in {patience} epochs")
+    if len(history) < result["args"]["epochs"] and runs.stalled(
+            history, result["args"].get("patience"), result["args"].get("freeze_epochs", 0)):
+        say(f"{name}: stopped early after epoch {history[-1]['epoch']}: no better test acc in "
+            f"{result['args']['patience']} epochs")
     if "kept" in result:
         kept = result["kept"]
         say(f"{name}: best.pt keeps epoch {kept['epoch']}, test acc {kept['test_acc']:.3f}"
             + (f"; {kept['note']}" if kept["optimistic"] else ""))
     if "final_test" in result:
         final = result["final_test"]
-        say(f"{name}: {final['split']}, once, with epoch {final['epoch']}'s weights: acc {final['acc']:.3f}, "
-            f"balanced accuracy {final['balanced_accuracy']:.3f}")
+        say(f"{name}: {final['split']}, once, with epoch {final['epoch']}'s weights: acc "
+            f"{final['acc']:.3f}, balanced accuracy {final['balanced_accuracy']:.3f}")
 
 
 def print_table(results):
@@ -150,29 +161,31 @@ def print_table(results):
         if r["args"]["dataset"] == "cifar10":
             book = f"test acc {DATASETS['cifar10']['book_test_acc']}"
         else:
-            book = "loss {:.3f}, train acc {:.3f}, test acc {:.3f}".format(*runs.RECIPES[r["mode"]]["book"])
-        loss = float("nan") if r["loss"] is None else r["loss"]  # metrics.json's null: a run that diverged
+            book = "loss %.3f, train acc %.3f, test acc %.3f" % runs.RECIPES[r["mode"]]["book"]
+        loss = float("nan") if r["loss"] is None else r["loss"]  # null: a run that diverged
         say(f"{r['name']:<24} {loss:6.3f} {r['train_acc']:9.3f} {r['test_acc']:8.3f} "
             f"{r['examples_per_sec']:8.1f}   {book}")
 
 
 def predict_images(options):
     """--predict: a line per image, and predictions.csv."""
-    keywords = {key: options[key] for key in ("batch_size", "workers", "device", "precision", "arch") if key in options}
+    keys = ("batch_size", "workers", "device", "precision", "arch")
+    keywords = {key: options[key] for key in keys if key in options}
     out = options.get("out", ".")
     predictions = predict.predict(options["model"], options["predict"], out=out, **keywords)
     for p in predictions:
         say(f"{shown(p.path)}: {p.label} {p.probability:.3f}")
     found = len(image_paths(options["predict"]))
-    wrote = f"wrote {os.path.join(out, 'predictions.csv')}" if predictions else "wrote no predictions.csv"
+    wrote = os.path.join(out, "predictions.csv") if predictions else "no predictions.csv"
     missed = f"; {found - len(predictions)} of {found} images are not predicted (named above)"
-    print(wrote + (missed if len(predictions) < found else ""), file=sys.stderr)
+    print("wrote " + wrote + (missed if len(predictions) < found else ""), file=sys.stderr)
     return 0 if len(predictions) == found else 1
 
 
 def export(options):
     """--export: one file, the run's test augmentations and net, for use without this project."""
-    say(f"wrote {predict.export(options['export'], options.get('out'), format=options.get('export_format', 'pt2'))}")
+    say("wrote " + predict.export(options["export"], options.get("out"),
+                                  format=options.get("export_format", "pt2")))
     return 0
 
 
@@ -188,19 +201,20 @@ def show_samples(options):
 
 # ---------------------------------------------------------------- starting
 def one_line(error):
-    """A library error as the command line's one line: the Python arguments it names
-    (batch_size=3, lr: ...) named as flags."""
-    message = str(error)
-    message = message.replace("hotdog_class", "--init-head-from-imagenet").replace("weights_file=", "weights=")
-    message = message.replace("format=", "--export-format ").replace("beyond.predict.predict", "--predict")
+    """A library error as one line, the Python arguments it names (batch_size=3) named as flags."""
+    message = str(error).replace("hotdog_class", "--init-head-from-imagenet")
+    message = message.replace("weights_file=", "weights=").replace("format=", "--export-format ")
+    message = message.replace("beyond.predict.predict", "--predict")
     for name in [*OPTIONS, "out", "mode"]:  # not inside a path such as runs/lr=0.1
-        message = re.sub(rf"(?<![\w/.=-]){name}=(?=\S)", flag(name) + " ", message)  # batch_size=3: --batch-size 3
-        message = re.sub(rf"(?<![\w/.=-]){name}(=|(?=: ))", flag(name), message)  # lr: ... and "another out="
+        # batch_size=3: --batch-size 3; then lr: ... and "another out="
+        message = re.sub(rf"(?<![\w/.=-]){name}=(?=\S)", flag(name) + " ", message)
+        message = re.sub(rf"(?<![\w/.=-]){name}(=|(?=: ))", flag(name), message)
     return f"error: {message}"
 
 
 def flag(name):
-    return "--pretrained, --scratch or --compare" if name == "mode" else "--" + name.replace("_", "-")
+    return "--" + name.replace("_", "-") if name != "mode" else (
+        "--pretrained, --scratch or --compare")
 
 
 def guarded(fn, options):
@@ -213,13 +227,13 @@ def guarded(fn, options):
         return 2
     except KeyboardInterrupt as e:
         return interrupted(e)
-    except BrokenPipeError:  # its reader stopped reading (| head): stop quietly, as the shell's tools do, 128 + SIGPIPE
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush has then nowhere to fail
-        return 141
+    except BrokenPipeError:  # its reader stopped (| head): stop quietly, as the shell's tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so no last flush fails
+        return 141  # 128 + SIGPIPE
     except torch.OutOfMemoryError:
         batch_size = options.get("batch_size", DEFAULTS["batch_size"])
-        print(f"error: out of GPU memory at --batch-size {batch_size}; try --batch-size {max(1, batch_size // 2)}",
-              file=sys.stderr)
+        print(f"error: out of GPU memory at --batch-size {batch_size}; try --batch-size "
+              f"{max(1, batch_size // 2)}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # another process died (killed, out of memory): torchrun restarts all
         if job_size() == 1 or ("gloo" not in str(e) and not isinstance(e, dist.DistError)):
@@ -230,18 +244,17 @@ def guarded(fn, options):
 
 
 def interrupted(error):
-    """Ctrl-C: in a training, say how to continue where an epoch had finished (process 0 says it)."""
-    checkpoint = getattr(error, "checkpoint", "")  # set by runs.trained, None before any epoch; "": no training
-    said = (f"; {checkpoint} holds the last whole epoch: continue with python finetune.py --resume {checkpoint}"
-            if checkpoint else "; no epoch had finished, so there is nothing to resume" if checkpoint is None else "")
+    """Ctrl-C: in a training, say how to continue where an epoch had finished (process 0 says)."""
+    checkpoint = getattr(error, "checkpoint", "")  # set by runs.trained; None: before any epoch
+    said = (f"; {checkpoint} holds the last whole epoch: continue with python finetune.py --resume "
+            f"{checkpoint}" if checkpoint else
+            "; no epoch had finished, so there is nothing to resume" if checkpoint is None else "")
     say("\ninterrupted" + said, file=sys.stderr)
     return 130
 
 
 def on_all_gpus(argv, gpus, script):
-    """One process per GPU, as the book's try_all_gpus meant, started by torchrun's own launcher
-    (`torchrun --standalone --nproc_per_node=GPUS finetune.py ...`): the environment torchrun
-    sets, loader workers forked as under torchrun, and a process that dies reported."""
+    """One process per GPU, as the book's try_all_gpus meant, started by torchrun's own launcher."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args as torchrun_args, run
@@ -259,7 +272,7 @@ def died(error):
     process, failure = error.get_first_failure()
     if failure.exitcode >= 0:  # it exited with a status, after saying why
         return failure.exitcode
+    oom = " (as the out-of-memory killer does: try a smaller --batch-size or fewer --workers)"
     print(f"error: process {process} was killed by {failure.signal_name()}"
-          + (" (as the out-of-memory killer does: try a smaller --batch-size or fewer --workers)"
-             if failure.signal_name() == "SIGKILL" else ""), file=sys.stderr)
+          + (oom if failure.signal_name() == "SIGKILL" else ""), file=sys.stderr)
     return 1

@@ -1,12 +1,9 @@
-"""The options of a run, defined once and checked once, for the command line (finetune.py builds
-its flags from OPTIONS and checks each typed value with `checked`) and for Python (runs.train_runs,
-runs.resume and predict check their keywords with it) alike: each option's default, type and the
-values it takes, the rule's words for a bad value, and the options that would go unread together.
-"""
+"""The options of a run, defined once and checked once (`checked`), for the command line's flags
+and for Python's keywords alike: each option's default, type and values, and the unread ones."""
 import contextlib
-import math
 import numbers
 import os
+from math import inf
 
 from beyond.folders import layout
 from beyond import UserError
@@ -15,56 +12,55 @@ from beyond import UserError
 DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}
 
 # The values a number takes: the words for them, and the rule.
-AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: 0 <= v < math.inf)
-BATCHES = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63)  # a batch of 2**63 overflows the loader's index
-ABOVE_0, BETWEEN_0_AND_1 = ("above 0", lambda v: 0 < v < math.inf), ("between 0 and 1", lambda v: 0 < v < 1)
+AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: 0 <= v < inf)
+BATCHES = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63)  # 2**63 overflows the loader's index
+ABOVE_0 = ("above 0", lambda v: 0 < v < inf)
+BETWEEN_0_AND_1 = ("between 0 and 1", lambda v: 0 < v < 1)
 SEEDS = ("from -2**63 to 2**64 - 1", lambda v: -2**63 <= v < 2**64)  # what torch.manual_seed takes
 
-# Every option of a run by its Python name (the flag's, with - for _): its default (None: off, or chosen
-# when the run starts), type and values (a list, or a rule): `checked` holds Python's and flags alike to them.
+# Every option by its Python name: its default (None: off, or chosen at start), type and values.
 OPTIONS = dict(
-    dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None), data_root=("data", str, None),
-    dummy=(False, bool, None), cache_gb=(None, float, ZERO_OR_MORE), val_split=(0.2, float, BETWEEN_0_AND_1),
-    max_megapixels=(200, float, ABOVE_0),                                        # what to train on, how to read it
+    dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None),
+    data_root=("data", str, None), dummy=(False, bool, None), cache_gb=(None, float, ZERO_OR_MORE),
+    val_split=(0.2, float, BETWEEN_0_AND_1), max_megapixels=(200, float, ABOVE_0),  # the data
     arch=("resnet18", str, None), weights=(None, str, None), freeze=(False, bool, None),
     init_head_from_imagenet=(False, bool, None),                                 # the net
     epochs=(None, int, AT_LEAST_1), batch_size=(128, int, BATCHES), lr=(None, float, ABOVE_0),
     no_param_group=(False, bool, None), seed=(0, int, SEEDS),                    # the book's recipe
     patience=(None, int, AT_LEAST_1), freeze_epochs=(0, int, ZERO_OR_MORE),
-    class_weights=(None, str, ["balanced"]),                                     # beyond it: off by default
-    workers=(None, int, ZERO_OR_MORE), device=(None, str, None), precision=("amp", str, ["amp", "fp32"]),  # where
+    class_weights=(None, str, ["balanced"]),                                     # beyond it: off
+    workers=(None, int, ZERO_OR_MORE), device=(None, str, None),
+    precision=("amp", str, ["amp", "fp32"]),                                     # where
 )
 DEFAULTS = {name: default for name, (default, _, _) in OPTIONS.items()}
 PATHS = {"data_dir", "data_root", "weights"}  # made absolute, and compared so
-PRETRAINED_ONLY = ("weights", "freeze", "init_head_from_imagenet", "freeze_epochs")  # they change the pretrained net
+PRETRAINED_ONLY = ("weights", "freeze", "init_head_from_imagenet", "freeze_epochs")
 
 
 def checked(name, value):
-    """value, where option `name` (or out=, a path) takes it (lr: one number or a list, one run
-    each); else a UserError naming the option and what it takes."""
-    default, kind, allowed = OPTIONS.get(name, (None, str, None))  # out=: where a run, --predict, --export write
+    """value where option name (or out=, a path) takes it, else a UserError saying what it takes."""
+    default, kind, allowed = OPTIONS.get(name, (None, str, None))  # out=: a path, or None
     if value is None and default is None:
         return None  # the default
     several = name == "lr" and isinstance(value, list) and value  # several lrs: one run each
     given = value if several else [value]
     values = [as_kind(kind, v) for v in given]
+    listed = isinstance(allowed, list)
     for v, typed in zip(given, values):
-        if typed is None or (typed not in allowed if isinstance(allowed, list) else allowed and not allowed[1](typed)):
-            raise UserError(f"{name}={v!r} is not {takes(kind, allowed)}; give {takes(kind, allowed)}")
+        if typed is None or (typed not in allowed if listed else allowed and not allowed[1](typed)):
+            raise UserError(f"{name}={v!r} is not {takes(kind, allowed)}; "
+                            f"give {takes(kind, allowed)}")
     if several and len({f"{v:g}" for v in values}) < len(values):  # each lr names its run's folder
         raise UserError(f"lr={value} names two runs alike; give each learning rate once")
     return values if several else values[0]
 
 
 def as_kind(kind, value):
-    """value as a Python value of an option's kind (numpy's numbers as Python's, a path object as its
-    text), or None where value is not of that kind, or is an empty text."""
-    if kind is bool:
-        return value if isinstance(value, bool) else None
-    if isinstance(value, bool):  # True is an int to Python, and never a number here
-        return None
-    if kind is str:
-        return os.fspath(value) if isinstance(value, (str, os.PathLike)) and os.fspath(value) != "" else None
+    """value as an option's kind (numpy's numbers as Python's, a path as text), else None."""
+    if kind is bool or isinstance(value, bool):  # True is an int to Python, and never a number here
+        return value if kind is bool and isinstance(value, bool) else None
+    if kind is str:  # not an empty text
+        return (os.fspath(value) or None) if isinstance(value, (str, os.PathLike)) else None
     if isinstance(value, numbers.Integral if kind is int else numbers.Real):
         with contextlib.suppress(OverflowError):  # an int too large for a float
             return kind(value)
@@ -73,25 +69,27 @@ def as_kind(kind, value):
 
 def takes(kind, allowed):
     """What an option takes, in words."""
-    words = {int: "a whole number", float: "a number", str: "a non-empty text", bool: "True or False"}[kind]
+    words = {int: "a whole number", float: "a number", str: "a non-empty text",
+             bool: "True or False"}[kind]
     return ("one of " + ", ".join(map(repr, allowed)) if isinstance(allowed, list)
             else f"{words}, {allowed[0]}" if allowed else words)
 
 
 def refuse_unread(options, given):
-    """Refuse options, one of them given now (the names in `given`), that the run would silently
-    not read: two that each name the data, where downloads go beside data that downloads nothing,
-    a split of data that has its own test set, --freeze beside --freeze-epochs."""
-    sources = [key for key in ("data_dir", "dummy") if options[key]] + ["dataset"] * (options["dataset"] != "hotdog")
+    """Refuse options, one of them given now, that the run would silently not read."""
+    sources = [key for key in ("data_dir", "dummy", "dataset") if options[key] != DEFAULTS[key]]
     if len(sources) > 1 and given & set(sources):
-        raise UserError(f"{sources[0]}= and {sources[1]}= each name the data to train on; give one of them")
+        raise UserError(f"{sources[0]}= and {sources[1]}= each name the data to train on; give one "
+                        "of them")
     if "data_root" in given and sources and sources[0] != "dataset":
-        raise UserError(f"data_root= is where the hot-dog set and CIFAR-10 are downloaded, and {sources[0]}= "
-                        "downloads nothing; leave data_root= out")
-    data = options["data_dir"] or ("dummy data" if options["dummy"] else f"the {options['dataset']} set")
-    if "val_split" in given and (data != options["data_dir"] or os.path.isdir(data) and layout(data) == "splits"):
-        raise UserError(f"val_split= splits a data_dir= of class folders alone, and {data} is not one; "
-                        "leave val_split= out")
+        raise UserError(f"data_root= is where the hot-dog set and CIFAR-10 are downloaded, and "
+                        f"{sources[0]}= downloads nothing; leave data_root= out")
+    data = options["data_dir"] or (
+        "dummy data" if options["dummy"] else f"the {options['dataset']} set")
+    if "val_split" in given and (data != options["data_dir"]
+                                 or os.path.isdir(data) and layout(data) == "splits"):
+        raise UserError(f"val_split= splits a data_dir= of class folders alone, and {data} is not "
+                        "one; leave val_split= out")
     if options["freeze"] and options["freeze_epochs"] and given & {"freeze", "freeze_epochs"}:
-        raise UserError("freeze= trains the output layer alone in every epoch, freeze_epochs= in the first N; "
-                        "give one of them")
+        raise UserError("freeze= trains the output layer alone in every epoch, freeze_epochs= in "
+                        "the first N; give one of them")

@@ -1,11 +1,9 @@
-"""Prediction: a trained net (a run's folder, its best.pt or model.pt) classifies image files
-and folders of them, in batches, through the test augmentations its run used; or becomes one
-file, those augmentations and the net, that classifies images without this project (export).
+"""Prediction: a trained net classifies image files through its run's test augmentations, or
+becomes one file that classifies images without this project (export).
 
-    from beyond import predict
-    for p in predict.predict("runs/pretrained", ["photos/"]):  # the epoch its best.pt keeps
+    for p in beyond.predict.predict("runs/pretrained", ["photos/"]):  # the epoch its best.pt keeps
         print(p.path, p.label, p.probability)
-    predict.export("runs/pretrained")  # runs/pretrained/best.pt2, for torch.export.load
+    beyond.predict.export("runs/pretrained")  # runs/pretrained/best.pt2, for torch.export.load
 """
 import csv
 import io
@@ -38,17 +36,15 @@ class Prediction:
     probabilities: dict  # class name: probability
 
 
-def predict(model, images, *, out=None, batch_size=128, workers=None, device=None, precision="amp", arch=None):
-    """Classify images (a path or a list of paths: files, and folders searched for them) with
-    model, a model.pt or best.pt written by training, or its run's folder (the epoch its best.pt
-    keeps: checkpoints.kept_in), on one device. Returns one Prediction per image predicted, in the
-    order given; each one that could not be read, or that the net gives NaN for, is named on
-    stderr. With out, a folder: predictions.csv there too. arch, where given, must be the model's."""
+def predict(model, images, *, out=None, batch_size=128, workers=None, device=None,
+            precision="amp", arch=None):
+    """Classify images (paths of files or folders) with model (a run's folder, best.pt or model.pt):
+    a Prediction per image read, in order; the others named on stderr; predictions.csv in out."""
     items = [images] if isinstance(images, (str, os.PathLike)) else images  # one file or folder
     items = list(items) if isinstance(items, Iterable) else [items]  # a generator read once
     if not all(isinstance(item, (str, os.PathLike)) for item in items):  # None, or a PIL image
-        raise UserError(f"images={images!r:.80} is not a path or a list of paths; give image files or folders "
-                        "of them (an image in memory: save it to a file first)")
+        raise UserError(f"images={images!r:.80} is not a path or a list of paths; give image files "
+                        "or folders of them (an image in memory: save it to a file first)")
     batch_size = checked("batch_size", batch_size)
     workers = checked("workers", workers)
     out = checked("out", out)
@@ -59,22 +55,26 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     if not paths:
         raise UserError(f"found no images in {' '.join(map(str, items)) or 'an empty list'}; "
                         "give image files or folders of them")
-    csv_path = out and os.path.join(writable_folder(out), "predictions.csv")  # tried before the work
+    csv_path = out and os.path.join(writable_folder(out), "predictions.csv")  # tried first
     settings, classes = ckpt["transform"], ckpt["classes"]
-    augs = data.make_test_augs(settings["resize"], settings["crop"], settings.get("interpolation", "bilinear"))
+    interpolation = settings.get("interpolation", "bilinear")
+    augs = data.make_test_augs(settings["resize"], settings["crop"], interpolation)
     loader = torch.utils.data.DataLoader(ImageFiles(paths, augs, settings["crop"]), batch_size,
                                          num_workers=loaders.default_workers(workers),
-                                         generator=torch.Generator())  # its workers' seeds: not the caller's numbers
+                                         generator=torch.Generator())  # not the caller's numbers
     runtime = devices.make_runtime(devices.try_device(device), precision)
-    probs, index = train.evaluate(runtime.place(checkpoints.saved_net(ckpt)), loader, runtime)  # index for the label
+    net = runtime.place(checkpoints.saved_net(ckpt))
+    probs, index = train.evaluate(net, loader, runtime)  # index for the label
     preds, read = predicted(probs), index >= 0  # a net's NaN outputs predict nothing: -1
     kept = read & (preds >= 0)
-    fp32 = "" if runtime.dtype is None else f", or its {runtime.dtype} arithmetic overflowed: try the precision fp32"
+    fp32 = "" if runtime.dtype is None else (f", or its {runtime.dtype} arithmetic overflowed: try "
+                                             "the precision fp32")
     if read.any() and not kept.any():
-        raise UserError(f"{path} gives outputs that are not numbers (NaN) for every image: its training diverged, and "
-                        f"should be trained again with a lower lr{fp32}")
+        raise UserError(f"{path} gives outputs that are not numbers (NaN) for every image: its "
+                        f"training diverged, and should be trained again with a lower lr{fp32}")
     for i in index[read & ~kept].tolist():  # named, as an image that cannot be read is
-        print(f"error: {shown(paths[i])}: the net's outputs are not numbers (NaN){fp32}", file=sys.stderr)
+        print(f"error: {shown(paths[i])}: the net's outputs are not numbers (NaN){fp32}",
+              file=sys.stderr)
     predictions = [Prediction(paths[i], classes[c], p.max().item(), dict(zip(classes, p.tolist())))
                    for i, c, p in zip(index[kept].tolist(), preds[kept].tolist(), probs[kept])]
     if csv_path and predictions:  # none predicted: an earlier predictions.csv stays
@@ -83,8 +83,7 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images to predict, each with its index; one that cannot be read is named on stderr and
-    comes as a blank image with index -1, so the others are still predicted."""
+    """Images to predict, each with its index; one that cannot be read: named, blank, index -1."""
 
     def __init__(self, paths, augs, crop):
         self.paths, self.augs, self.crop = paths, augs, crop
@@ -103,61 +102,62 @@ class ImageFiles(torch.utils.data.Dataset):
 def write_csv(predictions, classes, path):
     """predictions.csv: a row per image, its path, class and probability, then every class's."""
     table = io.StringIO()
-    csv.writer(table).writerows([["path", "class", "probability", *classes]]
-                                + [[p.path, p.label, f"{p.probability:.4f}", *(f"{q:.4f}" for q in p.probabilities.values())]
-                                   for p in predictions])
-    write_whole(path, table.getvalue().encode(errors="surrogateescape"))  # a name that is not UTF-8: as the disk has it
+    rows = [[p.path, p.label, *(f"{q:.4f}" for q in [p.probability, *p.probabilities.values()])]
+            for p in predictions]
+    csv.writer(table).writerows([["path", "class", "probability", *classes]] + rows)
+    write_whole(path, table.getvalue().encode(errors="surrogateescape"))  # not UTF-8: as on disk
 
 
 # ---------------------------------------------------------------- one file, for use elsewhere
 def export(model, out=None, *, format="pt2"):
-    """model (what predict takes: a run's folder means the epoch its best.pt keeps) as one file
-    that classifies images without this project: the run's test augmentations and the net, in eval
-    mode and fp32, from uint8 pixels to probabilities (Pixels), with the class names and the input
-    it takes recorded inside ("classes", "input"). format "pt2": torch.export's, loaded with torch
-    alone, torch.export.load(path).module(); "onnx": for onnxruntime (needs onnx and onnxscript).
-    Written whole to out (default: beside the checkpoint, its name with .pt2 or .onnx); returns out."""
+    """model (as predict takes it) as one file, Pixels, that classifies images without this project:
+    format "pt2" (for torch.export.load) or "onnx", to out (default: beside it); returns out."""
     if format not in ("pt2", "onnx"):
-        raise UserError(f"format={format} is not one this program exports; give format=pt2 or format=onnx")
+        raise UserError(f"format={format} is not one this program exports; give format=pt2 or "
+                        "format=onnx")
     out = checked("out", out)
     if out and not out.endswith("." + format):  # never over a checkpoint or a run's other files
         other = "onnx" if format == "pt2" else "pt2"  # the format out's name asks for, perhaps
-        fix = f"format={other} to export {other}" if out.endswith("." + other) else f"out= a name that ends in .{format}"
+        fix = (f"format={other} to export {other}" if out.endswith("." + other)
+               else f"out= a name that ends in .{format}")
         raise UserError(f"out={out} is not a .{format} file; give {fix}")
     path = checkpoints.kept_in(model)
     out = out or os.path.splitext(path)[0] + "." + format
     if os.path.realpath(out) == os.path.realpath(path):  # a checkpoint named .pt2 or .onnx
-        raise UserError(f"{out} is the checkpoint exported, which the export would write over; give out= another name")
+        raise UserError(f"{out} is the checkpoint exported, which the export would write over; "
+                        "give out= another name")
     ckpt = checkpoints.load_checkpoint(path)
     writable_folder(os.path.dirname(out) or ".")  # tried before the work
     net = Pixels(checkpoints.saved_net(ckpt), ckpt["transform"]).eval()
     about = {"classes": json.dumps(ckpt["classes"]), "input": net.input(len(ckpt["classes"]))}
-    images, dims = torch.zeros(2, 3, 300, 400, dtype=torch.uint8), ({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},)
+    images = torch.zeros(2, 3, 300, 400, dtype=torch.uint8)
+    dims = ({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},)
     file = io.BytesIO()
     try:
         if format == "pt2":
-            torch.export.save(torch.export.export(net, (images,), dynamic_shapes=dims), file, extra_files=about)
+            exported = torch.export.export(net, (images,), dynamic_shapes=dims)
+            torch.export.save(exported, file, extra_files=about)
         else:
             import onnx
-            proto = torch.onnx.export(net, (images,), dynamo=True, dynamic_shapes=dims, input_names=["images"],
-                                      output_names=["probabilities"], verbose=False).model_proto
+            proto = torch.onnx.export(net, (images,), dynamo=True, dynamic_shapes=dims,
+                                      input_names=["images"], output_names=["probabilities"],
+                                      verbose=False).model_proto
             onnx.helper.set_model_props(proto, about)
             file.write(proto.SerializeToString())
     except Exception as e:  # onnx missing, or an operation the exporter cannot capture
         if format == "onnx" and isinstance(e, ImportError):
-            raise UserError(f"format=onnx needs the packages onnx and onnxscript ({e}); pip install onnx onnxscript") from None
-        raise UserError(f"a {ckpt.get('arch') or 'resnet18'} cannot be captured as {format} ({first_line(e)}); give "
-                        f"format={'onnx' if format == 'pt2' else 'pt2'}, or classify with beyond.predict.predict") from None
+            raise UserError(f"format=onnx needs the packages onnx and onnxscript ({e}); "
+                            "pip install onnx onnxscript") from None
+        raise UserError(f"a {ckpt.get('arch') or 'resnet18'} cannot be captured as {format} "
+                        f"({first_line(e)}); give format={'onnx' if format == 'pt2' else 'pt2'}, "
+                        "or classify with beyond.predict.predict") from None
     write_whole(out, file.getvalue())
     return out
 
 
 class Pixels(nn.Module):
-    """A saved net from pixels to probabilities: uint8 RGB images as decoded, (batch, 3, height,
-    width), resized and centre-cropped as the run's test augmentations do (data.make_test_augs,
-    the same antialiased resize of uint8 pixels, called here directly: torchvision's skips an image
-    already at size, a branch export cannot capture, and the resize changes nothing there), then
-    scaled and normalised as in evaluation (data.normalize), the net, and softmax."""
+    """A saved net from uint8 RGB pixels (batch, 3, height, width) to probabilities: the run's test
+    augmentations (data.make_test_augs), data.normalize, the net, and softmax."""
 
     def __init__(self, net, settings):
         super().__init__()
@@ -167,12 +167,14 @@ class Pixels(nn.Module):
         self.register_buffer("std", torch.tensor(data.STD).view(-1, 1, 1))
 
     def forward(self, images):
-        X = nn.functional.interpolate(images, [self.resize] * 2, mode=self.interpolation, antialias=True)
+        X = nn.functional.interpolate(images, [self.resize] * 2, mode=self.interpolation,
+                                      antialias=True)  # torchvision's has a branch export can't see
         X = data.normalize(v2.functional.center_crop(X, self.crop), (self.mean, self.std))
         return torch.softmax(self.net(X), 1)
 
     def input(self, num_classes):
-        return (f"images: uint8 RGB pixels as decoded, shape (batch, 3, height, width), any batch, height and "
-                f"width; resized to {self.resize}x{self.resize} ({self.interpolation}, antialiased), centre-cropped "
-                f"to {self.crop}x{self.crop}, scaled to [0, 1], normalised with ImageNet's mean and std. "
-                f"Output: probabilities, shape (batch, {num_classes}), in the order of classes")
+        return ("images: uint8 RGB pixels as decoded, shape (batch, 3, height, width), any batch, "
+                f"height and width; resized to {self.resize}x{self.resize} ({self.interpolation}, "
+                f"antialiased), centre-cropped to {self.crop}x{self.crop}, scaled to [0, 1], "
+                "normalised with ImageNet's mean and std. Output: probabilities, shape "
+                f"(batch, {num_classes}), in the order of classes")

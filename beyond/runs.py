@@ -1,9 +1,6 @@
-"""A run: all the book's recipe leaves out of a training, in one owner. The runs asked for (their
-options defined and checked in options.py), and a run's life in its folder, driving the book's
-loop (train.ch13_epochs) from outside as torchvision's main() drives train_one_epoch: restore
-before it, save after each epoch. Also continuing (`resume`), patience, two phases and class weights.
+"""A run: all the book's recipe leaves out of a training, in one owner that drives the book's loop
+(train.ch13_epochs) from outside; also resume, patience, two phases and class weights.
 
-    import runs
     trained = runs.train_runs("pretrained", data_dir="photos", epochs=3, out="runs/photos")
     trained = runs.resume("runs/photos", epochs=5)     # two more epochs, after a restart too
 """
@@ -25,7 +22,8 @@ from beyond import UserError, archs, checkpoints, datasets, folders, loaders, pi
 from beyond.devices import make_runtime, try_device
 from beyond.figures import figures, predicted
 from beyond.files import finite, writable_folder, write_whole, writing_to
-from beyond.options import DATASETS, DEFAULTS, OPTIONS, PATHS, PRETRAINED_ONLY, checked, refuse_unread
+from beyond.options import (DATASETS, DEFAULTS, OPTIONS, PATHS, PRETRAINED_ONLY, checked,
+                            refuse_unread)
 from beyond.phases import two_phases
 from beyond.photos import megapixels_limit
 from beyond.processes import (from_process_0, join_processes, leave_processes, local_first,
@@ -36,39 +34,36 @@ RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.9
            "scratch": dict(lr=5e-4, param_group=False, book=(0.352, 0.846, 0.850))}
 
 SUMMARY = ("loss", "train_acc", "test_acc")
-VERSIONS = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
-# Those a continued run may be given anew; data_dir: a folder moved, whose classes folders.same_data compares;
-# data_root: where downloads go (the default, ./data, is another folder from another working folder).
-MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "data_dir", "data_root", "out", "resume",
-              "typed"}
+VERSIONS = dict(python=platform.python_version(), torch=torch.__version__,
+                torchvision=torchvision.__version__)
+# What a continued run may be given anew; data_dir: a folder moved (folders.same_data compares).
+MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "data_dir", "data_root",
+              "out", "resume", "typed"}
 
 
-Run = namedtuple("Run", "name mode lr out")  # one training: the book's mode, its lr, where it writes
-Trained = namedtuple("Trained", "out results")  # what train_runs and resume return: each run's metrics.json
+Run = namedtuple("Run", "name mode lr out")  # one training: its mode, its lr, where it writes
+Trained = namedtuple("Trained", "out results")  # what train_runs and resume return
 
 
 def train_runs(mode="pretrained", out=None, **options):
-    """Train the runs mode asks for ("pretrained", "scratch" or "compare") with the options given
-    (OPTIONS) into out (default runs/<mode>-<time>), continuing a checkpoint found there."""
+    """Train mode's runs ("pretrained", "scratch" or "compare") into out, continuing any there."""
     return trained(settled(mode, options), checked("out", out))
 
 
 def resume(path, **given):
-    """Continue the run that wrote path (its model.pt or its folder: that run alone; the folder of a
-    compare or of several lrs: every run in it) with the options it began with; those in
-    MAY_CHANGE (epochs, device, ...) may be given anew."""
+    """Continue the runs that wrote path (a model.pt, or a folder) as they began; see MAY_CHANGE."""
     unknown = sorted(set(given) - set(OPTIONS) - {"out"})
     if unknown:
         raise UserError(f"resume takes out= and the options {list(OPTIONS)}, not {unknown}")
     given = {key: checked(key, value) for key, value in given.items()}
-    given = {key: value for key, value in given.items() if value is not None}  # None: as the run began
+    given = {key: value for key, value in given.items() if value is not None}  # None: as it began
     found = os.path.abspath(checkpoints.checkpoint_in(path))
     ckpt = checkpoints.run_checkpoint(found)  # the only time this process reads it
     began = ckpt["args"]
     checkpoints.same_arch(given.pop("arch", None), ckpt)
     folder = os.path.dirname(found)  # where the run is now, wherever it began
     planned = plan_runs(began["mode"], {**DEFAULTS, **began}, folder)
-    out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: each has a folder in out
+    out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: a folder each in out
     one_training(path, began, out)
     asked = given.pop("out", None)
     if asked and os.path.abspath(asked) != out:
@@ -78,55 +73,55 @@ def resume(path, **given):
         began = {k: v for k, v in began.items() if k != "workers"}
     if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in planned]:
         del given["lr"]  # the recipe's own, which the run began with, typed out
-    options = settled(began["mode"], {k: v for k, v in {**began, **given}.items() if k in OPTIONS},
-                      {*began["typed"], *given})
-    refuse_unread(options, set(given))  # a run begun before these were refused still continues as it began
-    alone = os.path.abspath(path) != out  # a run's model.pt, or its folder among others: that run alone
+    options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
+    options = settled(began["mode"], options, {*began["typed"], *given})
+    refuse_unread(options, set(given))  # only what is given anew: an older run goes on as it began
+    alone = os.path.abspath(path) != out  # a run's model.pt, or its folder among others
     return trained({**options, "resume": found if alone else None}, out, {found: ckpt})
 
 
 def one_training(path, began, out):
-    """Refuse a folder path that holds other runs than those of the training that began with
-    `began` and continues in out: the runs of several trainings (which one is meant?)."""
+    """Refuse a folder path that holds runs of another training than the one begun with began."""
     if os.path.isdir(path):
-        planned = {os.path.join(run.out, "model.pt") for run in plan_runs(began["mode"], {**DEFAULTS, **began}, out)}
+        runs = plan_runs(began["mode"], {**DEFAULTS, **began}, out)
+        planned = {os.path.join(run.out, "model.pt") for run in runs}
         held = [os.path.abspath(p) for p in checkpoints.checkpoints_in(path)]
         if set(held) - planned:
             raise checkpoints.several_runs(path, held)
 
 
 def asked_device(given):
-    """The device a run asks for: the one given, else, continuing a run (resume=), that run's
-    own; None: the best there is."""
+    """The device a run asks for: the one given, else a resumed run's; None: the best there is."""
     if "device" in given or given.get("resume") is None:
         return given.get("device")
     with contextlib.suppress(UserError):  # resume will say what is wrong with its path
-        return checkpoints.load_checkpoint(checkpoints.checkpoint_in(given["resume"]))["args"].get("device")
+        ckpt = checkpoints.load_checkpoint(checkpoints.checkpoint_in(given["resume"]))
+        return ckpt["args"].get("device")
     return None
 
 
 def settled(mode, given, typed=None):
-    """The options of a run: the defaults, the ones given, checked (recorded as `typed` for
-    resume), paths made absolute, and the machine's defaults."""
+    """A run's options: the defaults, those given checked (typed: for resume), the machine's."""
     unknown = sorted(set(given) - set(OPTIONS))
     if unknown or mode not in (*RECIPES, "compare"):
-        raise UserError(f"train_runs takes a mode of {[*RECIPES, 'compare']} and the options {list(OPTIONS)}, "
-                        f"not {unknown or mode}")
+        raise UserError(f"train_runs takes a mode of {[*RECIPES, 'compare']} and the options "
+                        f"{list(OPTIONS)}, not {unknown or mode}")
     options = {**DEFAULTS, **{k: checked(k, v) for k, v in given.items()},
                "mode": mode, "typed": sorted(typed or given), "resume": None}
     if options["class_weights"] and options["dummy"]:
-        raise UserError("class_weights= needs labelled images, and dummy's are random; leave one out")
+        raise UserError("class_weights= needs labelled images, and dummy's are random; "
+                        "leave one out")
     if typed is None:  # a run begun now (resume checks only what it is given anew)
         refuse_unread(options, set(given))
-    ignored = [key for key in PRETRAINED_ONLY if mode == "scratch" and options[key]]
-    if ignored:
-        raise UserError(f"{ignored[0]}= changes the pretrained net, and scratch trains from random weights; "
-                        f"leave {ignored[0]}= out, or train pretrained (or compare: it applies to the pretrained run)")
-    options["arch"] = archs.check_arch(options["arch"])
-    options["epochs"] = options["epochs"] or DATASETS[options["dataset"]]["epochs"]
-    options["lr"] = lrs(options["lr"])
-    options["workers"] = loaders.default_workers(options["workers"])
-    options.update({key: options[key] and os.path.abspath(options[key]) for key in PATHS})
+    for key in PRETRAINED_ONLY if mode == "scratch" else ():
+        if options[key]:
+            raise UserError(f"{key}= changes the pretrained net, and scratch trains from random "
+                            f"weights; leave {key}= out, or train pretrained (or compare: it "
+                            "applies to the pretrained run)")
+    options.update(arch=archs.check_arch(options["arch"]), lr=lrs(options["lr"]),
+                   epochs=options["epochs"] or DATASETS[options["dataset"]]["epochs"],
+                   workers=loaders.default_workers(options["workers"]),
+                   **{key: options[key] and os.path.abspath(options[key]) for key in PATHS})
     return options
 
 
@@ -140,38 +135,42 @@ def default_out(mode):  # under torchrun, the time it started: every restart fin
 
 
 def plan_runs(mode, options, out):
-    """Every training asked for (both modes for "compare", one per lr), each in out or, where
-    several, in a folder of its own inside it."""
+    """Every training asked for (both modes for "compare", one per lr), in out or out/<name>."""
     modes = ["pretrained", "scratch"] if mode == "compare" else [mode]
-    rates = {m: options["lr"] or [DATASETS[options["dataset"]].get("lr", RECIPES[m]["lr"])] for m in modes}
-    named = [(m if len(rates[m]) == 1 else f"{m}-lr{lr:g}", m, lr) for m in modes for lr in rates[m]]
-    return [Run(name, m, lr, out if len(named) == 1 else os.path.join(out, name)) for name, m, lr in named]
+    dataset = DATASETS[options["dataset"]]  # CIFAR-10's lr for both modes, else the recipe's
+    rates = {m: options["lr"] or [dataset.get("lr", RECIPES[m]["lr"])] for m in modes}
+    runs = [(m if len(rates[m]) == 1 else f"{m}-lr{lr:g}", m, lr) for m in modes for lr in rates[m]]
+    return [Run(n, m, lr, out if len(runs) == 1 else os.path.join(out, n)) for n, m, lr in runs]
 
 
 # ---------------------------------------------------------------- a run's life
 def trained(options, out, read=None):
-    """Train every planned run into out, each continuing its checkpoint (read: those resume read)."""
+    """Train every planned run into out, each continuing its checkpoint (read: what resume read)."""
     device = join_processes(try_device(options["device"]))
     out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
     try:
-        with megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):  # this call's
+        with megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):
             runs = plan_runs(options["mode"], options, out)
-            found = from_process_0(checkpoints.checkpoints_in(out) if rank() == 0 else None)  # out: made by process 0
-            if set(found) - {os.path.join(run.out, "model.pt") for run in runs}:  # a compare into a run's folder, or back
-                raise UserError(f"out={out} holds another run, and a folder holds one run, or the runs of one compare "
-                                "or of one list of learning rates; choose another out=")
-            if options["resume"]:  # a run's model.pt named, or its folder in a compare's: that run alone
+            found = from_process_0(checkpoints.checkpoints_in(out) if rank() == 0 else None)
+            if set(found) - {os.path.join(run.out, "model.pt") for run in runs}:
+                raise UserError(f"out={out} holds another run, and a folder holds one run, or the "
+                                "runs of one compare or of one list of learning rates; choose "
+                                "another out=")
+            if options["resume"]:  # resume named one run of several: that run alone
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
             ckpts = [checkpoint_of(run, options, read) for run in runs]  # before any data is read
             if any(ckpts) and options["data_dir"] and not os.path.isdir(options["data_dir"]):
-                raise UserError(f"data_dir={options['data_dir']}, the run's data folder, is not a folder; "
-                                "give data_dir= where it is now")
+                raise UserError(f"data_dir={options['data_dir']}, the run's data folder, is not a "
+                                "folder; give data_dir= where it is now")
             start = time.perf_counter()
-            sets = local_first(load_sets, options, next((c.get("held_out") for c in ckpts if c), None))
+            held_out = next(filter(None, ckpts), {}).get("held_out")  # what a run held out
+            sets = local_first(load_sets, options, held_out)
             say(f"data ready in {time.perf_counter() - start:.1f} s")
-            results = [train_one(run, run_options(run, options), sets, device, ckpt) for run, ckpt in zip(runs, ckpts)]
+            results = [train_one(run, run_options(run, options), sets, device, ckpt)
+                       for run, ckpt in zip(runs, ckpts)]
             if rank() == 0 and len(runs) > 1:
-                pictures.curves({r["name"]: r["history"] for r in results}, os.path.join(out, "curves.png"))
+                pictures.curves({r["name"]: r["history"] for r in results},
+                                os.path.join(out, "curves.png"))
             return Trained(out, results)
     except KeyboardInterrupt as e:
         e.checkpoint = resumable(options)  # for the caller to say how to continue
@@ -183,30 +182,31 @@ def trained(options, out, read=None):
 def load_sets(options, held_out=None):
     """The data the options name, augmented at the arch's sizes; held_out: what a run held out."""
     budget = None if options["cache_gb"] is None else int(options["cache_gb"] * 2**30)
-    sets = datasets.datasets(options["data_dir"], "dummy" if options["dummy"] else options["dataset"],
-                         options["data_root"], cache_budget=budget, workers=options["workers"] or 1,
-                         val_split=options["val_split"], seed=options["seed"], held_out=held_out,
-                         out=options.get("out"))  # never read as data; none for benchmark.py
+    kind = "dummy" if options["dummy"] else options["dataset"]
+    sets = datasets.datasets(options["data_dir"], kind, options["data_root"], cache_budget=budget,
+                             workers=options["workers"] or 1, val_split=options["val_split"],
+                             seed=options["seed"], held_out=held_out, out=options.get("out"))
     return datasets.with_augs(sets, archs.preprocessing(options["arch"]))
 
 
 def train_one(run, options, sets, device, ckpt):
-    """Train one net into its folder with its options (run_options), continuing ckpt (a finished
-    run's missing results written again), then test it once on a final test set where there is one."""
+    """Train one net with its run_options, continuing ckpt; then a final test where there is one."""
     runtime = make_runtime(device, options["precision"])
     about = described(run, options, sets, runtime)
     if ckpt:  # on the data it was trained on (with its options: checkpoint_of)
         folders.same_data(sets, ckpt)
     history = ckpt["history"] if ckpt else []
-    if len(history) >= options["epochs"] or stalled(history, options["patience"], options["freeze_epochs"]):
+    done = len(history) >= options["epochs"]
+    if done or stalled(history, options["patience"], options["freeze_epochs"]):
         say(f"{run.name}: finished its {len(history)} epochs already; "
-            + (f"it stopped early (patience {options['patience']})" if len(history) < options["epochs"]
-               else "give more epochs to train on"))
+            + ("give more epochs to train on" if done
+               else f"it stopped early (patience {options['patience']})"))
         checkpoints.kept_epoch(run.out, ckpt)  # best.pt, where it is missing
-        result = finished(run.out, ckpt) or concluded(run, sets, options, runtime, {**about, "history": history})
+        result = finished(run.out, ckpt) or concluded(run, sets, options, runtime,
+                                                      {**about, "history": history})
     else:
         result = train_net(run, options, sets, runtime, about, ckpt)
-    if len(sets) > 2 and "final_test" not in result:  # once, with the epoch kept; also after Ctrl-C in it
+    if len(sets) > 2 and "final_test" not in result:  # once, with the epoch kept; after Ctrl-C too
         result["final_test"] = final_test(run, sets, options, runtime)
         if rank() == 0:
             write_metrics(run.out, result)
@@ -214,64 +214,60 @@ def train_one(run, options, sets, device, ckpt):
 
 
 def train_net(run, options, sets, runtime, about, ckpt):
-    """Build the run's net and drive the book's loop over it: the checkpoint restored before; after
-    each epoch, the epoch shown, model.pt saved, patience checked; after the last, the results."""
+    """Build the run's net and drive the book's loop over it, saving model.pt after each epoch."""
     hotdog = models.hotdog_class(about["classes"]) if options["init_head_from_imagenet"] else None
     random.seed(options["seed"])
     torch.manual_seed(options["seed"])  # the same initial head on every process
-    # A checkpoint replaces every weight: where one is restored, ImageNet's are neither read nor needed
+    # A checkpoint replaces every weight: where one is restored, ImageNet's are not read
     net = runtime.place(local_first(net_for, "scratch" if ckpt else run.mode, len(about["classes"]),
                                     options["arch"], options["weights"], hotdog, options["freeze"]))
-    torch.manual_seed((options["seed"] + rank()) % 2**64)  # then each process draws its own augmentations
-    train_iter, test_iter = loaders.make_loaders(*sets[:2], options["batch_size"], options["workers"], options["seed"])
+    torch.manual_seed((options["seed"] + rank()) % 2**64)  # each process its own augmentations
+    train_iter, test_iter = loaders.make_loaders(*sets[:2], options["batch_size"],
+                                                 options["workers"], options["seed"])
     weights = loss_weights(options["class_weights"], sets[0], runtime.device)
     loss = train.fine_tuning_loss(weights)  # the book's, weighed by class where asked
-    optimizer = train.fine_tuning_optimizer(net, run.lr, RECIPES[run.mode]["param_group"] and not options["no_param_group"])
+    param_group = RECIPES[run.mode]["param_group"] and not options["no_param_group"]
+    optimizer = train.fine_tuning_optimizer(net, run.lr, param_group)
     history = checkpoints.restore(ckpt, net, optimizer, runtime.scaler)  # [] for a fresh run
     best_so_far = checkpoints.kept_epoch(run.out, ckpt)
     say(header(run, options, sets, runtime, weights))
     if rank() == 0:
         writable_folder(run.out)  # a run of several has a folder of its own in out
 
-    def book_epochs(start, end):  # the book's loop, over epochs start + 1 to end
-        return train.ch13_epochs(net, train_iter, test_iter, loss, optimizer, range(start, end), runtime)
+    def book_epochs(*span):  # span: (start, end), the book's loop over epochs start + 1 to end
+        return train.ch13_epochs(net, train_iter, test_iter, loss, optimizer, range(*span), runtime)
     animator, frozen = pictures.animator(), options["freeze_epochs"]
     for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
         history.append(epoch.metrics)
-        best = best_so_far is None or epoch.metrics["test_acc"] > best_so_far["test_acc"]  # the earlier of ties stays
+        best = best_so_far is None or epoch.metrics["test_acc"] > best_so_far["test_acc"]
         best_so_far = epoch.metrics if best else best_so_far
-        state = dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=runtime.scaler.state_dict())
-        checkpoints.save(run.out, history, about, state, best)
-        progress.show_epoch(history, animator)  # once saved: where printing fails (| head), the epoch is kept
+        checkpoints.save(run.out, history, about, best=best, state=dict(model=net.state_dict(),
+                         optimizer=optimizer.state_dict(), scaler=runtime.scaler.state_dict()))
+        progress.show_epoch(history, animator)  # once saved: where printing fails, it is kept
         if stalled(history, options["patience"], frozen):
             break
     progress.show_summary(history, runtime)
-    last = epoch if best else None  # the last epoch is the one kept: its figures are best.pt's, no need to read it
+    last = epoch if best else None  # the last epoch is best.pt's: no need to read it
     return concluded(run, sets, options, runtime, {**about, "history": history}, last)
-
 
 
 def net_for(mode, num_classes=2, arch="resnet18", weights_file=None, hotdog_class=None,
             freeze=False):
     """The book's net for a mode, "scratch" or "pretrained"; with freeze, exercise 3's."""
-    if mode == "scratch":
-        net = models.scratch_net(num_classes, arch)
-    else:
-        net = models.finetune_net(num_classes, weights_file, hotdog_class, arch)
+    net = (models.scratch_net(num_classes, arch) if mode == "scratch"
+           else models.finetune_net(num_classes, weights_file, hotdog_class, arch))
     return models.freeze_features(net) if freeze else net
 
 
 # ---------------------------------------------------------------- beyond the book
-
-
 def run_options(run, options):
     """The options as run uses them: only a pretrained net has features worth keeping or fixing."""
-    return options if run.mode == "pretrained" else {**options, **{key: DEFAULTS[key] for key in PRETRAINED_ONLY}}
+    return options if run.mode == "pretrained" else {
+        **options, **{key: DEFAULTS[key] for key in PRETRAINED_ONLY}}
 
 
 def stalled(history, patience, frozen=0):
-    """Whether patience epochs or more have passed since the best epoch, counted from the end of
-    the first `frozen` epochs at the earliest (every layer learns only then). Never for None."""
+    """Whether patience epochs (None: never) passed since the best, counted from epoch `frozen`."""
     if not (patience and history):
         return False
     best = max(history, key=lambda m: m["test_acc"])  # the earliest of ties
@@ -279,139 +275,144 @@ def stalled(history, patience, frozen=0):
 
 
 def loss_weights(kind, train_set, device):
-    """None (the book's: every image counts the same), or for "balanced", a weight per class that
-    makes every class count the same in the summed loss: scikit-learn's n / (classes x n_class)."""
+    """None (the book's), or "balanced": per class, scikit-learn's n / (classes x n_class)."""
     if kind is None:
         return None
-    counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=len(train_set.classes)).double()
+    targets = torch.as_tensor(train_set.targets)
+    counts = torch.bincount(targets, minlength=len(train_set.classes)).double()
     return (counts.sum() / (len(counts) * counts)).float().to(device)
 
 
 def final_test(run, sets, options, runtime):
-    """The final test set evaluated once, with best.pt's weights: which epoch's, the accuracy, the figures."""
+    """The final test set evaluated once, with best.pt's weights: its epoch, accuracy, figures."""
     best, probs, labels = evaluated(run, sets[2], options, runtime)
-    return dict(split=folders.final_split(sets), epoch=best["epoch"], acc=train.accuracy(probs, labels),
-                **figures(probs, labels, folders.class_names(sets[0])))
+    classes = folders.class_names(sets[0])
+    return dict(split=folders.final_split(sets), epoch=best["epoch"],
+                acc=train.accuracy(probs, labels), **figures(probs, labels, classes))
 
 
 def evaluated(run, test_set, options, runtime):
     """The metrics of the epoch best.pt keeps, and its probabilities and labels for test_set."""
-    best = from_process_0(checkpoints.load_checkpoint(os.path.join(run.out, "best.pt")) if rank() == 0 else None)
-    loader = loaders.make_loaders(test_set, test_set, options["batch_size"], options["workers"])[1]  # the test loader
-    return (best["history"][-1], *train.evaluate(runtime.place(checkpoints.saved_net(best)), loader, runtime))
+    path = os.path.join(run.out, "best.pt")
+    best = from_process_0(checkpoints.load_checkpoint(path) if rank() == 0 else None)
+    loader = loaders.make_loaders(test_set, test_set, options["batch_size"], options["workers"])[1]
+    net = runtime.place(checkpoints.saved_net(best))
+    return (best["history"][-1], *train.evaluate(net, loader, runtime))
 
 
 def header(run, options, sets, runtime, weights=None):
-    """The run's first line: the net and its image sizes, the data, the learning rate, what goes
-    beyond the book's recipe, the runtime."""
+    """The run's first line: the net and its image sizes, the data, the lr, extras, the runtime."""
     size = archs.preprocessing(options["arch"])
     split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
-    final = f", and once, at the end, {len(sets[2])} in {folders.final_split(sets)}" if len(sets) > 2 else ""
-    frozen = min(options["freeze_epochs"], options["epochs"])  # what this run will do
-    phase = f", the output layer alone in the first {frozen} of {options['epochs']} epochs" if frozen else ""
-    weighed = "" if weights is None else f", class weights balanced ({', '.join(f'{w:.2f}' for w in weights.tolist())})"
-    several = f" x {world_size()} processes, {processes_batch(options['batch_size'])}" if world_size() > 1 else ""
-    return (f"{run.name}: {options['arch']} at {size['crop']} px (resized to {size['resize']}, {size['interpolation']}), "
-            f"training on {len(sets[0])} images, testing on {len(sets[1])}{split}{final}, lr {run.lr:g}{phase}{weighed}, "
-            f"{runtime}{several}")
+    final = "" if len(sets) < 3 else (
+        f", and once, at the end, {len(sets[2])} in {folders.final_split(sets)}")
+    phase = "" if not options["freeze_epochs"] else (  # what this run will do
+        f", the output layer alone in the first {min(options['freeze_epochs'], options['epochs'])}"
+        f" of {options['epochs']} epochs")
+    weighed = "" if weights is None else (
+        f", class weights balanced ({', '.join(f'{w:.2f}' for w in weights.tolist())})")
+    several = "" if world_size() == 1 else (
+        f" x {world_size()} processes, {processes_batch(options['batch_size'])}")
+    return (f"{run.name}: {options['arch']} at {size['crop']} px (resized to {size['resize']}, "
+            f"{size['interpolation']}), training on {len(sets[0])} images, testing on "
+            f"{len(sets[1])}{split}{final}, lr {run.lr:g}{phase}{weighed}, {runtime}{several}")
 
 
 # ---------------------------------------------------------------- a run's files
 def checkpoint_of(run, options, read):
-    """The checkpoint run continues, refused where made with other options: the file resume named
-    (trained continues its run alone), else its model.pt (None: a fresh run); read by resume (read:
-    what it read) or by process 0. A best.pt without model.pt, which a fresh run writes over, is
-    refused too where made with other options (the same: a run stopped between writing the two)."""
+    """The checkpoint run continues (None: a fresh run), refused where made with other options."""
     path = options["resume"] or os.path.join(run.out, "model.pt")
-    ckpt = (read or {}).get(path) or from_process_0(checkpoints.run_checkpoint(path) if rank() == 0 and os.path.exists(path) else None)
-    best = os.path.join(run.out, "best.pt")  # what may_change reads of it, not its weights, goes to every process
-    began = ckpt or from_process_0({k: v for k, v in checkpoints.load_checkpoint(best).items() if k in ("args", "held_out")}
-                                   if rank() == 0 and os.path.exists(best) else None)
+    ckpt = (read or {}).get(path) or from_process_0(None if rank() > 0 or not os.path.exists(path)
+                                                    else checkpoints.run_checkpoint(path))
+    best = os.path.join(run.out, "best.pt")  # without model.pt, a fresh run would write over it
+    began = ckpt or from_process_0(None if rank() > 0 or not os.path.exists(best) else {
+        k: v for k, v in checkpoints.load_checkpoint(best).items() if k in ("args", "held_out")})
     if began:
-        refuse_changes(run_options(run, began["args"]), run_options(run, options), path if ckpt else best,
-                       may_change(began, read))
+        refuse_changes(run_options(run, began["args"]), run_options(run, options),
+                       path if ckpt else best, may_change(began, read))
     return ckpt
 
 
 def may_change(ckpt, read):
-    """The options a run that wrote ckpt may be given anew (MAY_CHANGE): data_dir only to resume
-    (read: what it read; None, the same command again, names the same data folder); and val_split
-    too where the run split no class folders, so never read it."""
+    """What may change (MAY_CHANGE): data_dir only to resume, val_split where none was held out."""
     changes = MAY_CHANGE if read is not None else MAY_CHANGE - {"data_dir"}
     return changes | ({"val_split"} if ckpt.get("held_out") is None else set())
 
 
 def described(run, options, sets, runtime):
-    """What a run's checkpoint and metrics.json say of it beside its figures: what prediction
-    needs (arch, classes, transform), how it computes, what continuing compares."""
+    """What a run's checkpoint and metrics.json say of it: what prediction needs, how it ran."""
     return dict(name=run.name, mode=run.mode, lr=run.lr, args=options, arch=options["arch"],
                 classes=folders.class_names(sets[0]),
-                transform=dict(**archs.preprocessing(options["arch"]), mean=data.MEAN, std=data.STD),
+                transform=dict(archs.preprocessing(options["arch"]), mean=data.MEAN, std=data.STD),
                 device=str(runtime.device), precision=str(runtime.dtype or torch.float32),
-                memory_format=str(runtime.memory_format), held_out=getattr(sets[1], "held_out", None),
-                final_split=folders.final_split(sets))
+                memory_format=str(runtime.memory_format),
+                held_out=getattr(sets[1], "held_out", None), final_split=folders.final_split(sets))
 
 
 def refuse_changes(before, now, path, may_change):
-    """A run continues with the options it began with, but for those that may change: name those
-    that differ, in one line."""
-    def same(key, value):
-        return os.path.realpath(value) if key in PATHS and value else value  # a folder through a link is that folder
+    """Refuse options that differ from those the run began with, but for those that may change."""
+    def same(key, value):  # a folder through a link is that folder
+        return os.path.realpath(value) if key in PATHS and value else value
 
     def shown(value):
-        return "the default" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
+        return " ".join(map(str, value)) if isinstance(value, list) else (
+            "the default" if value is None else value)
 
-    changed = sorted(k for k in before if k in now and k not in may_change and same(k, before[k]) != same(k, now[k]))
+    changed = sorted(k for k in before if k in now and k not in may_change
+                     and same(k, before[k]) != same(k, now[k]))
     if changed:
         options = "; ".join(f"{k}: {shown(before[k])} there, {shown(now[k])} now" for k in changed)
-        moved = " (a data folder moved: resume the run with data_dir= where it is now)" if "data_dir" in changed else ""
-        raise UserError(f"{path} was made with other options ({options}); continue it with the same{moved}, "
-                        "or train a new run in another out=")
+        moved = (" (a data folder moved: resume the run with data_dir= where it is now)"
+                 if "data_dir" in changed else "")
+        raise UserError(f"{path} was made with other options ({options}); continue it with the "
+                        f"same{moved}, or train a new run in another out=")
 
 
 def concluded(run, sets, options, runtime, about, last=None):
-    """The run's results, written: its description and history (about), the last epoch's
-    figures, and best.pt's on the evaluation set (last: the last epoch trained, where best.pt keeps it)."""
+    """The run's results, written: about, the last epoch's figures and best.pt's (last: its own)."""
     best, probs, labels = last or evaluated(run, sets[1], options, runtime)
-    history = about["history"]  # the last epoch's loss and accuracies: the book's summary
-    result = finite(dict(**{k: v for k, v in about.items() if k not in ("transform", "held_out")},
-                         **{k: history[-1][k] for k in SUMMARY}, examples_per_sec=progress.mean_speed(history),
-                         world_size=world_size(), figures_epoch=best["epoch"],
-                         **figures(probs, labels, about["classes"]), kept=kept(best, about), versions=VERSIONS))
-    if rank() == 0:  # metrics.json first (a picture that cannot be written loses nothing else), curves.png
-        write_metrics(run.out, result)  # and mistakes.png (the images best.pt's epoch gets wrong)
+    history = about["history"]
+    result = finite(dict({k: v for k, v in about.items() if k not in ("transform", "held_out")},
+                         **{k: history[-1][k] for k in SUMMARY},  # the book's summary
+                         examples_per_sec=progress.mean_speed(history), world_size=world_size(),
+                         figures_epoch=best["epoch"], **figures(probs, labels, about["classes"]),
+                         kept=kept(best, about), versions=VERSIONS))
+    if rank() == 0:  # metrics.json first: a picture that cannot be written loses nothing else
+        write_metrics(run.out, result)
         pictures.curves({result["name"]: history}, os.path.join(run.out, "curves.png"))
         pictures.mistakes(sets[1], probs, predicted(probs), labels, result["classes"],
-                        os.path.join(run.out, "mistakes.png"))
+                          os.path.join(run.out, "mistakes.png"))  # what best.pt's epoch gets wrong
     return result
 
 
 def kept(best, about):
-    """The epoch best.pt keeps (best: its metrics), its accuracy, and whether that figure is
-    optimistic: chosen on the set it is measured on, where the data has no val/ beside its test/."""
+    """The epoch best.pt keeps, its test acc, and whether that is optimistic (chosen on test/)."""
     optimistic = not about.get("final_split")
-    return dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=optimistic, note=optimistic and (
-        "the epoch was chosen on the set its accuracy is measured on, so that accuracy is optimistic; in a data "
-        "folder, train/, val/ and test/ together keep test/ apart for one honest figure") or None)
+    return dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=optimistic, note=(
+        optimistic and "the epoch was chosen on the set its accuracy is measured on, so that "
+        "accuracy is optimistic; in a data folder, train/, val/ and test/ together keep test/ "
+        "apart for one honest figure" or None))
 
 
 def write_metrics(folder, result):  # strict JSON: what is not finite was made None (files.finite)
-    write_whole(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1, allow_nan=False).encode())
+    text = json.dumps(result, indent=1, allow_nan=False)
+    write_whole(os.path.join(folder, "metrics.json"), text.encode())
 
 
 def finished(folder, ckpt):
-    """A finished run's metrics.json, where its history and name are the checkpoint's; else None, and
-    one that cannot be read or differs (written before later epochs, or damaged by hand) is written again."""
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(os.path.join(folder, "metrics.json")) as f:
+    """A finished run's metrics.json where it matches the checkpoint; else None (written again)."""
+    with (contextlib.suppress(OSError, ValueError, KeyError, TypeError),
+          open(os.path.join(folder, "metrics.json")) as f):
         result = json.load(f)
-        return result if result["history"] == finite(ckpt["history"]) and result["name"] == ckpt["name"] else None
+        same = result["history"] == finite(ckpt["history"]) and result["name"] == ckpt["name"]
+        return result if same else None
 
 
 def resumable(options):
-    """What continues the runs stopped now: the model.pt resume named, else the run's where out
-    holds one run, else out (--compare, several lrs: every run continues); None before any epoch."""
+    """What continues the runs stopped now (model.pt, or out for several); None before any epoch."""
     out = options["out"]
     with contextlib.suppress(UserError):  # out holds no model.pt
         found = checkpoints.checkpoint_in(out)
-        return options["resume"] or (found if len(plan_runs(options["mode"], options, out)) == 1 else out)
+        return options["resume"] or (found if len(plan_runs(options["mode"], options, out)) == 1
+                                     else out)
     return None
