@@ -1,5 +1,4 @@
-"""torchvision's other ImageNet classifiers under the book's recipe: which can be fine-tuned,
-their output layer moved to `net.fc` as resnet18's, and the image sizes their weights expect."""
+"""torchvision's other ImageNet classifiers under the book's recipe, output layer as `net.fc`."""
 import functools
 import os
 from collections import OrderedDict
@@ -13,8 +12,7 @@ from beyond import UserError
 
 @functools.cache
 def check_arch(arch):
-    """arch, where it is one of torchvision's ImageNet classifiers with an output layer to
-    replace (built on the meta device where it can be: no weights made)."""
+    """arch, where it is a torchvision ImageNet classifier with an output layer to replace."""
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise UserError(f"arch={arch} is not one of torchvision's ImageNet classifiers; "
                         "torchvision.models.list_models(module=torchvision.models) lists them")
@@ -38,13 +36,11 @@ def check_outputs(net, classes):
 
 
 def weights_name(arch):
-    """The file torchvision downloads for arch's default weights, e.g. resnet18-f37072fd.pth."""
     return os.path.basename(torchvision.models.get_model_weights(arch).DEFAULT.url)
 
 
 def with_fc(net):
-    """The net with its output layer (its last Linear layer, classifier[-1] in vgg, heads.head in
-    vit) as `net.fc`, as resnet18's, so that the book's code holds for every architecture."""
+    """The net with its last Linear layer as `net.fc`, as resnet18's, as the book's code expects."""
     if getattr(net, "aux_logits", False):  # googlenet, inception_v3: no side outputs in training,
         net.aux_logits, net.AuxLogits, net.aux1, net.aux2 = False, None, None, None
         net.transform_input = True  # and, in every mode, the input their ImageNet weights expect
@@ -61,7 +57,6 @@ def with_fc(net):
 
 @functools.cache  # each run's data, checkpoint and header ask for it
 def preprocessing(arch="resnet18"):
-    """The image sizes and interpolation arch's ImageNet weights were trained with (resnet18: the
-    book's crop of 224 from 256, bilinear), for data.make_train_augs and make_test_augs."""
+    """The image sizes and interpolation arch's ImageNet weights were trained with."""
     t = torchvision.models.get_model_weights(check_arch(arch)).DEFAULT.transforms()
     return dict(crop=t.crop_size[0], resize=t.resize_size[0], interpolation=t.interpolation.value)

@@ -1,5 +1,4 @@
-"""The decoded cache: a data set's images decoded once into uint8 pixels where they fit in
-memory, then augmented afresh per item."""
+"""The decoded cache: a data set's images decoded once into memory, augmented afresh per item."""
 import itertools
 import math
 import os
@@ -15,8 +14,7 @@ from beyond.processes import local_processes, say
 
 
 class DecodedImages(torch.utils.data.Dataset):
-    """An ImageFolder decoded once into one uint8 buffer (worker processes get it cheaply), then
-    augmented afresh per item: decoding a PNG costs several times the augmentations."""
+    """An ImageFolder decoded once into one uint8 buffer, so worker processes share it cheaply."""
 
     def __init__(self, folder, workers=1):
         for name in ("classes", "targets", "transform", "samples", "root", "where", "held_out"):
@@ -26,14 +24,14 @@ class DecodedImages(torch.utils.data.Dataset):
         self.pixels = torch.empty(self.starts.pop(), dtype=torch.uint8)
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
             failed = [error for error in pool.map(self.decode, range(len(self))) if error]
-        left_out(failed, len(self.samples))  # as those whose headers cannot be read
+        left_out(failed, len(self.samples))
         kept = [i for i, shape in enumerate(self.shapes) if shape]
         items = (self.samples, self.targets, self.shapes, self.starts)
         self.samples, self.targets, self.shapes, self.starts = ([x[i] for i in kept] for x in items)
         every_class_read(self)
 
     def decode(self, i):
-        """Decode image i into its place; the error, where its pixels cannot be read."""
+        """Decode image i into its place; returns the error where it cannot be read."""
         try:
             pixels = v2.functional.pil_to_tensor(load_rgb(self.samples[i][0]))
         except UserError as e:
@@ -53,7 +51,7 @@ class DecodedImages(torch.utils.data.Dataset):
 
 
 def available_memory():
-    """Bytes the machine can still give (Linux's MemAvailable), else half of all memory."""
+    """Linux's MemAvailable in bytes, else half of all memory."""
     try:
         with open("/proc/meminfo") as f:
             return next(int(row.split()[1]) * 1024 for row in f if row.startswith("MemAvailable:"))
@@ -62,11 +60,10 @@ def available_memory():
 
 
 def decoded(folders, cache_budget=None, workers=1):
-    """The folders decoded once (DecodedImages) if their pixels fit in cache_budget bytes
-    (default: half the available memory; 0: never), else as they are, with a note."""
+    """The folders as DecodedImages if they fit in cache_budget bytes (0: never), else as is."""
     if cache_budget == 0:
         return folders
-    # Each process on this machine holds its own copy: they share half of the free memory.
+    # each process on this machine holds its own copy
     needed = sum(3 * width * height for folder in folders for width, height in folder.sizes)
     budget = cache_budget or available_memory() // (2 * local_processes())
     if needed > budget:

@@ -1,5 +1,4 @@
-"""The data a run trains on, with the book's augmentations (data.py): a data folder, the hot-dog
-set, CIFAR-10 or random images; and the book's first look at the data, samples.png."""
+"""The data a run trains on, with the book's augmentations, and the book's first look at it."""
 import http.client
 import os
 
@@ -16,13 +15,12 @@ from beyond.photos import ImageFolder
 from beyond.pictures import grid
 
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # MD5 checked
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
 def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0, held_out=None,
                   out=None):
-    """data_dir's sets with the book's augmentations: its train/ and test/ (book_folders) or a
-    split of its class folders (split_by_class), decoded once where they fit in cache_budget."""
+    """data_dir's sets with the book's augmentations, decoded once where they fit in memory."""
     if layout(data_dir, out) == "classes":
         folders = split_by_class(data_dir, val_split, seed, held_out)
     else:
@@ -31,8 +29,7 @@ def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0,
 
 
 def with_augs(sets, sizes=None):
-    """The sets with the book's augmentations, at the sizes an arch's weights were trained with
-    (beyond.archs.preprocessing; default: the book's own)."""
+    """The sets with the book's augmentations, at an arch's sizes (default: the book's own)."""
     augs = ((data.make_train_augs(sizes["crop"], sizes["interpolation"]),
              data.make_test_augs(sizes["resize"], sizes["crop"], sizes["interpolation"]))
             if sizes else (data.train_augs, data.test_augs))
@@ -47,7 +44,7 @@ def cifar10(root="data"):
     archive = os.path.join(root, "cifar-10-python.tar.gz")
     fetch = not os.path.isdir(os.path.join(root, "cifar-10-batches-py"))
     try:
-        if fetch:  # ours writes it whole; torchvision checks the MD5 and extracts
+        if fetch:  # ours writes it whole; torchvision then checks the MD5 and extracts
             download(CIFAR10_URL, archive)
         return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=fetch)
                 for t, augs in ((True, data.train_augs), (False, data.test_augs))]
@@ -68,8 +65,7 @@ def fake_data(train=2000, test=800, num_classes=2):
 
 
 def datasets(data_dir=None, dataset="hotdog", root="data", **folders):
-    """The training and evaluation sets: data_dir's (image_folders, given **folders), else the
-    dataset "hotdog" or "cifar10", downloaded into root on first use, or "dummy", random images."""
+    """The training and evaluation sets: data_dir's, else "hotdog", "cifar10" or "dummy"."""
     if dataset == "dummy":
         return fake_data()
     if dataset == "cifar10":
@@ -78,9 +74,8 @@ def datasets(data_dir=None, dataset="hotdog", root="data", **folders):
 
 
 def samples(data_dir, out="."):
-    """The book's first look at the data (§14.2.2.1): 8 images of the first class and 8 of the
-    last, as loaded and after train_augs, in out/samples.png; returns its path."""
-    # out is refused among the class folders (layout): samples.png there would be trained on
+    """The book's first look at the data (§14.2.2.1), with train_augs, in out/samples.png."""
+    # layout refuses an out among the class folders: samples.png there would be trained on
     train = data_dir if layout(data_dir, out) == "classes" else split_folder(data_dir, ["train"])
     folder = ImageFolder(train, data_dir=data_dir)
     first, last = folder.targets[0], folder.targets[-1]

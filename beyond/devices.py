@@ -1,5 +1,4 @@
-"""Where and how the arithmetic runs: the device (the book's try_gpu and try_all_gpus, with a
-fallback where there is no GPU) and the precision (autocast, channels-last, the gradient scaler)."""
+"""Where the arithmetic runs (the book's try_gpu and try_all_gpus), and in what precision."""
 import contextlib
 
 import torch
@@ -8,9 +7,8 @@ from beyond import UserError
 
 
 def try_device(name=None, keyword="device"):
-    """The device named, else CUDA, else MPS, else the CPU. keyword: the caller's argument that
-    named it, for the error."""
-    if name is None:  # the best there is
+    """The device named, else CUDA, else MPS, else the CPU (the book's try_gpu, §6.7)."""
+    if name is None:
         return torch.device("cuda" if torch.cuda.is_available()
                             else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
@@ -29,25 +27,22 @@ def try_device(name=None, keyword="device"):
 
 
 def try_all_gpus():
-    """Every GPU, as the book's try_all_gpus; where there is none, the best other device, not
-    the book's empty list, on which its train_ch13 fails."""
+    """Every GPU (the book's try_all_gpus), else the best device, not the book's empty list."""
     return [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [try_device()]
 
 
 class Runtime:
-    """The devices and their arithmetic. "amp" on CUDA and the CPU: channels-last, and autocast
-    to the fastest type that keeps accuracy (amp_dtype); "fp32", and on MPS: the book's."""
+    """The devices and their arithmetic: "amp" on CUDA and the CPU, else the book's fp32."""
 
     def __init__(self, devices, precision):
         self.devices, self.device = devices, devices[0]  # the first GPU holds the net
         amp = precision == "amp" and self.device.type in ("cuda", "cpu")
-        self.fp32 = precision == "fp32"  # the book's arithmetic, asked for: no TF32 either
-        self.dtype = amp_dtype(self.device) if amp else None  # autocast's, None for fp32
+        self.fp32 = precision == "fp32"  # asked for: no TF32 either
+        self.dtype = amp_dtype(self.device) if amp else None
         if len(devices) > 1 and self.dtype:  # nn.DataParallel's threads autocast to fp16
             self.dtype = torch.float16
         self.memory_format = torch.channels_last if amp else torch.contiguous_format
-        # GradScaler's first scale, 2**16, is made for a mean loss; the book's is summed over a
-        # batch of 128, so fp16 would overflow for the first steps
+        # GradScaler's first scale suits a mean loss; the book's sums 128, so fp16 would overflow
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16 / 128,
                                            enabled=self.dtype == torch.float16)
 
@@ -56,8 +51,7 @@ class Runtime:
 
     @contextlib.contextmanager
     def cudnn_flags(self):
-        """cuDNN's flags, which are the process's, set for the block and put back after it:
-        autotuning on (the shapes are fixed), and in fp32 no TF32 for convolutions."""
+        """cuDNN's process-wide flags for the block: autotuning on, and in fp32 no TF32."""
         cudnn = torch.backends.cudnn
         before = cudnn.benchmark, cudnn.conv.fp32_precision  # TF32's setting from torch 2.9 on
         cudnn.benchmark = True
@@ -72,7 +66,6 @@ class Runtime:
         return net.to(self.device, memory_format=self.memory_format)
 
     def input(self, X):
-        """A loader's batch on the device, in the memory format the net computes in."""
         X = X.to(self.device, non_blocking=self.device.type == "cuda")  # pinned memory only there
         return X.contiguous(memory_format=self.memory_format)
 
@@ -87,8 +80,7 @@ class Runtime:
 
 
 def make_runtime(devices=None, precision="amp"):
-    """The Runtime for a device or a list of GPUs (default: all GPUs, else the best device), in
-    precision "amp" or "fp32"."""
+    """The Runtime for a device or a list of GPUs (default: all GPUs, else the best device)."""
     if precision not in ("amp", "fp32"):
         raise UserError(f"precision={precision} is not one this program computes in; "
                         "give \"amp\" or \"fp32\"")
@@ -103,8 +95,7 @@ def make_runtime(devices=None, precision="amp"):
 
 
 def amp_dtype(device):
-    """bf16 where the device has it natively (GPUs from Ampere on; CPUs with AMX or AVX512-BF16),
-    fp16 on older GPUs, None (fp32) on other CPUs, where bf16 is emulated and slower."""
+    """bf16 where the device has it natively, else fp16 on GPUs and None (fp32) on CPUs."""
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False)
                 else torch.float16)

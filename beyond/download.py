@@ -1,5 +1,4 @@
-"""Downloads, as the book's d2l.download: written whole through a temporary name, checked by
-SHA-1, a progress line on a terminal, and zip files extracted whole."""
+"""Downloads, as the book's d2l.download, written whole and checked by SHA-1; zips extracted."""
 import hashlib
 import http.client
 import os
@@ -20,8 +19,7 @@ def sha1_of(path):
 
 
 def download(url, path, sha1=None):
-    """Fetch url into path, once. A failed download leaves nothing; a file with the wrong SHA-1
-    is removed where downloaded now, moved to PATH.bad where it was there before."""
+    """Fetch url into path, once; a file with the wrong SHA-1 is removed, or moved to PATH.bad."""
     placed = os.path.exists(path)
     if not placed:
         try:
@@ -31,7 +29,7 @@ def download(url, path, sha1=None):
                 copy_with_progress(r, f, os.path.basename(path), expected)
                 if expected >= 0 and f.tell() != expected:
                     raise OSError(f"the connection closed after {f.tell()} of {expected} bytes")
-        except (OSError, http.client.HTTPException) as e:  # no network, refused, truncated
+        except (OSError, http.client.HTTPException) as e:
             raise UserError(f"cannot download {url} ({e}); fetch it on a machine with network "
                             f"and put it at {path}") from None
     if sha1 and sha1_of(path) != sha1:
@@ -46,7 +44,7 @@ def download(url, path, sha1=None):
 
 
 def copy_with_progress(source, target, name, total):
-    """shutil.copyfileobj, with a progress line on a terminal, as torch.hub's downloads have."""
+    """shutil.copyfileobj, with a progress line on a terminal."""
     show = sys.stderr.isatty()
     while chunk := source.read(1 << 20):
         target.write(chunk)
@@ -73,7 +71,7 @@ def extract(zip_path, folder):
     except (zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"{zip_path} is not a whole zip file ({e}); delete it and download it "
                         "again") from None
-    except OSError as e:  # a full disk, a folder that cannot be written
+    except OSError as e:
         raise UserError(f"cannot extract {zip_path} into {folder} ({e.strerror or e}); "
                         f"{what_to_do(e)}") from None
     return folder

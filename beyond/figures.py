@@ -1,17 +1,14 @@
-"""An evaluation's figures beyond the book's accuracy: which class each example is given (none
-where the net's outputs are NaN), the confusion matrix, and each class's precision and recall."""
+"""An evaluation's figures beyond the book's accuracy: confusion matrix, precision and recall."""
 import torch
 
 
 def predicted(probs):
-    """Each example's class, -1 where its outputs are not finite: a diverged net's NaN predicts
-    nothing (argmax would take NaN for the largest), so it is never right."""
+    """Each example's class, -1 where its outputs are not finite (argmax takes NaN as largest)."""
     return torch.where(probs.isfinite().all(1), probs.argmax(1), -1)
 
 
 def figures(probs, labels, classes):
-    """The confusion matrix (rows: the true class; an example that predicts nothing is in no
-    column), each class's precision, recall, F1 and count, and the balanced accuracy."""
+    """The confusion matrix, each class's precision, recall and F1, and the balanced accuracy."""
     preds, count = predicted(probs), torch.bincount(labels, minlength=len(classes)).double()
     answered = preds >= 0
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)

@@ -1,5 +1,5 @@
-"""Files written whole through a temporary name (checkpoints, strict JSON, pictures), the run's
-folder tried and locked, and files of tensors read back, each failure one UserError."""
+"""Files written whole through a temporary name, the run's folder tried and locked, and tensors
+read back; each failure is one UserError."""
 import contextlib
 import errno
 import io
@@ -9,7 +9,7 @@ import shutil
 import tempfile
 
 try:
-    import fcntl  # file locks, on Linux and macOS
+    import fcntl
 except ImportError:
     fcntl = None
 
@@ -21,8 +21,7 @@ from beyond.processes import rank
 
 @contextlib.contextmanager
 def whole(path):
-    """The temporary name to write path under (a file or a folder): renamed to path when the
-    block ends, removed if it fails, so the last whole file stays."""
+    """A temporary name for path, renamed to path when the block ends: the last whole file stays."""
     part = path + ".part"
     remove(part)  # what an interrupted run left
     try:
@@ -34,7 +33,6 @@ def whole(path):
 
 
 def remove(path):
-    """Remove a file or a folder, if there is one."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):
@@ -42,7 +40,6 @@ def remove(path):
 
 
 def write_whole(path, content):
-    """Write bytes to path (through `whole`); a failed write is one UserError naming the path."""
     try:
         with whole(path) as part, open(part, "wb") as f:
             f.write(content)
@@ -51,7 +48,7 @@ def write_whole(path, content):
 
 
 def saved(obj):
-    """obj as torch.save writes it, in memory: a failure to write is then the file's."""
+    """torch.save into memory, so that a failure to write is only ever the file's."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
@@ -67,7 +64,7 @@ def finite(value):
 
 
 def writable_folder(path):
-    """path, created if need be, once a probe file has been written in it."""
+    """path, created if need be, once a probe file could be written in it."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -79,8 +76,7 @@ def writable_folder(path):
 
 @contextlib.contextmanager
 def made_folder(folder):
-    """folder, created and tried for the block; the folders made for it are removed again
-    where nothing was written in them (a run that wrote nothing, a failed download)."""
+    """folder, created for the block; the folders made are removed again if left empty."""
     made, path = None, os.path.abspath(folder)
     while not os.path.exists(path):  # the outermost folder that will be made
         made, path = path, os.path.dirname(path)
@@ -94,13 +90,12 @@ def made_folder(folder):
 
 @contextlib.contextmanager
 def writing_to(folder):
-    """The run's folder while it writes there: tried before any data is read, locked against a
-    second run, and removed if nothing was written. Process 0 writes; others do nothing."""
+    """The run's folder, locked against a second run and removed if left empty (process 0 only)."""
     if rank() > 0:
         yield folder
         return
     with made_folder(folder), open(os.path.join(folder, ".lock"), "w") as lock:
-        if fcntl:  # Linux and macOS
+        if fcntl:  # not on Windows
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # the lock is the other run's: leave it
@@ -119,8 +114,7 @@ def what_to_do(error):
 
 
 def load_file(path, what, fix, name=None, into=None):
-    """torch.load of weights or a checkpoint onto the CPU, or, given a net `into`, that net with
-    them loaded; a file missing or not `what` is one UserError naming it and the fix."""
+    """torch.load onto the CPU, or into the net `into`; a bad file is one UserError with `fix`."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -137,11 +131,11 @@ def load_file(path, what, fix, name=None, into=None):
 
 
 def first_line(error):
-    """An exception's message as one line; its type's name where the message is empty."""
+    """An exception's message's first line, or its type's name."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def inside(path, folder):
-    """Whether path (a file or a folder) lies in folder, links followed; folder itself counts."""
+    """Whether path lies in folder (or is it), links followed."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder

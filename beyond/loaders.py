@@ -1,5 +1,4 @@
-"""The loaders: shuffled for training, ordered for testing, each process its share under
-torchrun, and worker processes one per core."""
+"""The loaders: shuffled for training, ordered for testing, each process its share."""
 import os
 
 import torch
@@ -10,8 +9,7 @@ from beyond.processes import local_processes, rank, world_size
 
 
 def default_workers(workers=None):
-    """workers, where given; else one loader process per core this process may use, shared
-    among the processes on this machine, at most 16."""
+    """workers, else one per core this process may use, shared among this machine's, at most 16."""
     if workers is not None:
         return workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -19,9 +17,8 @@ def default_workers(workers=None):
 
 
 def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0, persistent=True):
-    """Shuffled training and ordered test loaders; under torch.distributed each process gets its
-    share of the batch and of the test images. persistent: the workers live as long as the loaders
-    (started each epoch, they would copy again every page this process writes meanwhile)."""
+    """Shuffled training and ordered test loaders, each process its share under torchrun.
+    persistent: workers started each epoch would copy every page this process wrote meanwhile."""
     world = world_size()
     if batch_size < world:
         raise UserError(f"batch_size={batch_size} is smaller than the {world} processes; "

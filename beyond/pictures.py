@@ -1,6 +1,5 @@
-"""Pictures: the book's show_images, training curves (live in a notebook: the book's Animator),
-and the test images a net gets wrong, saved to files and shown in a notebook. matplotlib is
-optional, and used through its object API, never pyplot: the caller's backend stays as it is."""
+"""Pictures: the book's show_images, training curves and the test images a net gets wrong.
+matplotlib is optional, used through its object API, never pyplot: the caller's backend stays."""
 import io
 import sys
 
@@ -10,7 +9,7 @@ from beyond.files import remove, write_whole
 
 
 def figure(**kwargs):
-    """A new matplotlib Figure, or None (with a note) where matplotlib is not installed."""
+    """A new matplotlib Figure, or None where matplotlib is not installed."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -20,7 +19,7 @@ def figure(**kwargs):
 
 
 def notebook():
-    """IPython.display where this runs in a Jupyter kernel (Jupyter, VS Code, Colab), else None."""
+    """IPython.display where this runs in a Jupyter kernel, else None."""
     ipython = sys.modules.get("IPython")  # every kernel has imported it; we never import it first
     shell = ipython and ipython.get_ipython()
     if shell is None or not hasattr(shell, "kernel"):
@@ -36,7 +35,7 @@ def png(fig):
 
 
 def finish(fig, path=None):
-    """Save the figure to path (whole, or not at all) and show it in a notebook; returns path."""
+    """Save the figure to path and show it in a notebook; returns path."""
     image = png(fig)
     if path:
         write_whole(path, image)
@@ -46,18 +45,17 @@ def finish(fig, path=None):
 
 
 def as_picture(img):
-    """An image as imshow shows it: a PIL image as it is; a tensor, uint8 or float in [0, 1],
-    channels first (this project's loaders) or last (the book's figures) or grey."""
+    """An image as imshow takes it: a PIL image, or a tensor with channels first, last or none."""
     if not isinstance(img, torch.Tensor):
         return img
     img = img.detach().cpu()
-    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):  # channels first
+    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
         img = img.permute(1, 2, 0)
     return img.squeeze(-1).numpy() if img.ndim == 3 and img.shape[-1] == 1 else img.numpy()
 
 
 def show_images(imgs, num_rows, num_cols, titles=None, scale=1.5, path=None):
-    """The book's d2l.show_images: images in a grid, row by row; a None leaves a gap."""
+    """The book's d2l.show_images (§4.2): images in a grid, row by row; a None leaves a gap."""
     fig = figure(figsize=(num_cols * scale, num_rows * scale * (1.2 if titles else 1)))
     if fig is None:
         return None
@@ -84,14 +82,12 @@ def draw_curves(fig, histories):
 
 
 def curves(histories, path=None):
-    """The curves of several runs ({name: history}) side by side."""
     fig = figure(figsize=(4.5 * len(histories), 3.5))
     return fig and finish(draw_curves(fig, histories), path)
 
 
 def animator():
-    """The book's Animator: in a notebook, a function that redraws the curves of a history in
-    place after every epoch; elsewhere, one that does nothing."""
+    """The book's Animator: redraws a history's curves in place, in a notebook only."""
     display = notebook()
     if not display or not figure():
         return lambda history: None
@@ -101,7 +97,6 @@ def animator():
 
 
 def grid(rows, captions, path, scale=1.6):
-    """Rows of images (up to 8 each) with a caption under each."""
     width = max(map(len, rows))
     padded = [row[i] if i < len(row) else None for row in rows for i in range(width)]
     texts = [row[i] if i < len(row) else "" for row in captions for i in range(width)]
@@ -109,8 +104,7 @@ def grid(rows, captions, path, scale=1.6):
 
 
 def mistakes(test_set, probs, preds, labels, classes, path):
-    """Up to 16 test images the net gets wrong (preds: beyond.figures.predicted's, -1 for none),
-    captioned with the true and the predicted class; where none, the old picture is removed."""
+    """Up to 16 test images the net gets wrong (preds: -1 for none), captioned with both classes."""
     wrong = (preds != labels).nonzero().flatten()[:16].tolist()
     if not wrong:
         remove(path)

@@ -1,6 +1,5 @@
-"""Several processes, as torchvision's references keep them in utils.py: which process this is,
-printing once, torchrun's process group, and DDP with the gradient summed over processes. On one
-process each helper is a plain return, so the recipe calls them without an `if`."""
+"""Several processes, as torchvision's references keep them in utils.py; on one process each
+helper is a plain return, so the recipe calls them without an `if`."""
 import contextlib
 import os
 import random
@@ -13,7 +12,7 @@ from beyond import UserError
 
 
 def rank():
-    """This process's rank: the process group's, else the one torchrun gave it; 0 on its own."""
+    """The process group's rank, else torchrun's RANK; 0 on its own."""
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
@@ -22,18 +21,16 @@ def world_size():
 
 
 def under_torchrun():
-    """Whether torchrun (or the command line's all-GPUs start) started this process."""
     return "WORLD_SIZE" in os.environ
 
 
 def job_size():
-    """How many processes torchrun started for this job, before they join; 1 alone."""
+    """How many processes torchrun started, before they join; 1 alone."""
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def torchrun_start():
-    """When torchrun started this job, the same for every restart (its process's start, from
-    Linux's /proc); None when torchrun did not."""
+    """When torchrun started this job, the same for every restart (from /proc); else None."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
     try:
@@ -50,19 +47,17 @@ def local_rank():
 
 
 def local_processes():
-    """How many processes torchrun started on this machine; they share its cores and memory."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def say(*args, file=None):
     """print, on process 0 only."""
     if rank() == 0:
-        print(*args, file=file, flush=True)  # None: sys.stdout, as it is now
+        print(*args, file=file, flush=True)
 
 
 def local_first(fn, *a):
-    """Run fn on each machine's first process (it downloads), then on the others (they find its
-    files)."""
+    """Run fn on each machine's first process (it downloads), then on the others."""
     first = local_rank() == 0
     if not first:
         dist.barrier()
@@ -73,8 +68,7 @@ def local_first(fn, *a):
 
 
 def join_processes(device):
-    """Under torchrun, join the process group, one GPU each; the device this process trains on,
-    made the current one before anything else touches CUDA."""
+    """Under torchrun, join the process group, one GPU each; returns this process's device."""
     several = job_size() > 1
     if several and device.type == "mps":
         raise UserError("several processes on a Mac: gloo cannot carry MPS tensors; run one "
@@ -84,7 +78,7 @@ def join_processes(device):
         if device.index >= torch.cuda.device_count():
             raise UserError(f"process {device.index} of this machine has no GPU of its own: it "
                             f"has {torch.cuda.device_count()}; start as many processes, or fewer")
-    if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current one
+    if device.type == "cuda" and device.index is not None:  # before anything else touches CUDA
         torch.cuda.set_device(device)
     if several:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -94,11 +88,10 @@ def join_processes(device):
 
 @contextlib.contextmanager
 def rng_kept(device):
-    """The random-number states of the CPU, of Python and of the GPUs, put back after the block.
-    CUDA's are read only where the run computes there or CUDA has started: reading would start
-    it, for a run on the CPU."""
+    """The CPU's, Python's and the GPUs' random states, put back after the block."""
     python = random.getstate()
-    gpu = torch.accelerator.current_accelerator()  # None, or cuda or mps
+    gpu = torch.accelerator.current_accelerator()
+    # reading CUDA's states would start CUDA, for a run on the CPU
     read = gpu and (gpu.type != "cuda" or device.type == "cuda" or torch.cuda.is_initialized())
     try:
         with torch.random.fork_rng(devices=range(torch.accelerator.device_count()) if read else [],
@@ -114,8 +107,7 @@ def leave_processes():
 
 
 def attempt_store():
-    """The processes' meeting point, its keys apart for each restart: torchrun's store outlives
-    the processes it restarts (pytorch/pytorch#135712)."""
+    """The processes' meeting point, keyed per restart: torchrun's store outlives them (#135712)."""
     host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank() == 0
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), job_size(),
                           is_master=host)
@@ -123,8 +115,7 @@ def attempt_store():
 
 
 def parallel(net, devices):
-    """DistributedDataParallel over processes, else the book's nn.DataParallel over several GPUs
-    of one process; `net` itself on one device."""
+    """DDP over processes, else the book's nn.DataParallel over several GPUs, else net."""
     if world_size() > 1:
         model = nn.parallel.DistributedDataParallel(
             net, devices if devices[0].type == "cuda" else None)
@@ -134,14 +125,13 @@ def parallel(net, devices):
 
 
 def allreduce_sum(process_group, bucket):
-    """Sum the gradients over processes (DDP's own hook averages them): the gradient of the
-    loss summed over the global batch, as the book's learning rates assume."""
+    """Sum gradients over processes (DDP's hook averages), as the book's learning rates assume."""
     work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
     return work.get_future().then(lambda future: future.value()[0])
 
 
 def gathered(obj):
-    """[obj of process 0, obj of process 1, ...], on every process; [obj] on one."""
+    """[obj of process 0, obj of process 1, ...], on every process."""
     if world_size() == 1:
         return [obj]
     objs = [None] * world_size()
@@ -150,7 +140,6 @@ def gathered(obj):
 
 
 def from_process_0(obj):
-    """obj as process 0 has it, on every process."""
     if world_size() == 1:
         return obj
     box = [obj]
@@ -171,15 +160,13 @@ def all_reduce_sum(tensor):
 
 
 def same_buffers(net):
-    """Process 0's BatchNorm statistics on every process: DDP sends them before each training
-    forward, not after the last one."""
+    """Process 0's BatchNorm statistics everywhere: DDP sends them before each forward only."""
     for buffer in net.buffers() if world_size() > 1 else []:
         dist.broadcast(buffer, 0)
 
 
 def gather_in_order(probs, labels):
-    """The batches' probabilities and labels, joined; under several processes (process r
-    evaluated examples r, r + world, ...) gathered back in dataset order."""
+    """The batches' probabilities and labels, joined, and gathered back in dataset order."""
     if not labels:  # more processes than test images: this one has none
         probs, labels = [torch.empty(0, 0)], [torch.empty(0, dtype=torch.long)]
     probs, labels = torch.cat(probs), torch.cat(labels)
@@ -189,8 +176,9 @@ def gather_in_order(probs, labels):
     n = sum(len(part_labels) for _, part_labels in parts)
     classes = max(part_probs.shape[1] for part_probs, _ in parts)  # an empty part has 0
     probs, labels = torch.empty(n, classes), torch.empty(n, dtype=labels.dtype)
-    for r, (part_probs, part_labels) in enumerate(parts):
-        probs[r::world_size()], labels[r::world_size()] = part_probs.reshape(-1, classes), part_labels
+    for r, (part_probs, part_labels) in enumerate(parts):  # process r evaluated r, r + world, ...
+        probs[r::world_size()], labels[r::world_size()] = (part_probs.reshape(-1, classes),
+                                                           part_labels)
     return probs, labels
 
 
