@@ -1,0 +1,143 @@
+"""Every option defined once and checked once (beyond.options), from Python and from the command
+line; an option that would be ignored is refused."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import train
+from beyond import UserError, cli, datasets, options, runs
+
+from conftest import run_cli
+
+
+def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
+        tmp_path, capsys, monkeypatch):
+    """Every option a Python caller gets wrong is one UserError naming it, before any data is
+    read; the command line's flags pass through the same rule (options.OPTIONS, options.checked)."""
+    monkeypatch.setattr(datasets, "datasets",
+                        lambda *a, **k: pytest.fail("data read before the options were checked"))
+    bad = [("epochs", 0), ("epochs", "1"), ("epochs", 1.5), ("epochs", -1), ("lr", -1),
+           ("lr", "5e-5"), ("lr", [5e-5, 0]), ("lr", [None]), ("batch_size", "4"), ("seed", "1"),
+           ("dataset", "x"), ("workers", -1), ("freeze_epochs", None),
+           ("device", torch.device("cpu")), ("val_split", 2), ("freeze", "no"), ("patience", 0),
+           ("cache_gb", -1), ("max_megapixels", 0), ("precision", "fp16"),
+           ("class_weights", "yes"), ("dummy", 1), ("lr", float("inf")),
+           ("max_megapixels", float("inf")), ("cache_gb", float("inf")), ("seed", 2**70),
+           ("batch_size", 2**63), ("data_dir", ""), ("arch", ""), ("epochs", np.float64(2))]
+    for name, value in bad:
+        shown = value[-1] if name == 'lr' and isinstance(value, list) else value
+        with pytest.raises(UserError, match="^" + re.escape(f"{name}={shown!r} is not")):
+            runs.train_runs("scratch", str(tmp_path / "never"), **{name: value})
+        with pytest.raises(UserError, match=f"^{name}="):
+            runs.resume(str(tmp_path / "never"), **{name: value})
+    for name, text in (("epochs", "0"), ("epochs", "1.5"), ("lr", "-1"), ("val_split", "2"),
+                       ("workers", "-1"), ("patience", "0"), ("dataset", "x"),
+                       ("precision", "fp16"), ("seed", "x"), ("max_megapixels", "0")):
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--scratch", flag, text])
+        err = capsys.readouterr().err
+        takes = options.takes(*options.OPTIONS[name][1:])
+        assert f"argument {flag}: give {takes}, not {text}" in err, err
+    for name, text, value in (("val_split", "0.5", 0.5), ("epochs", "3", 3), ("lr", "5e-5", 5e-5),
+                              ("seed", "-1", -1), ("precision", "fp32", "fp32"),
+                              ("freeze_epochs", "0", 0)):
+        typed = getattr(cli.parse_args(["--scratch", "--" + name.replace("_", "-"), text]), name)
+        assert typed == ([value] if name == "lr" else value)
+        assert options.checked(name, value) == value
+    message = "lr=[5e-05, 5e-05] names two runs alike; give each learning rate once"
+    with pytest.raises(UserError, match=re.escape(message)):
+        # one folder for both
+        runs.train_runs("pretrained", str(tmp_path / "never"), lr=[5e-5, 5e-5])
+    assert options.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
+    for name, value in (("epochs", np.int64(3)), ("lr", np.float32(0.5)),
+                        ("lr", [np.float64(1e-3), 2])):
+        # numpy's numbers, as Python's (metrics.json, a checkpoint's args)
+        typed = options.checked(name, value)
+        types = {type(v) for v in (typed if isinstance(typed, list) else [typed])}
+        assert typed == value and types == {options.OPTIONS[name][1]}
+    with pytest.raises(UserError, match="^out='' is not a non-empty text; give a non-empty text$"):
+        options.checked("out", "")
+    assert sorted(cli.HELP) == sorted(options.OPTIONS)  # every option has its flag
+    with pytest.raises(UserError, match=r"^resume takes out= and the options \['dataset', .*\], "
+                                        r"not \['epoch'\]$"):
+        runs.resume(str(tmp_path / "never"), epoch=2)
+
+
+def test_options_that_would_be_ignored_are_refused(folder, tmp_path, capsys):
+    """An option the mode does not read, or one that another option makes unread, is refused in
+    one line, never silently ignored."""
+    for argv, message in ((["--predict", "x.png", "--model", "m", "--epochs", 3],
+                           "--epochs does not apply to --predict, which reads --arch, "
+                           "--batch-size, --device, --max-megapixels, --model, --out, "
+                           "--precision, --workers"),
+                          (["--export", "m", "--device", "cuda"],
+                           "--device does not apply to --export"),
+                          (["--show-samples", "--dummy"],
+                           "--dummy does not apply to --show-samples")):
+        with pytest.raises(SystemExit):
+            cli.parse_args([str(a) for a in argv])
+        assert message in capsys.readouterr().err
+    for given, message in (
+            (dict(dummy=True, data_dir=str(tmp_path)),
+             "^data_dir= and dummy= each name the data to train on; give one of them$"),
+            (dict(dummy=True, dataset="cifar10"), "^dummy= and dataset= each"),
+            (dict(freeze=True, freeze_epochs=1),
+             "^freeze= trains the output layer alone in every epoch"),
+            (dict(dummy=True, data_root=str(tmp_path)),
+             "^data_root= is where the hot-dog set and CIFAR-10 are downloaded, and dummy= "
+             "downloads nothing; leave data_root= out$"),
+            (dict(data_dir=folder, val_split=0.5),
+             f"^val_split= splits a data_dir= of class folders alone, and {folder} is not one; "
+             "leave val_split= out$"),
+            (dict(val_split=0.5), "^val_split= .*, and the hotdog set is not one"),
+            (dict(dummy=True, val_split=0.5), "^val_split= .*, and dummy data is not one")):
+        with pytest.raises(UserError, match=message):
+            runs.train_runs("pretrained", str(tmp_path / "never"), **given)
+    # a run begun before these were refused still resumes
+    began = dict(freeze=True, freeze_epochs=1)
+    assert runs.settled("pretrained", began, list(began))["freeze"]
+    # as such a run began: taken
+    options.refuse_unread({**options.DEFAULTS, "dummy": True, "data_dir": "x"}, set())
+    # data_dir= given anew: refused
+    with pytest.raises(UserError, match="^data_dir= and dummy= each name the data"):
+        options.refuse_unread({**options.DEFAULTS, "dummy": True, "data_dir": "x"}, {"data_dir"})
+    status, _, err = run_cli(capsys, "--show-samples", "--data-dir", tmp_path,
+                             "--data-root", tmp_path, "--out", tmp_path)
+    assert status == 2 and ("--data-root is where the hot-dog set and CIFAR-10 are downloaded, "
+                            "and --data-dir") in err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--predict", "x.png", "--model", "m", "--no-cache"])
+    assert "--cache-gb or --no-cache does not apply to --predict" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--scratch", "--data-dir", ""])
+    assert "argument --data-dir: give a non-empty text, not ''" in capsys.readouterr().err
+
+
+def test_two_flags_for_one_option_and_a_cache_past_a_float_are_one_line(capsys):
+    for argv, message in ((["--no-cache", "--cache-gb", "5"], "--no-cache and --cache-gb each set"),
+                          (["--cache-gb", "1e300"], "give a number, 0 or more, below 2**33")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(capsys, "--scratch", *argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err.strip().splitlines()[-1], err
+    with pytest.raises(UserError, match=r"cache_gb=1e\+300 is not a number, 0 or more, below"):
+        runs.train_runs("scratch", None, cache_gb=1e300)
+
+
+def test_the_books_calls_take_numpys_numbers_and_refuse_others_in_one_line(folder, capsys):
+    history = train.train_fine_tuning(models.scratch_net(), 5e-4, batch_size=np.int64(8),
+                                      num_epochs=np.int64(1), data_dir=folder)
+    assert len(history) == 1
+    for kwargs, message in ((dict(batch_size=4.0), "batch_size=4.0 is not a whole number, 1 or"),
+                            (dict(num_epochs=2.0), "num_epochs=2.0 is not a whole number, 1 or"),
+                            (dict(batch_size=0), "batch_size=0 is not a whole number, 1 or more")):
+        with pytest.raises(UserError, match=message):
+            train.train_fine_tuning(models.scratch_net(), 5e-4, **{"num_epochs": 1, **kwargs},
+                                    data_dir=folder)
+    with pytest.raises(UserError, match="^train_iter gives no batches; give it a data set"):
+        one = [(torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.long))]
+        train.train_ch13(models.scratch_net(), (batch for batch in []), one, None, None, 1)

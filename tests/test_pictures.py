@@ -1,0 +1,95 @@
+"""Pictures (beyond.pictures): optional, drawn without changing the caller's matplotlib
+backend; the samples, the mistakes, and a picture that cannot be written."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import models
+from beyond import datasets, loaders, pictures
+from train import evaluate
+
+from conftest import CPU, full_disk, run_cli, write_folder
+
+
+def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    assert pictures.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
+                                 str(tmp_path / "curves.png")) is None
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_pictures_keep_the_callers_backend(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        path = pictures.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
+                                     str(tmp_path / "curves.png"))
+        assert matplotlib.get_backend() == "pdf" and open(path, "rb").read(4) == b"\x89PNG"
+    finally:
+        matplotlib.use(before)
+
+
+def test_show_samples(folder, tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the pictures it checks
+    status, out, _ = run_cli(capsys, "--show-samples", "--data-dir", folder, "--out", tmp_path)
+    assert status == 0 and (tmp_path / "samples.png").stat().st_size > 0 and "samples.png" in out
+    shutil.copytree(folder, tmp_path / "d")
+    among = str(tmp_path / "d" / "train" / "hotdog")  # samples.png there would be trained on
+    status, _, err = run_cli(capsys, "--show-samples", "--data-dir", tmp_path / "d", "--out", among)
+    assert (status == 2 and f"--out {among} lies in" in err
+            and not os.path.exists(os.path.join(among, "samples.png")))
+
+
+def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")  # the pictures it checks
+    root = write_folder(tmp_path / "d", train=4, test=4)
+    for name in ("0.png", "1.png"):  # swap two test images per class: some mistakes are certain
+        a = tmp_path / "d" / "test" / "hotdog" / name
+        b = tmp_path / "d" / "test" / "not-hotdog" / name
+        a.rename(tmp_path / "swap.png"), b.rename(a), (tmp_path / "swap.png").rename(b)
+    shown = {}
+    real = pictures.grid
+    monkeypatch.setattr(pictures, "grid", lambda rows, captions, path, scale: shown.update(
+        images=sum(rows, []), captions=sum(captions, []), path=real(rows, captions, path, scale)))
+    status, out, _ = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1,
+                             "--batch-size", 8, "--workers", 0, "--precision", "fp32",
+                             "--out", tmp_path / "out")
+    assert status == 0
+    net = models.scratch_net(2)
+    net.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True)["model"])
+    _, test_set = datasets.image_folders(root)
+    probs, labels = evaluate(net, loaders.make_loaders(test_set, test_set, 4)[1], CPU)
+    wrong = (probs.argmax(1) != labels).nonzero().flatten().tolist()
+    assert wrong and len(shown["images"]) == len(wrong)
+    for image, i, caption in zip(shown["images"], wrong, shown["captions"]):
+        assert torch.equal(image, test_set[i][0])
+        assert caption.startswith(f"true {test_set.classes[labels[i]]}\npred "
+                                  f"{test_set.classes[1 - labels[i]]}")
+    assert os.path.getsize(shown["path"]) > 0 and shown["path"].endswith("mistakes.png")
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    confusion = torch.tensor(metrics["confusion"])
+    assert confusion.sum() == 8 and confusion.trace() == 8 - len(wrong)
+    assert 1 - len(wrong) / 8 == pytest.approx(metrics["test_acc"])
+    assert "confusion of epoch 1, the one best.pt keeps (rows: true class" in out
+
+
+def test_a_picture_that_cannot_be_written_loses_nothing_else(folder, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")  # the pictures it checks
+    full_disk(monkeypatch, "curves.png", at_call=1)
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder, "--epochs", 1,
+                             "--batch-size", 8, "--workers", 0, "--out", tmp_path)
+    assert status == 2 and err.strip().splitlines() == [
+        f"error: cannot write {tmp_path / 'curves.png'} (No space left on device); free some space "
+        "there, or write to another folder"]
+    assert (json.load(open(tmp_path / "metrics.json"))["history"]
+            and (tmp_path / "model.pt").exists())
+    written = set(os.listdir(tmp_path))  # mistakes.png too, where the net made any
+    assert ({"metrics.json", "model.pt"} <= written
+            and not {"curves.png", "curves.png.part"} & written)
