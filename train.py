@@ -14,6 +14,7 @@ import beyond
 import beyond.archs
 import beyond.devices
 import beyond.figures
+import beyond.options
 import beyond.pictures
 import beyond.processes
 import beyond.progress
@@ -34,10 +35,10 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
     return train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices, precision)
 
 
-def fine_tuning_loss(weight=None):
+def fine_tuning_loss(weight=None, label_smoothing=0.0):
     """The book's cross-entropy, one value per example, which the loop sums over the batch: its
-    learning rates (5e-5, 5e-4) assume the sum, 128x the mean. weight: one per class, or None."""
-    return nn.CrossEntropyLoss(weight=weight, reduction="none")
+    learning rates (5e-5, 5e-4) assume the sum, 128x the mean. Beyond the book: class weights."""
+    return nn.CrossEntropyLoss(weight=weight, reduction="none", label_smoothing=label_smoothing)
 
 
 def fine_tuning_optimizer(net, learning_rate, param_group=True):
@@ -62,6 +63,7 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=No
     """§14.1 (chapter 13 in the book's first edition), called as the book calls it: trains,
     shows each epoch and the book's summary, and returns the history."""
     runtime = beyond.devices.make_runtime(devices, precision)
+    num_epochs = beyond.options.whole("num_epochs", num_epochs)  # the run's rule for its epochs
     for name, loader in (("train_iter", train_iter), ("test_iter", test_iter)):
         if hasattr(loader, "__len__") and not len(loader):  # else a division by zero
             raise beyond.UserError(f"{name} gives no batches; give it a data set that holds images")
@@ -113,6 +115,8 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
             metric[1] += (pred.argmax(1) == y).sum()
             metric[2] += y.numel()
     loss_sum, correct, n = beyond.processes.all_reduce_sum(metric).tolist()
+    if not n:  # a loader without len(), such as a generator, found empty only now
+        raise beyond.UserError("train_iter gives no batches; give it a data set that holds images")
     return dict(loss=loss_sum / n, train_acc=correct / n, examples=n,
                 first_batch_sec=batches.first_batch_sec)
 

@@ -1,9 +1,5 @@
-"""Everything the book's recipe leaves out, in rooms named for what they hold.
-
-Helpers the recipe calls (they import nothing from the top): files, processes, devices, progress,
-figures, download, photos, pictures, archs, folders, cache, loaders. Drivers that run the recipe
-from outside (they import it): datasets, checkpoints, phases, options, runs, predict, cli,
-benchmark.
+"""Everything the book's recipe leaves out, in rooms named for what they hold (docs/house.md):
+helpers the recipe calls, which import nothing from the top, and drivers that run it from outside.
 """
 import re
 

@@ -1,5 +1,4 @@
-"""A checkpoint's format in one place: what model.pt and best.pt hold (save), how they are found
-in a run's folder, read back, and restored into a net, an optimizer and the random numbers."""
+"""A checkpoint's format in one place: what model.pt and best.pt hold, found, read and restored."""
 import os
 import random
 
@@ -12,8 +11,7 @@ from beyond.processes import from_process_0, gathered, rank, world_size
 
 
 def checkpoint_in(path, name="model.pt", one_run=False):
-    """A model.pt (or another name): path itself, or in the folder path, or in its runs' folders:
-    the first (a --compare's runs continue together), or with one_run, one run's alone."""
+    """A model.pt: path itself, in the folder path, or its runs' first (one_run: only one)."""
     fix = "give the model.pt of a training run, or its folder"
     if not isinstance(path, (str, os.PathLike)):
         raise UserError(f"{path!r} is not a path; {fix}")
@@ -29,13 +27,12 @@ def checkpoint_in(path, name="model.pt", one_run=False):
 
 
 def several_runs(folder, checkpoints):
-    """The error for a folder of several runs (their checkpoints) where one was meant."""
     runs = ", ".join(os.path.basename(os.path.dirname(p)) for p in checkpoints)
     return UserError(f"{folder} holds several runs ({runs}); give the folder of one of them")
 
 
 def checkpoints_in(folder, name="model.pt"):
-    """folder's own model.pt (or another name), else those of the runs' folders inside it."""
+    """folder's own model.pt, else those of the runs' folders inside it."""
     own = os.path.join(folder, name)
     if os.path.exists(own):
         return [own]
@@ -44,22 +41,27 @@ def checkpoints_in(folder, name="model.pt"):
 
 
 def kept_in(path):
-    """The checkpoint that predicts for path: a file as it is; a run's folder, the epoch its
-    best.pt keeps (else its model.pt); a folder of several runs is refused."""
+    """The checkpoint that predicts for path: a file, or a run's best.pt, else its model.pt."""
     folder = isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
     if folder and not checkpoints_in(path) and checkpoints_in(path, "best.pt"):  # copied alone
         return checkpoint_in(path, "best.pt", one_run=True)
-    found = checkpoint_in(path, one_run=True)  # the file, or the model.pt of the folder's one run
+    found = checkpoint_in(path, one_run=True)
     best = os.path.join(os.path.dirname(found), "best.pt")
     return best if folder and os.path.exists(best) else found
 
 
 def load_checkpoint(path):
     """A model.pt or best.pt a run wrote: the weights, the classes, what continuing needs."""
-    beside = os.path.join(os.path.dirname(path), "model.pt")  # a best.pt can be made again
-    fix = ("put back a whole copy, or delete it to keep the run's last epoch, its model.pt, in its "
-           "place" if os.path.basename(path) == "best.pt" and os.path.exists(beside)
-           else "give the model.pt of a training run")
+    name, beside = os.path.basename(path), os.path.join(os.path.dirname(path), "model.pt")
+    if name == "best.pt" and os.path.exists(beside):  # a best.pt can be made from it
+        fix = ("put back a whole copy, or delete it to keep the run's last epoch, its model.pt, "
+               "in its place")
+    elif name == "model.pt" and os.path.exists(beside.replace("model.pt", "metrics.json")):
+        fix = "it is cut short or damaged; put back a whole copy, or train anew in another out="
+    elif name.endswith((".pt2", ".onnx")):
+        fix = "it is a file --export wrote; give the run's folder, its best.pt or model.pt"
+    else:
+        fix = "give the model.pt of a training run"
     ckpt = load_file(path, "a checkpoint of this program", fix)
     if not isinstance(ckpt, dict) or "history" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this program; {fix}")
@@ -67,15 +69,13 @@ def load_checkpoint(path):
 
 
 def same_arch(arch, ckpt):
-    """The checkpoint knows its architecture: an arch given beside it must be the same."""
     held = ckpt.get("arch") or "resnet18"  # None: a net of one's own, read as a resnet18
     if arch and arch != held:
         raise UserError(f"{ckpt['path']} holds a {held}, not a {arch}; leave arch= out")
 
 
 def saved_net(checkpoint):
-    """The net a training run saved (load_checkpoint), ready to predict; its FrozenBatchNorm2d
-    layers load the weights of any mode, --freeze or not."""
+    """The net a training run saved, ready to predict (FrozenBatchNorm2d loads any mode's)."""
     arch = checkpoint.get("arch") or "resnet18"  # None: a net of one's own, perhaps a resnet18
     with torch.random.fork_rng(devices=[]):  # the caller's numbers stay as they were
         net = models.freeze_features(models.scratch_net(len(checkpoint["classes"]), arch))
@@ -89,7 +89,6 @@ def saved_net(checkpoint):
 
 
 def run_checkpoint(path):
-    """A checkpoint a run continues: a model.pt a run wrote, not a best.pt."""
     ckpt = load_checkpoint(path)
     if ckpt.get("is_best", os.path.basename(path) == "best.pt"):  # it would rewind the run
         raise UserError(f"{path} is the epoch a run kept, for prediction; continue the run "
@@ -102,8 +101,7 @@ def run_checkpoint(path):
 
 
 def save(folder, history, about, state, best=False):
-    """Process 0 writes model.pt (the state, the history, every process's random numbers, the
-    run's description), best.pt too where best, and held_out.txt where a split held images out."""
+    """Process 0 writes model.pt, best.pt too where best, and held_out.txt after a split."""
     rng = gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
     if rank() == 0:
         checkpoint = {**state, "history": history, "rng": rng, **about, "is_best": False}
@@ -115,9 +113,8 @@ def save(folder, history, about, state, best=False):
             write_whole(os.path.join(folder, "held_out.txt"), held_out)  # not UTF-8: as on disk
 
 
-def restore(ckpt, net, optimizer, scaler):
-    """A checkpoint's state put back (the random numbers where the processes are as many as they
-    were); returns its history, [] for None."""
+def restore(ckpt, net, optimizer, scaler, schedule=None):
+    """A checkpoint's state put back (random numbers where as many processes); its history."""
     if not ckpt:
         return []
     try:
@@ -129,6 +126,8 @@ def restore(ckpt, net, optimizer, scaler):
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"] and scaler.is_enabled():  # empty when written without fp16
         scaler.load_state_dict(ckpt["scaler"])
+    if schedule:  # a run with a schedule continues it (its options are the run's own)
+        schedule.load_state_dict(ckpt["schedule"])
     states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # older: one dict
     if len(states) == world_size():
         torch.set_rng_state(states[rank()]["torch"])
@@ -137,8 +136,7 @@ def restore(ckpt, net, optimizer, scaler):
 
 
 def kept_epoch(folder, ckpt):
-    """The metrics of the epoch best.pt keeps (None for a fresh run); a checkpoint without best.pt
-    beside it (copied alone, or older) makes its epoch the one kept."""
+    """The metrics of the epoch best.pt keeps (None for a fresh run), made from ckpt if missing."""
     best = os.path.join(folder, "best.pt")
     if ckpt and rank() == 0 and not os.path.exists(best):
         write_whole(best, saved({k: v for k, v in ckpt.items() if k != "path"} | {"is_best": True}))

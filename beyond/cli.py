@@ -40,6 +40,11 @@ HELP = dict(
     patience="stop when the test acc (val/'s, where there is one) has not improved for N epochs",
     freeze_epochs="first train the output layer alone, N epochs",
     class_weights="balanced: weigh the loss so that every class counts the same",
+    lr_schedule="cosine: the lr falls along a cosine to 0 at the run's end (default: "
+                "constant, the book's)",
+    warmup_epochs="with --lr-schedule: first raise the lr linearly over N epochs",
+    label_smoothing="cross-entropy's label smoothing, from 0 (default, the book's) to below 1",
+    tensorboard="also write TensorBoard's event files into the run's folder",
     workers="loader processes (default: one per core, at most 16)",
     max_megapixels="larger images are refused as possible decompression bombs "
                    f"(default: {DEFAULTS['max_megapixels']})",
@@ -52,7 +57,7 @@ HELP = dict(
               "bf16 (fp16 on older GPUs); fp32: the book's arithmetic",
 )
 METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION",
-            "class_weights": "balanced"}  # else N for whole numbers
+            "class_weights": "balanced", "lr_schedule": "cosine", "label_smoothing": "X"}  # else N
 NARGS = {"lr": "+"}  # several lrs: one run each
 # What each mode that trains nothing reads: another option typed beside it would be ignored.
 READS = {"predict": {"model", "out", "batch_size", "workers", "device", "precision", "arch",
@@ -81,12 +86,17 @@ def parse_args(argv=None):
         else:
             p.add_argument(flag(name), type=parsed(name), help=text, nargs=NARGS.get(name),
                            metavar=METAVARS.get(name, "N" if OPTIONS[name][1] is int else None))
-    p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0, help="decode "
-                   "images every epoch, not once (--cache-gb 0)")
+    p.add_argument("--no-cache", action="store_true", help="decode images every epoch, not once "
+                   "(--cache-gb 0)")
     p.add_argument("--out", help="output folder (default: runs/<mode>-<time>; for --predict, "
                    "--show-samples: .); for --export, the file (default: beside the checkpoint, "
                    "best.pt2 or best.onnx for best.pt)")
     args = p.parse_args(argv)
+    if hasattr(args, "no_cache"):  # two flags for one option: the last would win, unsaid
+        if hasattr(args, "cache_gb"):
+            p.error("--no-cache and --cache-gb each set the cache; give one of them")
+        args.cache_gb = 0
+        del args.no_cache
     if not any(hasattr(args, key) for key in ("mode", "predict", "resume", "export")):
         p.error("say what to do: --pretrained, --scratch, --compare, --predict, --export, "
                 "--show-samples or --resume")
@@ -116,7 +126,6 @@ def parsed(name):
     return parse
 
 
-# ---------------------------------------------------------------- what each mode prints
 def train(options):
     """--pretrained, --scratch, --compare (options["mode"]) and --resume: train, print results."""
     resume = options.pop("resume", None)
@@ -199,7 +208,6 @@ def show_samples(options):
     return 0
 
 
-# ---------------------------------------------------------------- starting
 def one_line(error):
     """A library error as one line, the Python arguments it names (batch_size=3) named as flags."""
     message = str(error).replace("hotdog_class", "--init-head-from-imagenet")

@@ -1,5 +1,4 @@
-"""A data folder's sets: its layout (train/ and test/, val/ too, or class folders alone), a split
-of class folders alone, and the checks that a continued run's data is the data it had."""
+"""A data folder's sets: its layout, a split of class folders, and checks on a continued run's."""
 import copy
 import os
 
@@ -7,7 +6,7 @@ import torch
 
 from beyond import UserError
 from beyond.files import inside
-from beyond.photos import ImageFolder, every_class_read, ignored, nfc, split_classes
+from beyond.photos import ImageFolder, ignored, nfc, shown, split_classes
 
 
 VAL = ["val", "valid", "validation"]
@@ -17,8 +16,7 @@ SPLITS = ("train", "test", *VAL)
 
 
 def layout(data_dir, out=None):
-    """"splits" (train/ beside test/ or val/, as the book's) or "classes" (class folders alone, to
-    be split); out, a run's folder, is refused where its files would be read as images."""
+    """"splits" (train/ beside test/ or val/, as the book's) or "classes" (class folders alone)."""
     splits = [name for name in subfolders(data_dir) if name.lower() in SPLITS]
     classes = [name for name in subfolders(data_dir) if name.lower() not in SPLITS]
     for folder in [os.path.join(data_dir, name) for name in splits] or [data_dir]:
@@ -41,8 +39,7 @@ def subfolders(data_dir):
 
 
 def book_folders(data_dir):
-    """data_dir's train/ and test/ (or val/) ImageFolders, as the book's; with val/ and test/
-    both, val/ chooses the epochs and test/ comes third, for the final test."""
+    """data_dir's train/ and test/ (or val/) ImageFolders; with both, test/ comes third."""
     splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", *VAL])]
     has_val = set(VAL) & set(map(str.lower, subfolders(data_dir)))
     if os.path.basename(splits[1]).lower() == "test" and has_val:
@@ -59,14 +56,13 @@ def book_folders(data_dir):
 
 
 def same_data(sets, ckpt):
-    """Refuse to continue a run (ckpt: its checkpoint) on other data than it was trained on:
-    other classes, the other layout, or val/ beside test/ where it had none, or the reverse."""
+    """Refuse to continue a run (ckpt: its checkpoint) on other data than it was trained on."""
     classes, path = class_names(sets[0]), ckpt["path"]
     before, now = ckpt.get("final_split"), final_split(sets)
     if classes != ckpt["classes"]:
         raise UserError(f"{path} was trained on classes {ckpt['classes']}, not {classes}; "
                         "continue it with a data folder of those classes")
-    split = ckpt.get("held_out") is not None  # the run held images of class folders alone out
+    split = ckpt.get("held_out") is not None
     if split != (getattr(sets[1], "held_out", None) is not None):
         tested, holds = (("images held out of class folders alone", "train/ and test/") if split
                          else ("a test folder", "class folders alone, to split"))
@@ -93,7 +89,7 @@ def split_folder(data_dir, names):
     """The first of names (any case) that is a folder in data_dir."""
     entries = os.scandir(data_dir) if os.path.isdir(data_dir) else []
     found = {e.name.lower(): e.path for e in entries if e.is_dir()}
-    if paths := [found[name] for name in names if name in found]:  # Train/ as well as train/
+    if paths := [found[name] for name in names if name in found]:
         return paths[0]
     raise UserError(f"{os.path.join(data_dir, names[0])} is not a folder; the data folder needs "
                     "train/ and test/ (or val/), each with one subfolder of images per class, "
@@ -102,25 +98,27 @@ def split_folder(data_dir, names):
 
 
 def split_by_class(data_dir, val_split, seed, held_out=None):
-    """A folder of class folders as a training and an evaluation ImageFolder: val_split of each
-    class held out (hold_out), or the paths held_out names (a resumed run's)."""
+    """Class folders as train and test ImageFolders: val_split of each class held out."""
     train_set = ImageFolder(data_dir)
     paths = [os.path.relpath(path, data_dir) for path, _ in train_set.samples]
     held = (set(held_out) if held_out is not None
             else {paths[i] for i in hold_out(train_set, val_split, seed)})
+    missing = sorted(held - set(paths))  # renamed, moved or unreadable: it would change the test
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(held)} images the run held out for testing "
+                        f"(held_out.txt) are no longer in {data_dir} or cannot be read, the first "
+                        f"{shown(missing[0])}; put them back as they were, or train anew in "
+                        "another out=")
     test_set = copy.copy(train_set)
     test_set.held_out = sorted(held & set(paths))
     test_set.where = f"of {len(paths)} images, split {val_split:g} by class, seed {seed}"
     for folder, held_part in ((train_set, False), (test_set, True)):
         folder.keep([i for i, path in enumerate(paths) if (path in held) == held_part])
-    every_class_read(test_set, "holds none of the images the run held out for testing "
-                               "(held_out.txt); continue it with the folder it was split from, or "
-                               "train anew in another out=")
     return [train_set, test_set]
 
 
 def hold_out(folder, val_split, seed):
-    """The indices to hold out, drawn with seed: val_split of each class, one or more, not all."""
+    """The indices to hold out: val_split of each class, one or more, not all."""
     generator, held = torch.Generator().manual_seed(seed), []
     for target, name in enumerate(folder.classes):
         members = [i for i, t in enumerate(folder.targets) if t == target]
@@ -134,7 +132,7 @@ def hold_out(folder, val_split, seed):
 
 
 def class_names(dataset):
-    """A data set's class names; FakeData (--dummy) has only a number of classes."""
+    """A data set's class names; FakeData (--dummy) has only a number."""
     return getattr(dataset, "classes", None) or [str(i) for i in range(dataset.num_classes)]
 
 

@@ -16,19 +16,23 @@ AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda
 BATCHES = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63)  # 2**63 overflows the loader's index
 ABOVE_0 = ("above 0", lambda v: 0 < v < inf)
 BETWEEN_0_AND_1 = ("between 0 and 1", lambda v: 0 < v < 1)
+FROM_0_TO_BELOW_1 = ("from 0 to below 1", lambda v: 0 <= v < 1)
+GIGABYTES = ("0 or more, below 2**33", lambda v: 0 <= v < 2**33)  # more bytes than a float holds
 SEEDS = ("from -2**63 to 2**64 - 1", lambda v: -2**63 <= v < 2**64)  # what torch.manual_seed takes
 
 # Every option by its Python name: its default (None: off, or chosen at start), type and values.
 OPTIONS = dict(
     dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None),
-    data_root=("data", str, None), dummy=(False, bool, None), cache_gb=(None, float, ZERO_OR_MORE),
+    data_root=("data", str, None), dummy=(False, bool, None), cache_gb=(None, float, GIGABYTES),
     val_split=(0.2, float, BETWEEN_0_AND_1), max_megapixels=(200, float, ABOVE_0),  # the data
     arch=("resnet18", str, None), weights=(None, str, None), freeze=(False, bool, None),
     init_head_from_imagenet=(False, bool, None),                                 # the net
     epochs=(None, int, AT_LEAST_1), batch_size=(128, int, BATCHES), lr=(None, float, ABOVE_0),
     no_param_group=(False, bool, None), seed=(0, int, SEEDS),                    # the book's recipe
     patience=(None, int, AT_LEAST_1), freeze_epochs=(0, int, ZERO_OR_MORE),
-    class_weights=(None, str, ["balanced"]),                                     # beyond it: off
+    class_weights=(None, str, ["balanced"]), lr_schedule=(None, str, ["cosine"]),
+    warmup_epochs=(0, int, ZERO_OR_MORE), label_smoothing=(0.0, float, FROM_0_TO_BELOW_1),
+    tensorboard=(False, bool, None),                                             # beyond it: off
     workers=(None, int, ZERO_OR_MORE), device=(None, str, None),
     precision=("amp", str, ["amp", "fp32"]),                                     # where
 )
@@ -90,6 +94,21 @@ def refuse_unread(options, given):
                                  or os.path.isdir(data) and layout(data) == "splits"):
         raise UserError(f"val_split= splits a data_dir= of class folders alone, and {data} is not "
                         "one; leave val_split= out")
+    if options["warmup_epochs"] and not options["lr_schedule"] and "warmup_epochs" in given:
+        raise UserError("warmup_epochs= warms up a schedule, and lr_schedule= gives none; give "
+                        "lr_schedule=cosine too, or leave warmup_epochs= out")
     if options["freeze"] and options["freeze_epochs"] and given & {"freeze", "freeze_epochs"}:
         raise UserError("freeze= trains the output layer alone in every epoch, freeze_epochs= in "
                         "the first N; give one of them")
+
+
+# The book's whole-number arguments, and the run's options whose rules they follow.
+BOOK_ARGUMENTS = {"batch_size": "batch_size", "num_epochs": "epochs"}
+
+
+def whole(name, value):
+    """A whole number the book's calls take (NumPy's too), by the rule of the run's option."""
+    rule = OPTIONS[BOOK_ARGUMENTS[name]][2]
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and rule[1](value):
+        return int(value)
+    raise UserError(f"{name}={value!r} is not {takes(int, rule)}; give {takes(int, rule)}")

@@ -1,9 +1,9 @@
-"""Photos as devices write them, read as upright 8-bit RGB, and found in folders as people's
-machines fill them (hidden and system files, links, either Unicode form, unreadable files)."""
+"""Photos as devices write them, read as upright 8-bit RGB, and found in folders people fill."""
 import contextlib
 import functools
 import itertools
 import os
+import re
 import sys
 import threading
 import unicodedata
@@ -22,14 +22,12 @@ from beyond.processes import say
 # torchvision's image types, and what phones and the web also give (HEIC needs pillow-heif).
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", ".heic", ".heif")
 
-# PIL refuses images over 89 megapixels as possible decompression bombs, fewer than phones take
-# (108): 200, set at import so that every loader worker has it too.
+# PIL's bomb limit, 89 megapixels, is below phones' 108; set at import, every loader worker has it
 Image.MAX_IMAGE_PIXELS = 200 * 10**6
 
 
 @contextlib.contextmanager
 def megapixels_limit(megapixels):
-    """PIL's limit set to megapixels within the block (the whole process's; put back after)."""
     before = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = int(megapixels * 10**6)
     try:
@@ -38,9 +36,7 @@ def megapixels_limit(megapixels):
         Image.MAX_IMAGE_PIXELS = before
 
 
-# ---------------------------------------------------------------- reading an image
-# The warnings filters are the process's: two threads in catch_warnings at once (the cache,
-# beyond.cache.DecodedImages, decodes in several) could leave one's filter in place.
+# Warnings filters are process-wide: two threads in catch_warnings could leave one's filter set.
 SIZE_CHECK = threading.Lock()
 
 
@@ -50,7 +46,7 @@ def load_rgb(path):
 
 
 def upright_rgb(img):
-    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the pixels
+    ImageOps.exif_transpose(img, in_place=True)
     if img.mode.startswith("I") or img.mode == "F":  # 16-bit grey (I;16, I) and float (F)
         img = Image.fromarray(eight_bits(np.asarray(img)))
     return img.convert("RGB")
@@ -65,7 +61,6 @@ def eight_bits(pixels):
 
 
 def image_size(path):
-    """(width, height) from the image's header, without decoding its pixels."""
     return read_image(path, lambda img: img.size)
 
 
@@ -80,7 +75,7 @@ def read_image(path, read):
         with img:
             return read(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"cannot read image {path} ({e}); raise the limit to read it: "
+        raise UserError(f"cannot read image {path} ({too_large(e)}); raise the limit to read it: "
                         "--max-megapixels N (in Python, runs' max_megapixels option, or around "
                         "any call: with beyond.photos.megapixels_limit(N))") from None
     except FileNotFoundError:
@@ -92,22 +87,29 @@ def read_image(path, read):
                         f"{fix}") from None
 
 
+def too_large(error):
+    """PIL's size error as the image's megapixels against the limit set (PIL's names twice it)."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    if not found:
+        return str(error)
+    limit = Image.MAX_IMAGE_PIXELS / 10**6
+    return f"{int(found[1]) / 10**6:g} megapixels, more than the limit of {limit:g}"
+
+
 @functools.cache
 def heif_plugin():
-    """Let PIL read HEIC photos (iPhones' default), where the pillow-heif plugin is installed."""
+    """Let PIL read HEIC photos (iPhones'), where pillow-heif is installed."""
     with contextlib.suppress(ImportError):
         from pillow_heif import register_heif_opener
         register_heif_opener()
 
 
-# ---------------------------------------------------------------- finding images in folders
 SYSTEM_NAMES = ("__MACOSX", "Thumbs.db", "desktop.ini",  # macOS's zip files, Windows
                 "@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot")  # NAS boxes'
 
 
 def ignored(name):
-    """Never a class or an image: hidden names (.ipynb_checkpoints, .DS_Store, ._x.jpg) and what
-    zip files, Windows and NAS boxes add (SYSTEM_NAMES)."""
+    """Never a class or an image: hidden names (.DS_Store, ._x.jpg) and SYSTEM_NAMES."""
     return name.startswith(".") or name in SYSTEM_NAMES
 
 
@@ -117,8 +119,7 @@ def nfc(name):
 
 
 def image_files(folder):
-    """The image files under folder, sorted, each once: links followed, but no folder read twice
-    (a link back up would loop); ignored names, pipes, sockets and devices skipped."""
+    """The image files under folder, sorted, each once, links followed (no folder twice: loops)."""
     found, seen = [], set()
     for root, folders, names in os.walk(folder, followlinks=True):
         if os.path.realpath(root) in seen:
@@ -137,7 +138,7 @@ def special(path):
 
 
 def once(paths):
-    """paths, each file once however many paths lead to it (links): the first path to it."""
+    """paths, each file once however many links lead to it: the first path to it."""
     first = {}
     for path in paths:
         first.setdefault(os.path.realpath(path), path)
@@ -145,8 +146,7 @@ def once(paths):
 
 
 def split_classes(split, data_dir):
-    """ImageFolder.find_classes for split/<class>/<image>: each class's first folder by NFC name,
-    and each folder's class index. A link to another class's folder in data_dir is refused."""
+    """ImageFolder.find_classes: each class's first folder by NFC name, each folder's index."""
     entries = [e for e in os.scandir(split) if not ignored(e.name)]
     folders = sorted((e.name for e in entries if e.is_dir()), key=lambda name: (nfc(name), name))
     classes = list(dict.fromkeys(map(nfc, folders)))
@@ -173,13 +173,13 @@ def split_classes(split, data_dir):
 
 
 def shown(path):
-    """path as one line of text: bytes that are not UTF-8 and control characters escaped."""
+    """path as one line of text: non-UTF-8 bytes and control characters escaped."""
     text = path.encode(errors="surrogateescape").decode(errors="backslashreplace")
     return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def readable(samples):
-    """The samples whose image headers can be read, and their sizes; the others left out."""
+    """The samples whose image headers can be read, and their sizes."""
     kept, sizes, failed = [], [], []
     for path, target in samples:
         try:
@@ -208,8 +208,7 @@ def every_class_read(folder, problem="holds no image that can be read; put reada
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder for folders as devices write them: ignored names, links, NFC
-    classes, images read by load_rgb; `sizes` holds each (width, height)."""
+    """torchvision's ImageFolder for folders as devices write them; `sizes`: (width, height)s."""
 
     def __init__(self, split, transform=None, data_dir=None):
         self.data_dir = data_dir or split  # a folder of class folders alone is its own data folder
@@ -221,16 +220,14 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         every_class_read(self)
 
     def keep(self, indices):
-        """Only the samples at indices (a part of a split), with their sizes."""
         self.samples = self.imgs = [self.samples[i] for i in indices]
         self.sizes = [self.sizes[i] for i in indices]
         self.targets = [target for _, target in self.samples]
-        # Which images could not be read (__getitem__), shared by the loader's worker processes
+        # shared, so that the loader's worker processes name an unreadable image once
         self.unread = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __getitem__(self, i):
-        """The image and its class; one that cannot be read now (a file cut short) is named once,
-        and the next image of its class stands in."""
+        """The image and its class; for one that cannot be read now, the next of its class."""
         target = self.targets[i]
         for j in itertools.chain(range(i, len(self)), range(i)):
             if self.targets[j] != target or self.unread[j]:
@@ -250,8 +247,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
                      allow_empty=False):
-        """Each image once, under the class whose folder holds it: a link never brings in another
-        class's or another split's images of the data folder."""
+        """Each image once, under the class whose folder holds it, never another's via a link."""
         samples, taken = [], set()
         for name, target in class_to_idx.items():
             folder = os.path.join(directory, name)

@@ -108,7 +108,6 @@ def write_csv(predictions, classes, path):
     write_whole(path, table.getvalue().encode(errors="surrogateescape"))  # not UTF-8: as on disk
 
 
-# ---------------------------------------------------------------- one file, for use elsewhere
 def export(model, out=None, *, format="pt2"):
     """model (as predict takes it) as one file, Pixels, that classifies images without this project:
     format "pt2" (for torch.export.load) or "onnx", to out (default: beside it); returns out."""
@@ -122,15 +121,21 @@ def export(model, out=None, *, format="pt2"):
                else f"out= a name that ends in .{format}")
         raise UserError(f"out={out} is not a .{format} file; give {fix}")
     path = checkpoints.kept_in(model)
+    ckpt = checkpoints.load_checkpoint(path)
     out = out or os.path.splitext(path)[0] + "." + format
     if os.path.realpath(out) == os.path.realpath(path):  # a checkpoint named .pt2 or .onnx
         raise UserError(f"{out} is the checkpoint exported, which the export would write over; "
                         "give out= another name")
-    ckpt = checkpoints.load_checkpoint(path)
+    if os.path.isdir(out):  # found before the work, not by the last write
+        raise UserError(f"out={out} is a folder; give out= the name of a file")
     writable_folder(os.path.dirname(out) or ".")  # tried before the work
     net = Pixels(checkpoints.saved_net(ckpt), ckpt["transform"]).eval()
     about = {"classes": json.dumps(ckpt["classes"]), "input": net.input(len(ckpt["classes"]))}
     images = torch.zeros(2, 3, 300, 400, dtype=torch.uint8)
+    with torch.no_grad():  # as --predict refuses such a net
+        if not net(images).isfinite().all():
+            raise UserError(f"{path} gives outputs that are not numbers (NaN): its training "
+                            "diverged, and should be trained again with a lower lr")
     dims = ({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},)
     file = io.BytesIO()
     try:
@@ -167,6 +172,7 @@ class Pixels(nn.Module):
         self.register_buffer("std", torch.tensor(data.STD).view(-1, 1, 1))
 
     def forward(self, images):
+        images = images.to(torch.uint8)  # a no-op export keeps as a check: other types refused
         X = nn.functional.interpolate(images, [self.resize] * 2, mode=self.interpolation,
                                       antialias=True)  # torchvision's has a branch export can't see
         X = data.normalize(v2.functional.center_crop(X, self.crop), (self.mean, self.std))

@@ -1,5 +1,4 @@
-"""What training shows: a line per epoch (the book prints none), the book's closing summary, and
-a live progress line on a terminal or in a notebook."""
+"""What training shows: a line per epoch, the book's closing summary, and a live progress line."""
 import sys
 import time
 
@@ -7,12 +6,13 @@ from beyond import pictures
 from beyond.processes import rank, say, world_size
 
 
-def show_epoch(history, animator):
-    """The curves redrawn in a notebook (the book's Animator), and the epoch's line."""
+def show_epoch(history, animator, lr=False):
+    """The epoch's line, and the curves redrawn (the book's Animator)."""
     m = history[-1]
     note = f" (start-up: first batch after {m['first_batch_sec']:.1f} s)" if m["epoch"] == 1 else ""
     say(f"  epoch {m['epoch']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
-        f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec{note}")
+        f"test acc {m['test_acc']:.3f}, {m['examples_per_sec']:.1f} examples/sec"
+        + (f", lr {m['lr']:.3g}" if lr else "") + note)
     animator(history)
 
 
@@ -25,15 +25,14 @@ def show_summary(history, runtime):
 
 
 def mean_speed(history):
-    """The book's: the examples of every epoch over their seconds together."""
+    """The book's examples/sec: every epoch's examples over their seconds together."""
     return (sum(m["examples"] for m in history)
             / sum(m["examples"] / m["examples_per_sec"] for m in history))
 
 
 class Progress:
-    """A loader's batches, with a live progress line redrawn every half second (the book's
-    num_batches // 5 is zero for small data), and the seconds until the first batch. metric:
-    the loss sum, the examples right and the examples seen so far."""
+    """A loader's batches, with a progress line redrawn every half second (the book's
+    num_batches // 5 is zero for small data); metric: loss sum, right, seen so far."""
 
     def __init__(self, loader, metric):
         self.loader, self.metric, self.first_batch_sec = loader, metric, 0.0
@@ -54,8 +53,7 @@ class Progress:
 
 
 def live_text():
-    """show(text), which redraws one line in place: with \\r on a terminal (show("") clears
-    it), as an output updated in place in a notebook; None elsewhere (a log file)."""
+    """show(text), redrawing one line on a terminal or in a notebook; None in a log file."""
     notebook = pictures.notebook()
     if notebook:
         handle = notebook.display(notebook.Pretty(""), display_id=True)

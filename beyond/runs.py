@@ -5,6 +5,7 @@
     trained = runs.resume("runs/photos", epochs=5)     # two more epochs, after a restart too
 """
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -18,7 +19,8 @@ import torchvision
 import data
 import models
 import train
-from beyond import UserError, archs, checkpoints, datasets, folders, loaders, pictures, progress
+from beyond import (UserError, archs, checkpoints, datasets, folders, loaders, logs, pictures,
+                    progress)
 from beyond.devices import make_runtime, try_device
 from beyond.figures import figures, predicted
 from beyond.files import finite, writable_folder, write_whole, writing_to
@@ -28,6 +30,7 @@ from beyond.phases import two_phases
 from beyond.photos import megapixels_limit
 from beyond.processes import (from_process_0, join_processes, leave_processes, local_first,
                               processes_batch, rank, rng_kept, say, torchrun_start, world_size)
+from beyond.schedule import epoch_schedule
 
 # The book's recipe, per mode: base lr, whether fc learns at 10x, and the figures it reports.
 RECIPES = {"pretrained": dict(lr=5e-5, param_group=True, book=(0.242, 0.909, 0.940)),
@@ -122,6 +125,12 @@ def settled(mode, given, typed=None):
                    epochs=options["epochs"] or DATASETS[options["dataset"]]["epochs"],
                    workers=loaders.default_workers(options["workers"]),
                    **{key: options[key] and os.path.abspath(options[key]) for key in PATHS})
+    if options["lr_schedule"] and options["warmup_epochs"] >= options["epochs"]:
+        raise UserError(f"warmup_epochs={options['warmup_epochs']} leaves none of the "
+                        f"epochs={options['epochs']} to the cosine; give fewer warm-up epochs")
+    if options["tensorboard"] and not importlib.util.find_spec("tensorboard"):
+        raise UserError("tensorboard= writes TensorBoard's event files with the package "
+                        "tensorboard, which is not installed; pip install tensorboard")
     return options
 
 
@@ -143,7 +152,6 @@ def plan_runs(mode, options, out):
     return [Run(n, m, lr, out if len(runs) == 1 else os.path.join(out, n)) for n, m, lr in runs]
 
 
-# ---------------------------------------------------------------- a run's life
 def trained(options, out, read=None):
     """Train every planned run into out, each continuing its checkpoint (read: what resume read)."""
     device = join_processes(try_device(options["device"]))
@@ -225,27 +233,40 @@ def train_net(run, options, sets, runtime, about, ckpt):
     train_iter, test_iter = loaders.make_loaders(*sets[:2], options["batch_size"],
                                                  options["workers"], options["seed"])
     weights = loss_weights(options["class_weights"], sets[0], runtime.device)
-    loss = train.fine_tuning_loss(weights)  # the book's, weighed by class where asked
+    loss = train.fine_tuning_loss(weights, options["label_smoothing"])  # the book's but where asked
     param_group = RECIPES[run.mode]["param_group"] and not options["no_param_group"]
     optimizer = train.fine_tuning_optimizer(net, run.lr, param_group)
-    history = checkpoints.restore(ckpt, net, optimizer, runtime.scaler)  # [] for a fresh run
+    schedule = epoch_schedule(optimizer, options["lr_schedule"], options["warmup_epochs"],
+                              options["epochs"])
+    history = checkpoints.restore(ckpt, net, optimizer, runtime.scaler, schedule)  # fresh: []
     best_so_far = checkpoints.kept_epoch(run.out, ckpt)
     say(header(run, options, sets, runtime, weights))
     if rank() == 0:
         writable_folder(run.out)  # a run of several has a folder of its own in out
+    curves = rank() == 0 and options["tensorboard"] and logs.tensorboard(run.out, options,
+                                                                         len(history))
 
     def book_epochs(*span):  # span: (start, end), the book's loop over epochs start + 1 to end
         return train.ch13_epochs(net, train_iter, test_iter, loss, optimizer, range(*span), runtime)
     animator, frozen = pictures.animator(), options["freeze_epochs"]
     for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
-        history.append(epoch.metrics)
+        history.append(dict(epoch.metrics, lr=optimizer.param_groups[0]["lr"]))
+        if schedule:  # once per epoch, from outside the book's loop
+            schedule.step()
         best = best_so_far is None or epoch.metrics["test_acc"] > best_so_far["test_acc"]
         best_so_far = epoch.metrics if best else best_so_far
-        checkpoints.save(run.out, history, about, best=best, state=dict(model=net.state_dict(),
-                         optimizer=optimizer.state_dict(), scaler=runtime.scaler.state_dict()))
-        progress.show_epoch(history, animator)  # once saved: where printing fails, it is kept
+        checkpoints.save(run.out, history, about, best=best, state=dict(
+            model=net.state_dict(), optimizer=optimizer.state_dict(),
+            scaler=runtime.scaler.state_dict(), schedule=schedule and schedule.state_dict()))
+        if rank() == 0:
+            logs.write_csv(run.out, history)
+        if curves:
+            logs.add_epoch(curves, history[-1])
+        progress.show_epoch(history, animator, lr=bool(schedule))  # once saved: it is kept
         if stalled(history, options["patience"], frozen):
             break
+    if curves:
+        curves.close()
     progress.show_summary(history, runtime)
     last = epoch if best else None  # the last epoch is best.pt's: no need to read it
     return concluded(run, sets, options, runtime, {**about, "history": history}, last)
@@ -259,7 +280,6 @@ def net_for(mode, num_classes=2, arch="resnet18", weights_file=None, hotdog_clas
     return models.freeze_features(net) if freeze else net
 
 
-# ---------------------------------------------------------------- beyond the book
 def run_options(run, options):
     """The options as run uses them: only a pretrained net has features worth keeping or fixing."""
     return options if run.mode == "pretrained" else {
@@ -309,16 +329,22 @@ def header(run, options, sets, runtime, weights=None):
     phase = "" if not options["freeze_epochs"] else (  # what this run will do
         f", the output layer alone in the first {min(options['freeze_epochs'], options['epochs'])}"
         f" of {options['epochs']} epochs")
+    warmup = options["warmup_epochs"]
+    schedule = "" if not options["lr_schedule"] else (
+        f" falling along a cosine to 0 at epoch {options['epochs']}'s end"
+        + (f" after {warmup} warm-up epoch(s)" if warmup else ""))
+    smoothing = (f", label smoothing {options['label_smoothing']:g}"
+                 if options["label_smoothing"] else "")
     weighed = "" if weights is None else (
         f", class weights balanced ({', '.join(f'{w:.2f}' for w in weights.tolist())})")
     several = "" if world_size() == 1 else (
         f" x {world_size()} processes, {processes_batch(options['batch_size'])}")
     return (f"{run.name}: {options['arch']} at {size['crop']} px (resized to {size['resize']}, "
             f"{size['interpolation']}), training on {len(sets[0])} images, testing on "
-            f"{len(sets[1])}{split}{final}, lr {run.lr:g}{phase}{weighed}, {runtime}{several}")
+            f"{len(sets[1])}{split}{final}, lr {run.lr:g}{schedule}{phase}{smoothing}{weighed}, "
+            f"{runtime}{several}")
 
 
-# ---------------------------------------------------------------- a run's files
 def checkpoint_of(run, options, read):
     """The checkpoint run continues (None: a fresh run), refused where made with other options."""
     path = options["resume"] or os.path.join(run.out, "model.pt")
@@ -336,6 +362,8 @@ def checkpoint_of(run, options, read):
 def may_change(ckpt, read):
     """What may change (MAY_CHANGE): data_dir only to resume, val_split where none was held out."""
     changes = MAY_CHANGE if read is not None else MAY_CHANGE - {"data_dir"}
+    if ckpt["args"].get("lr_schedule"):  # its cosine ends at the run's last epoch
+        changes = changes - {"epochs"}
     return changes | ({"val_split"} if ckpt.get("held_out") is None else set())
 
 

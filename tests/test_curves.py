@@ -1,0 +1,67 @@
+"""A run's curves where people look at them: metrics.csv in every run, and TensorBoard's event
+files with --tensorboard; a continued run adds its epochs and repeats none."""
+import csv
+import importlib.util
+import json
+
+import pytest
+
+from beyond import datasets, progress
+
+from conftest import run_cli
+
+TINY = ["--batch-size", 4, "--workers", 0, "--epochs", 3]
+
+
+def stopped_after(monkeypatch, epoch):
+    real = progress.show_epoch
+
+    def stop(history, *a, **k):
+        real(history, *a, **k)
+        if history[-1]["epoch"] == epoch:
+            monkeypatch.setattr(progress, "show_epoch", real)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(progress, "show_epoch", stop)
+
+
+def test_metrics_csv_and_event_files_hold_every_epoch_once_after_a_resume(
+        folder, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    stopped_after(monkeypatch, 2)
+    argv = ["--scratch", "--data-dir", folder, *TINY, "--tensorboard", "--out", run]
+    assert run_cli(capsys, *argv)[0] == 130
+    with open(run / "metrics.csv", "a") as f:  # what a run stopped while writing might leave
+        f.write("3,0.5")
+    status, out, err = run_cli(capsys, "--resume", run)
+    assert status == 0 and "epoch 3:" in out, err
+    history = json.load(open(run / "metrics.json"))["history"]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [float(r["test_acc"]) for r in rows] == [m["test_acc"] for m in history]
+    assert [float(r["lr"]) for r in rows] == [m["lr"] for m in history] == [5e-4] * 3
+    events = EventAccumulator(str(run))
+    events.Reload()
+    for tag in ("loss", "train_acc", "test_acc", "lr", "examples_per_sec"):
+        steps = [s.step for s in events.Scalars(tag)]
+        assert steps == [1, 2, 3], tag
+    assert [s.value for s in events.Scalars("test_acc")] == pytest.approx(
+        [m["test_acc"] for m in history])
+
+
+def test_every_run_writes_metrics_csv(scratch_run):
+    run, _ = scratch_run
+    history = json.load(open(run / "metrics.json"))["history"]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [{k: float(v) for k, v in row.items()} for row in rows] == history
+
+
+def test_tensorboard_missing_is_one_line_before_any_data(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    monkeypatch.setattr(datasets, "datasets", lambda *a, **k: pytest.fail("data read"))
+    status, out, err = run_cli(capsys, "--scratch", "--tensorboard", "--out", tmp_path / "run")
+    assert status == 2 and err.strip().endswith("pip install tensorboard") and not out, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
