@@ -168,8 +168,7 @@ def trained(options, out, read=None):
                 runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
             ckpts = [checkpoint_of(run, options, read) for run in runs]  # before any data is read
             if any(ckpts) and options["data_dir"] and not os.path.isdir(options["data_dir"]):
-                raise UserError(f"data_dir={options['data_dir']}, the run's data folder, is not a "
-                                "folder; give data_dir= where it is now")
+                raise missing_data(options["data_dir"], next(filter(None, ckpts)))
             start = time.perf_counter()
             held_out = next(filter(None, ckpts), {}).get("held_out")  # what a run held out
             sets = local_first(load_sets, options, held_out)
@@ -185,6 +184,15 @@ def trained(options, out, read=None):
         raise
     finally:
         leave_processes()
+
+
+def missing_data(data_dir, ckpt):
+    """The error for a data folder that is not there: the run's own, or one given now."""
+    if data_dir == ckpt["args"].get("data_dir"):
+        return UserError(f"data_dir={data_dir}, the run's data folder, is not a folder; give "
+                         "data_dir= where it is now")
+    return UserError(f"data_dir={data_dir} is not a folder; give data_dir= where the run's data "
+                     "folder is now")
 
 
 def load_sets(options, held_out=None):

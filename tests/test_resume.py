@@ -326,6 +326,10 @@ def test_a_continued_runs_missing_data_and_damaged_best_pt_are_named_with_their_
     assert status == 2 and "data ready" not in out, err
     assert err == (f"error: --data-dir {tmp_path / 'moved'}, the run's data folder, is not a "
                    "folder; give --data-dir where it is now\n")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--data-dir",
+                               tmp_path / "typo", "--epochs", 2)  # a path just typed: not the run's
+    assert status == 2 and err == (f"error: --data-dir {tmp_path / 'typo'} is not a folder; give "
+                                   "--data-dir where the run's data folder is now\n")
     (tmp_path / "run" / "best.pt").write_bytes((tmp_path / "run" / "best.pt").read_bytes()[:1000])
     status, out, err = run_cli(capsys, "--predict", tmp_path, "--model", tmp_path / "run",
                                "--out", tmp_path / "p")
@@ -368,3 +372,13 @@ def test_val_added_or_removed_between_runs_names_the_change_and_the_fix(folder, 
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert ("chose its epochs on val/ and kept test/ for a final test" in err
             and "put them back" in err)
+
+
+def test_a_truncated_model_pt_names_its_fix(tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path / "run")
+    model = tmp_path / "run" / "model.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)
+    assert status == 2 and err == (f"error: {model} is not a checkpoint of this program; it is "
+                                   "cut short or damaged; put back a whole copy, or train anew "
+                                   "in another --out\n"), err
