@@ -74,12 +74,14 @@ def resume(path, **given):
                         "(or copy that folder where you want it, and continue the copy)")
     if "workers" not in began["typed"]:  # the default of the machine it began on: this one's now
         began = {k: v for k, v in began.items() if k != "workers"}
-    if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in planned]:
-        del given["lr"]  # the recipe's own, which the run began with, typed out
+    alone = os.path.abspath(path) != out  # a run's model.pt, or its folder among others
+    continued = [run for run in plan_runs(began["mode"], {**DEFAULTS, **began}, out)
+                 if not alone or run.out == folder]
+    if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in continued]:
+        del given["lr"]  # the recipe's own, which the runs began with, typed out
     options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
     options = settled(began["mode"], options, {*began["typed"], *given})
     refuse_unread(options, set(given))  # only what is given anew: an older run goes on as it began
-    alone = os.path.abspath(path) != out  # a run's model.pt, or its folder among others
     return trained({**options, "resume": found if alone else None}, out, {found: ckpt})
 
 

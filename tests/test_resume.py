@@ -73,6 +73,9 @@ def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compar
     status, out, err = run_cli(capsys, "--resume", tmp_path / "both" / "scratch", "--epochs", 3)
     # its folder: that run alone
     assert status == 0 and out.count("epoch 3:") == 1 and "pretrained" not in out, err
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "both" / "scratch", "--lr", "5e-4",
+                               "--epochs", 4)  # the scratch run's own lr, typed out: no change
+    assert status == 0 and out.count("epoch 4:") == 1, err
     pretrained = tmp_path / "both" / "pretrained" / "metrics.json"
     assert [m["epoch"] for m in json.load(open(pretrained))["history"]] == [1]
     status, out, err = run_cli(capsys, "--resume", tmp_path / "both", "--epochs", 2)
