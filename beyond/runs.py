@@ -65,9 +65,10 @@ def resume(path, **given):
     began = ckpt["args"]
     checkpoints.same_arch(given.pop("arch", None), ckpt)
     folder = os.path.dirname(found)  # where the run is now, wherever it began
-    planned = plan_runs(began["mode"], {**DEFAULTS, **began}, folder)
-    out = os.path.dirname(folder) if len(planned) > 1 else folder  # several: a folder each in out
-    one_training(path, began, out)
+    several = len(plan_runs(began["mode"], {**DEFAULTS, **began}, folder)) > 1
+    out = os.path.dirname(folder) if several else folder  # several: a folder each in out
+    planned = plan_runs(began["mode"], {**DEFAULTS, **began}, out)
+    one_training(path, planned)
     asked = given.pop("out", None)
     if asked and os.path.abspath(asked) != out:
         raise UserError(f"{found} continues in its own folder, {out}; leave out= out "
@@ -75,8 +76,7 @@ def resume(path, **given):
     if "workers" not in began["typed"]:  # the default of the machine it began on: this one's now
         began = {k: v for k, v in began.items() if k != "workers"}
     alone = os.path.abspath(path) != out  # a run's model.pt, or its folder among others
-    continued = [run for run in plan_runs(began["mode"], {**DEFAULTS, **began}, out)
-                 if not alone or run.out == folder]
+    continued = [run for run in planned if not alone or run.out == folder]
     if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in continued]:
         del given["lr"]  # the recipe's own, which the runs began with, typed out
     options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
@@ -85,13 +85,11 @@ def resume(path, **given):
     return trained({**options, "resume": found if alone else None}, out, {found: ckpt})
 
 
-def one_training(path, began, out):
-    """Refuse a folder path that holds runs of another training than the one begun with began."""
+def one_training(path, planned):
+    """Refuse a folder path that holds runs of another training than planned's."""
     if os.path.isdir(path):
-        runs = plan_runs(began["mode"], {**DEFAULTS, **began}, out)
-        planned = {os.path.join(run.out, "model.pt") for run in runs}
         held = [os.path.abspath(p) for p in checkpoints.checkpoints_in(path)]
-        if set(held) - planned:
+        if set(held) - {os.path.join(run.out, "model.pt") for run in planned}:
             raise checkpoints.several_runs(path, held)
 
 
@@ -253,30 +251,32 @@ def train_net(run, options, sets, runtime, about, ckpt):
     say(header(run, options, sets, runtime, weights))
     if rank() == 0:
         writable_folder(run.out)  # a run of several has a folder of its own in out
-    curves = rank() == 0 and options["tensorboard"] and logs.tensorboard(run.out, options,
-                                                                         len(history))
+    curves = (logs.tensorboard(run.out, options, len(history))
+              if rank() == 0 and options["tensorboard"] else None)
 
     def book_epochs(*span):  # span: (start, end), the book's loop over epochs start + 1 to end
         return train.ch13_epochs(net, train_iter, test_iter, loss, optimizer, range(*span), runtime)
     animator, frozen = pictures.animator(), options["freeze_epochs"]
-    for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
-        history.append(dict(epoch.metrics, lr=optimizer.param_groups[0]["lr"]))
-        if schedule:  # once per epoch, from outside the book's loop
-            schedule.step()
-        best = best_so_far is None or epoch.metrics["test_acc"] > best_so_far["test_acc"]
-        best_so_far = epoch.metrics if best else best_so_far
-        checkpoints.save(run.out, history, about, best=best, state=dict(
-            model=net.state_dict(), optimizer=optimizer.state_dict(),
-            scaler=runtime.scaler.state_dict(), schedule=schedule and schedule.state_dict()))
-        if rank() == 0:
-            logs.write_csv(run.out, history)
+    try:
+        for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
+            history.append(dict(epoch.metrics, lr=optimizer.param_groups[0]["lr"]))
+            if schedule:  # once per epoch, from outside the book's loop
+                schedule.step()
+            best = best_so_far is None or epoch.metrics["test_acc"] > best_so_far["test_acc"]
+            best_so_far = epoch.metrics if best else best_so_far
+            checkpoints.save(run.out, history, about, best=best, state=dict(
+                model=net.state_dict(), optimizer=optimizer.state_dict(),
+                scaler=runtime.scaler.state_dict(), schedule=schedule and schedule.state_dict()))
+            if rank() == 0:
+                logs.write_csv(run.out, history)
+            if curves:
+                logs.add_epoch(curves, history[-1])
+            progress.show_epoch(history, animator, lr=bool(schedule))  # once saved: it is kept
+            if stalled(history, options["patience"], frozen):
+                break
+    finally:  # the writer's thread ends with the run, stopped or not
         if curves:
-            logs.add_epoch(curves, history[-1])
-        progress.show_epoch(history, animator, lr=bool(schedule))  # once saved: it is kept
-        if stalled(history, options["patience"], frozen):
-            break
-    if curves:
-        curves.close()
+            curves.close()
     progress.show_summary(history, runtime)
     last = epoch if best else None  # the last epoch is best.pt's: no need to read it
     return concluded(run, sets, options, runtime, {**about, "history": history}, last)
