@@ -64,25 +64,25 @@ def resume(path, **given):
     ckpt = checkpoints.run_checkpoint(found)  # the only time this process reads it
     began = ckpt["args"]
     checkpoints.same_arch(given.pop("arch", None), ckpt)
-    folder = os.path.dirname(found)  # where the run is now, wherever it began
-    several = len(plan_runs(began["mode"], {**DEFAULTS, **began}, folder)) > 1
-    out = os.path.dirname(folder) if several else folder  # several: a folder each in out
-    planned = plan_runs(began["mode"], {**DEFAULTS, **began}, out)
+    folder = os.path.dirname(found)  # the run's own folder, wherever it is, whatever its name
+    planned = plan_runs(began["mode"], {**DEFAULTS, **began}, os.path.abspath(path))
+    whole = len(planned) > 1 and os.path.isdir(path) and os.path.abspath(path) != folder
+    if not whole:  # one run, in its own folder: the one its checkpoint names
+        planned = [run._replace(out=folder) for run in planned if run.name == ckpt["name"]]
     one_training(path, planned)
+    out = os.path.abspath(path) if whole else folder
     asked = given.pop("out", None)
     if asked and os.path.abspath(asked) != out:
         raise UserError(f"{found} continues in its own folder, {out}; leave out= out "
                         "(or copy that folder where you want it, and continue the copy)")
     if "workers" not in began["typed"]:  # the default of the machine it began on: this one's now
         began = {k: v for k, v in began.items() if k != "workers"}
-    alone = os.path.abspath(path) != out  # a run's model.pt, or its folder among others
-    continued = [run for run in planned if not alone or run.out == folder]
-    if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in continued]:
+    if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in planned]:
         del given["lr"]  # the recipe's own, which the runs began with, typed out
     options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
     options = settled(began["mode"], options, {*began["typed"], *given})
     refuse_unread(options, set(given))  # only what is given anew: an older run goes on as it began
-    return trained({**options, "resume": found if alone else None}, out, {found: ckpt})
+    return trained({**options, "resume": None if whole else found}, out, {found: ckpt})
 
 
 def one_training(path, planned):
@@ -159,13 +159,14 @@ def trained(options, out, read=None):
     try:
         with megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):
             runs = plan_runs(options["mode"], options, out)
+            if options["resume"]:  # one run continued alone, in its own folder: the one it names
+                runs = [run._replace(out=out) for run in runs
+                        if run.name == read[options["resume"]]["name"]]
             found = from_process_0(checkpoints.checkpoints_in(out) if rank() == 0 else None)
             if set(found) - {os.path.join(run.out, "model.pt") for run in runs}:
                 raise UserError(f"out={out} holds another run, and a folder holds one run, or the "
                                 "runs of one compare or of one list of learning rates; choose "
                                 "another out=")
-            if options["resume"]:  # resume named one run of several: that run alone
-                runs = [run for run in runs if run.out == os.path.dirname(options["resume"])]
             ckpts = [checkpoint_of(run, options, read) for run in runs]  # before any data is read
             if any(ckpts) and options["data_dir"] and not os.path.isdir(options["data_dir"]):
                 raise missing_data(options["data_dir"], next(filter(None, ckpts)))

@@ -84,6 +84,20 @@ def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compar
     assert [m["epoch"] for m in json.load(open(pretrained))["history"]] == [1, 2]
 
 
+def test_a_run_of_a_compare_copied_under_another_name_continues_in_the_copy(
+        tmp_path, capsys, compare_run):
+    """A run is the one its checkpoint names, not its folder's name."""
+    shutil.copytree(compare_run[0] / "scratch", tmp_path / "mine")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "mine", "--epochs", 2)
+    assert status == 0 and out.count("epoch 2:") == 1 and f"wrote {tmp_path / 'mine'}" in out, err
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "mine" / "model.pt", "--epochs", 3,
+                               "--out", tmp_path / "mine")  # its own folder, typed
+    assert status == 0 and out.count("epoch 3:") == 1, err
+    metrics = json.load(open(tmp_path / "mine" / "metrics.json"))
+    assert metrics["name"] == "scratch" and [m["epoch"] for m in metrics["history"]] == [1, 2, 3]
+    assert sorted(os.listdir(tmp_path)) == ["mine"]
+
+
 def test_a_run_continued_past_its_metrics_reports_its_checkpoint(
         folder, tmp_path, capsys, scratch_run):
     # SCRATCH, one epoch, into tmp_path
