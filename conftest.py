@@ -50,6 +50,13 @@ def write_folder(root, train=4, test=2, size=(40, 48), classes=COLOURS, seed=0):
     return str(root)
 
 
+def sideways(upright, path):
+    """The photo as a phone stores a portrait: pixels turned a quarter, the turn in the EXIF tag."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show
+    upright.rotate(90, expand=True).save(path, exif=exif)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def torch_home(tmp_path_factory):
     """A TORCH_HOME holding stand-in "ImageNet" weights, so --pretrained loads them offline."""

@@ -56,7 +56,8 @@ DOC_BLOCKS = {
         [("data/hotdog", "data/hotdog --batch-size 4 --batches 1 --workers 0")],
     "python finetune.py --export runs/pretrained-... # runs/pretrained-.../best.pt2":
         [("runs/pretrained-...", "{run}")],
-    # with torch alone, and with onnxruntime
+    "# read a photo as --predict does (beyond.photos.upright_rgb and eight_bits)": [],
+    # with torch alone, and with onnxruntime (upright_rgb from the block before)
     "import json": [('"best.', '"{run}/best.'), ("photo.jpg", "photo1.jpg")],
     '"""--predict against the exported files, on the same photos and CPU: images/sec, photo files '
     'in,':
@@ -87,11 +88,11 @@ def changed(text, changes, run):
     return text
 
 
-def run_block(text, language, monkeypatch):
-    """A Python block, or a shell block's commands (python finetune.py, python benchmark.py), in
-    this process."""
+def run_block(text, language, monkeypatch, scope):
+    """A Python block in scope, which the blocks before it filled (as in one notebook), or a shell
+    block's commands (python finetune.py, python -m beyond.benchmark), in this process."""
     if language == "python":
-        return exec(compile(text, "block", "exec"), {})
+        return exec(compile(text, "block", "exec"), scope)
     import shlex
     from beyond import benchmark
     for line in text.replace("\\\n", " ").splitlines():
@@ -142,11 +143,11 @@ def test_the_docs_blocks_run_as_written(folder, tmp_path, capsys, monkeypatch, c
     os.makedirs("holiday")
     for name in ("holiday/beach.png", "holiday/hotdog.jpg", "photo1.jpg"):
         Image.new("RGB", (50, 40), (220, 60, 30)).save(name)
-    printed, run = {"--compare": compare_run[1]}, None
+    printed, run, scope = {"--compare": compare_run[1]}, None, {}
     for first, language, text in doc_blocks():
         how = DOC_BLOCKS[first]
         if isinstance(how, list):
-            run_block(changed(text, how, run), language, monkeypatch)
+            run_block(changed(text, how, run), language, monkeypatch, scope)
             printed[first] = capsys.readouterr().out
             run = run or next(iter(sorted(map(str, (tmp_path / "runs").glob("pretrained-*")))),
                               None)

@@ -1,9 +1,15 @@
 """Export (--export, beyond.predict.export): one file, preprocessing and net, that gives
 --predict's probabilities with torch alone (.pt2) or under onnxruntime (.onnx)."""
+import contextlib
+import inspect
+import io
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -11,9 +17,9 @@ import torch
 from PIL import Image
 
 import finetune
-from beyond import UserError, checkpoints, cli, datasets, predict
+from beyond import UserError, checkpoints, cli, datasets, photos, predict
 
-from conftest import full_disk, run_cli, write_folder
+from conftest import HERE, full_disk, run_cli, sideways, write_folder
 
 
 EXPORTED = """
@@ -56,6 +62,61 @@ def trained_to_export(root, folder, *mode):
     return root / "run", paths, probs
 
 
+def png_48_bits(path, pixels):
+    """A 16-bit RGB PNG (PIL writes none): pixels (height, width, 3) of uint16."""
+    def chunk(kind, body):
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+    height, width, _ = pixels.shape
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, RGB
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)  # each unfiltered
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                + chunk(b"IEND", b""))
+
+
+def photos_of_every_kind(folder):
+    """One dark picture (128x64: resized to 256 by exact scales) as every kind of file --predict
+    reads; and white.png, what a reader that clips 16 bits sees of the first two."""
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(10, 120, (64, 128, 3)).astype(np.uint8)
+    grey = rgb.mean(axis=2).astype(np.uint16) * 257
+    Image.fromarray(grey).save(folder / "grey16.png")
+    Image.fromarray(grey).save(folder / "grey16.tif")
+    Image.fromarray((grey / 65535).astype(np.float32)).save(folder / "float.tif")
+    png_48_bits(folder / "rgb16.png", rgb.astype(np.uint16) * 257 + 100)
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    sideways(Image.fromarray(rgb), folder / "turned.jpg")
+    Image.new("RGB", (128, 64), (255, 255, 255)).save(folder / "white.png")
+    kinds = ("grey16.png", "grey16.tif", "float.tif", "rgb16.png", "cmyk.jpg", "palette.png",
+             "turned.jpg")
+    assert [Image.open(folder / k).mode for k in kinds] == ["I;16", "I;16", "F", "RGB", "CMYK", "P",
+                                                            "RGB"]
+    return [str(folder / kind) for kind in kinds]
+
+
+def docs_snippets_agree_with_predict(run, model_file, folder):
+    """docs/use-elsewhere.md's decoding and its snippet for model_file's format, run as written on
+    photos of every kind, print --predict --precision fp32's class and probability."""
+    text = open(os.path.join(HERE, "docs", "use-elsewhere.md"), encoding="utf-8").read()
+    decoding, *snippets = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)[:3]
+    assert (inspect.getsource(photos.upright_rgb) in decoding
+            and inspect.getsource(photos.eight_bits) in decoding)  # --predict's, word for word
+    snippet = next(s for s in snippets if f'"best.{model_file.suffix[1:]}"' in s)
+    load, use = re.sub(r'"best\.\w+"', repr(str(model_file)), snippet).split("photo = ")
+    scope = {}
+    exec(decoding + load, scope)
+    paths = photos_of_every_kind(folder)
+    expected = predict.predict(run, [*paths, folder / "white.png"], precision="fp32", workers=0)
+    assert abs(expected[0].probability - expected[-1].probability) > 0.01  # or it proves nothing
+    for path, prediction in zip(paths, expected):
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            exec("photo = " + use.replace('"photo.jpg"', repr(path)), scope)
+        label, probability = printed.getvalue().split()
+        assert abs(float(probability) - prediction.probabilities[label]) < 6e-4, path
+
+
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory, folder):
     return trained_to_export(tmp_path_factory.mktemp("export"), folder, "--pretrained")
@@ -76,6 +137,7 @@ def test_export_pt2_loads_with_torch_alone_and_gives_predicts_probabilities(
                                       "shape (batch, 3, height, width), any")
     torch.testing.assert_close(torch.tensor(result["alone"]), probs, rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.tensor(result["batch"]), probs[:-1], rtol=0, atol=1e-4)
+    docs_snippets_agree_with_predict(run, run / "best.pt2", tmp_path)
 
 
 def test_export_onnx_under_onnxruntime_gives_predicts_probabilities(exported_run, tmp_path, capsys):
@@ -95,6 +157,7 @@ def test_export_onnx_under_onnxruntime_gives_predicts_probabilities(exported_run
     batch = session.run(None, {"images": torch.stack([decoded(p) for p in paths[:-1]]).numpy()})[0]
     torch.testing.assert_close(torch.tensor(np.array(alone)), probs, rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.tensor(batch), probs[:-1], rtol=0, atol=1e-4)
+    docs_snippets_agree_with_predict(run, tmp_path / "hotdog.onnx", tmp_path)
 
 
 def test_export_of_another_family_gives_predicts_probabilities(tmp_path):

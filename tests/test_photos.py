@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from beyond import UserError, checkpoints, cli, datasets, photos, runs
 
-from conftest import run_cli, write_folder
+from conftest import run_cli, sideways, write_folder
 
 
 # ---------------------------------------------------------------- photos as devices write them
@@ -47,13 +47,6 @@ def test_unreadable_and_huge_images_are_named(tmp_path, monkeypatch):
     for read in (photos.load_rgb, photos.image_size):  # the cache's size estimate reads headers too
         with pytest.raises(UserError, match="ok.png"):
             read(str(tmp_path / "ok.png"))
-
-
-def sideways(upright, path):
-    """The photo as a phone stores a portrait: pixels turned a quarter, the turn in the EXIF tag."""
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show
-    upright.rotate(90, expand=True).save(path, exif=exif)
 
 
 def test_every_reader_turns_photos_upright_and_scales_16_bits(tmp_path):
