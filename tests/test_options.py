@@ -138,6 +138,10 @@ def test_the_books_calls_take_numpys_numbers_and_refuse_others_in_one_line(folde
         with pytest.raises(UserError, match=message):
             train.train_fine_tuning(models.scratch_net(), 5e-4, **{"num_epochs": 1, **kwargs},
                                     data_dir=folder)
+    one = [(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(UserError, match="^train_iter gives no batches; give it a data set"):
-        one = [(torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.long))]
         train.train_ch13(models.scratch_net(), (batch for batch in []), one, None, None, 1)
+    net = models.scratch_net()  # an empty generator to test on: found after the epoch
+    with pytest.raises(UserError, match="^test_iter gives no batches; give it a data set"):
+        train.train_ch13(net, one, (batch for batch in []), train.fine_tuning_loss(),
+                         train.fine_tuning_optimizer(net, 1e-3), 1, "cpu")
