@@ -66,23 +66,30 @@ def resume(path, **given):
     checkpoints.same_arch(given.pop("arch", None), ckpt)
     folder = os.path.dirname(found)  # the run's own folder, wherever it is, whatever its name
     planned = plan_runs(began["mode"], {**DEFAULTS, **began}, os.path.abspath(path))
-    whole = len(planned) > 1 and os.path.isdir(path) and os.path.abspath(path) != folder
-    if not whole:  # one run, in its own folder: the one its checkpoint names
-        planned = [run._replace(out=folder) for run in planned if run.name == ckpt["name"]]
+    # a folder of several runs (a --compare's), each in the folder named after it: every run
+    whole = (len(planned) > 1 and os.path.isdir(path) and os.path.abspath(path) != folder
+             and os.path.basename(folder) == ckpt["name"])
+    planned = planned if whole else [own_run(ckpt)]
     one_training(path, planned)
     out = os.path.abspath(path) if whole else folder
     asked = given.pop("out", None)
-    if asked and os.path.abspath(asked) != out:
-        raise UserError(f"{found} continues in its own folder, {out}; leave out= out "
+    if asked and os.path.realpath(asked) != os.path.realpath(out):
+        held = f"the runs in {out} continue in their" if whole else f"{found} continues in its"
+        raise UserError(f"{held} own folder, {out}; leave out= out "
                         "(or copy that folder where you want it, and continue the copy)")
     if "workers" not in began["typed"]:  # the default of the machine it began on: this one's now
         began = {k: v for k, v in began.items() if k != "workers"}
-    if began["lr"] is None and lrs(given.get("lr")) == [run.lr for run in planned]:
-        del given["lr"]  # the recipe's own, which the runs began with, typed out
+    if lrs(given.get("lr")) == [run.lr for run in planned]:
+        del given["lr"]  # the runs' own, typed out
     options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
     options = settled(began["mode"], options, {*began["typed"], *given})
     refuse_unread(options, set(given))  # only what is given anew: an older run goes on as it began
     return trained({**options, "resume": None if whole else found}, out, {found: ckpt})
+
+
+def own_run(ckpt):
+    """The run that wrote ckpt, alone in the checkpoint's folder."""
+    return Run(ckpt["name"], ckpt["mode"], ckpt["lr"], os.path.dirname(ckpt["path"]))
 
 
 def one_training(path, planned):
@@ -158,10 +165,8 @@ def trained(options, out, read=None):
     out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
     try:
         with megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):
-            runs = plan_runs(options["mode"], options, out)
-            if options["resume"]:  # one run continued alone, in its own folder: the one it names
-                runs = [run._replace(out=out) for run in runs
-                        if run.name == read[options["resume"]]["name"]]
+            runs = ([own_run(read[options["resume"]])] if options["resume"]  # one run, alone
+                    else plan_runs(options["mode"], options, out))
             found = from_process_0(checkpoints.checkpoints_in(out) if rank() == 0 else None)
             if set(found) - {os.path.join(run.out, "model.pt") for run in runs}:
                 raise UserError(f"out={out} holds another run, and a folder holds one run, or the "
@@ -363,10 +368,15 @@ def checkpoint_of(run, options, read):
                                                     else checkpoints.run_checkpoint(path))
     best = os.path.join(run.out, "best.pt")  # without model.pt, a fresh run would write over it
     began = ckpt or from_process_0(None if rank() > 0 or not os.path.exists(best) else {
-        k: v for k, v in checkpoints.load_checkpoint(best).items() if k in ("args", "held_out")})
+        k: v for k, v in checkpoints.load_checkpoint(best).items()
+        if k in ("args", "held_out", "name")})
     if began:
         refuse_changes(run_options(run, began["args"]), run_options(run, options),
                        path if ckpt else best, may_change(began, read))
+    if began and began.get("name", run.name) != run.name:  # runs of one training, swapped
+        raise UserError(f"{path if ckpt else best} holds the run {began['name']}, not {run.name}, "
+                        f"whose folder it is in; put each run of {os.path.dirname(run.out)} back "
+                        "in the folder named after it, or continue this one alone by its folder")
     return ckpt
 
 

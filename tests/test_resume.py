@@ -84,18 +84,28 @@ def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compar
     assert [m["epoch"] for m in json.load(open(pretrained))["history"]] == [1, 2]
 
 
-def test_a_run_of_a_compare_copied_under_another_name_continues_in_the_copy(
-        tmp_path, capsys, compare_run):
-    """A run is the one its checkpoint names, not its folder's name."""
+def test_a_run_is_the_one_its_checkpoint_holds_whatever_its_folders_name(
+        folder, tmp_path, capsys, compare_run):
+    """A run of a --compare copied under another name continues there, alone; in the folder of
+    several runs, a run in another's folder is refused, not continued as that one."""
     shutil.copytree(compare_run[0] / "scratch", tmp_path / "mine")
     status, out, err = run_cli(capsys, "--resume", tmp_path / "mine", "--epochs", 2)
     assert status == 0 and out.count("epoch 2:") == 1 and f"wrote {tmp_path / 'mine'}" in out, err
     status, out, err = run_cli(capsys, "--resume", tmp_path / "mine" / "model.pt", "--epochs", 3,
-                               "--out", tmp_path / "mine")  # its own folder, typed
+                               "--out", tmp_path / "mine", "--lr", "5e-4")  # its own, typed
     assert status == 0 and out.count("epoch 3:") == 1, err
     metrics = json.load(open(tmp_path / "mine" / "metrics.json"))
     assert metrics["name"] == "scratch" and [m["epoch"] for m in metrics["history"]] == [1, 2, 3]
-    assert sorted(os.listdir(tmp_path)) == ["mine"]
+    swapped = tmp_path / "swapped"
+    shutil.copytree(compare_run[0] / "scratch", swapped / "pretrained")
+    shutil.copytree(compare_run[0] / "pretrained", swapped / "scratch")
+    status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 2,
+                             "--batch-size", 8, "--workers", 0, "--out", swapped)
+    assert status == 2 and (f"{swapped / 'pretrained' / 'model.pt'} holds the run scratch, not "
+                            "pretrained, whose folder it is in; put each run") in err, err
+    status, out, err = run_cli(capsys, "--resume", swapped / "scratch", "--epochs", 2)
+    assert status == 0 and "pretrained: resnet18" in out and "scratch:" not in out, err
+    assert sorted(os.listdir(tmp_path)) == ["mine", "swapped"]
 
 
 def test_a_run_continued_past_its_metrics_reports_its_checkpoint(
