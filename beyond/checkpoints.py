@@ -65,7 +65,7 @@ def load_checkpoint(path):
     ckpt = load_file(path, "a checkpoint of this program", fix)
     if not isinstance(ckpt, dict) or "history" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this program; {fix}")
-    return dict(ckpt, path=path)
+    return dict(ckpt.get("run", {}), **ckpt, path=path)  # older: name, mode and lr in "run"
 
 
 def same_arch(arch, ckpt):

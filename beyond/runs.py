@@ -65,13 +65,11 @@ def resume(path, **given):
     began = ckpt["args"]
     checkpoints.same_arch(given.pop("arch", None), ckpt)
     folder = os.path.dirname(found)  # the run's own folder, wherever it is, whatever its name
-    planned = plan_runs(began["mode"], {**DEFAULTS, **began}, os.path.abspath(path))
-    # a folder of several runs (a --compare's), each in the folder named after it: every run
-    whole = (len(planned) > 1 and os.path.isdir(path) and os.path.abspath(path) != folder
-             and os.path.basename(folder) == ckpt["name"])
-    planned = planned if whole else [own_run(ckpt)]
-    one_training(path, planned)
+    whole = several_runs_in(path, ckpt)
     out = os.path.abspath(path) if whole else folder
+    planned = (plan_runs(began["mode"], {**DEFAULTS, **began}, out) if whole
+               else [own_run(ckpt, out)])
+    one_training(path, planned)
     asked = given.pop("out", None)
     if asked and os.path.realpath(asked) != os.path.realpath(out):
         held = f"the runs in {out} continue in their" if whole else f"{found} continues in its"
@@ -87,9 +85,20 @@ def resume(path, **given):
     return trained({**options, "resume": None if whole else found}, out, {found: ckpt})
 
 
-def own_run(ckpt):
-    """The run that wrote ckpt, alone in the checkpoint's folder."""
-    return Run(ckpt["name"], ckpt["mode"], ckpt["lr"], os.path.dirname(ckpt["path"]))
+def several_runs_in(path, ckpt):
+    """Whether path is the folder of a training's several runs (a --compare's), ckpt the first
+    found: it holds others, or ckpt's run is in the folder named after it (the others to begin)."""
+    folder = os.path.dirname(ckpt["path"])
+    if not os.path.isdir(path) or os.path.abspath(path) == folder:
+        return False
+    several = len(plan_runs(ckpt["args"]["mode"], {**DEFAULTS, **ckpt["args"]}, folder)) > 1
+    return several and (len(checkpoints.checkpoints_in(path)) > 1
+                        or os.path.basename(folder) == ckpt["name"])
+
+
+def own_run(ckpt, folder):
+    """The run that wrote ckpt (a run is the one its checkpoint names), alone in folder."""
+    return Run(ckpt["name"], ckpt["mode"], ckpt["lr"], folder)
 
 
 def one_training(path, planned):
@@ -165,7 +174,8 @@ def trained(options, out, read=None):
     out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
     try:
         with megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):
-            runs = ([own_run(read[options["resume"]])] if options["resume"]  # one run, alone
+            # resume named one run (its checkpoint read, in read): that run alone
+            runs = ([own_run(read[options["resume"]], out)] if options["resume"]
                     else plan_runs(options["mode"], options, out))
             found = from_process_0(checkpoints.checkpoints_in(out) if rank() == 0 else None)
             if set(found) - {os.path.join(run.out, "model.pt") for run in runs}:
@@ -370,13 +380,14 @@ def checkpoint_of(run, options, read):
     began = ckpt or from_process_0(None if rank() > 0 or not os.path.exists(best) else {
         k: v for k, v in checkpoints.load_checkpoint(best).items()
         if k in ("args", "held_out", "name")})
+    if began and began.get("name", run.name) != run.name:  # runs in each other's folders
+        raise UserError(f"{path if ckpt else best} holds the run {began['name']}, not {run.name}, "
+                        f"whose folder it is in; put each run of {os.path.dirname(run.out)} back "
+                        "in the folder named after it, or continue this one alone: resume="
+                        f"{run.out}")
     if began:
         refuse_changes(run_options(run, began["args"]), run_options(run, options),
                        path if ckpt else best, may_change(began, read))
-    if began and began.get("name", run.name) != run.name:  # runs of one training, swapped
-        raise UserError(f"{path if ckpt else best} holds the run {began['name']}, not {run.name}, "
-                        f"whose folder it is in; put each run of {os.path.dirname(run.out)} back "
-                        "in the folder named after it, or continue this one alone by its folder")
     return ckpt
 
 

@@ -103,9 +103,17 @@ def test_a_run_is_the_one_its_checkpoint_holds_whatever_its_folders_name(
                              "--batch-size", 8, "--workers", 0, "--out", swapped)
     assert status == 2 and (f"{swapped / 'pretrained' / 'model.pt'} holds the run scratch, not "
                             "pretrained, whose folder it is in; put each run") in err, err
+    status, _, err = run_cli(capsys, "--resume", swapped, "--epochs", 2)
+    assert status == 2 and "holds the run scratch, not pretrained" in err, err
     status, out, err = run_cli(capsys, "--resume", swapped / "scratch", "--epochs", 2)
     assert status == 0 and "pretrained: resnet18" in out and "scratch:" not in out, err
     assert sorted(os.listdir(tmp_path)) == ["mine", "swapped"]
+    # a checkpoint written before name, mode and lr stood at its top, in "run"
+    ckpt = torch.load(tmp_path / "mine" / "model.pt", weights_only=False)
+    ckpt["run"] = {key: ckpt.pop(key) for key in ("name", "mode", "lr")}
+    torch.save(ckpt, tmp_path / "mine" / "model.pt")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "mine", "--epochs", 4)
+    assert status == 0 and out.count("epoch 4:") == 1 and "scratch: resnet18" in out, err
 
 
 def test_a_run_continued_past_its_metrics_reports_its_checkpoint(
