@@ -138,6 +138,4 @@ def evaluate(net, test_iter, runtime):
 
 def accuracy(probs, labels):
     """The share of examples given their class (a diverged net's NaN is never right)."""
-    if not len(labels):  # a test_iter without len(), such as a generator, found empty only now
-        raise beyond.UserError("test_iter gives no batches; give it a data set that holds images")
     return (beyond.figures.predicted(probs) == labels).float().mean().item()

@@ -166,17 +166,24 @@ def same_buffers(net):
 
 
 def gather_in_order(probs, labels):
-    """The batches' probabilities and labels, joined, and gathered back in dataset order."""
+    """The batches' probabilities and labels, joined, and gathered back in dataset order; none at
+    all is refused (a test_iter without len(), such as a generator, is found empty only now)."""
     if not labels:  # more processes than test images: this one has none
         probs, labels = [torch.empty(0, 0)], [torch.empty(0, dtype=torch.long)]
     probs, labels = torch.cat(probs), torch.cat(labels)
-    if world_size() == 1:
-        return probs, labels
-    parts = gathered((probs, labels))
+    if world_size() > 1:
+        probs, labels = in_order(gathered((probs, labels)))
+    if not len(labels):
+        raise UserError("test_iter gives no batches; give it a data set that holds images")
+    return probs, labels
+
+
+def in_order(parts):
+    """Each process's (probabilities, labels) put back in dataset order: r, r + world, ..."""
     n = sum(len(part_labels) for _, part_labels in parts)
     classes = max(part_probs.shape[1] for part_probs, _ in parts)  # an empty part has 0
-    probs, labels = torch.empty(n, classes), torch.empty(n, dtype=labels.dtype)
-    for r, (part_probs, part_labels) in enumerate(parts):  # process r evaluated r, r + world, ...
+    probs, labels = torch.empty(n, classes), torch.empty(n, dtype=parts[0][1].dtype)
+    for r, (part_probs, part_labels) in enumerate(parts):
         probs[r::world_size()], labels[r::world_size()] = (part_probs.reshape(-1, classes),
                                                            part_labels)
     return probs, labels
