@@ -46,7 +46,7 @@ def load_rgb(path):
 
 
 def upright_rgb(img):
-    """A photo as --predict reads it: upright 8-bit RGB (quoted in docs/use-elsewhere.md)."""
+    """An opened photo as --predict reads it: upright, in 8-bit RGB."""
     ImageOps.exif_transpose(img, in_place=True)
     if img.mode.startswith("I") or img.mode == "F":  # 16-bit grey (I;16, I) and float (F)
         img = Image.fromarray(eight_bits(np.asarray(img)))

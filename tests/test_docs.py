@@ -70,14 +70,14 @@ DOC_BLOCKS = {
 
 def doc_blocks():
     """The fenced blocks of README.md, then docs/*.md: (first line with spaces collapsed,
-    language, text)."""
+    language, text, page)."""
     names = ["README.md"] + sorted(os.path.join("docs", n)
                                    for n in os.listdir(os.path.join(HERE, "docs"))
                                    if n.endswith(".md"))
     for name in names:
         text = open(os.path.join(HERE, name), encoding="utf-8").read()
         for match in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
-            yield " ".join(match[2].splitlines()[0].split()), match[1], match[2]
+            yield " ".join(match[2].splitlines()[0].split()), match[1], match[2], name
 
 
 def changed(text, changes, run):
@@ -89,8 +89,9 @@ def changed(text, changes, run):
 
 
 def run_block(text, language, monkeypatch, scope):
-    """A Python block in scope, which the blocks before it filled (as in one notebook), or a shell
-    block's commands (python finetune.py, python -m beyond.benchmark), in this process."""
+    """A Python block in scope, which its page's blocks before it filled (a reader follows a page
+    in one notebook), or a shell block's commands (python finetune.py, python -m
+    beyond.benchmark), in this process."""
     if language == "python":
         return exec(compile(text, "block", "exec"), scope)
     import shlex
@@ -126,7 +127,7 @@ def printed_like(example, printed):
 
 
 def test_every_doc_block_is_run_or_listed_with_why_not():
-    found = [first for first, _, _ in doc_blocks()]
+    found = [first for first, *_ in doc_blocks()]
     assert sorted(set(found) - set(DOC_BLOCKS)) == [], "a new block: add it to DOC_BLOCKS"
     assert sorted(set(DOC_BLOCKS) - set(found)) == [], "a block gone or changed: update DOC_BLOCKS"
 
@@ -143,11 +144,11 @@ def test_the_docs_blocks_run_as_written(folder, tmp_path, capsys, monkeypatch, c
     os.makedirs("holiday")
     for name in ("holiday/beach.png", "holiday/hotdog.jpg", "photo1.jpg"):
         Image.new("RGB", (50, 40), (220, 60, 30)).save(name)
-    printed, run, scope = {"--compare": compare_run[1]}, None, {}
-    for first, language, text in doc_blocks():
+    printed, run, scopes = {"--compare": compare_run[1]}, None, {}
+    for first, language, text, page in doc_blocks():
         how = DOC_BLOCKS[first]
         if isinstance(how, list):
-            run_block(changed(text, how, run), language, monkeypatch, scope)
+            run_block(changed(text, how, run), language, monkeypatch, scopes.setdefault(page, {}))
             printed[first] = capsys.readouterr().out
             run = run or next(iter(sorted(map(str, (tmp_path / "runs").glob("pretrained-*")))),
                               None)
