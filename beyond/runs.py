@@ -60,7 +60,7 @@ def resume(path, **given):
         raise UserError(f"resume takes out= and the options {list(OPTIONS)}, not {unknown}")
     given = {key: checked(key, value) for key, value in given.items()}
     given = {key: value for key, value in given.items() if value is not None}  # None: as it began
-    found = os.path.abspath(checkpoints.checkpoint_in(path))
+    found = os.path.realpath(checkpoints.checkpoint_in(path))  # a link: the run it leads to
     ckpt = checkpoints.run_checkpoint(found)  # the only time this process reads it
     began = ckpt["args"]
     checkpoints.same_arch(given.pop("arch", None), ckpt)
@@ -79,6 +79,9 @@ def resume(path, **given):
         began = {k: v for k, v in began.items() if k != "workers"}
     if lrs(given.get("lr")) == [run.lr for run in planned]:
         del given["lr"]  # the runs' own, typed out
+    if whole and "lr" in given:  # other runs than the folder's
+        refuse_changes({"lr": began["lr"]}, {"lr": lrs(given["lr"])}, out, set())
+    refuse_lost(ckpt, planned, given)
     options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
     options = settled(began["mode"], options, {*began["typed"], *given})
     refuse_unread(options, set(given))  # only what is given anew: an older run goes on as it began
@@ -87,13 +90,25 @@ def resume(path, **given):
 
 def several_runs_in(path, ckpt):
     """Whether path is the folder of a training's several runs (a --compare's), ckpt the first
-    found: it holds others, or ckpt's run is in the folder named after it (the others to begin)."""
+    found: it holds others, or ckpt's run is in a folder named after one (the others to begin)."""
     folder = os.path.dirname(ckpt["path"])
-    if not os.path.isdir(path) or os.path.abspath(path) == folder:
+    if not os.path.isdir(path) or os.path.realpath(path) == folder:
         return False
-    several = len(plan_runs(ckpt["args"]["mode"], {**DEFAULTS, **ckpt["args"]}, folder)) > 1
-    return several and (len(checkpoints.checkpoints_in(path)) > 1
-                        or os.path.basename(folder) == ckpt["name"])
+    names = [run.name for run in plan_runs(ckpt["args"]["mode"], {**DEFAULTS, **ckpt["args"]}, "")]
+    return len(names) > 1 and (len(checkpoints.checkpoints_in(path)) > 1
+                               or os.path.basename(folder) in names)
+
+
+def refuse_lost(ckpt, planned, given):
+    """Refuse to begin a pretrained run from a scratch run's options where the compare was given
+    some that only a pretrained run reads (a scratch run's checkpoint keeps their defaults)."""
+    begins = [run.out for run in planned if run.mode == "pretrained"
+              and not os.path.exists(os.path.join(run.out, "model.pt"))]
+    lost = [f"{k}=" for k in PRETRAINED_ONLY if k in ckpt["args"]["typed"] and k not in given]
+    if ckpt["mode"] == "scratch" and begins and lost:
+        raise UserError(f"{begins[0]} begins anew (it has no model.pt), and {ckpt['path']}, a "
+                        f"scratch run's, keeps no value of {' and '.join(lost)} (the compare "
+                        "was given them); give them again beside resume")
 
 
 def own_run(ckpt, folder):
@@ -104,8 +119,8 @@ def own_run(ckpt, folder):
 def one_training(path, planned):
     """Refuse a folder path that holds runs of another training than planned's."""
     if os.path.isdir(path):
-        held = [os.path.abspath(p) for p in checkpoints.checkpoints_in(path)]
-        if set(held) - {os.path.join(run.out, "model.pt") for run in planned}:
+        held = [os.path.realpath(p) for p in checkpoints.checkpoints_in(path)]
+        if set(held) - {os.path.realpath(os.path.join(run.out, "model.pt")) for run in planned}:
             raise checkpoints.several_runs(path, held)
 
 

@@ -116,6 +116,35 @@ def test_a_run_is_the_one_its_checkpoint_holds_whatever_its_folders_name(
     assert status == 0 and out.count("epoch 4:") == 1 and "scratch: resnet18" in out, err
 
 
+def test_a_compares_folder_continues_only_what_its_checkpoints_tell(
+        folder, tmp_path, capsys, compare_run):
+    """A link continues the run it leads to; a folder holding only scratch, in pretrained/, is
+    refused; other lrs for a compare's folder are a change; and a pretrained run that begins anew
+    from scratch's options needs what only it reads, which scratch's checkpoint does not keep."""
+    shutil.copytree(compare_run[0] / "scratch", tmp_path / "run")
+    os.makedirs(tmp_path / "link")
+    os.symlink(tmp_path / "run" / "model.pt", tmp_path / "link" / "model.pt")
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "link" / "model.pt", "--epochs", 2)
+    assert status == 0 and f"wrote {tmp_path / 'run'}\n" in out, err
+    assert os.listdir(tmp_path / "link") == ["model.pt"]
+    shutil.copytree(compare_run[0] / "scratch", tmp_path / "one" / "pretrained")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "one", "--epochs", 2)
+    assert status == 2 and "holds the run scratch, not pretrained" in err, err
+    shutil.copytree(compare_run[0], tmp_path / "both")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "both", "--lr", "1e-3", "2e-3")
+    assert status == 2 and "(--lr: the default there, 0.001 0.002 now)" in err, err
+    shutil.rmtree(tmp_path / "both" / "pretrained")
+    ckpt = torch.load(tmp_path / "both" / "scratch" / "model.pt", weights_only=False)
+    ckpt["args"]["typed"].append("freeze")  # as if the compare was given --freeze
+    torch.save(ckpt, tmp_path / "both" / "scratch" / "model.pt")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "both")
+    assert status == 2 and "keeps no value of --freeze (the compare was given them)" in err, err
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "both", "--freeze")
+    assert status == 0 and "pretrained: resnet18" in out, err
+    pretrained = torch.load(tmp_path / "both" / "pretrained" / "model.pt", weights_only=False)
+    assert pretrained["args"]["freeze"] is True
+
+
 def test_a_run_continued_past_its_metrics_reports_its_checkpoint(
         folder, tmp_path, capsys, scratch_run):
     # SCRATCH, one epoch, into tmp_path
