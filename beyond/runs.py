@@ -55,19 +55,13 @@ def train_runs(mode="pretrained", out=None, **options):
 
 def resume(path, **given):
     """Continue the runs that wrote path (a model.pt, or a folder) as they began; see MAY_CHANGE."""
-    unknown = sorted(set(given) - set(OPTIONS) - {"out"})
-    if unknown:
-        raise UserError(f"resume takes out= and the options {list(OPTIONS)}, not {unknown}")
-    given = {key: checked(key, value) for key, value in given.items()}
-    given = {key: value for key, value in given.items() if value is not None}  # None: as it began
+    given = given_anew(given)
     found = os.path.realpath(checkpoints.checkpoint_in(path))  # a link: the run it leads to
     ckpt = checkpoints.run_checkpoint(found)  # the only time this process reads it
-    began = ckpt["args"]
     checkpoints.same_arch(given.pop("arch", None), ckpt)
-    folder = os.path.dirname(found)  # the run's own folder, wherever it is, whatever its name
     whole = several_runs_in(path, ckpt)
-    out = os.path.abspath(path) if whole else folder
-    planned = (plan_runs(began["mode"], {**DEFAULTS, **began}, out) if whole
+    out = os.path.abspath(path) if whole else os.path.dirname(found)  # a run's own, whatever name
+    planned = (plan_runs(ckpt["args"]["mode"], {**DEFAULTS, **ckpt["args"]}, out) if whole
                else [own_run(ckpt, out)])
     one_training(path, planned)
     asked = given.pop("out", None)
@@ -75,17 +69,34 @@ def resume(path, **given):
         held = f"the runs in {out} continue in their" if whole else f"{found} continues in its"
         raise UserError(f"{held} own folder, {out}; leave out= out "
                         "(or copy that folder where you want it, and continue the copy)")
+    options = continued(ckpt, planned, given, out)
+    return trained({**options, "resume": None if whole else found}, out, {found: ckpt})
+
+
+def given_anew(given):
+    """What resume is given: out= and the options, checked; None is as the run began."""
+    unknown = sorted(set(given) - set(OPTIONS) - {"out"})
+    if unknown:
+        raise UserError(f"resume takes out= and the options {list(OPTIONS)}, not {unknown}")
+    given = {key: checked(key, value) for key, value in given.items()}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def continued(ckpt, planned, given, out):
+    """The options the planned runs (ckpt's, or its folder's in out) go on with: those they
+    began with, and what is given anew where it may change."""
+    began = ckpt["args"]
     if "workers" not in began["typed"]:  # the default of the machine it began on: this one's now
         began = {k: v for k, v in began.items() if k != "workers"}
     if lrs(given.get("lr")) == [run.lr for run in planned]:
-        del given["lr"]  # the runs' own, typed out
-    if whole and "lr" in given:  # other runs than the folder's
+        given = {k: v for k, v in given.items() if k != "lr"}  # the runs' own, typed out
+    if len(planned) > 1 and "lr" in given:  # a folder of several runs: other lrs, other runs
         refuse_changes({"lr": began["lr"]}, {"lr": lrs(given["lr"])}, out, set())
     refuse_lost(ckpt, planned, given)
     options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
     options = settled(began["mode"], options, {*began["typed"], *given})
     refuse_unread(options, set(given))  # only what is given anew: an older run goes on as it began
-    return trained({**options, "resume": None if whole else found}, out, {found: ckpt})
+    return options
 
 
 def several_runs_in(path, ckpt):
