@@ -69,8 +69,10 @@ def resume(path, **given):
         held = f"the runs in {out} continue in their" if whole else f"{found} continues in its"
         raise UserError(f"{held} own folder, {out}; leave out= out "
                         "(or copy that folder where you want it, and continue the copy)")
+    read = held_checkpoints(planned, found, ckpt) if whole else {found: ckpt}
+    same_totals(read, given, out)
     options = continued(ckpt, planned, given, out)
-    return trained({**options, "resume": None if whole else found}, out, {found: ckpt})
+    return trained({**options, "resume": None if whole else found}, out, read)
 
 
 def given_anew(given):
@@ -80,6 +82,24 @@ def given_anew(given):
         raise UserError(f"resume takes out= and the options {list(OPTIONS)}, not {unknown}")
     given = {key: checked(key, value) for key, value in given.items()}
     return {key: value for key, value in given.items() if value is not None}
+
+
+def held_checkpoints(planned, found, ckpt):
+    """The checkpoints of a folder's runs, each read once (ckpt: found's, read already)."""
+    paths = [os.path.join(run.out, "model.pt") for run in planned]
+    return {path: ckpt if os.path.realpath(path) == found else checkpoints.run_checkpoint(path)
+            for path in paths if os.path.exists(path)}
+
+
+def same_totals(read, given, out):
+    """Refuse to go on with one run's epochs where the folder's runs train to several (one was
+    continued alone with more): the others would train on."""
+    totals = {f"{ckpt['name']} to {ckpt['args']['epochs']}": ckpt["args"]["epochs"]
+              for ckpt in read.values()}
+    if len(set(totals.values())) > 1 and "epochs" not in given:
+        raise UserError(f"the runs in {out} train to several totals of epochs "
+                        f"({', '.join(totals)}); give epochs= anew to train every run to "
+                        "that many, or continue each run alone")
 
 
 def continued(ckpt, planned, given, out):
@@ -119,7 +139,7 @@ def refuse_lost(ckpt, planned, given):
     if ckpt["mode"] == "scratch" and begins and lost:
         raise UserError(f"{begins[0]} begins anew (it has no model.pt), and {ckpt['path']}, a "
                         f"scratch run's, keeps no value of {' and '.join(lost)} (the compare "
-                        "was given them); give them again beside resume")
+                        "was given them); give them anew")
 
 
 def own_run(ckpt, folder):

@@ -1,5 +1,6 @@
 """Continuing a run (--resume, runs.resume, beyond.checkpoints): the same weights as a run
 never stopped, only with the options it began with, its data folder moved, and what it refuses."""
+import importlib.util
 import json
 import os
 import shutil
@@ -78,10 +79,15 @@ def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compar
     assert status == 0 and out.count("epoch 4:") == 1, err
     pretrained = tmp_path / "both" / "pretrained" / "metrics.json"
     assert [m["epoch"] for m in json.load(open(pretrained))["history"]] == [1]
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "both")  # 1 and 4 epochs: how many?
+    assert status == 2 and "(pretrained to 1, scratch to 4); give --epochs anew" in err, err
+    curves = tmp_path / "both" / "curves.png"
+    curves.unlink(missing_ok=True)
     status, out, err = run_cli(capsys, "--resume", tmp_path / "both", "--epochs", 2)
-    # the folder: every run
+    # the folder: every run, and its curves drawn again
     assert status == 0 and out.count("epoch 2:") == 1 and "pretrained: resnet18" in out, err
     assert [m["epoch"] for m in json.load(open(pretrained))["history"]] == [1, 2]
+    assert curves.exists() or not importlib.util.find_spec("matplotlib")  # drawn where it can be
 
 
 def test_a_run_is_the_one_its_checkpoint_holds_whatever_its_folders_name(
