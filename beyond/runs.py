@@ -219,10 +219,14 @@ def trained(options, out, read=None):
     device = join_processes(try_device(options["device"]))
     out = options["out"] = os.path.abspath(out or default_out(options["mode"]))
     try:
-        with megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device):
+        with (megapixels_limit(options["max_megapixels"]), writing_to(out), rng_kept(device),
+              contextlib.ExitStack() as locks):
             # resume named one run (its checkpoint read, in read): that run alone
             runs = ([own_run(read[options["resume"]], out)] if options["resume"]
                     else plan_runs(options["mode"], options, out))
+            for run in runs:  # each run's own folder too: one run may be continued alone
+                if run.out != out:
+                    locks.enter_context(writing_to(run.out))
             found = from_process_0(checkpoints.checkpoints_in(out) if rank() == 0 else None)
             if set(found) - {os.path.join(run.out, "model.pt") for run in runs}:
                 raise UserError(f"out={out} holds another run, and a folder holds one run, or the "

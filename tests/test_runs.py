@@ -72,14 +72,22 @@ def test_the_same_command_from_another_folder_continues_the_run(
     assert status == 0 and "scratch: finished its 1 epochs already" in out, err
 
 
-def test_a_second_run_on_the_same_folder_is_refused(folder, tmp_path, capsys):
+def test_a_second_run_on_the_same_folder_is_refused(folder, tmp_path, capsys, compare_run):
+    """A folder is locked while a run writes to it; a compare's runs lock their own folders too,
+    where one of them may be continued alone."""
     import fcntl
     os.makedirs(tmp_path / "run")
-    with open(tmp_path / "run" / ".lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # a run writing there now
-        status, _, err = run_cli(capsys, "--scratch", "--data-dir", folder,
-                                 "--out", tmp_path / "run")
-    assert status == 2 and f"another run is writing to {tmp_path / 'run'}" in err
+    shutil.copytree(compare_run[0], tmp_path / "both")
+    for locked, argv in ((tmp_path / "run", ["--scratch", "--data-dir", folder, "--out",
+                                             tmp_path / "run"]),
+                         (tmp_path / "both" / "scratch", ["--resume", tmp_path / "both",
+                                                          "--epochs", 2])):
+        with open(locked / ".lock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # a run writing there now
+            status, out, err = run_cli(capsys, *argv)
+        assert status == 2 and f"another run is writing to {locked};" in err, err
+        assert "epoch" not in out
+    assert not (tmp_path / "both" / ".lock").exists()
 
 
 def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, capsys, scratch_run):
