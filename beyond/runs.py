@@ -429,7 +429,11 @@ def checkpoint_of(run, options, read):
     best = os.path.join(run.out, "best.pt")  # without model.pt, a fresh run would write over it
     began = ckpt or from_process_0(None if rank() > 0 or not os.path.exists(best) else {
         k: v for k, v in checkpoints.load_checkpoint(best).items()
-        if k in ("args", "held_out", "name")})
+        if k in ("args", "held_out", "name", "history")})
+    if began and not ckpt and len(began["history"]) > 1:  # not one stopped between the two files
+        raise UserError(f"{best} keeps epoch {len(began['history'])} of a run whose model.pt is "
+                        "gone, and a new run would write over it; put model.pt back to continue "
+                        "the run, or train anew in another out=")
     if began:
         refuse_changes(run_options(run, began["args"]), run_options(run, options),
                        path if ckpt else best, may_change(began, read))

@@ -281,7 +281,7 @@ def test_a_best_pt_without_its_model_pt_is_trained_over_only_by_its_own_run(
         folder, tmp_path, capsys, scratch_run):
     """A run's folder that holds best.pt alone (its model.pt deleted, or best.pt copied in to
     predict): a run with other options would write over it, so it is refused; the same run (one
-    stopped between writing best.pt and model.pt) trains again."""
+    stopped between writing best.pt and model.pt) trains again, where best.pt keeps epoch 1."""
     shutil.copytree(scratch_run[0], tmp_path / "run")
     os.remove(tmp_path / "run" / "model.pt")
     before = {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")}
@@ -294,6 +294,13 @@ def test_a_best_pt_without_its_model_pt_is_trained_over_only_by_its_own_run(
             for name in os.listdir(tmp_path / "run")} == before
     status, out, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--out", tmp_path / "run")
     assert status == 0 and "epoch 1:" in out and (tmp_path / "run" / "model.pt").exists(), err
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    best["history"].append(dict(best["history"][0], epoch=2))  # as if it kept epoch 2 of more
+    torch.save(best, tmp_path / "run" / "best.pt")
+    os.remove(tmp_path / "run" / "model.pt")
+    status, _, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--out", tmp_path / "run")
+    assert status == 2 and "best.pt keeps epoch 2 of a run whose model.pt is gone" in err, err
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["history"][1]["epoch"] == 2
 
 
 def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stands_in(
