@@ -121,13 +121,13 @@ def continued(ckpt, planned, given, out):
 
 def several_runs_in(path, ckpt):
     """Whether path is the folder of a training's several runs (a --compare's), ckpt the first
-    found: it holds others, or ckpt's run is in a folder named after one (the others to begin)."""
-    folder = os.path.dirname(ckpt["path"])
-    if not os.path.isdir(path) or os.path.realpath(path) == folder:
+    found: a folder without a model.pt of its own that holds several, or one in a folder named
+    after one of them (the others to begin)."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "model.pt")):
         return False
+    held = checkpoints.checkpoints_in(path)
     names = [run.name for run in plan_runs(ckpt["args"]["mode"], {**DEFAULTS, **ckpt["args"]}, "")]
-    return len(names) > 1 and (len(checkpoints.checkpoints_in(path)) > 1
-                               or os.path.basename(folder) in names)
+    return len(names) > 1 and (len(held) > 1 or os.path.basename(os.path.dirname(held[0])) in names)
 
 
 def refuse_lost(ckpt, planned, given):

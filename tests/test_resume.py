@@ -127,11 +127,12 @@ def test_a_compares_folder_continues_only_what_its_checkpoints_tell(
     """A link continues the run it leads to; a folder holding only scratch, in pretrained/, is
     refused; other lrs for a compare's folder are a change; and a pretrained run that begins anew
     from scratch's options needs what only it reads, which scratch's checkpoint does not keep."""
-    shutil.copytree(compare_run[0] / "scratch", tmp_path / "run")
+    shutil.copytree(compare_run[0] / "scratch", tmp_path / "run" / "scratch")
     os.makedirs(tmp_path / "link")
-    os.symlink(tmp_path / "run" / "model.pt", tmp_path / "link" / "model.pt")
-    status, out, err = run_cli(capsys, "--resume", tmp_path / "link" / "model.pt", "--epochs", 2)
-    assert status == 0 and f"wrote {tmp_path / 'run'}\n" in out, err
+    os.symlink(tmp_path / "run" / "scratch" / "model.pt", tmp_path / "link" / "model.pt")
+    for epochs, given in ((2, tmp_path / "link" / "model.pt"), (3, tmp_path / "link")):
+        status, out, err = run_cli(capsys, "--resume", given, "--epochs", epochs)
+        assert status == 0 and f"wrote {tmp_path / 'run' / 'scratch'}\n" in out, err
     assert os.listdir(tmp_path / "link") == ["model.pt"]
     shutil.copytree(compare_run[0] / "scratch", tmp_path / "one" / "pretrained")
     status, _, err = run_cli(capsys, "--resume", tmp_path / "one", "--epochs", 2)
