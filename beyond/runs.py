@@ -76,7 +76,8 @@ def resume(path, **given):
 
 
 def given_anew(given):
-    """What resume is given: out= and the options, checked; None is as the run began."""
+    """What resume is given: out= and the options, checked as train_runs checks them; None,
+    where it is an option's default (epochs=, lr=), is as the run began."""
     unknown = sorted(set(given) - set(OPTIONS) - {"out"})
     if unknown:
         raise UserError(f"resume takes out= and the options {list(OPTIONS)}, not {unknown}")
@@ -112,7 +113,7 @@ def continued(ckpt, planned, given, out):
         given = {k: v for k, v in given.items() if k != "lr"}  # the runs' own, typed out
     if len(planned) > 1 and "lr" in given:  # a folder of several runs: other lrs, other runs
         refuse_changes({"lr": began["lr"]}, {"lr": lrs(given["lr"])}, out, set())
-    refuse_lost(ckpt, planned, given)
+    refuse_unread_by_mode(ckpt, planned, given)
     options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
     options = settled(began["mode"], options, {*began["typed"], *given})
     refuse_unread(options, set(given))  # only what is given anew: an older run goes on as it began
@@ -130,9 +131,13 @@ def several_runs_in(path, ckpt):
     return len(names) > 1 and (len(held) > 1 or os.path.basename(os.path.dirname(held[0])) in names)
 
 
-def refuse_lost(ckpt, planned, given):
-    """Refuse to begin a pretrained run from a scratch run's options where the compare was given
-    some that only a pretrained run reads (a scratch run's checkpoint keeps their defaults)."""
+def refuse_unread_by_mode(ckpt, planned, given):
+    """Refuse the options only a pretrained run reads where they would go unread: given to a
+    scratch run alone, or lost where a pretrained run begins from a scratch run's checkpoint."""
+    unread = [key for key in PRETRAINED_ONLY if given.get(key)]
+    if unread and all(run.mode == "scratch" for run in planned):
+        raise UserError(f"{unread[0]}= changes the pretrained net, and {ckpt['path']} is a "
+                        f"scratch run's, trained from random weights; leave {unread[0]}= out")
     begins = [run.out for run in planned if run.mode == "pretrained"
               and not os.path.exists(os.path.join(run.out, "model.pt"))]
     lost = [f"{k}=" for k in PRETRAINED_ONLY if k in ckpt["args"]["typed"] and k not in given]

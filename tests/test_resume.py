@@ -125,8 +125,9 @@ def test_a_run_is_the_one_its_checkpoint_holds_whatever_its_folders_name(
 def test_a_compares_folder_continues_only_what_its_checkpoints_tell(
         folder, tmp_path, capsys, compare_run):
     """A link continues the run it leads to; a folder holding only scratch, in pretrained/, is
-    refused; other lrs for a compare's folder are a change; and a pretrained run that begins anew
-    from scratch's options needs what only it reads, which scratch's checkpoint does not keep."""
+    refused; other lrs for a compare's folder are a change; what only a pretrained run reads is
+    refused for scratch alone; and a pretrained run that begins anew from scratch's options needs
+    it again, which scratch's checkpoint does not keep."""
     shutil.copytree(compare_run[0] / "scratch", tmp_path / "run" / "scratch")
     os.makedirs(tmp_path / "link")
     os.symlink(tmp_path / "run" / "scratch" / "model.pt", tmp_path / "link" / "model.pt")
@@ -140,6 +141,8 @@ def test_a_compares_folder_continues_only_what_its_checkpoints_tell(
     shutil.copytree(compare_run[0], tmp_path / "both")
     status, _, err = run_cli(capsys, "--resume", tmp_path / "both", "--lr", "1e-3", "2e-3")
     assert status == 2 and "(--lr: the default there, 0.001 0.002 now)" in err, err
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "both" / "scratch", "--freeze")
+    assert status == 2 and "--freeze changes the pretrained net, and " in err, err
     shutil.rmtree(tmp_path / "both" / "pretrained")
     ckpt = torch.load(tmp_path / "both" / "scratch" / "model.pt", weights_only=False)
     ckpt["args"]["typed"].append("freeze")  # as if the compare was given --freeze
