@@ -157,7 +157,11 @@ def one_training(path, planned):
     if os.path.isdir(path):
         held = [os.path.realpath(p) for p in checkpoints.checkpoints_in(path)]
         if set(held) - {os.path.realpath(os.path.join(run.out, "model.pt")) for run in planned}:
-            raise checkpoints.several_runs(path, held)
+            error = checkpoints.several_runs(path, held)
+            if len(planned) > 1:  # a --compare's, perhaps with one of its runs' folders renamed
+                error = UserError(f"{error}, or put each run of the training back in the folder "
+                                  f"named after it ({', '.join(run.name for run in planned)})")
+            raise error
 
 
 def asked_device(given):

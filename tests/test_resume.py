@@ -340,7 +340,8 @@ def test_a_folder_of_several_runs_names_them_and_a_copy_inside_a_run_never_stand
     shutil.copytree(scratch_run[0], tmp_path / "both" / "zzz")
     with pytest.raises(UserError,
                        match=r" holds several runs \(pretrained, scratch, zzz\); give the folder "
-                             r"of one of"):
+                             r"of one of them, or put each run of the training back in the folder "
+                             r"named after it \(pretrained, scratch\)$"):
         runs.resume(tmp_path / "both")
     # runs that keep their best.pt alone: the folder of one finds it
     for name in ("pretrained", "scratch", "zzz"):
