@@ -70,7 +70,7 @@ def resume(path, **given):
         raise UserError(f"{held} own folder, {out}; leave out= out "
                         "(or copy that folder where you want it, and continue the copy)")
     read = held_checkpoints(planned, found, ckpt) if whole else {found: ckpt}
-    same_totals(read, given, out)
+    same_totals(read, planned, given, out)
     options = continued(ckpt, planned, given, out)
     return trained({**options, "resume": None if whole else found}, out, read)
 
@@ -92,15 +92,19 @@ def held_checkpoints(planned, found, ckpt):
             for path in paths if os.path.exists(path)}
 
 
-def same_totals(read, given, out):
-    """Refuse to go on with one run's epochs where the folder's runs train to several (one was
-    continued alone with more): the others would train on."""
+def same_totals(read, planned, given, out):
+    """Refuse to go on with one run's epochs where a folder's runs may train to several totals
+    (one continued alone with more): the others would train on, or begin, to its total."""
     totals = {f"{ckpt['name']} to {ckpt['args']['epochs']}": ckpt["args"]["epochs"]
               for ckpt in read.values()}
-    if len(set(totals.values())) > 1 and "epochs" not in given:
-        raise UserError(f"the runs in {out} train to several totals of epochs "
-                        f"({', '.join(totals)}); give epochs= anew to train every run to "
-                        "that many, or continue each run alone")
+    begins = [run.name for run in planned if os.path.join(run.out, "model.pt") not in read]
+    alone = [ckpt["name"] for ckpt in read.values() if ckpt["args"].get("resume")]
+    if "epochs" not in given and (len(set(totals.values())) > 1 or begins and alone):
+        why = (f"{begins[0]} begins beside {alone[0]}, continued alone; give epochs= anew to "
+               "say how many every run trains to" if begins and alone else
+               "they train to several totals; give epochs= anew to train every run to that "
+               "many, or continue each run alone")
+        raise UserError(f"the runs in {out} ({', '.join(totals)} epochs): {why}")
 
 
 def continued(ckpt, planned, given, out):

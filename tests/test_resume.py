@@ -80,7 +80,8 @@ def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compar
     pretrained = tmp_path / "both" / "pretrained" / "metrics.json"
     assert [m["epoch"] for m in json.load(open(pretrained))["history"]] == [1]
     status, _, err = run_cli(capsys, "--resume", tmp_path / "both")  # 1 and 4 epochs: how many?
-    assert status == 2 and "(pretrained to 1, scratch to 4); give --epochs anew" in err, err
+    assert status == 2 and ("(pretrained to 1, scratch to 4 epochs): they train to several totals; "
+                            "give --epochs anew") in err, err
     curves = tmp_path / "both" / "curves.png"
     curves.unlink(missing_ok=True)
     status, out, err = run_cli(capsys, "--resume", tmp_path / "both", "--epochs", 2)
@@ -88,6 +89,11 @@ def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compar
     assert status == 0 and out.count("epoch 2:") == 1 and "pretrained: resnet18" in out, err
     assert [m["epoch"] for m in json.load(open(pretrained))["history"]] == [1, 2]
     assert curves.exists() or not importlib.util.find_spec("matplotlib")  # drawn where it can be
+    assert run_cli(capsys, "--resume", tmp_path / "both" / "pretrained", "--epochs", 3)[0] == 0
+    shutil.rmtree(tmp_path / "both" / "scratch")  # to begin anew beside a run continued alone
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "both")
+    assert status == 2 and ("(pretrained to 3 epochs): scratch begins beside pretrained, continued "
+                            "alone; give --epochs anew to say how many") in err, err
 
 
 def test_a_run_is_the_one_its_checkpoint_holds_whatever_its_folders_name(
