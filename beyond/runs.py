@@ -59,18 +59,21 @@ def resume(path, **given):
     found = os.path.realpath(checkpoints.checkpoint_in(path))  # a link: the run it leads to
     ckpt = checkpoints.run_checkpoint(found)  # the only time this process reads it
     checkpoints.same_arch(given.pop("arch", None), ckpt)
-    whole = several_runs_in(path, ckpt)
+    its_training = plan_runs(ckpt["args"]["mode"], {**DEFAULTS, **ckpt["args"]},
+                             os.path.abspath(path))
+    whole = several_runs_in(path, its_training)
     out = os.path.abspath(path) if whole else os.path.dirname(found)  # a run's own, whatever name
-    planned = (plan_runs(ckpt["args"]["mode"], {**DEFAULTS, **ckpt["args"]}, out) if whole
-               else [own_run(ckpt, out)])
+    planned = its_training if whole else [own_run(ckpt, out)]
     one_training(path, planned)
     asked = given.pop("out", None)
     if asked and os.path.realpath(asked) != os.path.realpath(out):
         held = f"the runs in {out} continue in their" if whole else f"{found} continues in its"
         raise UserError(f"{held} own folder, {out}; leave out= out "
                         "(or copy that folder where you want it, and continue the copy)")
-    read = held_checkpoints(planned, found, ckpt) if whole else {found: ckpt}
-    same_totals(read, planned, given, out)
+    read = {found: ckpt}
+    if whole:
+        read = held_checkpoints(planned, found, ckpt)
+        same_totals(read, planned, given, out)
     options = continued(ckpt, planned, given, out)
     return trained({**options, "resume": None if whole else found}, out, read)
 
@@ -124,14 +127,14 @@ def continued(ckpt, planned, given, out):
     return options
 
 
-def several_runs_in(path, ckpt):
-    """Whether path is the folder of a training's several runs (a --compare's), ckpt the first
-    found: a folder without a model.pt of its own that holds several, or one in a folder named
-    after one of them (the others to begin)."""
+def several_runs_in(path, its_training):
+    """Whether path is the folder of a training's several runs (its_training, a --compare's, as
+    the first run found began it): a folder without a model.pt of its own that holds several, or
+    one in a folder named after one of them (the others to begin)."""
     if not os.path.isdir(path) or os.path.exists(os.path.join(path, "model.pt")):
         return False
     held = checkpoints.checkpoints_in(path)
-    names = [run.name for run in plan_runs(ckpt["args"]["mode"], {**DEFAULTS, **ckpt["args"]}, "")]
+    names = [run.name for run in its_training]
     return len(names) > 1 and (len(held) > 1 or os.path.basename(os.path.dirname(held[0])) in names)
 
 

@@ -141,6 +141,10 @@ def test_a_compares_folder_continues_only_what_its_checkpoints_tell(
         status, out, err = run_cli(capsys, "--resume", given, "--epochs", epochs)
         assert status == 0 and f"wrote {tmp_path / 'run' / 'scratch'}\n" in out, err
     assert os.listdir(tmp_path / "link") == ["model.pt"]
+    copy = tmp_path / "run" / "scratch" / "copy.pt"  # a run continued alone, named otherwise
+    shutil.copy(tmp_path / "run" / "scratch" / "model.pt", copy)
+    status, out, err = run_cli(capsys, "--resume", copy)  # as it began
+    assert status == 0 and "scratch: finished its 3 epochs already" in out, err
     shutil.copytree(compare_run[0] / "scratch", tmp_path / "one" / "pretrained")
     status, _, err = run_cli(capsys, "--resume", tmp_path / "one", "--epochs", 2)
     assert status == 2 and "holds the run scratch, not pretrained" in err, err
