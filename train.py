@@ -47,6 +47,7 @@ def fine_tuning_optimizer(net, learning_rate, param_group=True):
         raise beyond.UserError(f"param_group=True trains net.fc at 10x the learning rate, and this "
                                f"{type(net).__name__} has no .fc; give param_group=False, or name "
                                "its output layer net.fc")
+    learning_rate = beyond.options.book_number("learning_rate", learning_rate)  # NumPy's too
     if param_group:
         params_1x = [param for name, param in net.named_parameters()
                      if name not in ["fc.weight", "fc.bias"]]
@@ -63,10 +64,7 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=No
     """§14.1 (chapter 13 in the book's first edition), called as the book calls it: trains,
     shows each epoch and the book's summary, and returns the history."""
     runtime = beyond.devices.make_runtime(devices, precision)
-    num_epochs = beyond.options.whole("num_epochs", num_epochs)  # the run's rule for its epochs
-    for name, loader in (("train_iter", train_iter), ("test_iter", test_iter)):
-        if hasattr(loader, "__len__") and not len(loader):  # else a division by zero
-            raise beyond.UserError(f"{name} gives no batches; give it a data set that holds images")
+    num_epochs = beyond.options.book_number("num_epochs", num_epochs)  # the run's rule for epochs
     history, animator = [], beyond.pictures.animator()
     for epoch in ch13_epochs(net, train_iter, test_iter, loss, trainer, range(num_epochs), runtime):
         history.append(epoch.metrics)
@@ -115,7 +113,7 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
             metric[1] += (pred.argmax(1) == y).sum()
             metric[2] += y.numel()
     loss_sum, correct, n = beyond.processes.all_reduce_sum(metric).tolist()
-    if not n:  # a loader without len(), such as a generator, found empty only now
+    if not n:  # no batch on any process: there was nothing to train on
         raise beyond.UserError("train_iter gives no batches; give it a data set that holds images")
     return dict(loss=loss_sum / n, train_acc=correct / n, examples=n,
                 first_batch_sec=batches.first_batch_sec)

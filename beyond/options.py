@@ -20,6 +20,8 @@ FROM_0_TO_BELOW_1 = ("from 0 to below 1", lambda v: 0 <= v < 1)
 GIGABYTES = ("0 or more, below 2**33", lambda v: 0 <= v < 2**33)  # more bytes than a float holds
 SEEDS = ("from -2**63 to 2**64 - 1", lambda v: -2**63 <= v < 2**64)  # what torch.manual_seed takes
 
+NUMBERS = {int: numbers.Integral, float: numbers.Real}  # NumPy's numbers are these too
+
 # Every option by its Python name: its default (None: off, or chosen at start), type and values.
 OPTIONS = dict(
     dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None),
@@ -65,7 +67,7 @@ def as_kind(kind, value):
         return value if kind is bool and isinstance(value, bool) else None
     if kind is str:  # not an empty text
         return (os.fspath(value) or None) if isinstance(value, (str, os.PathLike)) else None
-    if isinstance(value, numbers.Integral if kind is int else numbers.Real):
+    if isinstance(value, NUMBERS[kind]):
         with contextlib.suppress(OverflowError):  # an int too large for a float
             return kind(value)
     return None
@@ -102,13 +104,14 @@ def refuse_unread(options, given):
                         "the first N; give one of them")
 
 
-# The book's whole-number arguments, and the run's options whose rules they follow.
-BOOK_ARGUMENTS = {"batch_size": "batch_size", "num_epochs": "epochs"}
+# The book's numeric arguments, and the run's options whose rules they follow.
+BOOK_ARGUMENTS = {"batch_size": "batch_size", "num_epochs": "epochs", "learning_rate": "lr"}
 
 
-def whole(name, value):
-    """A whole number the book's calls take (NumPy's too), by the rule of the run's option."""
-    rule = OPTIONS[BOOK_ARGUMENTS[name]][2]
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and rule[1](value):
-        return int(value)
-    raise UserError(f"{name}={value!r} is not {takes(int, rule)}; give {takes(int, rule)}")
+def book_number(name, value):
+    """A number the book's calls take (NumPy's too), by the rule of the run's option."""
+    _, kind, rule = OPTIONS[BOOK_ARGUMENTS[name]]
+    with contextlib.suppress(OverflowError):  # an int too large for a float
+        if isinstance(value, NUMBERS[kind]) and type(value) is not bool and rule[1](kind(value)):
+            return kind(value)
+    raise UserError(f"{name}={value!r} is not {takes(kind, rule)}; give {takes(kind, rule)}")

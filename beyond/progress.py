@@ -18,10 +18,9 @@ def show_epoch(history, animator, lr=False):
 
 def show_summary(history, runtime):
     """The book's two closing lines."""
-    if history:
-        m = history[-1]
-        say(f"loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, test acc {m['test_acc']:.3f}")
-        say(f"{mean_speed(history):.1f} examples/sec on {runtime}")
+    m = history[-1]
+    say(f"loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, test acc {m['test_acc']:.3f}")
+    say(f"{mean_speed(history):.1f} examples/sec on {runtime}")
 
 
 def mean_speed(history):

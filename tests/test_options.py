@@ -138,6 +138,10 @@ def test_the_books_calls_take_numpys_numbers_and_refuse_others_in_one_line(folde
         with pytest.raises(UserError, match=message):
             train.train_fine_tuning(models.scratch_net(), 5e-4, **{"num_epochs": 1, **kwargs},
                                     data_dir=folder)
+    for lr in ("5e-4", -1, 0, float("nan"), 10**400, True):
+        with pytest.raises(UserError, match=rf"^learning_rate={lr!r} is not a number, above 0"):
+            train.train_fine_tuning(models.scratch_net(), lr, 4, 1, data_dir=folder)
+    assert train.fine_tuning_optimizer(models.scratch_net(), np.float32(0.5)).defaults["lr"] == 0.5
     one = [(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(UserError, match="^train_iter gives no batches; give it a data set"):
         train.train_ch13(models.scratch_net(), (batch for batch in []), one, None, None, 1)
