@@ -29,25 +29,6 @@ def get_hotdog(root="data", url=HOTDOG_URL, sha1=HOTDOG_SHA1):
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as the pretrained net saw
 
 
-def make_train_augs(crop=224, interpolation="bilinear"):
-    """The book's training augmentations, up to ToTensor, for a net trained at crop pixels."""
-    resized_crop = v2.RandomResizedCrop(crop, interpolation=v2.InterpolationMode(interpolation))
-    return v2.Compose([v2.ToImage(), resized_crop, v2.RandomHorizontalFlip(), v2.ToPureTensor()])
-
-
-def make_test_augs(resize=256, crop=224, interpolation="bilinear"):
-    """The book's test augmentations, up to ToTensor."""
-    resize = v2.Resize([resize, resize], interpolation=v2.InterpolationMode(interpolation))
-    return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(crop), v2.ToPureTensor()])
-
-
-# ToImage first, so the crop and resize run on uint8 tensors, from PIL or from the decoded cache.
-# The book's last two steps, ToTensor's scaling and Normalize, run on whole batches on the device
-# (`normalize`): per image on a CPU core they cost twice the crop and resize.
-train_augs = make_train_augs(224)
-test_augs = make_test_augs(256, 224)
-
-
 def normalize(X, stats=None):
     """The book's ToTensor and Normalize, for a batch of uint8 images where it lies; a batch of
     floats (the book's own loaders) has had them already. stats: (mean, std) as tensors."""
@@ -58,6 +39,26 @@ def normalize(X, stats=None):
 @functools.cache
 def imagenet_stats(device):  # once per device: a list copied there each batch would wait for it
     return [torch.tensor(stats, device=device).view(-1, 1, 1) for stats in (MEAN, STD)]
+
+
+def make_train_augs(crop=224, interpolation="bilinear"):
+    """The book's training augmentations before ToTensor, for a net trained at crop pixels."""
+    resized_crop = v2.RandomResizedCrop(crop, interpolation=v2.InterpolationMode(interpolation))
+    return v2.Compose([v2.ToImage(), resized_crop, v2.RandomHorizontalFlip(), v2.ToPureTensor()])
+
+
+def make_test_augs(resize=256, crop=224, interpolation="bilinear"):
+    """The book's test augmentations before ToTensor."""
+    resize = v2.Resize([resize, resize], interpolation=v2.InterpolationMode(interpolation))
+    return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(crop), v2.ToPureTensor()])
+
+
+# ToImage first, so the crop and resize run on uint8 tensors, from PIL or from the decoded cache;
+# ToPureTensor leaves each image a plain uint8 tensor. The book's last two steps, ToTensor's
+# scaling and Normalize, run on whole batches on the device (`normalize`, above): per image on a
+# CPU core they cost twice the crop and resize.
+train_augs = make_train_augs(224)
+test_augs = make_test_augs(256, 224)
 
 
 def load_data(batch_size=128, data_dir=None, root="data", persistent=False):

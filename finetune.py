@@ -19,7 +19,7 @@ import beyond.runs
 def main(argv=None):
     """Parse the command line, run what it asks for once, and return the exit status."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    options = vars(beyond.cli.parse_args(argv))
+    options = vars(beyond.cli.parse_args(argv))  # only what was typed: the defaults are left out
     if "predict" in options:
         todo = beyond.cli.predict_images
     elif "export" in options:
@@ -30,7 +30,7 @@ def main(argv=None):
         todo = None
     if todo:  # under torchrun, by process 0 alone
         return 0 if beyond.processes.rank() > 0 else beyond.cli.guarded(todo, options)
-    gpus = torch.cuda.device_count()  # several: one process each, as the book's try_all_gpus
+    gpus = torch.cuda.device_count()  # several: one process each (the book: nn.DataParallel)
     if (gpus > 1 and not beyond.processes.under_torchrun()
             and beyond.runs.asked_device(options) in (None, "cuda")):
         return beyond.cli.on_all_gpus(argv, gpus, os.path.abspath(__file__))

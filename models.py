@@ -35,7 +35,8 @@ def pretrained_net(arch="resnet18", weights_file=None):
 
 
 def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resnet18"):
-    """The pretrained body with a new output layer: xavier-uniform weight, default bias."""
+    """The pretrained body with a new output layer: xavier-uniform weight, default bias (with
+    hotdog_class, exercise 4's rows instead)."""
     net = beyond.archs.with_fc(pretrained_net(arch, weights_file))  # resnet18 has its fc already
     imagenet_fc, net.fc = net.fc, nn.Linear(net.fc.in_features, num_classes)
     nn.init.xavier_uniform_(net.fc.weight)
@@ -54,19 +55,20 @@ def init_hotdog_head(fc, imagenet_fc, hotdog_class):
     others = torch.arange(imagenet_fc.out_features) != HOTDOG_ROW
     with torch.no_grad():
         for c in range(fc.out_features):
-            rows = HOTDOG_ROW if c == hotdog_class else others
-            fc.weight[c] = imagenet_fc.weight[rows].reshape(-1, fc.in_features).mean(0)
+            rows = [HOTDOG_ROW] if c == hotdog_class else others
+            fc.weight[c] = imagenet_fc.weight[rows].mean(0)
             fc.bias[c] = imagenet_fc.bias[rows].mean()
 
 
 def hotdog_class(classes):
-    """The index of the class named like hot dog (hotdog, hot_dog, hot-dog, hot dog; any case)."""
+    """The index of the class named like hot dog (hotdog, hot_dog, hot-dog, hot dog, or a plural;
+    any case)."""
     for i, name in enumerate(classes):
         if re.fullmatch(r"hot[-_ ]?dogs?", beyond.photos.nfc(name).lower()):
             return i
-    raise beyond.UserError(f"no class is named like hot dog (hotdog, hot_dog, hot-dog) among "
-                           f"{classes}, so none can start from ImageNet's hot-dog row; rename "
-                           "that class's folder, or leave hotdog_class out")
+    raise beyond.UserError(f"no class is named like hot dog (hotdog, hot_dog, hot-dog, hot dog, "
+                           f"or a plural) among {classes}, so none can start from ImageNet's "
+                           "hot-dog row; rename that class's folder, or leave hotdog_class out")
 
 
 def scratch_net(num_classes=2, arch="resnet18"):

@@ -1,4 +1,4 @@
-"""The card's tests: D2L §14.2's recipe (data.py, models.py, train.py) on tiny generated data,
+"""The recipe's tests: D2L §14.2's recipe (data.py, models.py, train.py) on tiny generated data,
 offline, on the CPU: output shapes, parameter groups, a short overfit run, and the recipe held to
 the book, each of its statements with a test that fails without it. The package's tests, one
 file per concept, are in tests/; conftest.py holds what both share.
@@ -164,7 +164,7 @@ def test_each_step_starts_from_zero_gradients():
 
 
 def test_evaluate_uses_the_nets_evaluation_mode():
-    """§7.6's evaluate_accuracy_gpu sets net.eval(): BatchNorm normalises with its running
+    """the book's evaluate_accuracy_gpu sets net.eval(): BatchNorm normalises with its running
     statistics, not the test batch's, and leaves them as they were."""
     torch.manual_seed(0)
     net = models.scratch_net(2).train()  # as an epoch of training leaves it

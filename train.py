@@ -25,7 +25,7 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
                       data_dir=None, devices=None, precision="amp"):
     """§14.2.2.3, called as the book calls it: trains on data_dir (default: the hot-dog set) and
     returns the history, one dict of metrics per epoch."""
-    beyond.devices.make_runtime(devices, precision)  # checked before the data is read
+    beyond.devices.make_runtime(devices, precision)  # checked before the data is read (and fetched)
     # persistent: the loaders' worker processes end with this call, so they may live from epoch
     # to epoch and no epoch waits for new ones
     train_iter, test_iter = data.load_data(batch_size, data_dir, persistent=True)
@@ -61,8 +61,8 @@ def fine_tuning_optimizer(net, learning_rate, param_group=True):
 
 def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=None,
                precision="amp"):
-    """§14.1 (chapter 13 in the book's first edition), called as the book calls it: trains,
-    shows each epoch and the book's summary, and returns the history."""
+    """§14.1 (chapter 13 in the book's releases before 1.0, hence the name), called as the book
+    calls it: trains, shows each epoch and the book's summary, and returns the history."""
     runtime = beyond.devices.make_runtime(devices, precision)
     num_epochs = beyond.options.book_number("num_epochs", num_epochs)  # the run's rule for epochs
     history, animator = [], beyond.pictures.animator()
@@ -121,8 +121,8 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
 
 @torch.no_grad()
 def evaluate(net, test_iter, runtime):
-    """The book's `evaluate_accuracy_gpu` (§7.6), keeping what it counts: each test example's
-    class probabilities and label, in dataset order."""
+    """The book's `evaluate_accuracy_gpu` (its appendix's utility functions), keeping what it
+    counts: each test example's class probabilities and label, in dataset order."""
     beyond.processes.same_buffers(net)
     net.eval()
     probs, labels = [], []
@@ -135,5 +135,6 @@ def evaluate(net, test_iter, runtime):
 
 
 def accuracy(probs, labels):
-    """The share of examples given their class (a diverged net's NaN is never right)."""
+    """The share of examples given their class, where `d2l.accuracy` counts them (a diverged
+    net's NaN is never right)."""
     return (beyond.figures.predicted(probs) == labels).float().mean().item()

@@ -119,12 +119,12 @@ def parallel(net, devices):
     if world_size() > 1:
         model = nn.parallel.DistributedDataParallel(
             net, devices if devices[0].type == "cuda" else None)
-        model.register_comm_hook(None, allreduce_sum)
+        model.register_comm_hook(None, summed_gradients)
         return model
     return nn.DataParallel(net, devices) if len(devices) > 1 else net
 
 
-def allreduce_sum(process_group, bucket):
+def summed_gradients(process_group, bucket):
     """Sum gradients over processes (DDP's hook averages), as the book's learning rates assume."""
     work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
     return work.get_future().then(lambda future: future.value()[0])
