@@ -54,8 +54,9 @@ def upright_rgb(img):
 
 
 def eight_bits(pixels):
-    """Pixels scaled to 0-255 from 65535, or for floats from 1 or 255 where none passes it."""
-    full = 65535
+    """Pixels scaled to 0-255 from 65535, or for floats from 1 or 255 where none passes it; a
+    float's NaN or infinity is black, so that it sets no scale."""
+    pixels, full = np.nan_to_num(pixels, nan=0, posinf=0, neginf=0), 65535
     if pixels.dtype.kind == "f" and pixels.max() <= 255:
         full = 1 if pixels.max() <= 1 else 255
     return np.clip(pixels * (255 / full) + 0.5, 0, 255).astype(np.uint8)

@@ -67,6 +67,17 @@ def test_every_reader_turns_photos_upright_and_scales_16_bits(tmp_path):
         str(tmp_path / n) for n in ("anim.gif", "scan16.png", "scan8.png", "sideways.png")]
 
 
+def test_a_float_photos_nan_or_infinity_is_black_and_sets_no_scale(tmp_path, recwarn):
+    pixels = np.random.default_rng(0).random((20, 30), dtype=np.float32)
+    Image.fromarray(pixels).save(tmp_path / "whole.tif")
+    pixels[0, :3] = np.nan, np.inf, -np.inf
+    Image.fromarray(pixels).save(tmp_path / "holes.tif")
+    whole, holes = (np.asarray(photos.load_rgb(str(tmp_path / f"{n}.tif")))
+                    for n in ("whole", "holes"))
+    assert not holes[0, :3].any() and np.array_equal(holes[1:], whole[1:]) and whole.mean() > 100
+    assert not recwarn.list  # no cast of NaN to a byte
+
+
 def test_sideways_and_16_bit_photos_predict_as_their_twins(tmp_path, capsys):
     """A net trained on upright 8-bit photos (decoded once, so the cache turns them too) gives
     the same predictions for the same photos stored sideways, and for a 16-bit twin."""
