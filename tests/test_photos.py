@@ -163,6 +163,22 @@ def test_a_truncated_image_is_left_out_with_a_note(cache, tmp_path, capsys):
     assert "note: left out" in err and "cut.png" in err
 
 
+@pytest.mark.parametrize("cache", [[], ["--no-cache"]])
+def test_a_test_image_cut_short_is_left_out_never_counted_twice(cache, tmp_path, capsys):
+    """In training another image of its class stands in for one that cannot be read; a test set
+    is decoded once before training, with the cache or without, so that none counts twice."""
+    root = write_folder(tmp_path / "d", train=3, test=2)
+    cut = tmp_path / "d" / "test" / "hotdog" / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+                    ).save(cut)
+    cut.write_bytes(cut.read_bytes()[:20000])  # the header whole, the pixels cut short
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1,
+                               "--batch-size", 4, "--workers", 0, *cache, "--out", tmp_path / "out")
+    assert status == 0 and "testing on 4 in test/" in out and "cut.png" in err, out + err
+    with open(tmp_path / "out" / "metrics.json") as f:
+        assert json.load(f)["per_class"]["hotdog"]["count"] == 2
+
+
 def test_an_image_cut_short_is_named_once_by_all_loader_workers(tmp_path, capfd):
     """With --no-cache each worker process reads some of the images, every epoch: the note that
     leaves a file out is said once, whichever worker meets it, however often (capfd: the
