@@ -64,7 +64,7 @@ test_augs = make_test_augs(256, 224)
 def load_data(batch_size=128, data_dir=None, root="data", persistent=False):
     """The book's train_iter and test_iter (§14.2.2.3): the ImageFolders of data_dir's train/
     and test/ (or val/) with train_augs and test_augs; default the hot-dog set."""
-    data_dir = data_dir or get_hotdog(root)
+    data_dir = get_hotdog(root) if data_dir is None else data_dir
     train_imgs = torchvision.datasets.ImageFolder(
         beyond.folders.split_folder(data_dir, ["train"]), transform=train_augs)
     test_imgs = torchvision.datasets.ImageFolder(

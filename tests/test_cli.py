@@ -53,7 +53,7 @@ def test_batch_larger_than_the_training_set(folder, tmp_path, capsys):
 
 # ---------------------------------------------------------------- bad input is one line
 @pytest.mark.parametrize("setup, argv, message", [
-    (None, ["--data-dir", "{tmp}/nowhere"], "nowhere/train is not a folder"),
+    (None, ["--data-dir", "{tmp}/nowhere"], "nowhere is not a folder; give the folder that holds"),
     ("no_test", ["--data-dir", "{tmp}/d"], "test is not a folder"),
     ("other_classes", ["--data-dir", "{tmp}/d"], "give both the same class folders"),
     ("empty_class", ["--data-dir", "{tmp}/d"], "put images in every class folder"),
@@ -130,7 +130,7 @@ def test_output_folder_checked_first_and_none_left_by_an_early_failure(tmp_path,
     assert status == 2 and "cannot write in the folder" in err
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", tmp_path / "nowhere",
                              "--out", tmp_path / "new" / "run")
-    assert status == 2 and "nowhere/train is not a folder" in err
+    assert status == 2 and "nowhere is not a folder" in err
     assert not os.path.exists(tmp_path / "new")  # nor the folder made for it
 
 
@@ -151,7 +151,7 @@ def test_an_empty_checkpoint_and_missing_data_for_samples_are_one_line(folder, t
                            "e.pt is not a checkpoint of this program"),
                           (["--show-samples", "--data-dir", tmp_path / "missing",
                             "--out", tmp_path / "ss"],
-                           "missing/train is not a folder")):
+                           "missing is not a folder")):
         status, _, err = run_cli(capsys, *argv)
         assert status == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
         assert message in err

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import models
 import train
 from beyond import UserError, cli, datasets, options, runs
@@ -138,6 +139,9 @@ def test_the_books_calls_take_numpys_numbers_and_refuse_others_in_one_line(folde
         with pytest.raises(UserError, match=message):
             train.train_fine_tuning(models.scratch_net(), 5e-4, **{"num_epochs": 1, **kwargs},
                                     data_dir=folder)
+    for data_dir in ("", b"data", 42):  # "" is no folder, not the hot-dog set
+        with pytest.raises(UserError, match=f"^data_dir={data_dir or repr(data_dir)} is not a "):
+            data.load_data(4, data_dir)
     for lr in ("5e-4", -1, 0, float("nan"), 10**400, True):
         with pytest.raises(UserError, match=rf"^learning_rate={lr!r} is not a number, above 0"):
             train.train_fine_tuning(models.scratch_net(), lr, 4, 1, data_dir=folder)

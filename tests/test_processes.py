@@ -249,9 +249,8 @@ def test_an_error_under_torchrun_is_said_once(tmp_path):
     # first
     assert status != 0
     assert [line for line in err.splitlines() if "error: " in line] \
-        == [f"error: {tmp_path / 'nowhere' / 'train'} is not a folder; the data folder needs "
-            "train/ and test/ (or val/), each with one subfolder of images per class, or only the "
-            "class folders, which beyond.runs.train_runs and the command line split"]
+        == [f"error: --data-dir {tmp_path / 'nowhere'} is not a folder; give the folder that holds "
+            "your data (train/ and test/, or class folders alone)"]
     assert "[rank" not in err and "Traceback" not in err  # no process's traceback
 
 

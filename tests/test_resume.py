@@ -287,7 +287,7 @@ def test_runs_of_either_kind_continue_only_as_they_began_and_flags_stay_apart_fr
     # a failed first run leaves no run folder behind, and a path keeps its = signs
     monkeypatch.chdir(tmp_path)
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", tmp_path / "lr=0.1")
-    assert status == 2 and f"{tmp_path / 'lr=0.1' / 'train'} is not a folder" in err
+    assert status == 2 and f"--data-dir {tmp_path / 'lr=0.1'} is not a folder" in err
     assert not os.path.exists("runs")  # nor the runs/ made for it
 
 
