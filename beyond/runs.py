@@ -5,7 +5,6 @@
     trained = runs.resume("runs/photos", epochs=5)     # two more epochs, after a restart too
 """
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -206,9 +205,9 @@ def settled(mode, given, typed=None):
     if options["lr_schedule"] and options["warmup_epochs"] >= options["epochs"]:
         raise UserError(f"warmup_epochs={options['warmup_epochs']} leaves none of the "
                         f"epochs={options['epochs']} to the cosine; give fewer warm-up epochs")
-    if options["tensorboard"] and not importlib.util.find_spec("tensorboard"):
+    if options["tensorboard"] and logs.tensorboard_missing():
         raise UserError("tensorboard= writes TensorBoard's event files with the package "
-                        "tensorboard, which is not installed; pip install tensorboard")
+                        "tensorboard, which cannot be imported here; pip install tensorboard")
     return options
 
 

@@ -3,6 +3,7 @@ files with --tensorboard; a continued run adds its epochs and repeats none."""
 import csv
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -57,11 +58,22 @@ def test_every_run_writes_metrics_csv(scratch_run):
     assert [{k: float(v) for k, v in row.items()} for row in rows] == history
 
 
-def test_tensorboard_missing_is_one_line_before_any_data(tmp_path, capsys, monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+@pytest.mark.parametrize("missing", ["package", "a folder in its place"])
+def test_tensorboard_missing_is_one_line_before_any_data(missing, tmp_path, capsys, monkeypatch):
+    for name in [name for name in sys.modules if "tensorboard" in name]:
+        monkeypatch.delitem(sys.modules, name)  # imported anew here; put back after the test
+    if missing == "package":
+        monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard fails
+    elif importlib.util.find_spec("tensorboard") and importlib.util.find_spec("tensorboard").origin:
+        pytest.skip("tensorboard is installed: a folder of that name does not hide it")
+    else:  # a folder named tensorboard where Python looks: a namespace package, not TensorBoard
+        (tmp_path / "tensorboard").mkdir()
+        monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(datasets, "datasets", lambda *a, **k: pytest.fail("data read"))
-    status, out, err = run_cli(capsys, "--scratch", "--tensorboard", "--out", tmp_path / "run")
+    try:
+        status, out, err = run_cli(capsys, "--scratch", "--tensorboard", "--out", tmp_path / "run")
+    finally:  # what the failed import left, such as the folder read as a namespace package
+        for name in [name for name in sys.modules if "tensorboard" in name]:
+            del sys.modules[name]
     assert status == 2 and err.strip().endswith("pip install tensorboard") and not out, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
