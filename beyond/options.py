@@ -15,6 +15,7 @@ DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_t
 AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: 0 <= v < inf)
 BATCHES = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63)  # 2**63 overflows the loader's index
 ABOVE_0 = ("above 0", lambda v: 0 < v < inf)
+LEARNING_RATES = ("above 0, below 1e37", lambda v: 0 < v < 1e37)  # fc's, 10x, fits in a float32
 BETWEEN_0_AND_1 = ("between 0 and 1", lambda v: 0 < v < 1)
 FROM_0_TO_BELOW_1 = ("from 0 to below 1", lambda v: 0 <= v < 1)
 GIGABYTES = ("0 or more, below 2**33", lambda v: 0 <= v < 2**33)  # more bytes than a float holds
@@ -29,8 +30,9 @@ OPTIONS = dict(
     val_split=(0.2, float, BETWEEN_0_AND_1), max_megapixels=(200, float, ABOVE_0),  # the data
     arch=("resnet18", str, None), weights=(None, str, None), freeze=(False, bool, None),
     init_head_from_imagenet=(False, bool, None),                                 # the net
-    epochs=(None, int, AT_LEAST_1), batch_size=(128, int, BATCHES), lr=(None, float, ABOVE_0),
-    no_param_group=(False, bool, None), seed=(0, int, SEEDS),                    # the book's recipe
+    epochs=(None, int, AT_LEAST_1), batch_size=(128, int, BATCHES),
+    lr=(None, float, LEARNING_RATES), no_param_group=(False, bool, None),
+    seed=(0, int, SEEDS),                                                        # the book's recipe
     patience=(None, int, AT_LEAST_1), freeze_epochs=(0, int, ZERO_OR_MORE),
     class_weights=(None, str, ["balanced"]), lr_schedule=(None, str, ["cosine"]),
     warmup_epochs=(0, int, ZERO_OR_MORE), label_smoothing=(0.0, float, FROM_0_TO_BELOW_1),
