@@ -13,7 +13,7 @@ from beyond.processes import from_process_0, gathered, rank, world_size
 def checkpoint_in(path, name="model.pt", one_run=False):
     """A model.pt: path itself, in the folder path, or its runs' first (one_run: only one)."""
     fix = "give the model.pt of a training run, or its folder"
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):  # "": no folder, not "."
         raise UserError(f"{path!r} is not a path; {fix}")
     path = os.path.normpath(path)  # best.pt/ is best.pt
     if not os.path.exists(path):

@@ -213,6 +213,7 @@ def one_line(error):
     message = str(error).replace("hotdog_class", "--init-head-from-imagenet")
     message = message.replace("weights_file=", "weights=").replace("format=", "--export-format ")
     message = message.replace("beyond.predict.predict", "--predict")
+    message = re.sub(r"^images=", "--predict ", message)  # predict's list of paths
     for name in [*OPTIONS, "out", "mode", "resume"]:  # not inside a path such as runs/lr=0.1
         # batch_size=3: --batch-size 3; then lr: ... and "another out="
         message = re.sub(rf"(?<![\w/.=-]){name}=(?=\S)", flag(name) + " ", message)

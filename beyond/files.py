@@ -110,6 +110,8 @@ def writing_to(folder):
 def what_to_do(error):
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free some space there, or write to another folder"
+    if error.errno in (errno.EEXIST, errno.ENOTDIR):
+        return "a file stands where a folder would be; choose another folder"
     return "choose a folder you can write to"
 
 

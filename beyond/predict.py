@@ -42,7 +42,7 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     a Prediction per image read, in order; the others named on stderr; predictions.csv in out."""
     items = [images] if isinstance(images, (str, os.PathLike)) else images  # one file or folder
     items = list(items) if isinstance(items, Iterable) else [items]  # a generator read once
-    if not all(isinstance(item, (str, os.PathLike)) for item in items):  # None, or a PIL image
+    if not all(isinstance(item, (str, os.PathLike)) and os.fspath(item) for item in items):
         raise UserError(f"images={images!r:.80} is not a path or a list of paths; give image files "
                         "or folders of them (an image in memory: save it to a file first)")
     batch_size = checked("batch_size", batch_size)

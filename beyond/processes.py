@@ -174,7 +174,8 @@ def gather_in_order(probs, labels):
     if world_size() > 1:
         probs, labels = in_order(gathered((probs, labels)))
     if not len(labels):
-        raise UserError("test_iter gives no batches; give it a data set that holds images")
+        raise UserError("test_iter gives no batches; give it a data set that holds images, in a "
+                        "loader that gives them every epoch (a generator: only once)")
     return probs, labels
 
 

@@ -203,8 +203,9 @@ def settled(mode, given, typed=None):
                    workers=loaders.default_workers(options["workers"]),
                    **{key: options[key] and os.path.abspath(options[key]) for key in PATHS})
     if options["lr_schedule"] and options["warmup_epochs"] >= options["epochs"]:
-        raise UserError(f"warmup_epochs={options['warmup_epochs']} leaves none of the "
-                        f"epochs={options['epochs']} to the cosine; give fewer warm-up epochs")
+        raise UserError(f"warmup_epochs={options['warmup_epochs']} leaves none of the run's "
+                        f"{options['epochs']} epochs to the cosine; give fewer warm-up epochs, or "
+                        "more epochs=")
     if options["tensorboard"] and logs.tensorboard_missing():
         raise UserError("tensorboard= writes TensorBoard's event files with the package "
                         "tensorboard, which cannot be imported here; pip install tensorboard")
@@ -296,8 +297,9 @@ def train_one(run, options, sets, device, ckpt):
     done = len(history) >= options["epochs"]
     if done or stalled(history, options["patience"], options["freeze_epochs"]):
         say(f"{run.name}: finished its {len(history)} epochs already; "
-            + ("give more epochs to train on" if done
-               else f"it stopped early (patience {options['patience']})"))
+            + (f"it stopped early (patience {options['patience']})" if not done
+               else "its cosine schedule ended there; train a new run for more epochs"
+               if options["lr_schedule"] else "give more epochs to train on"))
         checkpoints.kept_epoch(run.out, ckpt)  # best.pt, where it is missing
         result = finished(run.out, ckpt) or concluded(run, sets, options, runtime,
                                                       {**about, "history": history})

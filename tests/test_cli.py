@@ -140,7 +140,7 @@ def test_unwritable_out_is_one_line(folder, tmp_path, capsys):
                              "--batch-size", 8, "--workers", 0, "--out", tmp_path / "file" / "run")
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert (f"cannot write in the folder {tmp_path / 'file' / 'run'}" in err
-            and "choose a folder" in err)
+            and "a file stands where a folder would be; choose another folder" in err)
 
 
 def test_an_empty_checkpoint_and_missing_data_for_samples_are_one_line(folder, tmp_path, capsys):

@@ -217,7 +217,7 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(
         assert status == 2 and err.strip().splitlines() == [err.strip()] and message in err, err
     status, _, err = run_cli(capsys, "--export", run, "--out", tmp_path / "empty.pt" / "x.pt2")
     assert (status == 2 and f"cannot write in the folder {tmp_path / 'empty.pt'}" in err
-            and "choose a folder" in err)
+            and "a file stands where a folder would be" in err)
     with monkeypatch.context() as m:
         full_disk(m, "x.pt2", at_call=1)
         status, _, err = run_cli(capsys, "--export", run, "--out", out)

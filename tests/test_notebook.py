@@ -174,7 +174,8 @@ def test_the_python_calls_take_a_net_without_fc_and_refuse_what_they_cannot_use(
     for images_, message in ((None, "images=None is not a path"),
                              (Image.open(photo), "images=<PIL.*is not a path"),
                              ([photo, Image.open(photo)],
-                              r"images=\['.*is not a path or a list of paths")):
+                              r"images=\['.*is not a path or a list of paths"),
+                             ([photo, ""], r"images=\['.*is not a path or a list of paths")):
         with pytest.raises(UserError, match=f"^{message}"):
             predict.predict(str(tmp_path / "run"), images_, workers=0)
     with pytest.raises(UserError, match="^batch_size=0 is not a whole number, 1 or more"):
@@ -182,9 +183,9 @@ def test_the_python_calls_take_a_net_without_fc_and_refuse_what_they_cannot_use(
     with pytest.raises(UserError, match="^found no images in an empty list; give image files"):
         predict.predict(str(tmp_path / "run"), [], workers=0)
     for call in (lambda: predict.predict(None, [photo]), lambda: runs.resume(None),
-                 lambda: predict.export(5)):
-        with pytest.raises(UserError,
-                           match="^(None|5) is not a path; give the model.pt of a training run"):
+                 lambda: predict.export(5), lambda: runs.resume(""), lambda: predict.export("")):
+        with pytest.raises(UserError,  # "": no path, not the working folder
+                           match="^(None|5|'') is not a path; give the model.pt of a training run"):
             call()
     run = str(tmp_path / "run")  # out= as well, checked before anything is read or trained
     for call in (lambda: predict.predict(run, [photo], out=5), lambda: runs.resume(run, out=5),

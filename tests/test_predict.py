@@ -64,6 +64,8 @@ def test_predict_finds_no_images(tmp_path, capsys, scratch_run):
     status, _, err = run_cli(capsys, "--predict", tmp_path / "empty",
                              "--model", scratch_run[0] / "model.pt")
     assert status == 2 and "found no images" in err
+    status, _, err = run_cli(capsys, "--predict", "", "--model", scratch_run[0] / "model.pt")
+    assert status == 2 and err.startswith("error: --predict [''] is not a path or a list of"), err
 
 
 def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(

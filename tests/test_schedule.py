@@ -61,6 +61,8 @@ def test_a_run_keeps_each_epochs_lr_and_resumes_mid_schedule_as_if_never_stopped
     assert status == 2 and "(--epochs: 3 there, 4 now)" in err  # the cosine would end elsewhere
     status, out, err = run_cli(capsys, "--resume", tmp_path / "cut")
     assert status == 0 and "epoch 3:" in out and "epoch 2:" not in out, err
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "cut")  # finished: no more epochs
+    assert status == 0 and "its cosine schedule ended there; train a new run for more" in out, err
     cut = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     for name, value in whole["model"].items():
         assert torch.equal(value, cut["model"][name]), name
@@ -71,7 +73,7 @@ def test_a_run_keeps_each_epochs_lr_and_resumes_mid_schedule_as_if_never_stopped
 @pytest.mark.parametrize("argv, message", [
     (["--warmup-epochs", 1], "--warmup-epochs warms up a schedule, and --lr-schedule gives none"),
     ([*COSINE[:2], "--warmup-epochs", 3, "--epochs", 3],
-     "--warmup-epochs 3 leaves none of the --epochs 3 to the cosine"),
+     "--warmup-epochs 3 leaves none of the run's 3 epochs to the cosine; give fewer warm-up"),
     (["--label-smoothing", 1], "argument --label-smoothing: give a number, from 0 to below 1"),
     (["--lr-schedule", "step"], "argument --lr-schedule: give one of 'cosine', not step")])
 def test_a_schedule_or_smoothing_that_cannot_be_is_one_line(argv, message, tmp_path, capsys):
