@@ -12,7 +12,7 @@ import torchvision
 import data
 import finetune
 import models
-from beyond import UserError, checkpoints, cli, predict, runs
+from beyond import UserError, checkpoints, cli, loaders, predict, runs
 
 from conftest import SCRATCH, class_folders_alone, run_cli, write_folder
 
@@ -185,6 +185,24 @@ def test_a_cpu_run_resumes_on_the_cpu_on_a_machine_with_gpus(folder, tmp_path, c
                         lambda *a: pytest.fail("a process per GPU for a --device cpu run"))
     status, out, err = run_cli(capsys, "--resume", tmp_path / "model.pt", "--epochs", 2)
     assert status == 0 and "epoch 2:" in out, err
+    assert runs.asked_device({"resume": str(tmp_path)}) == "cpu"  # the run's own
+    assert runs.asked_device({"resume": str(tmp_path), "device": "cuda"}) == "cuda"  # given anew
+    assert runs.asked_device({"mode": "scratch"}) is None  # a new run: the best there is
+    assert runs.asked_device({"resume": str(tmp_path / "none")}) is None  # resume names it
+
+
+def test_a_run_on_the_machines_workers_continues_on_this_machines(folder, tmp_path, monkeypatch):
+    """workers left out is the machine's default (one per core): continued on another machine, a
+    run takes that machine's; typed, its own."""
+    def machine(count):
+        monkeypatch.setattr(loaders, "default_workers", lambda w=None: count if w is None else w)
+    machine(0)
+    runs.train_runs("scratch", str(tmp_path / "a"), data_dir=folder, epochs=1, batch_size=8)
+    runs.train_runs("scratch", str(tmp_path / "b"), data_dir=folder, epochs=1, batch_size=8,
+                    workers=0)
+    machine(1)
+    for run, workers in (("a", 1), ("b", 0)):
+        assert runs.resume(str(tmp_path / run), epochs=2).results[0]["args"]["workers"] == workers
 
 
 def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(tmp_path, monkeypatch):
