@@ -296,10 +296,10 @@ def train_one(run, options, sets, device, ckpt):
     history = ckpt["history"] if ckpt else []
     done = len(history) >= options["epochs"]
     if done or stalled(history, options["patience"], options["freeze_epochs"]):
+        more = ("its cosine schedule ended there; train a new run for more epochs"
+                if options["lr_schedule"] else "give more epochs to train on")
         say(f"{run.name}: finished its {len(history)} epochs already; "
-            + (f"it stopped early (patience {options['patience']})" if not done
-               else "its cosine schedule ended there; train a new run for more epochs"
-               if options["lr_schedule"] else "give more epochs to train on"))
+            + (more if done else f"it stopped early (patience {options['patience']})"))
         checkpoints.kept_epoch(run.out, ckpt)  # best.pt, where it is missing
         result = finished(run.out, ckpt) or concluded(run, sets, options, runtime,
                                                       {**about, "history": history})
