@@ -140,11 +140,14 @@ def special(path):
 
 
 def once(paths):
-    """paths, each file once however many links lead to it: the first path to it."""
-    first = {}
+    """paths, each file once however many links lead to it: its own name where that is among
+    them, else the first link's."""
+    kept = {}
     for path in paths:
-        first.setdefault(os.path.realpath(path), path)
-    return list(first.values())
+        real = os.path.realpath(path)
+        if real not in kept or os.path.islink(kept[real]) and not os.path.islink(path):
+            kept[real] = path
+    return list(kept.values())
 
 
 def split_classes(split, data_dir):

@@ -285,6 +285,7 @@ def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_p
     hotdog = tmp_path / "d" / "train" / "hotdog"
     os.symlink(hotdog, hotdog / "loop")  # a link back to its own folder
     os.symlink(hotdog / "0.png", hotdog / "link-to-0.png")  # the same file again
+    os.symlink(hotdog / "1.png", hotdog / "0-link-to-1.png")  # named first: 1.png is kept
     write_folder(tmp_path / "elsewhere", train=1, test=0)
     # a linked folder outside the data
     os.symlink(tmp_path / "elsewhere" / "train" / "hotdog", hotdog / "more")
