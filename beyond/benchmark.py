@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import models  # noqa: E402
 from beyond import UserError, folders, loaders, runs  # noqa: E402
 from beyond.archs import preprocessing  # noqa: E402
+from beyond.cli import one_line  # noqa: E402
 from beyond.devices import make_runtime, try_device  # noqa: E402
 from train import fine_tuning_loss, fine_tuning_optimizer, train_epoch  # noqa: E402
 
@@ -61,18 +62,25 @@ def main():
     args = p.parse_args()
     if not (args.dummy or args.data_dir):
         p.error("give --data-dir DIR or --dummy")
+    if args.batches is not None and args.batches < 1:
+        p.error("--batches takes 1 or more")
     try:
-        given = dict(data_dir=args.data_dir, dummy=args.dummy, arch=args.arch, workers=args.workers,
-                     cache_gb=0 if args.no_cache else None)
-        options = runs.settled("scratch", given)
-        device = try_device(args.device)
-    except UserError as e:
-        p.error(str(e))
+        measure(args)
+    except UserError as e:  # bad input, as the command line says it: one line
+        p.error(one_line(e).removeprefix("error: "))
+
+
+def measure(args):
+    """Time start-up, the model alone, the pipeline and the loader alone; print the figures."""
+    given = dict(data_dir=args.data_dir, dummy=args.dummy, arch=args.arch, workers=args.workers,
+                 batch_size=args.batch_size, cache_gb=0 if args.no_cache else None)
+    options = runs.settled("scratch", given)
+    device = try_device(args.device)
     start = time.perf_counter()
     sets = runs.load_sets(options)  # the command line's data, at the sizes the arch was trained at
     data_sec = time.perf_counter() - start
     train_iter, _ = loaders.make_loaders(*sets[:2], args.batch_size, args.workers)
-    batches = args.batches or len(train_iter)
+    batches = min(args.batches or len(train_iter), len(train_iter))  # no more than the data holds
 
     # the recipe's net, optimizer and precision; speed does not depend on the weights
     runtime = make_runtime(device, args.precision)

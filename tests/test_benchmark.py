@@ -1,0 +1,32 @@
+"""python -m beyond.benchmark: bad input is one line, as the command line says it, and the
+figures cover no more batches than the data holds."""
+import sys
+
+import pytest
+
+from beyond import benchmark
+
+from conftest import write_folder
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "-1"], "--batches takes 1 or more"),
+    (["--batch-size", "0"], "--batch-size 0 is not a whole number, 1 or more"),
+    (["--data-dir", "{tmp}/nowhere"], "nowhere is not a folder; give the folder that holds")])
+def test_bad_input_is_one_line(argv, message, tmp_path, monkeypatch, capsys):
+    root = write_folder(tmp_path / "d", train=2, test=1)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--data-dir", root, "--workers", "0", *argv])
+    with pytest.raises(SystemExit) as e:
+        benchmark.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err.strip().splitlines()[-1], err
+
+
+def test_no_more_batches_than_the_data_holds(tmp_path, monkeypatch, capsys):
+    root = write_folder(tmp_path / "d", train=4, test=1)  # 8 images: 2 batches of 4
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--data-dir", root, "--workers", "0",
+                                      "--batches", "100", "--batch-size", "4", "--device", "cpu"])
+    benchmark.main()
+    out = capsys.readouterr().out
+    assert "batch 4, 0 workers" in out and "2 batches per measurement" in out, out
