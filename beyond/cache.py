@@ -83,6 +83,7 @@ def tested_whole(folders, workers=1):
             failed = list(pool.map(unreadable, (path for path, _ in folder.samples)))
         left_out([error for error in failed if error], len(failed))
         folder.keep([i for i, error in enumerate(failed) if not error])
+        folder.stand_in = False  # decoded again each epoch: one gone bad since stops the run
         every_class_read(folder)
     return folders
 

@@ -222,6 +222,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         self.keep(range(len(self.samples)))
         self.where = f"in {os.path.basename(os.path.normpath(split))}/"  # the run's header says so
         self.held_out = None  # where split_by_class made it: the held-out paths
+        self.stand_in = True  # False: a set tested on, where no image may stand in for another
         every_class_read(self)
 
     def keep(self, indices):
@@ -232,7 +233,8 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         self.unread = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __getitem__(self, i):
-        """The image and its class; for one that cannot be read now, the next of its class."""
+        """The image and its class; for one that cannot be read now, the next of its class (where
+        stand_in)."""
         target = self.targets[i]
         for j in itertools.chain(range(i, len(self)), range(i)):
             if self.targets[j] != target or self.unread[j]:
@@ -240,6 +242,9 @@ class ImageFolder(torchvision.datasets.ImageFolder):
             try:
                 return super().__getitem__(j)
             except UserError as e:
+                if not self.stand_in:  # counted twice, the other would change the test's figures
+                    raise UserError(f"{self.samples[j][0]}, an image the run tests on, cannot be "
+                                    "read now; put it back as it was, then continue the run") from e
                 if not self.unread[j]:  # another worker may have met it meanwhile
                     self.unread[j] = True
                     say(f"note: left out {self.samples[j][0]}, which cannot be read now: {e}",

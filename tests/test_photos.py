@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from beyond import UserError, checkpoints, cli, datasets, photos, runs
+from beyond import UserError, checkpoints, cli, datasets, photos, progress, runs
 
 from conftest import run_cli, sideways, write_folder
 
@@ -177,6 +177,25 @@ def test_a_test_image_cut_short_is_left_out_never_counted_twice(cache, tmp_path,
     assert status == 0 and "testing on 4 in test/" in out and "cut.png" in err, out + err
     with open(tmp_path / "out" / "metrics.json") as f:
         assert json.load(f)["per_class"]["hotdog"]["count"] == 2
+
+
+def test_a_test_image_gone_bad_midway_stops_the_run_in_one_line(tmp_path, capsys, monkeypatch):
+    """Without the cache, a test set is read each epoch: an image that cannot be read since is not
+    stood in for by another (which would count twice); the run stops, its last epoch kept."""
+    root = write_folder(tmp_path / "d", train=3, test=2)
+    real = progress.show_epoch
+
+    def cut_after_1(history, *a, **k):
+        real(history, *a, **k)
+        (tmp_path / "d" / "test" / "hotdog" / "0.png").write_bytes(b"cut")
+    monkeypatch.setattr(progress, "show_epoch", cut_after_1)
+    status, out, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 2,
+                               "--batch-size", 4, "--workers", 0, "--no-cache",
+                               "--out", tmp_path / "out")
+    assert status == 2 and err.strip().splitlines() == [
+        f"error: {tmp_path / 'd' / 'test' / 'hotdog' / '0.png'}, an image the run tests on, cannot "
+        "be read now; put it back as it was, then continue the run"], err
+    assert len(torch.load(tmp_path / "out" / "model.pt", weights_only=True)["history"]) == 1
 
 
 def test_an_image_cut_short_is_named_once_by_all_loader_workers(tmp_path, capfd):
