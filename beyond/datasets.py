@@ -48,6 +48,9 @@ def cifar10(root="data"):
             download(CIFAR10_URL, archive)
         return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=fetch)
                 for t, augs in ((True, data.train_augs), (False, data.test_augs))]
+    except RuntimeError:  # torchvision's "not found or corrupted": batches missing from the folder
+        raise UserError(f"{os.path.join(root, 'cifar-10-batches-py')} lacks some of CIFAR-10's "
+                        "files (an extraction cut short?); delete it, and run again") from None
     except (OSError, http.client.HTTPException) as e:
         md5 = torchvision.datasets.CIFAR10.tgz_md5
         if os.path.exists(archive) and not check_integrity(archive, md5):

@@ -119,6 +119,9 @@ def test_downloads_offline_leave_no_folder_and_a_headless_arch_is_refused_first(
     with pytest.raises(UserError, match="cannot download"):
         datasets.cifar10(str(tmp_path / "new" / "root"))
     assert not (tmp_path / "new").exists()
+    os.makedirs(tmp_path / "cut" / "cifar-10-batches-py")  # torchvision extracts in place
+    with pytest.raises(UserError, match="cifar-10-batches-py lacks some of CIFAR-10's files"):
+        datasets.cifar10(str(tmp_path / "cut"))
     status, _, err = run_cli(capsys, "--scratch", "--arch", "squeezenet1_0",
                              "--data-dir", tmp_path / "nowhere")
     assert status == 2 and "SqueezeNet does not end in a Linear layer" in err and "--arch" in err
