@@ -1,6 +1,7 @@
 """Everything the book's recipe leaves out, in rooms named for what they hold (docs/house.md):
 helpers the recipe calls, which import nothing from the top, and drivers that run it from outside.
 """
+import importlib
 import re
 
 
@@ -13,3 +14,13 @@ class UserError(Exception):
         if "Original Traceback" in message:
             message = re.sub(r"^[\w.]*UserError: ", "", message.strip().splitlines()[-1])
         super().__init__(message)
+
+
+def importable(module):
+    """Whether module imports: an optional package (matplotlib, tensorboard) is installed, and no
+    folder of its name in the working folder stands in its place."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from beyond import UserError, datasets, predict, runs
+from beyond import UserError, datasets, importable, predict, runs
 from beyond.options import DATASETS, DEFAULTS, OPTIONS, checked, refuse_unread, takes
 from beyond.photos import image_paths, megapixels_limit, shown
 from beyond.processes import job_size, say
@@ -200,6 +200,9 @@ def export(options):
 
 def show_samples(options):
     """--show-samples: the book's first look at the data, and the same images augmented."""
+    if not importable("matplotlib.figure"):  # its one picture: nothing to do without it
+        raise UserError("--show-samples draws samples.png with matplotlib, which cannot be "
+                        "imported here; pip install matplotlib")
     refuse_unread({**DEFAULTS, **options}, set(options))  # --data-root beside --data-dir
     data_dir = options.get("data_dir") or data.get_hotdog(options.get("data_root", "data"))
     path = datasets.samples(data_dir, options.get("out", "."))

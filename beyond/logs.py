@@ -18,16 +18,6 @@ def write_csv(folder, history):
     write_whole(os.path.join(folder, "metrics.csv"), table.getvalue().encode())
 
 
-def tensorboard_missing():
-    """Whether TensorBoard's writer cannot be imported: the package is missing, or a folder named
-    tensorboard stands in its place (in the working folder, say)."""
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:
-        return True
-    return False
-
-
 SCALARS = ("loss", "train_acc", "test_acc", "lr", "examples_per_sec")
 
 

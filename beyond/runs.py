@@ -18,8 +18,8 @@ import torchvision
 import data
 import models
 import train
-from beyond import (UserError, archs, checkpoints, datasets, folders, loaders, logs, pictures,
-                    progress)
+from beyond import (UserError, archs, checkpoints, datasets, folders, importable, loaders, logs,
+                    pictures, progress)
 from beyond.devices import make_runtime, try_device
 from beyond.figures import figures, predicted
 from beyond.files import finite, writable_folder, write_whole, writing_to
@@ -206,7 +206,7 @@ def settled(mode, given, typed=None):
         raise UserError(f"warmup_epochs={options['warmup_epochs']} leaves none of the run's "
                         f"{options['epochs']} epochs to the cosine; give fewer warm-up epochs, or "
                         "more epochs=")
-    if options["tensorboard"] and logs.tensorboard_missing():
+    if options["tensorboard"] and not importable("torch.utils.tensorboard"):
         raise UserError("tensorboard= writes TensorBoard's event files with the package "
                         "tensorboard, which cannot be imported here; pip install tensorboard")
     return options

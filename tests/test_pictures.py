@@ -22,6 +22,12 @@ def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
                                  str(tmp_path / "curves.png")) is None
     assert "pip install matplotlib" in capsys.readouterr().out
     assert not (tmp_path / "curves.png").exists()
+    monkeypatch.setattr(datasets, "samples", lambda *a: pytest.fail("data read"))
+    status, _, err = run_cli(capsys, "--show-samples", "--data-dir", tmp_path / "d",
+                             "--out", tmp_path / "ss")  # its one picture: refused before the data
+    assert status == 2 and err.strip() == ("error: --show-samples draws samples.png with "
+                                           "matplotlib, which cannot be imported here; pip install "
+                                           "matplotlib") and not (tmp_path / "ss").exists()
 
 
 def test_pictures_keep_the_callers_backend(tmp_path):
