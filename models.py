@@ -63,12 +63,14 @@ def init_hotdog_head(fc, imagenet_fc, hotdog_class):
 def hotdog_class(classes):
     """The index of the class named like hot dog (hotdog, hot_dog, hot-dog, hot dog, or a plural;
     any case)."""
-    for i, name in enumerate(classes):
-        if re.fullmatch(r"hot[-_ ]?dogs?", beyond.photos.nfc(name).lower()):
-            return i
-    raise beyond.UserError(f"no class is named like hot dog (hotdog, hot_dog, hot-dog, hot dog, "
-                           f"or a plural) among {classes}, so none can start from ImageNet's "
-                           "hot-dog row; rename that class's folder, or leave hotdog_class out")
+    found = [i for i, name in enumerate(classes)
+             if re.fullmatch(r"hot[-_ ]?dogs?", beyond.photos.nfc(name).lower())]
+    if len(found) != 1:  # none, or two (hotdog and Hot_Dogs): which would start from the row?
+        raise beyond.UserError(f"{len(found) or 'no'} classes of {classes} are named like hot dog "
+                               "(hotdog, hot_dog, hot-dog, hot dog, or a plural), and one must be "
+                               "to start from ImageNet's hot-dog row; rename the class folders, or "
+                               "leave hotdog_class out")
+    return found[0]
 
 
 def scratch_net(num_classes=2, arch="resnet18"):

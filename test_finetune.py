@@ -79,8 +79,9 @@ def test_init_head_from_imagenet(torch_home):
 def test_the_hot_dog_row_goes_to_the_class_named_like_hot_dog(torch_home):
     assert [models.hotdog_class(c)
             for c in (["apple", "Hot_Dog"], ["HOTDOG", "x"], ["a", "hot dogs"])] == [1, 0, 1]
-    with pytest.raises(UserError, match="no class is named like hot dog"):
-        models.hotdog_class(["pizza", "salad"])
+    for classes, found in ((["pizza", "salad"], "no"), (["hotdog", "Hot_Dogs", "x"], "2")):
+        with pytest.raises(UserError, match=f"^{found} classes of .* are named like hot dog"):
+            models.hotdog_class(classes)
     fc = models.finetune_net(3, hotdog_class=1).fc
     w = torch_home["fc.weight"]
     assert torch.equal(fc.weight[1], w[934]) and torch.allclose(fc.weight[0], fc.weight[2])
