@@ -133,8 +133,11 @@ def load_file(path, what, fix, name=None, into=None):
 
 
 def first_line(error):
-    """An exception's message's first line, or its type's name."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """An exception's message's first line (one that ends in a colon with the next, such as
+    load_state_dict's), at most 160 characters, or its type's name."""
+    lines = [line.strip() for line in str(error).strip().splitlines()] or [type(error).__name__]
+    line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def inside(path, folder):

@@ -109,7 +109,13 @@ def test_arch_on_the_command_line(folder, tmp_path, capsys, arch_weights):
                           (["--scratch", "--arch", "resnet19", "--data-dir", folder,
                             "--out", tmp_path / "x"],
                            "--arch resnet19 is not one of torchvision's ImageNet classifiers; "
-                           "torchvision.models.list_models")):
+                           "torchvision.models.list_models"),
+                          (["--pretrained", "--weights", os.path.join(
+                              os.environ["TORCH_HOME"], "hub", "checkpoints",
+                              archs.weights_name("mobilenet_v3_small")),
+                            "--data-dir", folder, "--out", tmp_path / "y"],  # which keys differ
+                           "is not a resnet18 state-dict (Error(s) in loading state_dict for "
+                           "ResNet: Missing key(s) in state_dict: ")):
         status, _, err = run_cli(capsys, *argv)
         assert status == 2 and err.strip().splitlines() == [err.strip()] and message in err
 
