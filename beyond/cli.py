@@ -12,7 +12,7 @@ import data
 from beyond import UserError, datasets, importable, predict, runs
 from beyond.options import DATASETS, DEFAULTS, OPTIONS, checked, refuse_unread, takes
 from beyond.photos import image_paths, megapixels_limit, shown
-from beyond.processes import job_size, say
+from beyond.processes import job_size, rank, say
 
 DESCRIPTION = "Fine-tune resnet18 to recognise hot dogs, as in Dive into Deep Learning §14.2."
 MODES = {"pretrained": "fine-tune the ImageNet resnet18",
@@ -68,6 +68,8 @@ READS = {"predict": {"model", "out", "batch_size", "workers", "device", "precisi
 def parse_args(argv=None):
     """The mode, and the options typed (those left out are not in the namespace: DEFAULTS)."""
     p = argparse.ArgumentParser(description=DESCRIPTION, argument_default=argparse.SUPPRESS)
+    if rank() > 0:  # under torchrun every process parses the same line: process 0 alone says why
+        p.error = lambda message: p.exit(2)
     mode = p.add_mutually_exclusive_group()
     for name, text in MODES.items():
         mode.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=text)

@@ -252,6 +252,8 @@ def test_an_error_under_torchrun_is_said_once(tmp_path):
         == [f"error: --data-dir {tmp_path / 'nowhere'} is not a folder; give the folder that holds "
             "your data (train/ and test/, or class folders alone)"]
     assert "[rank" not in err and "Traceback" not in err  # no process's traceback
+    status, _, err = launched(["--scratch", "--epochs", 0], tmp_path / "flags")  # argparse's
+    assert status == 2 and err.count("usage: ") == 1 and err.count("error: ") == 1, err
 
 
 def test_predict_under_torchrun_writes_once(folder, tmp_path, scratch_run):
