@@ -59,7 +59,8 @@ def checked(name, value):
             raise UserError(f"{name}={v!r} is not {takes(kind, allowed)}; "
                             f"give {takes(kind, allowed)}")
     if several and len({f"{v:g}" for v in values}) < len(values):  # each lr names its run's folder
-        raise UserError(f"lr={value} names two runs alike; give each learning rate once")
+        raise UserError(f"lr={value} names two runs alike (a run's folder shows its lr to 6 "
+                        "digits); give learning rates that differ there")
     return values if several else values[0]
 
 

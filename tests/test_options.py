@@ -49,10 +49,10 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
         typed = getattr(cli.parse_args(["--scratch", "--" + name.replace("_", "-"), text]), name)
         assert typed == ([value] if name == "lr" else value)
         assert options.checked(name, value) == value
-    message = "lr=[5e-05, 5e-05] names two runs alike; give each learning rate once"
-    with pytest.raises(UserError, match=re.escape(message)):
-        # one folder for both
-        runs.train_runs("pretrained", str(tmp_path / "never"), lr=[5e-5, 5e-5])
+    message = "names two runs alike (a run's folder shows its lr to 6 digits); give learning rates"
+    for lrs in ([5e-5, 5e-5], [5e-5, 5.0000001e-5]):  # one folder for both
+        with pytest.raises(UserError, match=re.escape(f"lr={lrs} {message}")):
+            runs.train_runs("pretrained", str(tmp_path / "never"), lr=lrs)
     assert options.checked("data_dir", tmp_path) == str(tmp_path)  # a path object is a path
     for name, value in (("epochs", np.int64(3)), ("lr", np.float32(0.5)),
                         ("lr", [np.float64(1e-3), 2])):
