@@ -36,7 +36,7 @@ def pretrained_net(arch="resnet18", weights_file=None):
 
 def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resnet18"):
     """The pretrained body with a new output layer: xavier-uniform weight, default bias (with
-    hotdog_class, exercise 4's rows instead)."""
+    hotdog_class, exercise 4: rows from ImageNet's, init_hotdog_head)."""
     net = beyond.archs.with_fc(pretrained_net(arch, weights_file))  # resnet18 has its fc already
     imagenet_fc, net.fc = net.fc, nn.Linear(net.fc.in_features, num_classes)
     nn.init.xavier_uniform_(net.fc.weight)
@@ -67,9 +67,9 @@ def hotdog_class(classes):
              if re.fullmatch(r"hot[-_ ]?dogs?", beyond.photos.nfc(name).lower())]
     if len(found) != 1:  # none, or two (hotdog and Hot_Dogs): which would start from the row?
         raise beyond.UserError(f"{len(found) or 'no'} classes of {classes} are named like hot dog "
-                               "(hotdog, hot_dog, hot-dog, hot dog, or a plural), and one must be "
-                               "to start from ImageNet's hot-dog row; rename the class folders, or "
-                               "leave hotdog_class out")
+                               "(hotdog, hot_dog, hot-dog, hot dog, or a plural); exactly one must "
+                               "be, to start from ImageNet's hot-dog row; rename the class "
+                               "folders, or leave hotdog_class out")
     return found[0]
 
 

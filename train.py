@@ -136,6 +136,6 @@ def evaluate(net, test_iter, runtime):
 
 
 def accuracy(probs, labels):
-    """The share of examples given their class, where `d2l.accuracy` counts them (a diverged
-    net's NaN is never right)."""
+    """The share of examples given their class, whereas `d2l.accuracy` returns the count (a
+    diverged net's NaN is never right)."""
     return (beyond.figures.predicted(probs) == labels).float().mean().item()

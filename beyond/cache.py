@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms import v2
 
 from beyond import UserError
-from beyond.photos import every_class_read, left_out, load_rgb
+from beyond.photos import every_class_read, left_out, load_rgb, test_set_whole
 from beyond.processes import local_processes, say
 
 
@@ -62,7 +62,7 @@ def available_memory():
 def decoded(folders, cache_budget=None, workers=1):
     """The folders as DecodedImages if they fit in cache_budget bytes (0: never), else as is."""
     if cache_budget == 0:
-        return tested_whole(folders, workers)
+        return uncached(folders, workers)
     # each process on this machine holds its own copy
     needed = sum(3 * width * height for folder in folders for width, height in folder.sizes)
     budget = cache_budget or available_memory() // (2 * local_processes())
@@ -70,28 +70,11 @@ def decoded(folders, cache_budget=None, workers=1):
         say(f"note: decoding images every epoch: decoded they would take {needed / 2**30:.3g} GB, "
             f"more than the cache's {budget / 2**30:.3g} GB (cache_budget; --cache-gb)",
             file=sys.stderr)
-        return tested_whole(folders, workers)
+        return uncached(folders, workers)
     return [DecodedImages(folder, workers) for folder in folders]
 
 
-def tested_whole(folders, workers=1):
-    """folders, their evaluation sets (all but the first) decoded once to leave out the images
-    that cannot be read: in training another of its class stands in for one such (ImageFolder),
-    which in a test would count that other twice."""
-    for folder in folders[1:]:
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            failed = list(pool.map(unreadable, (path for path, _ in folder.samples)))
-        left_out([error for error in failed if error], len(failed))
-        folder.keep([i for i, error in enumerate(failed) if not error])
-        folder.stand_in = False  # decoded again each epoch: one gone bad since stops the run
-        every_class_read(folder)
-    return folders
-
-
-def unreadable(path):
-    """The error that reading the image at path raises, else None."""
-    try:
-        load_rgb(path)
-    except UserError as e:
-        return str(e)
-    return None
+def uncached(folders, workers=1):
+    """The folders, read from disk every epoch; the sets tested on (all but the first) read whole
+    once first (photos.test_set_whole)."""
+    return [folders[0], *(test_set_whole(folder, workers) for folder in folders[1:])]

@@ -48,7 +48,10 @@ def cifar10(root="data"):
             download(CIFAR10_URL, archive)
         return [torchvision.datasets.CIFAR10(root, train=t, transform=augs, download=fetch)
                 for t, augs in ((True, data.train_augs), (False, data.test_augs))]
-    except RuntimeError:  # torchvision's "not found or corrupted": batches missing from the folder
+    except RuntimeError as e:  # torchvision's "not found or corrupted"
+        if fetch:  # the archive it downloaded
+            raise UserError(f"{archive} is not CIFAR-10's archive ({e}); delete it, and run again "
+                            "or put a whole copy there") from None
         raise UserError(f"{os.path.join(root, 'cifar-10-batches-py')} lacks some of CIFAR-10's "
                         "files (an extraction cut short?); delete it, and run again") from None
     except (OSError, http.client.HTTPException) as e:

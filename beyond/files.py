@@ -135,7 +135,8 @@ def load_file(path, what, fix, name=None, into=None):
 def first_line(error):
     """An exception's message's first line (one that ends in a colon with the next, such as
     load_state_dict's), at most 160 characters, or its type's name."""
-    lines = [line.strip() for line in str(error).strip().splitlines()] or [type(error).__name__]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = lines or [type(error).__name__]
     line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
     return line if len(line) <= 160 else line[:157] + "..."
 

@@ -89,7 +89,7 @@ def split_folder(data_dir, names):
     """The first of names (any case) that is a folder in data_dir."""
     if not isinstance(data_dir, (str, os.PathLike)) or not os.path.isdir(data_dir):
         raise UserError(f"data_dir={data_dir or repr(data_dir)} is not a folder; give the folder "
-                        "that holds your data (train/ and test/, or class folders alone)")
+                        "that holds your data")
     found = {e.name.lower(): e.path for e in os.scandir(data_dir) if e.is_dir()}
     if paths := [found[name] for name in names if name in found]:
         return paths[0]

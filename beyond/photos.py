@@ -8,6 +8,7 @@ import sys
 import threading
 import unicodedata
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -140,12 +141,12 @@ def special(path):
 
 
 def once(paths):
-    """paths, each file once however many links lead to it: its own name where that is among
-    them, else the first link's."""
+    """paths, each file once however many links lead to it: a path that is not itself a link
+    where there is one, else the first."""
     kept = {}
     for path in paths:
         real = os.path.realpath(path)
-        if real not in kept or os.path.islink(kept[real]) and not os.path.islink(path):
+        if real not in kept or (os.path.islink(kept[real]) and not os.path.islink(path)):
             kept[real] = path
     return list(kept.values())
 
@@ -210,6 +211,28 @@ def every_class_read(folder, problem="holds no image that can be read; put reada
     """Refuse a set with a class that has no image left: no net learns a class it never sees."""
     if empty := [name for i, name in enumerate(folder.classes) if i not in folder.targets]:
         raise UserError(f"{os.path.join(folder.root, empty[0])} {problem}")
+
+
+def test_set_whole(folder, workers=1):
+    """A set tested on, without the images that cannot be decoded now: in training another image
+    of its class stands in for one (ImageFolder), which in a test would count that one twice; one
+    that cannot be read later stops the run."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
+        failed = list(pool.map(unreadable, (path for path, _ in folder.samples)))
+    left_out([error for error in failed if error], len(failed))
+    folder.keep([i for i, error in enumerate(failed) if not error])
+    folder.stand_in = False
+    every_class_read(folder)
+    return folder
+
+
+def unreadable(path):
+    """The error that reading the image at path raises, else None."""
+    try:
+        load_rgb(path)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):

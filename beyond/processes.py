@@ -167,7 +167,7 @@ def same_buffers(net):
 
 def gather_in_order(probs, labels):
     """The batches' probabilities and labels, joined, and gathered back in dataset order; none at
-    all is refused (an empty test_iter, found after the epoch it follows)."""
+    all is refused (an empty test_iter, found only after the training epoch before it)."""
     if not labels:  # more processes than test images: this one has none
         probs, labels = [torch.empty(0, 0)], [torch.empty(0, dtype=torch.long)]
     probs, labels = torch.cat(probs), torch.cat(labels)

@@ -10,7 +10,7 @@ from conftest import write_folder
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batches", "-1"], "--batches takes 1 or more"),
+    (["--batches", "-1"], "--batches -1 is not a whole number, 1 or more"),
     (["--batch-size", "0"], "--batch-size 0 is not a whole number, 1 or more"),
     (["--data-dir", "{tmp}/nowhere"], "nowhere is not a folder; give the folder that holds")])
 def test_bad_input_is_one_line(argv, message, tmp_path, monkeypatch, capsys):

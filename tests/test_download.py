@@ -8,6 +8,7 @@ import sys
 import zipfile
 
 import pytest
+import torchvision
 from PIL import Image
 
 import data
@@ -122,6 +123,11 @@ def test_downloads_offline_leave_no_folder_and_a_headless_arch_is_refused_first(
     os.makedirs(tmp_path / "cut" / "cifar-10-batches-py")  # torchvision extracts in place
     with pytest.raises(UserError, match="cifar-10-batches-py lacks some of CIFAR-10's files"):
         datasets.cifar10(str(tmp_path / "cut"))
+    monkeypatch.setattr(datasets, "download", lambda url, path: open(path, "w").close())
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", lambda self: None)  # a proxy's
+    with pytest.raises(UserError, match=r"cifar-10-python.tar.gz is not CIFAR-10's archive "
+                                        r"\(Dataset not found or corrupted"):  # page, say
+        datasets.cifar10(str(tmp_path))
     status, _, err = run_cli(capsys, "--scratch", "--arch", "squeezenet1_0",
                              "--data-dir", tmp_path / "nowhere")
     assert status == 2 and "SqueezeNet does not end in a Linear layer" in err and "--arch" in err
