@@ -73,7 +73,7 @@ def resume(path, **given):
     if whole:
         read = held_checkpoints(planned, found, ckpt)
         same_totals(read, planned, given, out)
-    options = continued(ckpt, planned, given, out)
+    options = continued(ckpt, planned, given, out, read)
     return trained({**options, "resume": None if whole else found}, out, read)
 
 
@@ -99,7 +99,7 @@ def same_totals(read, planned, given, out):
     (one continued alone with more): the others would train on, or begin, to its total."""
     totals = {f"{ckpt['name']} to {ckpt['args']['epochs']}": ckpt["args"]["epochs"]
               for ckpt in read.values()}
-    begins = [run.name for run in planned if os.path.join(run.out, "model.pt") not in read]
+    begins = [run.name for run in beginning(planned, read)]
     alone = [ckpt["name"] for ckpt in read.values() if ckpt["args"].get("resume")]
     if "epochs" not in given and (len(set(totals.values())) > 1 or begins and alone):
         why = (f"{begins[0]} begins beside {alone[0]}, continued alone; give epochs= anew to "
@@ -109,9 +109,14 @@ def same_totals(read, planned, given, out):
         raise UserError(f"the runs in {out} ({', '.join(totals)} epochs): {why}")
 
 
-def continued(ckpt, planned, given, out):
+def beginning(planned, read):
+    """The planned runs that begin anew: resume read no checkpoint of theirs."""
+    return [run for run in planned if os.path.join(run.out, "model.pt") not in read]
+
+
+def continued(ckpt, planned, given, out, read):
     """The options the planned runs (ckpt's, or its folder's in out) go on with: those they
-    began with, and what is given anew where it may change."""
+    began with, and what is given anew where it may change (read: their checkpoints)."""
     began = ckpt["args"]
     if "workers" not in began["typed"]:  # the default of the machine it began on: this one's now
         began = {k: v for k, v in began.items() if k != "workers"}
@@ -119,7 +124,7 @@ def continued(ckpt, planned, given, out):
         given = {k: v for k, v in given.items() if k != "lr"}  # the runs' own, typed out
     if len(planned) > 1 and "lr" in given:  # a folder of several runs: other lrs, other runs
         refuse_changes({"lr": began["lr"]}, {"lr": lrs(given["lr"])}, out, set())
-    refuse_unread_by_mode(ckpt, planned, given)
+    refuse_unread_by_mode(ckpt, planned, given, read)
     options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
     options = settled(began["mode"], options, {*began["typed"], *given})
     refuse_unread(options, set(given))  # only what is given anew: an older run goes on as it began
@@ -137,15 +142,14 @@ def several_runs_in(path, its_training):
     return len(names) > 1 and (len(held) > 1 or os.path.basename(os.path.dirname(held[0])) in names)
 
 
-def refuse_unread_by_mode(ckpt, planned, given):
+def refuse_unread_by_mode(ckpt, planned, given, read):
     """Refuse the options only a pretrained run reads where they would go unread: given to a
     scratch run alone, or lost where a pretrained run begins from a scratch run's checkpoint."""
     unread = [key for key in PRETRAINED_ONLY if given.get(key)]
     if unread and all(run.mode == "scratch" for run in planned):
         raise UserError(f"{unread[0]}= changes the pretrained net, and {ckpt['path']} is a "
                         f"scratch run's, trained from random weights; leave {unread[0]}= out")
-    begins = [run.out for run in planned if run.mode == "pretrained"
-              and not os.path.exists(os.path.join(run.out, "model.pt"))]
+    begins = [run.out for run in beginning(planned, read) if run.mode == "pretrained"]
     lost = [f"{k}=" for k in PRETRAINED_ONLY if k in ckpt["args"]["typed"] and k not in given]
     if ckpt["mode"] == "scratch" and begins and lost:
         raise UserError(f"{begins[0]} begins anew (it has no model.pt), and {ckpt['path']}, a "
