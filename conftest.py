@@ -57,6 +57,20 @@ def sideways(upright, path):
     upright.rotate(90, expand=True).save(path, exif=exif)
 
 
+def add_junk(root):
+    """What notebooks, macOS and zip files leave in a data folder."""
+    for split in ("train", "test"):
+        os.makedirs(root / split / ".ipynb_checkpoints")  # empty: once "Found no valid file"
+        os.makedirs(root / split / "__MACOSX" / "hotdog")
+        apple_double = b"\x00\x05\x16\x07 apple double"
+        (root / split / "__MACOSX" / "hotdog" / "._0.png").write_bytes(apple_double)
+        (root / split / "hotdog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 apple double")
+        (root / split / "hotdog" / ".DS_Store").write_bytes(b"junk")
+        os.makedirs(root / split / "hotdog" / ".ipynb_checkpoints")
+        Image.new("RGB",
+                  (8, 8)).save(root / split / "hotdog" / ".ipynb_checkpoints" / "0-checkpoint.png")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def torch_home(tmp_path_factory):
     """A TORCH_HOME holding stand-in "ImageNet" weights, so --pretrained loads them offline."""
@@ -143,7 +157,7 @@ def run_cli(capsys, *argv):
 
 def one_epoch(net, train_iter, test_iter, runtime=CPU, lr=0.01):
     """The book's loop for one epoch, with the recipe's summed loss and optimizer: its Epochs."""
-    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    loss = train.fine_tuning_loss()
     return list(train.ch13_epochs(net, train_iter, test_iter, loss,
                                   train.fine_tuning_optimizer(net, lr), range(1), runtime))
 

@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from beyond import UserError, checkpoints, cli, datasets, photos, progress, runs
 
-from conftest import run_cli, sideways, write_folder
+from conftest import add_junk, run_cli, sideways, write_folder
 
 
 # ---------------------------------------------------------------- photos as devices write them
@@ -266,20 +266,6 @@ def test_non_image_files_are_skipped(tmp_path):
     assert len(datasets.image_folders(root)[0]) == 8
 
 
-def add_junk(root):
-    """What notebooks, macOS and zip files leave in a data folder."""
-    for split in ("train", "test"):
-        os.makedirs(root / split / ".ipynb_checkpoints")  # empty: once "Found no valid file"
-        os.makedirs(root / split / "__MACOSX" / "hotdog")
-        apple_double = b"\x00\x05\x16\x07 apple double"
-        (root / split / "__MACOSX" / "hotdog" / "._0.png").write_bytes(apple_double)
-        (root / split / "hotdog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 apple double")
-        (root / split / "hotdog" / ".DS_Store").write_bytes(b"junk")
-        os.makedirs(root / split / "hotdog" / ".ipynb_checkpoints")
-        Image.new("RGB",
-                  (8, 8)).save(root / split / "hotdog" / ".ipynb_checkpoints" / "0-checkpoint.png")
-
-
 def test_hidden_entries_are_never_classes_or_images(tmp_path, capsys):
     root = tmp_path / "d"
     write_folder(root, train=3, test=2)
@@ -295,8 +281,6 @@ def test_hidden_entries_are_never_classes_or_images(tmp_path, capsys):
     assert status == 0, err
     assert (".ipynb" not in out
             and len(json.load(open(tmp_path / "out" / "metrics.json"))["confusion"]) == 2)
-    assert run_cli(capsys, "--show-samples", "--data-dir", root,
-                   "--out", tmp_path / "samples")[0] == 0
 
 
 def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_path, capsys):

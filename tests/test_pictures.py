@@ -12,7 +12,7 @@ import models
 from beyond import datasets, loaders, pictures
 from train import evaluate
 
-from conftest import CPU, full_disk, run_cli, write_folder
+from conftest import CPU, add_junk, full_disk, run_cli, write_folder
 
 
 def test_pictures_are_optional(tmp_path, capsys, monkeypatch):
@@ -51,6 +51,25 @@ def test_show_samples(folder, tmp_path, capsys):
     status, _, err = run_cli(capsys, "--show-samples", "--data-dir", tmp_path / "d", "--out", among)
     assert (status == 2 and f"--out {among} lies in" in err
             and not os.path.exists(os.path.join(among, "samples.png")))
+
+
+def test_samples_refuse_what_they_cannot_read_in_one_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # without it, --show-samples is refused before the data
+    for argv, message in ((["--data-dir", tmp_path / "missing"], "missing is not a folder"),
+                          (["--data-dir", tmp_path, "--data-root", tmp_path],
+                           "--data-root is where the hot-dog set and CIFAR-10 are downloaded, "
+                           "and --data-dir")):
+        status, _, err = run_cli(capsys, "--show-samples", *argv, "--out", tmp_path / "ss")
+        assert status == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "ss").exists()
+
+
+def test_hidden_entries_are_never_samples(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the picture it draws
+    write_folder(tmp_path / "d", train=3, test=2)
+    add_junk(tmp_path / "d")
+    assert run_cli(capsys, "--show-samples", "--data-dir", tmp_path / "d",
+                   "--out", tmp_path / "samples")[0] == 0
 
 
 def test_mistakes_are_the_misclassified_images(tmp_path, capsys, monkeypatch):
