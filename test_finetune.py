@@ -164,6 +164,18 @@ def test_each_step_starts_from_zero_gradients():
     assert torch.allclose(nets[0].fc.weight, nets[1].fc.weight, atol=1e-6)
 
 
+def test_each_epoch_trains_in_the_nets_training_mode():
+    """train_epoch sets net.train(), as the book's train_ch13 does each epoch: after evaluate left
+    the net in evaluation mode, BatchNorm learns its running statistics again."""
+    torch.manual_seed(0)
+    net = models.scratch_net(2).eval()  # as evaluating the epoch before leaves it
+    X, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    before = net.bn1.running_mean.clone()
+    train_epoch(net, [(X, y)], torch.nn.CrossEntropyLoss(reduction="none"),
+                torch.optim.SGD(net.parameters(), lr=0.0), CPU)
+    assert net.training and not torch.equal(net.bn1.running_mean, before)
+
+
 def test_evaluate_uses_the_nets_evaluation_mode():
     """the book's evaluate_accuracy_gpu sets net.eval(): BatchNorm normalises with its running
     statistics, not the test batch's, and leaves them as they were."""
