@@ -11,11 +11,10 @@ import os
 import statistics
 
 import numpy as np
-import torch
 import torchvision
 from PIL import Image
 
-from beyond import runs
+from beyond import checkpoints, files, runs
 
 KNOBS = {"the book's recipe": {},
          "--lr-schedule cosine --warmup-epochs 1": dict(lr_schedule="cosine", warmup_epochs=1),
@@ -47,10 +46,10 @@ def pretrained_weights(out, epochs, per_class):
     trained = runs.train_runs("scratch", os.path.join(out, "pretrain"), data_dir=data_dir,
                               epochs=epochs, batch_size=32, lr=5e-4, val_split=0.1)
     state = torchvision.models.resnet18().state_dict()
-    saved = torch.load(os.path.join(trained.out, "model.pt"), weights_only=True)["model"]
+    saved = checkpoints.load_checkpoint(os.path.join(trained.out, "model.pt"))["model"]
     state.update({k: v for k, v in saved.items() if not k.startswith("fc.")})
     path = os.path.join(out, "resnet18-digits0-4.pth")
-    torch.save(state, path)
+    files.write_whole(path, files.saved(state))
     return path
 
 
