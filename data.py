@@ -1,7 +1,5 @@
-"""The data of D2L §14.2.2.1: the hot-dog set, the book's augmentations, and its loaders.
-
-Helpers the book leaves out are called from the package `beyond`, as the book calls `d2l.*`.
-"""
+"""The data of D2L §14.2.2.1: the hot-dog set, the book's augmentations, and its loaders;
+helpers the book leaves out come from the package `beyond`, as the book calls `d2l.*`."""
 import functools
 import os
 
@@ -55,8 +53,8 @@ def make_test_augs(resize=256, crop=224, interpolation="bilinear"):
 
 # ToImage first, so the crop and resize run on uint8 tensors, from PIL or from the decoded cache;
 # ToPureTensor leaves each image a plain uint8 tensor. The book's last two steps, ToTensor's
-# scaling and Normalize, run on whole batches on the device (`normalize`, above): per image on a
-# CPU core they cost twice the crop and resize.
+# scaling and Normalize, run on whole batches on the device (`normalize`, above), not per image
+# on the loaders' CPU cores (docs/speed.md).
 train_augs = make_train_augs(224)
 test_augs = make_test_augs(256, 224)
 

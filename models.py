@@ -1,8 +1,5 @@
-"""The networks of D2L §14.2.2.2: resnet18 fine-tuned from ImageNet, or trained from scratch,
-and the exercises' heads: the copied layers frozen (exercise 3), the hot-dog row (exercise 4).
-
-The same recipe holds for torchvision's other ImageNet classifiers (beyond.archs).
-"""
+"""The networks of D2L §14.2.2.2: resnet18 (or another of torchvision's, beyond.archs) fine-tuned
+or from scratch, and the exercises' heads: frozen layers (exercise 3), the hot-dog row (4)."""
 import re
 
 import torch
@@ -82,9 +79,8 @@ def scratch_net(num_classes=2, arch="resnet18"):
 
 
 def freeze_features(net):
-    """Exercise 3: train only the output layer, in place. The BatchNorm layers become
-    FrozenBatchNorm2d, as in torchvision's detection models, so ImageNet's statistics stay
-    fixed in training too and the training loop needs no special case."""
+    """Exercise 3: train only the output layer, in place; BatchNorm becomes FrozenBatchNorm2d,
+    as in torchvision's detection models, so ImageNet's statistics stay fixed in training too."""
     for name, param in net.named_parameters():
         param.requires_grad = name.startswith("fc.")
     for name, bn in list(net.named_modules()):

@@ -1,9 +1,5 @@
-"""Training: D2L §14.2.2.3's `train_fine_tuning`, with §14.1's `train_ch13` loop.
-
-The book's recipe, in the book's order and with its names. Where and how it computes (devices,
-precision, several processes) and what it shows come from the package `beyond`, as the book
-calls `d2l.*`; beyond.runs drives the same loop, `ch13_epochs`, from outside to keep a run.
-"""
+"""Training: D2L §14.2.2.3's `train_fine_tuning`, with §14.1's `train_ch13` loop, in the book's
+order and names; devices, precision, processes and display come from `beyond`, as `d2l.*`."""
 import time
 from collections import namedtuple
 
