@@ -14,7 +14,7 @@ DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_t
 # The values a number takes: the words for them, and the rule.
 AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: 0 <= v < inf)
 BATCHES = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63)  # 2**63 overflows the loader's index
-ABOVE_0 = ("above 0", lambda v: 0 < v < inf)
+MEGAPIXELS = ("above 0, below 1e12", lambda v: 0 < v < 1e12)  # x 10**6: pixels PIL compares
 LEARNING_RATES = ("above 0, below 1e37", lambda v: 0 < v < 1e37)  # fc's, 10x, fits in a float32
 BETWEEN_0_AND_1 = ("between 0 and 1", lambda v: 0 < v < 1)
 FROM_0_TO_BELOW_1 = ("from 0 to below 1", lambda v: 0 <= v < 1)
@@ -27,7 +27,7 @@ NUMBERS = {int: numbers.Integral, float: numbers.Real}  # NumPy's numbers are th
 OPTIONS = dict(
     dataset=("hotdog", str, list(DATASETS)), data_dir=(None, str, None),
     data_root=("data", str, None), dummy=(False, bool, None), cache_gb=(None, float, GIGABYTES),
-    val_split=(0.2, float, BETWEEN_0_AND_1), max_megapixels=(200, float, ABOVE_0),  # the data
+    val_split=(0.2, float, BETWEEN_0_AND_1), max_megapixels=(200, float, MEGAPIXELS),  # the data
     arch=("resnet18", str, None), weights=(None, str, None), freeze=(False, bool, None),
     init_head_from_imagenet=(False, bool, None),                                 # the net
     epochs=(None, int, AT_LEAST_1), batch_size=(128, int, BATCHES),

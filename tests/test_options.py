@@ -26,7 +26,8 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
            ("device", torch.device("cpu")), ("val_split", 2), ("freeze", "no"), ("patience", 0),
            ("cache_gb", -1), ("max_megapixels", 0), ("precision", "fp16"),
            ("class_weights", "yes"), ("dummy", 1), ("lr", float("inf")),
-           ("max_megapixels", float("inf")), ("cache_gb", float("inf")), ("seed", 2**70),
+           ("max_megapixels", float("inf")), ("max_megapixels", 1e303), ("cache_gb", float("inf")),
+           ("seed", 2**70),
            ("batch_size", 2**63), ("data_dir", ""), ("arch", ""), ("epochs", np.float64(2))]
     for name, value in bad:
         shown = value[-1] if name == 'lr' and isinstance(value, list) else value
@@ -36,7 +37,8 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
             runs.resume(str(tmp_path / "never"), **{name: value})
     for name, text in (("epochs", "0"), ("epochs", "1.5"), ("lr", "-1"), ("val_split", "2"),
                        ("workers", "-1"), ("patience", "0"), ("dataset", "x"),
-                       ("precision", "fp16"), ("seed", "x"), ("max_megapixels", "0")):
+                       ("precision", "fp16"), ("seed", "x"), ("max_megapixels", "0"),
+                       ("max_megapixels", "1e303")):
         flag = "--" + name.replace("_", "-")
         with pytest.raises(SystemExit):
             cli.parse_args(["--scratch", flag, text])
