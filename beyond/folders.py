@@ -64,9 +64,9 @@ def same_data(sets, ckpt):
                         "continue it with a data folder of those classes")
     split = ckpt.get("held_out") is not None
     if split != (getattr(sets[1], "held_out", None) is not None):
-        tested, holds = (("images held out of class folders alone", "train/ and test/") if split
-                         else ("a test folder", "class folders alone, to split"))
-        raise UserError(f"{path} was tested on {tested}, and the data folder now holds {holds}; "
+        was, holds = (("images held out of class folders alone", "train/ and test/") if split
+                      else ("a test folder", "class folders alone, to split"))
+        raise UserError(f"{path} was tested on {was}, and the data folder now holds {holds}; "
                         "continue it with the data folder it was trained on")
     if now and not before:
         raise UserError(f"{path} was trained with no val/ beside {now}, and "
@@ -78,6 +78,27 @@ def same_data(sets, ckpt):
         raise UserError(f"{path} chose its epochs on val/ and kept {before} for a final test, but "
                         "the data folder no longer holds both; put them back to continue the "
                         "run, or train a new one in another out=")
+    same_test_images(sets[1], ckpt)
+
+
+def same_test_images(test_set, ckpt):
+    """Refuse a test set of other images than the run tested its epochs on (older runs: unsaid)."""
+    before, now = ckpt.get("tested"), tested(test_set)
+    if before is None or before == now:
+        return
+    changes = [f"{len(names)} {what}, the first {shown(names[0])}" for names, what in (
+        (sorted(set(before) - set(now)), "gone or unreadable now"),
+        (sorted(set(now) - set(before)), "new or readable only now")) if names]
+    raise UserError(f"{ckpt['path']} tested its epochs on {len(before)} images in {test_set.root}, "
+                    f"and it now holds {len(now)} ({'; '.join(changes)}), so its epochs would be "
+                    "compared on other images; put them back as they were, or train anew in "
+                    "another out=")
+
+
+def tested(test_set):
+    """The images a set tests on, relative to its folder; none for CIFAR-10's and dummy data."""
+    samples = getattr(test_set, "samples", [])
+    return sorted(os.path.relpath(path, test_set.root) for path, _ in samples)
 
 
 def final_split(sets):
@@ -108,9 +129,14 @@ def split_by_class(data_dir, val_split, seed, held_out=None):
     missing = sorted(held - set(paths))  # renamed, moved or unreadable: it would change the test
     if missing:
         raise UserError(f"{len(missing)} of the {len(held)} images the run held out for testing "
-                        f"(held_out.txt) are no longer in {data_dir} or cannot be read, the first "
+                        f"(held_out.txt) cannot be found in {data_dir} or read, the first "
                         f"{shown(missing[0])}; put them back as they were, or train anew in "
                         "another out=")
+    targets = {train_set.targets[i] for i, path in enumerate(paths) if path in held}
+    if new := [name for i, name in enumerate(train_set.classes) if i not in targets]:
+        raise UserError(f"{os.path.join(data_dir, new[0])}: the run held out none of its images "
+                        "(held_out.txt), as it would of a class it was trained on; move that "
+                        "folder out to continue the run, or train anew in another out=")
     test_set = copy.copy(train_set)
     test_set.held_out = sorted(held & set(paths))
     test_set.where = f"of {len(paths)} images, split {val_split:g} by class, seed {seed}"

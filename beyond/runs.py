@@ -481,7 +481,8 @@ def described(run, options, sets, runtime):
                 transform=dict(archs.preprocessing(options["arch"]), mean=data.MEAN, std=data.STD),
                 device=str(runtime.device), precision=str(runtime.dtype or torch.float32),
                 memory_format=str(runtime.memory_format),
-                held_out=getattr(sets[1], "held_out", None), final_split=folders.final_split(sets))
+                held_out=getattr(sets[1], "held_out", None), tested=folders.tested(sets[1]),
+                final_split=folders.final_split(sets))
 
 
 def refuse_changes(before, now, path, may_change):
@@ -507,7 +508,8 @@ def concluded(run, sets, options, runtime, about, last=None):
     """The run's results, written: about, the last epoch's figures and best.pt's (last: its own)."""
     best, probs, labels = last or evaluated(run, sets[1], options, runtime)
     history = about["history"]
-    result = finite(dict({k: v for k, v in about.items() if k not in ("transform", "held_out")},
+    result = finite(dict({k: v for k, v in about.items()
+                          if k not in ("transform", "held_out", "tested")},
                          **{k: history[-1][k] for k in SUMMARY},  # the book's summary
                          examples_per_sec=progress.mean_speed(history), world_size=world_size(),
                          figures_epoch=best["epoch"], **figures(probs, labels, about["classes"]),

@@ -233,6 +233,33 @@ def test_a_held_out_image_renamed_is_named_and_never_trained_on(tmp_path, capsys
     os.rename(os.path.join(flat, first), os.path.join(flat, first[:-4] + "-renamed.png"))
     status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)
     assert status == 2 and len(err.strip().splitlines()) == 1 and not out, err
-    assert ("1 of the 2 images the run held out for testing (held_out.txt) are no longer in "
-            f"{flat} or cannot be read, the first {first}; put them back") in err
+    assert ("1 of the 2 images the run held out for testing (held_out.txt) cannot be found in "
+            f"{flat} or read, the first {first}; put them back") in err
     assert (tmp_path / "run" / "held_out.txt").read_text() == held_out
+    os.rename(os.path.join(flat, first[:-4] + "-renamed.png"), os.path.join(flat, first))
+    shutil.copytree(os.path.join(flat, "class0"), os.path.join(flat, "class9"))  # added since
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and not out, err
+    assert (f"{os.path.join(flat, 'class9')}: the run held out none of its images "
+            "(held_out.txt), as it would of a class it was trained on; move that folder out") in err
+    shutil.rmtree(os.path.join(flat, "class9"))
+    assert run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)[0] == 0
+
+
+def test_a_test_set_changed_since_the_run_began_is_named(tmp_path, capsys):
+    """A continued run tests its epochs on the images it tested them on, or says what changed:
+    best.pt's epoch is chosen by comparing their accuracies."""
+    root = write_folder(tmp_path / "d", train=4, test=2)
+    argv = ["--epochs", 1, "--batch-size", 4, "--workers", 0, "--out", tmp_path / "run"]
+    assert run_cli(capsys, "--scratch", "--data-dir", root, *argv)[0] == 0
+    test = tmp_path / "d" / "test"
+    shutil.copy(test / "hotdog" / "0.png", test / "hotdog" / "new.png")
+    os.rename(test / "not-hotdog" / "1.png", tmp_path / "1.png")
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert (f"model.pt tested its epochs on 4 images in {test}, and it now holds 4 (1 gone or "
+            "unreadable now, the first not-hotdog/1.png; 1 new or readable only now, the first "
+            "hotdog/new.png), so its epochs would be compared on other images") in err
+    os.remove(test / "hotdog" / "new.png")
+    os.rename(tmp_path / "1.png", test / "not-hotdog" / "1.png")
+    assert run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)[0] == 0
