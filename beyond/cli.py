@@ -87,6 +87,7 @@ def parse_args(argv=None):
             p.add_argument(flag(name), action="store_true", help=text)
         else:
             p.add_argument(flag(name), type=parsed(name), help=text, nargs=NARGS.get(name),
+                           action="extend" if name in NARGS else "store",  # --lr a --lr b: both
                            metavar=METAVARS.get(name, "N" if OPTIONS[name][1] is int else None))
     p.add_argument("--no-cache", action="store_true", help="decode images every epoch, not once "
                    "(--cache-gb 0)")

@@ -12,7 +12,7 @@ import torch
 
 import finetune
 import train
-from beyond import UserError, pictures, predict, runs
+from beyond import UserError, cli, pictures, predict, runs
 from beyond.devices import try_device
 
 from conftest import HERE, SCRATCH, full_disk, run_cli, write_folder
@@ -112,6 +112,13 @@ def test_bad_arguments_are_refused(capsys):
             finetune.main(argv)
         assert e.value.code == 2
         assert "error:" in capsys.readouterr().err
+
+
+def test_lr_given_twice_gives_both_runs():
+    """--lr a --lr b is --lr a b (argparse would keep b alone, and one run would go unsaid)."""
+    assert cli.parse_args(["--scratch", "--lr", "1e-4", "--lr", "2e-4", "3e-4"]).lr == [
+        1e-4, 2e-4, 3e-4]
+    assert cli.parse_args(["--scratch", "--epochs", "2", "--epochs", "3"]).epochs == 3
 
 
 def test_the_python_callers_errors_name_arguments_and_the_cli_names_flags(capsys):
