@@ -485,6 +485,11 @@ def described(run, options, sets, runtime):
                 final_split=folders.final_split(sets))
 
 
+# Why an option that may change on resume stays the same here (may_change).
+WHY_SAME = {"data_dir": " (a data folder moved: resume the run with data_dir= where it is now)",
+            "epochs": " (its cosine schedule ends at its last epoch)"}
+
+
 def refuse_changes(before, now, path, may_change):
     """Refuse options that differ from those the run began with, but for those that may change."""
     def same(key, value):  # a folder through a link is that folder
@@ -498,10 +503,9 @@ def refuse_changes(before, now, path, may_change):
                      and same(k, before[k]) != same(k, now[k]))
     if changed:
         options = "; ".join(f"{k}: {shown(before[k])} there, {shown(now[k])} now" for k in changed)
-        moved = (" (a data folder moved: resume the run with data_dir= where it is now)"
-                 if "data_dir" in changed else "")
+        why = "".join(WHY_SAME[k] for k in changed if k in WHY_SAME)
         raise UserError(f"{path} was made with other options ({options}); continue it with the "
-                        f"same{moved}, or train a new run in another out=")
+                        f"same{why}, or train a new run in another out=")
 
 
 def concluded(run, sets, options, runtime, about, last=None):

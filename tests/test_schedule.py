@@ -58,7 +58,8 @@ def test_a_run_keeps_each_epochs_lr_and_resumes_mid_schedule_as_if_never_stopped
     assert run_cli(capsys, *common, "--out", tmp_path / "cut")[0] == 130
     monkeypatch.setattr(progress, "show_epoch", real)
     status, out, err = run_cli(capsys, "--resume", tmp_path / "cut", "--epochs", 4)
-    assert status == 2 and "(--epochs: 3 there, 4 now)" in err  # the cosine would end elsewhere
+    assert status == 2 and ("(--epochs: 3 there, 4 now); continue it with the same (its cosine "
+                            "schedule ends at its last epoch)") in err
     status, out, err = run_cli(capsys, "--resume", tmp_path / "cut")
     assert status == 0 and "epoch 3:" in out and "epoch 2:" not in out, err
     status, out, err = run_cli(capsys, "--resume", tmp_path / "cut")  # finished: no more epochs
