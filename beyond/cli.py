@@ -184,10 +184,12 @@ def predict_images(options):
     keys = ("batch_size", "workers", "device", "precision", "arch")
     keywords = {key: options[key] for key in keys if key in options}
     out = options.get("out", ".")
-    predictions = predict.predict(options["model"], options["predict"], out=out, **keywords)
+    # listed once: a folder that changes meanwhile would give another count
+    images = image_paths(options["predict"]) or options["predict"]  # none: predict says where
+    predictions = predict.predict(options["model"], images, out=out, **keywords)
     for p in predictions:
         say(f"{shown(p.path)}: {p.label} {p.probability:.3f}")
-    found = len(image_paths(options["predict"]))
+    found = len(images)
     wrote = os.path.join(out, "predictions.csv") if predictions else "no predictions.csv"
     missed = f"; {found - len(predictions)} of {found} images are not predicted (named above)"
     print("wrote " + wrote + (missed if len(predictions) < found else ""), file=sys.stderr)

@@ -8,7 +8,7 @@ from PIL import Image
 
 import models
 import train
-from beyond import datasets, devices, loaders, photos
+from beyond import datasets, devices, loaders, photos, predict
 from train import evaluate
 
 from conftest import CPU, run_cli
@@ -57,6 +57,25 @@ def test_predict_folders_in_batches_with_a_csv(folder, tmp_path, capsys, scratch
                 and float(row["probability"]) == pytest.approx(max(probs)))
         assert row["class"] == ["hotdog", "not-hotdog"][probs.index(max(probs))] == line.split()[1]
     assert rows[1]["hotdog"] == rows[3]["hotdog"]  # the same picture, in a different batch
+
+
+def test_predict_counts_the_images_it_listed_once(tmp_path, capsys, scratch_run, monkeypatch):
+    """The exit status compares the images predicted with those listed: an image added to the
+    folder meanwhile is not one of them."""
+    photo_dir = tmp_path / "photo_dir"
+    photo_dir.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (50, 40)).save(photo_dir / name)
+    real = predict.predict
+
+    def then_added(*args, **kwargs):
+        predictions = real(*args, **kwargs)
+        Image.new("RGB", (50, 40)).save(photo_dir / "c.png")
+        return predictions
+    monkeypatch.setattr(predict, "predict", then_added)
+    status, out, err = run_cli(capsys, "--predict", photo_dir, "--model", scratch_run[0],
+                               "--workers", 0, "--out", tmp_path / "p")
+    assert status == 0 and len(out.splitlines()) == 2 and "not predicted" not in err, err
 
 
 def test_predict_finds_no_images(tmp_path, capsys, scratch_run):
