@@ -22,7 +22,7 @@ from beyond.processes import rank
 @contextlib.contextmanager
 def whole(path):
     """A temporary name for path, renamed to path when the block ends: the last whole file stays."""
-    part = path + ".part"
+    part = os.fspath(path) + ".part"  # a pathlib.Path too
     remove(part)  # what an interrupted run left
     try:
         yield part

@@ -36,7 +36,7 @@ def test_pictures_keep_the_callers_backend(tmp_path):
     matplotlib.use("pdf")
     try:
         path = pictures.curves({"run": [{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": 0}]},
-                                     str(tmp_path / "curves.png"))
+                               tmp_path / "curves.png")  # a pathlib.Path, as str
         assert matplotlib.get_backend() == "pdf" and open(path, "rb").read(4) == b"\x89PNG"
     finally:
         matplotlib.use(before)
