@@ -14,7 +14,9 @@ import numpy as np
 import torchvision
 from PIL import Image
 
-from beyond import checkpoints, files, runs
+from beyond import UserError, checkpoints, files, runs
+from beyond.cli import one_line
+from beyond.options import AT_LEAST_1, takes
 
 KNOBS = {"the book's recipe": {},
          "--lr-schedule cosine --warmup-epochs 1": dict(lr_schedule="cosine", warmup_epochs=1),
@@ -55,14 +57,27 @@ def pretrained_weights(out, epochs, per_class):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/digits")
-    p.add_argument("--per-class", type=int, default=20, help="training images of each digit")
-    p.add_argument("--test-per-class", type=int, default=30)
-    p.add_argument("--pretrain-per-class", type=int, default=60)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--pretrain-epochs", type=int, default=3)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default="runs/digits", help="a new folder (default: runs/digits)")
+    counts = dict(per_class=(20, "training images of each digit"), test_per_class=(30, None),
+                  pretrain_per_class=(60, None), epochs=(5, None), pretrain_epochs=(3, None),
+                  seeds=(3, None))
+    for name, (default, text) in counts.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=text)
     args = p.parse_args()
+    for name in counts:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is not "
+                    f"{takes(int, AT_LEAST_1)}")
+    if os.path.exists(args.out):  # its digits are written afresh: old ones would mix in
+        p.error(f"--out {args.out} exists; give a new folder")
+    try:
+        measure(args)
+    except UserError as e:  # bad input, as the command line says it: one line
+        p.error(one_line(e).removeprefix("error: "))
+
+
+def measure(args):
+    """Pretrain the stand-in, then train each knob with each seed; print the table."""
     weights = pretrained_weights(args.out, args.pretrain_epochs, args.pretrain_per_class)
     data_dir = write_digits(os.path.join(args.out, "digits5-9"), range(5, 10), args.per_class,
                             args.test_per_class)
@@ -76,7 +91,6 @@ def main():
     print(f"\n{'':42} test acc: mean  spread (min to max) over {args.seeds} seeds")
     for name, accs in table.items():
         print(f"{name:42} {statistics.mean(accs):.3f}  {min(accs):.3f} to {max(accs):.3f}")
-
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,10 @@
-"""python -m beyond.benchmark: bad input is one line, as the command line says it, and the
-figures cover no more batches than the data holds."""
+"""python -m beyond.benchmark and beyond.digits: bad input is one line, as the command line says
+it, and the figures cover no more batches than the data holds."""
 import sys
 
 import pytest
 
-from beyond import benchmark
+from beyond import benchmark, digits
 
 from conftest import write_folder
 
@@ -30,3 +30,17 @@ def test_no_more_batches_than_the_data_holds(tmp_path, monkeypatch, capsys):
     benchmark.main()
     out = capsys.readouterr().out
     assert "batch 4, 0 workers" in out and "2 batches per measurement" in out, out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "--seeds 0 is not a whole number, 1 or more"),
+    (["--out", "{tmp}"], "exists; give a new folder")])  # its digits would mix with those there
+def test_digits_bad_input_is_one_line_before_any_work(argv, message, tmp_path, monkeypatch,
+                                                       capsys):
+    monkeypatch.setattr(digits, "measure", lambda args: pytest.fail("measured"))
+    monkeypatch.setattr(sys, "argv", ["digits.py", "--out", str(tmp_path / "new"),
+                                      *[a.format(tmp=tmp_path) for a in argv]])
+    with pytest.raises(SystemExit) as e:
+        digits.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err.strip().splitlines()[-1], err
