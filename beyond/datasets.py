@@ -2,6 +2,7 @@
 import http.client
 import os
 
+import torch
 import torchvision
 from torchvision.datasets.utils import check_integrity
 
@@ -88,6 +89,8 @@ def samples(data_dir, out="."):
     picks = [[i for i, t in enumerate(folder.targets) if t == first][:8],
              [i for i, t in enumerate(folder.targets) if t == last][-8:]]
     images = [[folder[i][0] for i in row] for row in picks]
-    rows = images + [[data.train_augs(img) for img in row] for row in images]
+    with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay as they were
+        torch.manual_seed(0)  # the same picture each time
+        rows = images + [[data.train_augs(img) for img in row] for row in images]
     captions = [["as loaded"] * 8] * 2 + [["train_augs"] * 8] * 2
     return grid(rows, captions, os.path.join(writable_folder(out), "samples.png"))

@@ -46,6 +46,11 @@ def test_show_samples(folder, tmp_path, capsys):
     pytest.importorskip("matplotlib")  # the pictures it checks
     status, out, _ = run_cli(capsys, "--show-samples", "--data-dir", folder, "--out", tmp_path)
     assert status == 0 and (tmp_path / "samples.png").stat().st_size > 0 and "samples.png" in out
+    state = torch.get_rng_state()  # from Python, the caller's random numbers stay as they were
+    datasets.samples(folder, str(tmp_path / "again"))
+    assert torch.equal(state, torch.get_rng_state())
+    again = (tmp_path / "again" / "samples.png").read_bytes()
+    assert again == (tmp_path / "samples.png").read_bytes()  # the same picture each time
     shutil.copytree(folder, tmp_path / "d")
     among = str(tmp_path / "d" / "train" / "hotdog")  # samples.png there would be trained on
     status, _, err = run_cli(capsys, "--show-samples", "--data-dir", tmp_path / "d", "--out", among)
