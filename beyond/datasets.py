@@ -12,6 +12,7 @@ from beyond.cache import decoded
 from beyond.download import download
 from beyond.files import writable_folder
 from beyond.folders import book_folders, layout, split_by_class, split_folder
+from beyond.options import checked
 from beyond.photos import ImageFolder
 from beyond.pictures import grid
 
@@ -22,6 +23,8 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0, held_out=None,
                   out=None):
     """data_dir's sets with the book's augmentations, decoded once where they fit in memory."""
+    data_dir = checked("data_dir", data_dir)  # by a run's rules, for a call from Python too
+    val_split, seed = checked("val_split", val_split), checked("seed", seed)
     if layout(data_dir, out) == "classes":
         folders = split_by_class(data_dir, val_split, seed, held_out)
     else:

@@ -80,6 +80,12 @@ def test_class_folders_alone_are_split_by_class_reproducibly(tmp_path):
     assert datasets.image_folders(root, val_split=0.5)[1].targets.count(0) == 5
     reused = datasets.image_folders(root, held_out=test_set.held_out, seed=1)[1]
     assert reused.samples == test_set.samples  # a resumed run holds out what it held out before
+    assert datasets.image_folders(root, seed=np.int64(1))[1].samples == other.samples
+    for given, message in ((dict(val_split=5), "val_split=5 is not a number, between 0 and 1"),
+                           (dict(seed=1.5), "seed=1.5 is not a whole number"),
+                           (dict(data_dir=os.fsencode(root)), "data_dir=b'.* is not a non-empty text")):
+        with pytest.raises(UserError, match="^" + message):  # by a run's rules, from Python too
+            datasets.image_folders(**{"data_dir": root, **given})
 
 
 def test_a_split_run_says_so_writes_the_split_and_resumes_it(tmp_path, capsys):
