@@ -50,7 +50,7 @@ def checked(name, value):
     default, kind, allowed = OPTIONS.get(name, (None, str, None))  # out=: a path, or None
     if value is None and default is None:
         return None  # the default
-    several = name == "lr" and isinstance(value, list) and value  # several lrs: one run each
+    several = name == "lr" and isinstance(value, (list, tuple)) and value  # one run each
     given = value if several else [value]
     values = [as_kind(kind, v) for v in given]
     listed = isinstance(allowed, list)

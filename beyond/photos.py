@@ -81,7 +81,7 @@ def read_image(path, read):
         raise UserError(f"cannot read image {path} ({too_large(e)}); raise the limit to read it: "
                         "--max-megapixels N (in Python, runs' max_megapixels option, or around "
                         "any call: with beyond.photos.megapixels_limit(N))") from None
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a.png/: a folder, were it there
         raise UserError(f"{path} does not exist; check the path") from None
     except (OSError, ValueError) as e:  # PIL raises ValueError for some damaged files too
         fix = ("install the HEIC plugin: pip install pillow-heif"

@@ -62,6 +62,7 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
         typed = options.checked(name, value)
         types = {type(v) for v in (typed if isinstance(typed, list) else [typed])}
         assert typed == value and types == {options.OPTIONS[name][1]}
+    assert options.checked("lr", (1e-3, 2e-3)) == [1e-3, 2e-3]  # a tuple, as a list
     with pytest.raises(UserError, match="^out='' is not a non-empty text; give a non-empty text$"):
         options.checked("out", "")
     assert sorted(cli.HELP) == sorted(options.OPTIONS)  # every option has its flag

@@ -93,6 +93,10 @@ def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_fo
                              "--workers", 0, "--out", tmp_path / "p1")
     assert (status == 1 and "nope.jpg does not exist; check the path" in err
             and "wrote no predictions.csv" in err)
+    Image.new("RGB", (8, 8)).save(tmp_path / "real.png")
+    status, _, err = run_cli(capsys, "--predict", f"{tmp_path / 'real.png'}/", "--model",
+                             scratch_run[0], "--workers", 0, "--out", tmp_path / "p1")
+    assert status == 1 and "real.png/ does not exist; check the path" in err, err
     # nothing predicted: an earlier one would stay
     assert not (tmp_path / "p1" / "predictions.csv").exists()
     os.makedirs(tmp_path / "empty")
