@@ -141,14 +141,19 @@ def special(path):
 
 
 def once(paths):
-    """paths, each file once however many links lead to it: a path that is not itself a link
-    where there is one, else the first."""
+    """paths, each file once however many links lead to it, by its most direct path (the first of
+    those)."""
     kept = {}
     for path in paths:
         real = os.path.realpath(path)
-        if real not in kept or (os.path.islink(kept[real]) and not os.path.islink(path)):
+        if real not in kept or directness(path, real) > directness(kept[real], real):
             kept[real] = path
     return list(kept.values())
+
+
+def directness(path, real):
+    """2: no link on the way to the file (its own name); 1: the file is not itself a link; 0."""
+    return 2 if os.path.abspath(path) == real else int(not os.path.islink(path))
 
 
 def split_classes(split, data_dir):

@@ -308,6 +308,8 @@ def test_links_are_followed_but_no_folder_twice_and_system_entries_ignored(tmp_p
                                                             str(hotdog / "0.png")]))) \
         == ["0.png", "0.png",
             "1.png"]  # each file once (elsewhere's 0.png too), however often it is named
+    own = os.path.realpath(hotdog / "0.png")  # its own name, given after a linked folder's
+    assert photos.once([str(folder / "linked" / "0.png"), own]) == [own]
 
 
 def test_a_link_back_up_labels_each_image_once_by_its_own_folder(tmp_path, capsys):
