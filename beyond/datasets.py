@@ -24,6 +24,8 @@ def image_folders(data_dir, cache_budget=None, workers=1, val_split=0.2, seed=0,
                   out=None):
     """data_dir's sets with the book's augmentations, decoded once where they fit in memory."""
     data_dir = checked("data_dir", data_dir)  # by a run's rules, for a call from Python too
+    if data_dir is None:  # a run's default, the hot-dog set; this call has none
+        raise UserError("data_dir=None is not a folder; give the folder that holds your data")
     val_split, seed = checked("val_split", val_split), checked("seed", seed)
     if layout(data_dir, out) == "classes":
         folders = split_by_class(data_dir, val_split, seed, held_out)
@@ -93,7 +95,7 @@ def samples(data_dir, out="."):
              [i for i, t in enumerate(folder.targets) if t == last][-8:]]
     images = [[folder[i][0] for i in row] for row in picks]
     with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay as they were
-        torch.manual_seed(0)  # the same picture each time
+        torch.random.default_generator.manual_seed(0)  # the same picture each time; the CPU's
         rows = images + [[data.train_augs(img) for img in row] for row in images]
     captions = [["as loaded"] * 8] * 2 + [["train_augs"] * 8] * 2
     return grid(rows, captions, os.path.join(writable_folder(out), "samples.png"))

@@ -84,7 +84,8 @@ def test_class_folders_alone_are_split_by_class_reproducibly(tmp_path):
     for given, message in ((dict(val_split=5), "val_split=5 is not a number, between 0 and 1"),
                            (dict(seed=1.5), "seed=1.5 is not a whole number"),
                            (dict(data_dir=os.fsencode(root)),
-                            "data_dir=b'.* is not a non-empty text")):
+                            "data_dir=b'.* is not a non-empty text"),
+                           (dict(data_dir=None), "data_dir=None is not a folder; give the folder")):
         with pytest.raises(UserError, match="^" + message):  # by a run's rules, from Python too
             datasets.image_folders(**{"data_dir": root, **given})
 

@@ -42,11 +42,12 @@ def test_pictures_keep_the_callers_backend(tmp_path):
         matplotlib.use(before)
 
 
-def test_show_samples(folder, tmp_path, capsys):
+def test_show_samples(folder, tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")  # the pictures it checks
     status, out, _ = run_cli(capsys, "--show-samples", "--data-dir", folder, "--out", tmp_path)
     assert status == 0 and (tmp_path / "samples.png").stat().st_size > 0 and "samples.png" in out
     state = torch.get_rng_state()  # from Python, the caller's random numbers stay as they were
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("GPUs' seeded"))
     datasets.samples(folder, str(tmp_path / "again"))
     assert torch.equal(state, torch.get_rng_state())
     again = (tmp_path / "again" / "samples.png").read_bytes()
