@@ -73,7 +73,8 @@ def parse_args(argv=None):
     mode = p.add_mutually_exclusive_group()
     for name, text in MODES.items():
         mode.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=text)
-    mode.add_argument("--predict", nargs="+", metavar="IMAGE", help="classify images with --model")
+    mode.add_argument("--predict", nargs="+", action="extend", metavar="IMAGE",  # given twice: all
+                      help="classify images with --model")
     mode.add_argument("--resume", metavar="PATH", help="continue the run that wrote PATH "
                                                        "(model.pt, or its folder)")
     mode.add_argument("--export", metavar="RUN", help="write one file that classifies images "

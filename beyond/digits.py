@@ -16,7 +16,6 @@ from PIL import Image
 
 from beyond import UserError, checkpoints, files, runs
 from beyond.cli import one_line
-from beyond.options import AT_LEAST_1, takes
 
 KNOBS = {"the book's recipe": {},
          "--lr-schedule cosine --warmup-epochs 1": dict(lr_schedule="cosine", warmup_epochs=1),
@@ -58,16 +57,18 @@ def pretrained_weights(out, epochs, per_class):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/digits", help="a new folder (default: runs/digits)")
-    counts = dict(per_class=(20, "training images of each digit"), test_per_class=(30, None),
-                  pretrain_per_class=(60, None), epochs=(5, None), pretrain_epochs=(3, None),
-                  seeds=(3, None))
-    for name, (default, text) in counts.items():
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=text)
+    # Each count: its default, its least, and why (a run of its own gives the other limits).
+    counts = dict(per_class=(20, 1, "training images of each digit"), test_per_class=(30, 1, ""),
+                  pretrain_per_class=(60, 2, "a tenth of them, at least one, held out"),
+                  epochs=(5, 2, "one to warm up, and one for the cosine"),
+                  pretrain_epochs=(3, 1, ""), seeds=(3, 1, ""))
+    for name, (default, _, text) in counts.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=text or None)
     args = p.parse_args()
-    for name in counts:
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is not "
-                    f"{takes(int, AT_LEAST_1)}")
+    for name, (_, least, why) in counts.items():
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is below {least}"
+                    + (f" ({why})" if why and least > 1 else "") + f"; give {least} or more")
     if os.path.exists(args.out):  # its digits are written afresh: old ones would mix in
         p.error(f"--out {args.out} exists; give a new folder")
     try:
@@ -91,6 +92,7 @@ def measure(args):
     print(f"\n{'':42} test acc: mean  spread (min to max) over {args.seeds} seeds")
     for name, accs in table.items():
         print(f"{name:42} {statistics.mean(accs):.3f}  {min(accs):.3f} to {max(accs):.3f}")
+
 
 if __name__ == "__main__":
     main()

@@ -114,11 +114,13 @@ def test_bad_arguments_are_refused(capsys):
         assert "error:" in capsys.readouterr().err
 
 
-def test_lr_given_twice_gives_both_runs():
+def test_lr_or_predict_given_twice_takes_both():
     """--lr a --lr b is --lr a b (argparse would keep b alone, and one run would go unsaid)."""
     assert cli.parse_args(["--scratch", "--lr", "1e-4", "--lr", "2e-4", "3e-4"]).lr == [
         1e-4, 2e-4, 3e-4]
     assert cli.parse_args(["--scratch", "--epochs", "2", "--epochs", "3"]).epochs == 3
+    assert cli.parse_args(["--predict", "a.png", "--model", "m", "--predict", "b.png"]).predict == [
+        "a.png", "b.png"]  # so are --predict's images
 
 
 def test_the_python_callers_errors_name_arguments_and_the_cli_names_flags(capsys):
