@@ -91,8 +91,8 @@ def same_test_images(test_set, ckpt):
         (sorted(set(now) - set(before)), "new or readable only now")) if names]
     raise UserError(f"{ckpt['path']} tested its epochs on {len(before)} images in {test_set.root}, "
                     f"and it now holds {len(now)} ({'; '.join(changes)}), so its epochs would be "
-                    "compared on other images; put them back as they were, or train anew in "
-                    "another out=")
+                    "compared on other images; put back those gone and move out those new, or "
+                    "train anew in another out=")
 
 
 def tested(test_set):

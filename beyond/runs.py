@@ -297,6 +297,7 @@ def train_one(run, options, sets, device, ckpt):
     about = described(run, options, sets, runtime)
     if ckpt:  # on the data it was trained on (with its options: checkpoint_of)
         folders.same_data(sets, ckpt)
+        about["tested"] = ckpt.get("tested")  # None: an older run's, tested on images unlisted
     history = ckpt["history"] if ckpt else []
     done = len(history) >= options["epochs"]
     if done or stalled(history, options["patience"], options["freeze_epochs"]):

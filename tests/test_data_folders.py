@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import data
-from beyond import UserError, cache, cli, datasets, photos
+from beyond import UserError, cache, checkpoints, cli, datasets, photos
 
 from conftest import class_folders_alone, run_cli, write_folder
 
@@ -271,3 +271,10 @@ def test_a_test_set_changed_since_the_run_began_is_named(tmp_path, capsys):
     os.remove(test / "hotdog" / "new.png")
     os.rename(tmp_path / "1.png", test / "not-hotdog" / "1.png")
     assert run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)[0] == 0
+    older = checkpoints.load_checkpoint(str(tmp_path / "run" / "model.pt"))  # as runs wrote it
+    torch.save({k: v for k, v in older.items() if k not in ("tested", "path")},  # before the list
+               tmp_path / "run" / "model.pt")
+    shutil.copy(test / "hotdog" / "0.png", test / "hotdog" / "new.png")
+    assert run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 3)[0] == 0
+    # what its first epochs were tested on is not known: no list, rather than one untrue of them
+    assert checkpoints.load_checkpoint(str(tmp_path / "run" / "model.pt"))["tested"] is None
