@@ -57,18 +57,19 @@ def pretrained_weights(out, epochs, per_class):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/digits", help="a new folder (default: runs/digits)")
-    # Each count: its default, its least, and why (a run of its own gives the other limits).
-    counts = dict(per_class=(20, 1, "training images of each digit"), test_per_class=(30, 1, ""),
-                  pretrain_per_class=(60, 2, "a tenth of them, at least one, held out"),
-                  epochs=(5, 2, "one to warm up, and one for the cosine"),
-                  pretrain_epochs=(3, 1, ""), seeds=(3, 1, ""))
-    for name, (default, _, text) in counts.items():
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=text or None)
+    # Each count (per digit, but for the epochs and seeds): its default, its least, and why
+    counts = dict(per_class=(20, 1, None), test_per_class=(30, 1, None),
+                  pretrain_per_class=(60, 2, "a tenth of each digit, at least one, is held out"),
+                  epochs=(5, 2, "one epoch warms up, and one is the cosine's"),
+                  pretrain_epochs=(3, 1, None), seeds=(3, 1, None))
+    for name, (default, least, _) in counts.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default,
+                       help=f"{least} or more (default: {default})")
     args = p.parse_args()
     for name, (_, least, why) in counts.items():
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is below {least}"
-                    + (f" ({why})" if why and least > 1 else "") + f"; give {least} or more")
+                    + (f" ({why})" if why else "") + f"; give {least} or more")
     if os.path.exists(args.out):  # its digits are written afresh: old ones would mix in
         p.error(f"--out {args.out} exists; give a new folder")
     try:

@@ -34,7 +34,7 @@ def test_no_more_batches_than_the_data_holds(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0"], "--seeds 0 is below 1; give 1 or more"),
-    (["--epochs", "1"], "--epochs 1 is below 2 (one to warm up, and one for the cosine)"),
+    (["--epochs", "1"], "--epochs 1 is below 2 (one epoch warms up, and one is the cosine's)"),
     (["--out", "{tmp}"], "exists; give a new folder")])  # its digits would mix with those there
 def test_digits_bad_input_is_one_line_before_any_work(argv, message, tmp_path, monkeypatch,
                                                        capsys):
