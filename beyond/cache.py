@@ -3,13 +3,12 @@ import itertools
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torchvision.transforms import v2
 
 from beyond import UserError
-from beyond.photos import every_class_read, left_out, load_rgb, test_set_whole
+from beyond.photos import each_read, every_class_read, load_rgb, test_set_whole
 from beyond.processes import local_processes, say
 
 
@@ -22,10 +21,7 @@ class DecodedImages(torch.utils.data.Dataset):
         self.shapes = [(3, height, width) for width, height in folder.sizes]
         self.starts = [0, *itertools.accumulate(3 * w * h for w, h in folder.sizes)]
         self.pixels = torch.empty(self.starts.pop(), dtype=torch.uint8)
-        with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
-            failed = [error for error in pool.map(self.decode, range(len(self))) if error]
-        left_out(failed, len(self.samples))
-        kept = [i for i, shape in enumerate(self.shapes) if shape]
+        kept = each_read(self.decode, range(len(self)), workers)
         items = (self.samples, self.targets, self.shapes, self.starts)
         self.samples, self.targets, self.shapes, self.starts = ([x[i] for i in kept] for x in items)
         every_class_read(self)
@@ -35,7 +31,6 @@ class DecodedImages(torch.utils.data.Dataset):
         try:
             pixels = v2.functional.pil_to_tensor(load_rgb(self.samples[i][0]))
         except UserError as e:
-            self.shapes[i] = None
             return str(e)
         self.shapes[i] = tuple(pixels.shape)  # turned upright: the same pixels, perhaps (3, w, h)
         self.image(i).copy_(pixels)

@@ -218,14 +218,20 @@ def every_class_read(folder, problem="holds no image that can be read; put reada
         raise UserError(f"{os.path.join(folder.root, empty[0])} {problem}")
 
 
+def each_read(read, items, workers=1):
+    """read(item) for each item, in threads (PIL decodes without the GIL); read returns the error
+    where it cannot, which left_out notes. The indices of the items read."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        errors = list(pool.map(read, items))
+    left_out([error for error in errors if error], len(errors))
+    return [i for i, error in enumerate(errors) if not error]
+
+
 def test_set_whole(folder, workers=1):
     """A set tested on, without the images that cannot be decoded now: in training another image
     of its class stands in for one (ImageFolder), which in a test would count that one twice; one
     that cannot be read later stops the run."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
-        failed = list(pool.map(unreadable, (path for path, _ in folder.samples)))
-    left_out([error for error in failed if error], len(failed))
-    folder.keep([i for i, error in enumerate(failed) if not error])
+    folder.keep(each_read(unreadable, [path for path, _ in folder.samples], workers))
     folder.stand_in = False
     every_class_read(folder)
     return folder
