@@ -17,9 +17,8 @@ import resource  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from beyond import UserError, folders, loaders, runs  # noqa: E402
+from beyond import cli, folders, loaders, runs  # noqa: E402
 from beyond.archs import preprocessing  # noqa: E402
-from beyond.cli import one_line  # noqa: E402
 from beyond.devices import make_runtime, try_device  # noqa: E402
 from beyond.options import AT_LEAST_1, takes  # noqa: E402
 from train import fine_tuning_loss, fine_tuning_optimizer, train_epoch  # noqa: E402
@@ -65,10 +64,7 @@ def main():
         p.error("give --data-dir DIR or --dummy")
     if args.batches is not None and args.batches < 1:
         p.error(f"--batches {args.batches} is not {takes(int, AT_LEAST_1)}")
-    try:
-        measure(args)
-    except UserError as e:  # bad input, as the command line says it: one line
-        p.error(one_line(e).removeprefix("error: "))
+    cli.script(p, measure, args)
 
 
 def measure(args):

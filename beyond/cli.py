@@ -230,6 +230,15 @@ def one_line(error):
     return f"error: {message}"
 
 
+def script(parser, work, args):
+    """work(args) for a script beside the command line (the benchmarks): its bad input is the
+    parser's one-line error, with the options named as the command line's flags."""
+    try:
+        return work(args)
+    except UserError as e:
+        parser.error(one_line(e).removeprefix("error: "))
+
+
 def flag(name):
     return "--" + name.replace("_", "-") if name != "mode" else (
         "--pretrained, --scratch or --compare")

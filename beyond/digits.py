@@ -14,8 +14,7 @@ import numpy as np
 import torchvision
 from PIL import Image
 
-from beyond import UserError, checkpoints, files, runs
-from beyond.cli import one_line
+from beyond import checkpoints, cli, files, runs
 
 KNOBS = {"the book's recipe": {},
          "--lr-schedule cosine --warmup-epochs 1": dict(lr_schedule="cosine", warmup_epochs=1),
@@ -72,10 +71,7 @@ def main():
                     + (f" ({why})" if why else "") + f"; give {least} or more")
     if os.path.exists(args.out):  # its digits are written afresh: old ones would mix in
         p.error(f"--out {args.out} exists; give a new folder")
-    try:
-        measure(args)
-    except UserError as e:  # bad input, as the command line says it: one line
-        p.error(one_line(e).removeprefix("error: "))
+    cli.script(p, measure, args)
 
 
 def measure(args):
