@@ -40,7 +40,7 @@ VERSIONS = dict(python=platform.python_version(), torch=torch.__version__,
                 torchvision=torchvision.__version__)
 # What a continued run may be given anew; data_dir: a folder moved (folders.same_data compares).
 MAY_CHANGE = {"epochs", "device", "workers", "max_megapixels", "cache_gb", "data_dir", "data_root",
-              "out", "resume", "typed"}
+              "tensorboard", "out", "resume", "typed"}
 
 
 Run = namedtuple("Run", "name mode lr out")  # one training: its mode, its lr, where it writes
@@ -352,13 +352,13 @@ def train_net(run, options, sets, runtime, about, ckpt):
                 schedule.step()
             best = best_so_far is None or epoch.metrics["test_acc"] > best_so_far["test_acc"]
             best_so_far = epoch.metrics if best else best_so_far
-            checkpoints.save(run.out, history, about, best=best, state=dict(
-                model=net.state_dict(), optimizer=optimizer.state_dict(),
-                scaler=runtime.scaler.state_dict(), schedule=schedule and schedule.state_dict()))
-            if rank() == 0:
+            if rank() == 0:  # before model.pt: a run stopped between redoes the epoch, writes anew
                 logs.write_csv(run.out, history)
             if curves:
                 logs.add_epoch(curves, history[-1])
+            checkpoints.save(run.out, history, about, best=best, state=dict(
+                model=net.state_dict(), optimizer=optimizer.state_dict(),
+                scaler=runtime.scaler.state_dict(), schedule=schedule and schedule.state_dict()))
             progress.show_epoch(history, animator, lr=bool(schedule))  # once saved: it is kept
             if stalled(history, options["patience"], frozen):
                 break

@@ -7,30 +7,37 @@ import sys
 
 import pytest
 
-from beyond import datasets, progress
+from beyond import datasets, logs, progress
 
 from conftest import run_cli
 
 TINY = ["--batch-size", 4, "--workers", 0, "--epochs", 3]
 
 
-def stopped_after(monkeypatch, epoch):
-    real = progress.show_epoch
+def stopped_after(monkeypatch, module, name, epoch):
+    """Ctrl-C as module.name returns, in the given epoch."""
+    real = getattr(module, name)
 
-    def stop(history, *a, **k):
-        real(history, *a, **k)
-        if history[-1]["epoch"] == epoch:
-            monkeypatch.setattr(progress, "show_epoch", real)
+    def stop(*args, **kwargs):
+        real(*args, **kwargs)
+        figures = next(a for a in args if isinstance(a, (list, dict)))  # a history, or an epoch's
+        if (figures[-1] if isinstance(figures, list) else figures)["epoch"] == epoch:
+            monkeypatch.setattr(module, name, real)
             raise KeyboardInterrupt
-    monkeypatch.setattr(progress, "show_epoch", stop)
+    monkeypatch.setattr(module, name, stop)
 
 
+# Stops after each file of an epoch is written: the csv, the events (then model.pt), the line
+STOPS = [(logs, "write_csv"), (logs, "add_epoch"), (progress, "show_epoch")]
+
+
+@pytest.mark.parametrize("module, name", STOPS, ids=[name for _, name in STOPS])
 def test_metrics_csv_and_event_files_hold_every_epoch_once_after_a_resume(
-        folder, tmp_path, capsys, monkeypatch):
+        module, name, folder, tmp_path, capsys, monkeypatch):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = tmp_path / "run"
-    stopped_after(monkeypatch, 2)
+    stopped_after(monkeypatch, module, name, 2)
     argv = ["--scratch", "--data-dir", folder, *TINY, "--tensorboard", "--out", run]
     assert run_cli(capsys, *argv)[0] == 130
     with open(run / "metrics.csv", "a") as f:  # what a run stopped while writing might leave
@@ -77,3 +84,16 @@ def test_tensorboard_missing_is_one_line_before_any_data(missing, tmp_path, caps
             del sys.modules[name]
     assert status == 2 and err.strip().endswith("pip install tensorboard") and not out, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_tensorboard_may_be_given_to_resume(folder, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    assert run_cli(capsys, "--scratch", "--data-dir", folder, *TINY[:4], "--epochs", 1,
+                   "--out", run)[0] == 0
+    status, out, err = run_cli(capsys, "--resume", run, "--epochs", 2, "--tensorboard")
+    assert status == 0 and "epoch 2:" in out, err
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [s.step for s in events.Scalars("test_acc")] == [2]  # from where it was turned on
