@@ -1,7 +1,5 @@
 """The networks of D2L §14.2.2.2: resnet18 (or another of torchvision's, beyond.archs) fine-tuned
 or from scratch, and the exercises' heads: frozen layers (exercise 3), the hot-dog row (4)."""
-import re
-
 import torch
 import torchvision
 from torch import nn
@@ -9,14 +7,13 @@ from torch import nn
 import beyond
 import beyond.archs
 import beyond.files
-import beyond.photos
 
 HOTDOG_ROW = 934  # ImageNet's class "hotdog, hot dog, red hot"
 
 
 def pretrained_net(arch="resnet18", weights_file=None):
-    """torchvision's `arch` with its ImageNet weights (the book's `pretrained=True`), downloaded
-    once into $TORCH_HOME, or read from a state-dict file."""
+    """§14.2.2.2: torchvision's `arch` with its ImageNet weights (the book's `pretrained=True`),
+    downloaded once into $TORCH_HOME, or read from a state-dict file."""
     beyond.archs.check_arch(arch)
     if weights_file is None:
         try:
@@ -32,8 +29,8 @@ def pretrained_net(arch="resnet18", weights_file=None):
 
 
 def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resnet18"):
-    """The pretrained body with a new output layer: xavier-uniform weight, default bias (with
-    hotdog_class, exercise 4: rows from ImageNet's, init_hotdog_head)."""
+    """§14.2.2.2: the pretrained body with a new output layer, xavier-uniform weight, default
+    bias (with hotdog_class, exercise 4: rows from ImageNet's, init_hotdog_head)."""
     net = beyond.archs.with_fc(pretrained_net(arch, weights_file))  # resnet18 has its fc already
     imagenet_fc, net.fc = net.fc, nn.Linear(net.fc.in_features, num_classes)
     nn.init.xavier_uniform_(net.fc.weight)
@@ -43,35 +40,8 @@ def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resn
     return net
 
 
-def init_hotdog_head(fc, imagenet_fc, hotdog_class):
-    """Exercise 4: the hot-dog class starts from ImageNet's hot-dog row, every other class from
-    the mean of the other 999 rows."""
-    if type(hotdog_class) is not int or not 0 <= hotdog_class < fc.out_features:
-        raise beyond.UserError(f"hotdog_class={hotdog_class!r} is not the index of a class; "
-                               f"give one of 0 to {fc.out_features - 1}")
-    others = torch.arange(imagenet_fc.out_features) != HOTDOG_ROW
-    with torch.no_grad():
-        for c in range(fc.out_features):
-            rows = [HOTDOG_ROW] if c == hotdog_class else others
-            fc.weight[c] = imagenet_fc.weight[rows].mean(0)
-            fc.bias[c] = imagenet_fc.bias[rows].mean()
-
-
-def hotdog_class(classes):
-    """The index of the class named like hot dog (hotdog, hot_dog, hot-dog, hot dog, or a plural;
-    any case)."""
-    found = [i for i, name in enumerate(classes)
-             if re.fullmatch(r"hot[-_ ]?dogs?", beyond.photos.nfc(name).lower())]
-    if len(found) != 1:  # none, or two (hotdog and Hot_Dogs): which would start from the row?
-        raise beyond.UserError(f"{len(found) or 'no'} classes of {classes} are named like hot dog "
-                               "(hotdog, hot_dog, hot-dog, hot dog, or a plural); exactly one must "
-                               "be, to start from ImageNet's hot-dog row; rename the class "
-                               "folders, or leave hotdog_class out")
-    return found[0]
-
-
 def scratch_net(num_classes=2, arch="resnet18"):
-    """The same architecture with torchvision's random initialisation throughout."""
+    """§14.2.2.3: the same architecture with torchvision's random initialisation throughout."""
     net = beyond.archs.with_fc(torchvision.models.get_model(beyond.archs.check_arch(arch)))
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     net.arch = arch
@@ -89,3 +59,17 @@ def freeze_features(net):
             frozen.load_state_dict(bn.state_dict())  # it drops num_batches_tracked itself
             net.set_submodule(name, frozen)
     return net
+
+
+def init_hotdog_head(fc, imagenet_fc, hotdog_class):
+    """Exercise 4: the hot-dog class starts from ImageNet's hot-dog row, every other class from
+    the mean of the other 999 rows."""
+    if type(hotdog_class) is not int or not 0 <= hotdog_class < fc.out_features:
+        raise beyond.UserError(f"hotdog_class={hotdog_class!r} is not the index of a class; "
+                               f"give one of 0 to {fc.out_features - 1}")
+    others = torch.arange(imagenet_fc.out_features) != HOTDOG_ROW
+    with torch.no_grad():
+        for c in range(fc.out_features):
+            rows = [HOTDOG_ROW] if c == hotdog_class else others
+            fc.weight[c] = imagenet_fc.weight[rows].mean(0)
+            fc.bias[c] = imagenet_fc.bias[rows].mean()

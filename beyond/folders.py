@@ -1,6 +1,7 @@
 """A data folder's sets: its layout, a split of class folders, and checks on a continued run's."""
 import copy
 import os
+import re
 
 import torch
 
@@ -162,6 +163,19 @@ def hold_out(folder, val_split, seed):
 def class_names(dataset):
     """A data set's class names; FakeData (--dummy) has only a number."""
     return getattr(dataset, "classes", None) or [str(i) for i in range(dataset.num_classes)]
+
+
+def hotdog_class(classes):
+    """The index of the class named like hot dog (hotdog, hot_dog, hot-dog, hot dog, or a plural;
+    any case), whose output starts from ImageNet's hot-dog row (models.init_hotdog_head)."""
+    found = [i for i, name in enumerate(classes)
+             if re.fullmatch(r"hot[-_ ]?dogs?", nfc(name).lower())]
+    if len(found) != 1:  # none, or two (hotdog and Hot_Dogs): which would start from the row?
+        raise UserError(f"{len(found) or 'no'} classes of {classes} are named like hot dog "
+                        "(hotdog, hot_dog, hot-dog, hot dog, or a plural); exactly one must be, to "
+                        "start from ImageNet's hot-dog row; rename the class folders, or leave "
+                        "hotdog_class out")
+    return found[0]
 
 
 def same_classes(train_set, test_set):

@@ -319,7 +319,7 @@ def train_one(run, options, sets, device, ckpt):
 
 def train_net(run, options, sets, runtime, about, ckpt):
     """Build the run's net and drive the book's loop over it, saving model.pt after each epoch."""
-    hotdog = models.hotdog_class(about["classes"]) if options["init_head_from_imagenet"] else None
+    hotdog = folders.hotdog_class(about["classes"]) if options["init_head_from_imagenet"] else None
     random.seed(options["seed"])
     torch.manual_seed(options["seed"])  # the same initial head on every process
     # A checkpoint replaces every weight: where one is restored, ImageNet's are not read

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import data
-from beyond import UserError, cache, checkpoints, cli, datasets, photos
+from beyond import UserError, cache, checkpoints, cli, datasets, folders, photos
 
 from conftest import class_folders_alone, run_cli, write_folder
 
@@ -29,6 +29,14 @@ def test_val_folder_when_there_is_no_test_folder(name, tmp_path, capsys):
     assert status == 0, err
     assert f"testing on 6 in {name}/" in out
     assert torch.tensor(json.load(open(tmp_path / "out" / "metrics.json"))["confusion"]).sum() == 6
+
+
+def test_the_hot_dog_class_is_the_one_named_like_hot_dog():
+    assert [folders.hotdog_class(c)
+            for c in (["apple", "Hot_Dog"], ["HOTDOG", "x"], ["a", "hot dogs"])] == [1, 0, 1]
+    for classes, found in ((["pizza", "salad"], "no"), (["hotdog", "Hot_Dogs", "x"], "2")):
+        with pytest.raises(UserError, match=f"^{found} classes of .* are named like hot dog"):
+            folders.hotdog_class(classes)
 
 
 def test_train_and_class_folders_together_is_one_line(tmp_path, capsys):
