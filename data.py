@@ -16,7 +16,7 @@ HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
 
 
 def get_hotdog(root="data", url=HOTDOG_URL, sha1=HOTDOG_SHA1):
-    """The hot-dog set under root/hotdog, downloaded and extracted on first use."""
+    """§14.2.2.1's hot-dog set under root/hotdog, downloaded and extracted on first use."""
     folder = os.path.join(root, "hotdog")
     if not os.path.isdir(folder):
         zip_path = beyond.download.download(url, os.path.join(root, "hotdog.zip"), sha1)
@@ -28,7 +28,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as the p
 
 
 def normalize(X, stats=None):
-    """The book's ToTensor and Normalize, for a batch of uint8 images where it lies; a batch of
+    """§14.2.2.1's ToTensor and Normalize, for a batch of uint8 images where it lies; a batch of
     floats (the book's own loaders) has had them already. stats: (mean, std) as tensors."""
     mean, std = stats or imagenet_stats(X.device)
     return X if X.is_floating_point() else v2.functional.normalize(X.float() / 255, mean, std)
@@ -40,13 +40,13 @@ def imagenet_stats(device):  # once per device: a list copied there each batch w
 
 
 def make_train_augs(crop=224, interpolation="bilinear"):
-    """The book's training augmentations before ToTensor, for a net trained at crop pixels."""
+    """§14.2.2.1's training augmentations before ToTensor, for a net trained at crop pixels."""
     resized_crop = v2.RandomResizedCrop(crop, interpolation=v2.InterpolationMode(interpolation))
     return v2.Compose([v2.ToImage(), resized_crop, v2.RandomHorizontalFlip(), v2.ToPureTensor()])
 
 
 def make_test_augs(resize=256, crop=224, interpolation="bilinear"):
-    """The book's test augmentations before ToTensor."""
+    """§14.2.2.1's test augmentations before ToTensor."""
     resize = v2.Resize([resize, resize], interpolation=v2.InterpolationMode(interpolation))
     return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(crop), v2.ToPureTensor()])
 

@@ -32,18 +32,18 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
 
 
 def fine_tuning_loss(weight=None, label_smoothing=0.0):
-    """The book's cross-entropy, one value per example, which the loop sums over the batch: its
-    learning rates (5e-5, 5e-4) assume the sum, 128x the mean. Beyond the book: class weights."""
+    """§14.2.2.3's cross-entropy, one value per example, which the loop sums over the batch: its
+    learning rates assume the sum, 128x the mean. Beyond it: class weights, label smoothing."""
     return nn.CrossEntropyLoss(weight=weight, reduction="none", label_smoothing=label_smoothing)
 
 
 def fine_tuning_optimizer(net, learning_rate, param_group=True):
-    """The book's SGD. With param_group, the new output layer learns at 10x the base rate."""
+    """§14.2.2.3's SGD; with param_group, the new output layer learns at 10x the base rate."""
     if param_group and not hasattr(net, "fc"):  # a net of one's own: one line, not AttributeError
         raise beyond.UserError(f"param_group=True trains net.fc at 10x the learning rate, and this "
                                f"{type(net).__name__} has no .fc; give param_group=False, or name "
                                "its output layer net.fc")
-    learning_rate = beyond.options.book_number("learning_rate", learning_rate)  # NumPy's too
+    learning_rate = beyond.options.book_number("learning_rate", learning_rate)  # as a run's lr
     if param_group:
         params_1x = [param for name, param in net.named_parameters()
                      if name not in ["fc.weight", "fc.bias"]]
@@ -60,7 +60,7 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=No
     """§14.1 (chapter 13 in the book's releases before 1.0, hence the name), called as the book
     calls it: trains, shows each epoch and the book's summary, and returns the history."""
     runtime = beyond.devices.make_runtime(devices, precision)
-    num_epochs = beyond.options.book_number("num_epochs", num_epochs)  # the run's rule for epochs
+    num_epochs = beyond.options.book_number("num_epochs", num_epochs)  # as a run's epochs
     history, animator = [], beyond.pictures.animator()
     for epoch in ch13_epochs(net, train_iter, test_iter, loss, trainer, range(num_epochs), runtime):
         history.append(epoch.metrics)

@@ -10,7 +10,7 @@ from beyond.files import write_whole
 def write_csv(folder, history):
     """metrics.csv: every epoch of the history once, the same figures as metrics.json's, written
     whole from the history, so a continued run adds its epochs and repeats none."""
-    columns = list(dict.fromkeys(key for m in history for key in m))  # a run begun before lr: none
+    columns = list(dict.fromkeys(key for m in history for key in m))  # older epochs have no lr
     table = io.StringIO()
     writer = csv.DictWriter(table, columns, lineterminator="\n")
     writer.writeheader()
