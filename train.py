@@ -112,7 +112,7 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
     if not n:  # no batch on any process: there was nothing to train on
         raise beyond.UserError("train_iter gives no batches; give it a data set that holds images, "
                                "in a loader that gives them every epoch (a generator: only once)")
-    return dict(loss=loss_sum / n, train_acc=correct / n, examples=n,
+    return dict(loss=loss_sum / n, train_acc=correct / n, examples=int(n),
                 first_batch_sec=batches.first_batch_sec)
 
 

@@ -339,14 +339,14 @@ def train_net(run, options, sets, runtime, about, ckpt):
     say(header(run, options, sets, runtime, weights))
     if rank() == 0:
         writable_folder(run.out)  # a run of several has a folder of its own in out
-    curves = (logs.tensorboard(run.out, options, len(history))
+    events = (logs.tensorboard(run.out, options, len(history))  # TensorBoard's SummaryWriter
               if rank() == 0 and options["tensorboard"] else None)
 
     def book_epochs(*span):  # span: (start, end), the book's loop over epochs start + 1 to end
         return train.ch13_epochs(net, train_iter, test_iter, loss, optimizer, range(*span), runtime)
-    animator, frozen = pictures.animator(), options["freeze_epochs"]
+    animator, freeze_epochs = pictures.animator(), options["freeze_epochs"]
     try:
-        for epoch in two_phases(book_epochs, net, len(history), frozen, options["epochs"]):
+        for epoch in two_phases(book_epochs, net, len(history), freeze_epochs, options["epochs"]):
             history.append(dict(epoch.metrics, lr=optimizer.param_groups[0]["lr"]))
             if schedule:  # once per epoch, from outside the book's loop
                 schedule.step()
@@ -354,17 +354,17 @@ def train_net(run, options, sets, runtime, about, ckpt):
             best_so_far = epoch.metrics if best else best_so_far
             if rank() == 0:  # before model.pt: a run stopped between redoes the epoch, writes anew
                 logs.write_csv(run.out, history)
-            if curves:
-                logs.add_epoch(curves, history[-1])
+            if events:
+                logs.add_epoch(events, history[-1])
             checkpoints.save(run.out, history, about, best=best, state=dict(
                 model=net.state_dict(), optimizer=optimizer.state_dict(),
                 scaler=runtime.scaler.state_dict(), schedule=schedule and schedule.state_dict()))
             progress.show_epoch(history, animator, lr=bool(schedule))  # once saved: it is kept
-            if stalled(history, options["patience"], frozen):
+            if stalled(history, options["patience"], freeze_epochs):
                 break
     finally:  # the writer's thread ends with the run, stopped or not
-        if curves:
-            curves.close()
+        if events:
+            events.close()
     progress.show_summary(history, runtime)
     last = epoch if best else None  # the last epoch is best.pt's: no need to read it
     return concluded(run, sets, options, runtime, {**about, "history": history}, last)
@@ -384,12 +384,12 @@ def run_options(run, options):
         **options, **{key: DEFAULTS[key] for key in PRETRAINED_ONLY}}
 
 
-def stalled(history, patience, frozen=0):
-    """Whether patience epochs (None: never) passed since the best, counted from epoch `frozen`."""
+def stalled(history, patience, freeze_epochs=0):
+    """Whether patience epochs (None: never) passed since the best, counted after the frozen."""
     if not (patience and history):
         return False
     best = max(history, key=lambda m: m["test_acc"])  # the earliest of ties
-    return history[-1]["epoch"] - max(best["epoch"], frozen) >= patience
+    return history[-1]["epoch"] - max(best["epoch"], freeze_epochs) >= patience
 
 
 def loss_weights(kind, train_set, device):

@@ -274,7 +274,7 @@ def test_the_extras_keep_their_promises_at_the_edges(folder, tmp_path, capsys, m
                        and p is not net.fc.bias)
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
     flat = [{"epoch": e, "test_acc": 0.5} for e in range(1, 5)]
-    assert (runs.stalled(flat, 2) and not runs.stalled(flat, 2, frozen=3)
+    assert (runs.stalled(flat, 2) and not runs.stalled(flat, 2, freeze_epochs=3)
             and runs.stalled(flat + [dict(epoch=5, test_acc=0.5)], 2, 3))
     root = write_folder(tmp_path / "d", train=2, test=1)
     shutil.copytree(tmp_path / "d" / "test", tmp_path / "d" / "val")
