@@ -97,3 +97,19 @@ def test_tensorboard_may_be_given_to_resume(folder, tmp_path, capsys):
     events = EventAccumulator(str(run))
     events.Reload()
     assert [s.step for s in events.Scalars("test_acc")] == [2]  # from where it was turned on
+
+
+def test_a_run_begun_anew_replaces_the_events_of_one_stopped_before_its_first_save(
+        folder, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    argv = ["--scratch", "--data-dir", folder, *TINY[:4], "--epochs", 2, "--tensorboard"]
+    stopped_after(monkeypatch, logs, "add_epoch", 1)  # its hyperparameters and epoch 1 written
+    assert run_cli(capsys, *argv, "--label-smoothing", 0.1, "--out", run)[0] == 130
+    assert not (run / "model.pt").exists()
+    assert run_cli(capsys, *argv, "--label-smoothing", 0.2, "--out", run)[0] == 0
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one run's hyperparameters
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [s.step for s in events.Scalars("test_acc")] == [1, 2]
