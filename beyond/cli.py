@@ -232,11 +232,13 @@ def one_line(error):
 
 def script(parser, work, args):
     """work(args) for a script beside the command line (the benchmarks): its bad input is the
-    parser's one-line error, with the options named as the command line's flags."""
+    parser's one-line error, with the options named as the command line's flags; Ctrl-C a line."""
     try:
         return work(args)
     except UserError as e:
         parser.error(one_line(e).removeprefix("error: "))
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted\n")
 
 
 def flag(name):

@@ -1,7 +1,7 @@
 """The knobs beyond the book measured on a small real data set: scikit-learn's digits, written as
-ImageFolders of upscaled images. A resnet18 pretrained on digits 0 to 4 stands in for ImageNet's
-(none can be downloaded here); the book's recipe, the cosine schedule and label smoothing then
-fine-tune it on a few images of each of digits 5 to 9, with several seeds.
+ImageFolders of upscaled images. A resnet18 pretrained on digits 0 to 4 stands in for ImageNet's,
+so that it runs offline; the book's recipe, the cosine schedule and label smoothing then fine-tune
+it on a few images of each of digits 5 to 9, with several seeds.
 
     pip install scikit-learn
     python -m beyond.digits --out runs/digits   # prints the table docs/options.md shows
@@ -14,7 +14,7 @@ import numpy as np
 import torchvision
 from PIL import Image
 
-from beyond import checkpoints, cli, files, runs
+from beyond import UserError, checkpoints, cli, files, importable, runs
 
 KNOBS = {"the book's recipe": {},
          "--lr-schedule cosine --warmup-epochs 1": dict(lr_schedule="cosine", warmup_epochs=1),
@@ -31,7 +31,7 @@ def write_digits(root, classes, train, test=0, seed=0):
         parts = ([("train", mine[:train]), ("test", mine[train:train + test])] if test
                  else [("", mine[:train])])
         for split, part in parts:
-            os.makedirs(os.path.join(root, split, str(digit)), exist_ok=True)
+            files.writable_folder(os.path.join(root, split, str(digit)))
             for i in part:
                 pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
                 image = Image.fromarray(pixels).resize((64, 64), Image.BILINEAR).convert("RGB")
@@ -54,7 +54,7 @@ def pretrained_weights(out, epochs, per_class):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/digits", help="a new folder (default: runs/digits)")
     # Each count (per digit, but for the epochs and seeds): its default, its least, and why
     counts = dict(per_class=(20, 1, None), test_per_class=(30, 1, None),
@@ -69,13 +69,16 @@ def main():
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is below {least}"
                     + (f" ({why})" if why else "") + f"; give {least} or more")
-    if os.path.exists(args.out):  # its digits are written afresh: old ones would mix in
-        p.error(f"--out {args.out} exists; give a new folder")
+    if os.path.exists(args.out) or not args.out:  # its digits are written afresh: no old ones
+        p.error(f"--out '{args.out}' is not a new folder; give one (or delete that one)")
     cli.script(p, measure, args)
 
 
 def measure(args):
     """Pretrain the stand-in, then train each knob with each seed; print the table."""
+    if not importable("sklearn.datasets"):
+        raise UserError("the digits are scikit-learn's, which cannot be imported here; "
+                        "pip install scikit-learn")
     weights = pretrained_weights(args.out, args.pretrain_epochs, args.pretrain_per_class)
     data_dir = write_digits(os.path.join(args.out, "digits5-9"), range(5, 10), args.per_class,
                             args.test_per_class)

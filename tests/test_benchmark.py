@@ -35,7 +35,8 @@ def test_no_more_batches_than_the_data_holds(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0"], "--seeds 0 is below 1; give 1 or more"),
     (["--epochs", "1"], "--epochs 1 is below 2 (one epoch warms up, and one is the cosine's)"),
-    (["--out", "{tmp}"], "exists; give a new folder")])  # its digits would mix with those there
+    (["--out", "{tmp}"], "is not a new folder; give one"),  # its digits would mix with those there
+    (["--out", ""], "--out '' is not a new folder; give one")])
 def test_digits_bad_input_is_one_line_before_any_work(argv, message, tmp_path, monkeypatch,
                                                        capsys):
     monkeypatch.setattr(digits, "measure", lambda args: pytest.fail("measured"))
@@ -45,3 +46,27 @@ def test_digits_bad_input_is_one_line_before_any_work(argv, message, tmp_path, m
         digits.main()
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err.strip().splitlines()[-1], err
+
+
+def ctrl_c(*args):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("case", ["no scikit-learn", "a file in --out", "Ctrl-C"])
+def test_digits_stops_in_one_line(case, tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / ("afile/digits" if case == "a file in --out" else "digits")
+    if case == "no scikit-learn":
+        monkeypatch.setitem(sys.modules, "sklearn", None)
+    elif case == "a file in --out":
+        pytest.importorskip("sklearn")
+    else:
+        monkeypatch.setattr(digits, "pretrained_weights", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["digits.py", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        digits.main()
+    err = capsys.readouterr().err.strip()
+    ending = {"no scikit-learn": "pip install scikit-learn", "Ctrl-C": "interrupted",
+              "a file in --out": "a file stands where a folder would be; choose another folder"}
+    assert e.value.code == (130 if case == "Ctrl-C" else 2), err
+    assert err.splitlines()[-1].endswith(ending[case]) and "Traceback" not in err, err
