@@ -3,6 +3,7 @@ and errors and Ctrl-C turned into one line and an exit status; finetune.py calls
 import argparse
 import os
 import re
+import shlex
 import sys
 
 import torch
@@ -276,7 +277,7 @@ def interrupted(error):
     """Ctrl-C: in a training, say how to continue where an epoch had finished (process 0 says)."""
     checkpoint = getattr(error, "checkpoint", "")  # set by runs.trained; None: before any epoch
     said = (f"; {checkpoint} holds the last whole epoch: continue with python finetune.py --resume "
-            f"{checkpoint}" if checkpoint else
+            f"{shlex.quote(checkpoint)}" if checkpoint else
             "; no epoch had finished, so there is nothing to resume" if checkpoint is None else "")
     say("\ninterrupted" + said, file=sys.stderr)
     return 130

@@ -202,8 +202,8 @@ def test_ctrl_c_in_a_compare_says_how_to_resume_both_runs(folder, tmp_path, caps
         return real(net, lr, *args, **kwargs)
     monkeypatch.setattr(train, "fine_tuning_optimizer", stopped_in_scratch)
     status, _, err = run_cli(capsys, "--compare", "--data-dir", folder, "--epochs", 1,
-                             "--batch-size", 8, "--workers", 0, "--out", tmp_path / "both")
-    assert status == 130 and f"--resume {tmp_path / 'both'}\n" in err, err
+                             "--batch-size", 8, "--workers", 0, "--out", tmp_path / "both runs")
+    assert status == 130 and f"--resume '{tmp_path / 'both runs'}'\n" in err, err  # to paste
 
     def ctrl_c_after_an_epoch(history, *args):
         if history:  # asked after each epoch, once it is saved
