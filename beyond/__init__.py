@@ -13,7 +13,7 @@ class UserError(Exception):
         # its last line holds the worker's message
         if "Original Traceback" in message:
             message = re.sub(r"^[\w.]*UserError: ", "", message.strip().splitlines()[-1])
-        super().__init__(message)
+        super().__init__(re.sub(r"\s*\n\s*", " ", message))  # a value's repr: an array's lines
 
 
 def importable(module):

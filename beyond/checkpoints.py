@@ -14,7 +14,7 @@ def checkpoint_in(path, name="model.pt", one_run=False):
     """A model.pt: path itself, in the folder path, or its runs' first (one_run: only one)."""
     fix = "give the model.pt of a training run, or its folder"
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):  # "": no folder, not "."
-        raise UserError(f"{path!r} is not a path; {fix}")
+        raise UserError(f"{path!r:.80} is not a path; {fix}")
     path = os.path.normpath(path)  # best.pt/ is best.pt
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; {fix}")

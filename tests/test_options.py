@@ -35,6 +35,11 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
             runs.train_runs("scratch", str(tmp_path / "never"), **{name: value})
         with pytest.raises(UserError, match=f"^{name}="):
             runs.resume(str(tmp_path / "never"), **{name: value})
+    with pytest.raises(UserError) as e:  # an array's repr, on one line and cut short
+        runs.train_runs("scratch", str(tmp_path / "never"), seed=np.zeros((30, 30)))
+    assert str(e.value).startswith("seed=array([[0., 0.,") and "\n" not in str(e.value)
+    assert len(str(e.value)) < 200 and str(e.value).endswith("give a whole number, from -2**63 "
+                                                           "to 2**64 - 1")
     for name, text in (("epochs", "0"), ("epochs", "1.5"), ("lr", "-1"), ("val_split", "2"),
                        ("workers", "-1"), ("patience", "0"), ("dataset", "x"),
                        ("precision", "fp16"), ("seed", "x"), ("max_megapixels", "0"),
