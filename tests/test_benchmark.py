@@ -61,7 +61,7 @@ def test_digits_stops_in_one_line(case, tmp_path, monkeypatch, capsys):
     elif case == "a file in --out":
         pytest.importorskip("sklearn")
     else:
-        monkeypatch.setattr(digits, "pretrained_weights", ctrl_c)
+        monkeypatch.setattr(digits, "measure", ctrl_c)
     monkeypatch.setattr(sys, "argv", ["digits.py", "--out", str(out)])
     with pytest.raises(SystemExit) as e:
         digits.main()
