@@ -28,7 +28,7 @@ DOC_BLOCKS = {
         ("pip install -r requirements.txt && ", ""),  # installing needs the network
         ("--pretrained\n", f"--pretrained {TINY}\n"),
         ("pip install -r requirements.txt pytest pytest-xdist matplotlib nbclient ipykernel onnx "
-         "onnxscript onnxruntime && python -m pytest -q -n 2\n", "")],  # the network, this suite
+         "onnxscript onnxruntime tensorboard && python -m pytest -q -n 2\n", "")],  # this suite
     "data ready in 9.8 s":
         ("output", "pip install -r requirements.txt && python finetune.py --pretrained"),
     "import models, train":
