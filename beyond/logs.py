@@ -20,23 +20,24 @@ def write_csv(folder, history):
 
 
 SCALARS = ("loss", "train_acc", "test_acc", "lr", "examples_per_sec")
-EVENTS = "events.out.tfevents.*"  # the names SummaryWriter gives its files
+EVENTS, SUFFIX = "events.out.tfevents.*", ".finetune"  # this program's: no other's are removed
 
 
-def tensorboard(folder, options, done):
-    """A SummaryWriter into the run's folder. A fresh run replaces the events of one stopped before
-    its first saved epoch and records its options as hyperparameters; a continued one (done: its
-    epochs so far) drops any step after them that a stopped run wrote."""
+def tensorboard(folder, options, history):
+    """A SummaryWriter into the run's folder, with the run's options as hyperparameters and the
+    epochs of history so far, written anew as metrics.csv is: the files of before then go."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
-    if done:
-        return SummaryWriter(folder, purge_step=done + 1)
-    for name in glob.glob(os.path.join(glob.escape(folder), EVENTS)):  # as metrics.csv, anew
-        remove(name)
-    writer = SummaryWriter(folder)
+    before = [path for path in glob.glob(os.path.join(glob.escape(folder), EVENTS + SUFFIX))
+              if os.path.isfile(path)]
+    writer = SummaryWriter(folder, filename_suffix=SUFFIX)
     plain = {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in options.items()}
     for summary in hparams(plain, {"test_acc": 0.0}):
         writer.file_writer.add_summary(summary)
+    for metrics in history:
+        add_epoch(writer, metrics)
+    for path in before:  # once the new file holds what they held, and a stopped run's epoch no more
+        remove(path)
     return writer
 
 

@@ -339,7 +339,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
     say(header(run, options, sets, runtime, weights))
     if rank() == 0:
         writable_folder(run.out)  # a run of several has a folder of its own in out
-    events = (logs.tensorboard(run.out, options, len(history))  # TensorBoard's SummaryWriter
+    events = (logs.tensorboard(run.out, options, history)  # TensorBoard's SummaryWriter
               if rank() == 0 and options["tensorboard"] else None)
 
     def book_epochs(*span):  # span: (start, end), the book's loop over epochs start + 1 to end

@@ -49,7 +49,7 @@ def test_metrics_csv_and_event_files_hold_every_epoch_once_after_a_resume(
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [float(r["test_acc"]) for r in rows] == [m["test_acc"] for m in history]
     assert [float(r["lr"]) for r in rows] == [m["lr"] for m in history] == [5e-4] * 3
-    events = EventAccumulator(str(run))
+    events = EventAccumulator(str(run), purge_orphaned_data=False)  # as written
     events.Reload()
     for tag in ("loss", "train_acc", "test_acc", "lr", "examples_per_sec"):
         steps = [s.step for s in events.Scalars(tag)]
@@ -86,17 +86,21 @@ def test_tensorboard_missing_is_one_line_before_any_data(missing, tmp_path, caps
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
-def test_tensorboard_may_be_given_to_resume(folder, tmp_path, capsys):
+def test_tensorboard_given_to_resume_writes_every_epoch_and_no_other_programs_files(
+        folder, tmp_path, capsys):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = tmp_path / "run"
     assert run_cli(capsys, "--scratch", "--data-dir", folder, *TINY[:4], "--epochs", 1,
                    "--out", run)[0] == 0
+    (run / "events.out.tfevents.1.other").write_bytes(b"")  # another program's
     status, out, err = run_cli(capsys, "--resume", run, "--epochs", 2, "--tensorboard")
     assert status == 0 and "epoch 2:" in out, err
-    events = EventAccumulator(str(run))
+    assert (run / "events.out.tfevents.1.other").exists()
+    (run / "events.out.tfevents.1.other").unlink()
+    events = EventAccumulator(str(run), purge_orphaned_data=False)  # as written
     events.Reload()
-    assert [s.step for s in events.Scalars("test_acc")] == [2]  # from where it was turned on
+    assert [s.step for s in events.Scalars("test_acc")] == [1, 2]  # the epochs before it too
 
 
 def test_a_run_begun_anew_replaces_the_events_of_one_stopped_before_its_first_save(
@@ -110,6 +114,6 @@ def test_a_run_begun_anew_replaces_the_events_of_one_stopped_before_its_first_sa
     assert not (run / "model.pt").exists()
     assert run_cli(capsys, *argv, "--label-smoothing", 0.2, "--out", run)[0] == 0
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one run's hyperparameters
-    events = EventAccumulator(str(run))
+    events = EventAccumulator(str(run), purge_orphaned_data=False)  # as written
     events.Reload()
     assert [s.step for s in events.Scalars("test_acc")] == [1, 2]
