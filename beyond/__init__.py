@@ -13,7 +13,13 @@ class UserError(Exception):
         # its last line holds the worker's message
         if "Original Traceback" in message:
             message = re.sub(r"^[\w.]*UserError: ", "", message.strip().splitlines()[-1])
-        super().__init__(re.sub(r"\s*\n\s*", " ", message))  # a value's repr: an array's lines
+        super().__init__(message.replace("\n", "\\n"))  # a newline in a name: shown, not obeyed
+
+
+def quoted(value, most=80):
+    """value's repr in a message: on one line (an array's spreads over several), cut to most."""
+    text = re.sub(r"\s*\n\s*", " ", repr(value))
+    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def importable(module):

@@ -5,7 +5,7 @@ import random
 import torch
 
 import models
-from beyond import UserError
+from beyond import UserError, quoted
 from beyond.files import first_line, load_file, saved, write_whole
 from beyond.processes import from_process_0, gathered, rank, world_size
 
@@ -14,7 +14,7 @@ def checkpoint_in(path, name="model.pt", one_run=False):
     """A model.pt: path itself, in the folder path, or its runs' first (one_run: only one)."""
     fix = "give the model.pt of a training run, or its folder"
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):  # "": no folder, not "."
-        raise UserError(f"{path!r:.80} is not a path; {fix}")
+        raise UserError(f"{quoted(path)} is not a path; {fix}")
     path = os.path.normpath(path)  # best.pt/ is best.pt
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; {fix}")

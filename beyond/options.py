@@ -6,7 +6,7 @@ import os
 from math import inf
 
 from beyond.folders import layout
-from beyond import UserError
+from beyond import UserError, quoted
 
 # Each data set's defaults: its epochs (and, for CIFAR-10, its lr and the book's figure).
 DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}
@@ -56,7 +56,7 @@ def checked(name, value):
     listed = isinstance(allowed, list)
     for v, typed in zip(given, values):
         if typed is None or (typed not in allowed if listed else allowed and not allowed[1](typed)):
-            raise UserError(f"{name}={v!r:.80} is not {takes(kind, allowed)}; "
+            raise UserError(f"{name}={quoted(v)} is not {takes(kind, allowed)}; "
                             f"give {takes(kind, allowed)}")
     if several and len({f"{v:g}" for v in values}) < len(values):  # each lr names its run's folder
         raise UserError(f"lr={value} names two runs alike (a run's folder shows its lr to 6 "
@@ -117,4 +117,4 @@ def book_number(name, value):
     with contextlib.suppress(OverflowError):  # an int too large for a float
         if isinstance(value, NUMBERS[kind]) and type(value) is not bool and rule[1](kind(value)):
             return kind(value)
-    raise UserError(f"{name}={value!r:.80} is not {takes(kind, rule)}; give {takes(kind, rule)}")
+    raise UserError(f"{name}={quoted(value)} is not {takes(kind, rule)}; give {takes(kind, rule)}")

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 import data
 import train
-from beyond import UserError, checkpoints, devices, loaders
+from beyond import UserError, checkpoints, devices, loaders, quoted
 from beyond.figures import predicted
 from beyond.files import first_line, writable_folder, write_whole
 from beyond.options import checked
@@ -43,8 +43,8 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     items = [images] if isinstance(images, (str, os.PathLike)) else images  # one file or folder
     items = list(items) if isinstance(items, Iterable) else [items]  # a generator read once
     if not all(isinstance(item, (str, os.PathLike)) and os.fspath(item) for item in items):
-        raise UserError(f"images={images!r:.80} is not a path or a list of paths; give image files "
-                        "or folders of them (an image in memory: save it to a file first)")
+        raise UserError(f"images={quoted(images)} is not a path or a list of paths; give image "
+                        "files or folders of them (an image in memory: save it to a file first)")
     batch_size = checked("batch_size", batch_size)
     workers = checked("workers", workers)
     out = checked("out", out)
