@@ -70,7 +70,7 @@ def main():
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is below {least}"
                     + (f" ({why})" if why else "") + f"; give {least} or more")
     if os.path.exists(args.out) or not args.out:  # its digits are written afresh: no old ones
-        p.error(f"--out '{args.out}' is not a new folder; give one (or delete that one)")
+        p.error(f"--out '{args.out}' is not a new folder; give the name of one")
     cli.script(p, measure, args)
 
 

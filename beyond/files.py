@@ -112,6 +112,8 @@ def what_to_do(error):
         return "free some space there, or write to another folder"
     if error.errno in (errno.EEXIST, errno.ENOTDIR):
         return "a file stands where a folder would be; choose another folder"
+    if error.errno == errno.EISDIR:
+        return "a folder stands where the file would be; move it away"
     return "choose a folder you can write to"
 
 

@@ -111,6 +111,16 @@ def test_a_finished_run_writes_again_the_results_it_lacks(folder, tmp_path, caps
                 == written["history"]), err
 
 
+def test_a_folder_where_a_file_is_written_is_one_line(folder, tmp_path, capsys, scratch_run):
+    shutil.copytree(scratch_run[0], tmp_path, dirs_exist_ok=True)
+    os.remove(tmp_path / "metrics.json")
+    (tmp_path / "metrics.json").mkdir()  # the file written again, where a folder stands
+    status, _, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--out", tmp_path)
+    assert status == 2 and err.strip().splitlines() == [
+        f"error: cannot write {tmp_path / 'metrics.json'} (Is a directory); a folder stands where "
+        "the file would be; move it away"], err
+
+
 def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys, monkeypatch):
     """...and its NaN outputs predict nothing: never right (argmax would call them class 0, here
     half the test set), in no column of the confusion matrix, each in mistakes.png, and refused
