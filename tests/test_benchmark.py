@@ -35,7 +35,7 @@ def test_no_more_batches_than_the_data_holds(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0"], "--seeds 0 is below 1; give 1 or more"),
     (["--epochs", "1"], "--epochs 1 is below 2 (one epoch warms up, and one is the cosine's)"),
-    (["--out", "{tmp}"], "is not a new folder; give the name of one"),  # its digits would mix with those there
+    (["--out", "{tmp}"], "is not a new folder; give the name of one"),  # its digits would mix
     (["--out", ""], "--out '' is not a new folder; give the name of one")])
 def test_digits_bad_input_is_one_line_before_any_work(argv, message, tmp_path, monkeypatch,
                                                        capsys):
