@@ -139,7 +139,7 @@ def train(options):
         print_result(result)
     if len(trained.results) > 1:
         print_table(trained.results)
-    say(f"wrote {trained.out}")
+    say(f"wrote {shown(trained.out)}")  # a newline in its name: shown, not obeyed
     return 0
 
 
@@ -192,7 +192,7 @@ def predict_images(options):
     for p in predictions:
         say(f"{shown(p.path)}: {p.label} {p.probability:.3f}")
     found = len(images)
-    wrote = os.path.join(out, "predictions.csv") if predictions else "no predictions.csv"
+    wrote = shown(os.path.join(out, "predictions.csv")) if predictions else "no predictions.csv"
     missed = f"; {found - len(predictions)} of {found} images are not predicted (named above)"
     print("wrote " + wrote + (missed if len(predictions) < found else ""), file=sys.stderr)
     return 0 if len(predictions) == found else 1
@@ -200,8 +200,8 @@ def predict_images(options):
 
 def export(options):
     """--export: one file, the run's test augmentations and net, for use without this project."""
-    say("wrote " + predict.export(options["export"], options.get("out"),
-                                  format=options.get("export_format", "pt2")))
+    say("wrote " + shown(predict.export(options["export"], options.get("out"),
+                                        format=options.get("export_format", "pt2"))))
     return 0
 
 
@@ -214,7 +214,7 @@ def show_samples(options):
     data_dir = options.get("data_dir") or data.get_hotdog(options.get("data_root", "data"))
     path = datasets.samples(data_dir, options.get("out", "."))
     if path:
-        say(f"wrote {path}")
+        say(f"wrote {shown(path)}")
     return 0
 
 

@@ -152,6 +152,11 @@ def test_unwritable_out_is_one_line(folder, tmp_path, capsys):
             and "a file stands where a folder would be; choose another folder" in err)
 
 
+def test_a_folder_named_with_a_newline_is_said_on_one_line(folder, tmp_path, capsys):
+    status, out, err = run_cli(capsys, *SCRATCH, "--data-dir", folder, "--out", tmp_path / "a\nb")
+    assert status == 0 and out.strip().splitlines()[-1] == f"wrote {tmp_path}/a\\nb", err
+
+
 def test_an_empty_checkpoint_is_one_line(folder, tmp_path, capsys):
     (tmp_path / "e.pt").touch()
     for argv, message in ((["--resume", tmp_path / "e.pt"],
