@@ -3,6 +3,7 @@ helpers the recipe calls, which import nothing from the top, and drivers that ru
 """
 import importlib
 import re
+import unicodedata
 
 
 class UserError(Exception):
@@ -13,7 +14,13 @@ class UserError(Exception):
         # its last line holds the worker's message
         if "Original Traceback" in message:
             message = re.sub(r"^[\w.]*UserError: ", "", message.strip().splitlines()[-1])
-        super().__init__(message.replace("\n", "\\n"))  # a newline in a name: shown, not obeyed
+        super().__init__(shown(message))  # a newline in a name: shown, not obeyed
+
+
+def shown(path):
+    """path (or any text) as one line of text: non-UTF-8 bytes and control characters escaped."""
+    text = path.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def quoted(value, most=80):

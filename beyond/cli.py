@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 
 import data
-from beyond import UserError, datasets, importable, predict, runs
+from beyond import UserError, datasets, importable, predict, runs, shown
 from beyond.options import DATASETS, DEFAULTS, OPTIONS, checked, refuse_unread, takes
-from beyond.photos import image_paths, megapixels_limit, shown
+from beyond.photos import image_paths, megapixels_limit
 from beyond.processes import job_size, rank, say
 
 DESCRIPTION = "Fine-tune resnet18 to recognise hot dogs, as in Dive into Deep Learning §14.2."
@@ -276,8 +276,8 @@ def guarded(fn, options):
 def interrupted(error):
     """Ctrl-C: in a training, say how to continue where an epoch had finished (process 0 says)."""
     checkpoint = getattr(error, "checkpoint", "")  # set by runs.trained; None: before any epoch
-    said = (f"; {checkpoint} holds the last whole epoch: continue with python finetune.py --resume "
-            f"{shlex.quote(checkpoint)}" if checkpoint else
+    said = (f"; {shown(checkpoint)} holds the last whole epoch: continue with python finetune.py "
+            f"--resume {shlex.quote(checkpoint)}" if checkpoint else
             "; no epoch had finished, so there is nothing to resume" if checkpoint is None else "")
     say("\ninterrupted" + said, file=sys.stderr)
     return 130

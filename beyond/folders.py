@@ -5,9 +5,9 @@ import re
 
 import torch
 
-from beyond import UserError
+from beyond import UserError, shown
 from beyond.files import inside
-from beyond.photos import ImageFolder, ignored, nfc, shown, split_classes
+from beyond.photos import ImageFolder, ignored, nfc, split_classes
 
 
 VAL = ["val", "valid", "validation"]

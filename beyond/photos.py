@@ -16,7 +16,7 @@ import torchvision
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from beyond import UserError
+from beyond import UserError, shown
 from beyond.files import inside
 from beyond.processes import say
 
@@ -181,12 +181,6 @@ def split_classes(split, data_dir):
                             "own, or remove the link")
     firsts = [next(f for f in folders if nfc(f) == c) for c in classes]
     return firsts, {f: classes.index(nfc(f)) for f in folders}
-
-
-def shown(path):
-    """path as one line of text: non-UTF-8 bytes and control characters escaped."""
-    text = path.encode(errors="surrogateescape").decode(errors="backslashreplace")
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def readable(samples):

@@ -20,11 +20,11 @@ from torchvision.transforms import v2
 
 import data
 import train
-from beyond import UserError, checkpoints, devices, loaders, quoted
+from beyond import UserError, checkpoints, devices, loaders, quoted, shown
 from beyond.figures import predicted
 from beyond.files import first_line, writable_folder, write_whole
 from beyond.options import checked
-from beyond.photos import image_paths, load_rgb, shown
+from beyond.photos import image_paths, load_rgb
 
 
 @dataclass

@@ -41,8 +41,9 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
     assert re.fullmatch(r"seed=array\(\[\[0\., 0\.,[ 0.,]*\.\.\. " + takes + ".*", str(e.value))
     assert quoted(10**400) == "1" + "0" * 76 + "..."  # cut short, and saying so
     (tmp_path / "A").mkdir()  # beside "A\n", which a message shows as such, on one line
-    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'A'}\\n does not exist; give")):
-        runs.resume(str(tmp_path / "A\n"))
+    for control, as_shown in (("\n", "\\n"), ("\r", "\\r")):  # a new line, or back to its start
+        with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'A'}{as_shown} does not ")):
+            runs.resume(str(tmp_path / ("A" + control)))
     for name, text in (("epochs", "0"), ("epochs", "1.5"), ("lr", "-1"), ("val_split", "2"),
                        ("workers", "-1"), ("patience", "0"), ("dataset", "x"),
                        ("precision", "fp16"), ("seed", "x"), ("max_megapixels", "0"),
