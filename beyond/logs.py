@@ -24,8 +24,8 @@ EVENTS, SUFFIX = "events.out.tfevents.*", ".finetune"  # this program's: no othe
 
 
 def tensorboard(folder, options, history):
-    """A SummaryWriter into the run's folder, with the run's options as hyperparameters and the
-    epochs of history so far, written anew as metrics.csv is: the files of before then go."""
+    """A SummaryWriter into the run's folder, holding the run's options as hyperparameters and the
+    epochs of history so far: written anew at each start, as metrics.csv is after each epoch."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
     before = [path for path in glob.glob(os.path.join(glob.escape(folder), EVENTS + SUFFIX))
@@ -36,7 +36,7 @@ def tensorboard(folder, options, history):
         writer.file_writer.add_summary(summary)
     for metrics in history:
         add_epoch(writer, metrics)
-    for path in before:  # once the new file holds what they held, and a stopped run's epoch no more
+    for path in before:  # the run's earlier files, once this one holds what they should hold
         remove(path)
     return writer
 
