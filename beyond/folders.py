@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from beyond import UserError, shown
+from beyond import UserError
 from beyond.files import inside
 from beyond.photos import ImageFolder, ignored, nfc, split_classes
 
@@ -87,7 +87,7 @@ def same_test_images(test_set, ckpt):
     before, now = ckpt.get("tested"), tested(test_set)
     if before is None or before == now:
         return
-    changes = [f"{len(names)} {what}, the first {shown(names[0])}" for names, what in (
+    changes = [f"{len(names)} {what}, the first {names[0]}" for names, what in (
         (sorted(set(before) - set(now)), "gone or unreadable now"),
         (sorted(set(now) - set(before)), "new or readable only now")) if names]
     raise UserError(f"{ckpt['path']} tested its epochs on {len(before)} images in {test_set.root}, "
@@ -131,7 +131,7 @@ def split_by_class(data_dir, val_split, seed, held_out=None):
     if missing:
         raise UserError(f"{len(missing)} of the {len(held)} images the run held out for testing "
                         f"(held_out.txt) cannot be found in {data_dir} or read, the first "
-                        f"{shown(missing[0])}; put them back as they were, or train anew in "
+                        f"{missing[0]}; put them back as they were, or train anew in "
                         "another out=")
     targets = {train_set.targets[i] for i, path in enumerate(paths) if path in held}
     if new := [name for i, name in enumerate(train_set.classes) if i not in targets]:

@@ -163,7 +163,7 @@ def split_classes(split, data_dir):
     classes = list(dict.fromkeys(map(nfc, folders)))
     loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if odd := [name for name in folders if shown(name) != name]:  # names are printed and drawn
-        raise UserError(f"the class folder {shown(os.path.join(split, odd[0]))} has a name that "
+        raise UserError(f"the class folder {os.path.join(split, odd[0])} has a name that "
                         "is not UTF-8 text, or holds a control character (a newline, a tab); "
                         "rename it")
     if loose or len(classes) < 2:

@@ -95,7 +95,7 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             return self.augs(load_rgb(self.paths[i])), i
         except UserError as e:
-            print(f"error: {shown(str(e))}", file=sys.stderr, flush=True)
+            print(f"error: {e}", file=sys.stderr, flush=True)  # shown on one line
             return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), -1
 
 

@@ -496,14 +496,14 @@ def refuse_changes(before, now, path, may_change):
     def same(key, value):  # a folder through a link is that folder
         return os.path.realpath(value) if key in PATHS and value else value
 
-    def shown(value):
+    def words(value):
         return " ".join(map(str, value)) if isinstance(value, list) else (
             "the default" if value is None else value)
 
     changed = sorted(k for k in before if k in now and k not in may_change
                      and same(k, before[k]) != same(k, now[k]))
     if changed:
-        options = "; ".join(f"{k}: {shown(before[k])} there, {shown(now[k])} now" for k in changed)
+        options = "; ".join(f"{k}: {words(before[k])} there, {words(now[k])} now" for k in changed)
         why = "".join(WHY_SAME[k] for k in changed if k in WHY_SAME)
         raise UserError(f"{path} was made with other options ({options}); continue it with the "
                         f"same{why}, or train a new run in another out=")
