@@ -22,7 +22,7 @@ from beyond import (UserError, archs, checkpoints, datasets, folders, importable
                     pictures, progress)
 from beyond.devices import make_runtime, try_device
 from beyond.figures import figures, predicted
-from beyond.files import finite, writable_folder, write_whole, writing_to
+from beyond.files import finite, write_whole, writing_to
 from beyond.options import (DATASETS, DEFAULTS, OPTIONS, PATHS, PRETRAINED_ONLY, checked,
                             refuse_unread)
 from beyond.phases import two_phases
@@ -337,8 +337,6 @@ def train_net(run, options, sets, runtime, about, ckpt):
     history = checkpoints.restore(ckpt, net, optimizer, runtime.scaler, schedule)  # fresh: []
     best_so_far = checkpoints.kept_epoch(run.out, ckpt)
     say(header(run, options, sets, runtime, weights))
-    if rank() == 0:
-        writable_folder(run.out)  # a run of several has a folder of its own in out
     events = (logs.tensorboard(run.out, options, history)  # TensorBoard's SummaryWriter
               if rank() == 0 and options["tensorboard"] else None)
 
