@@ -450,15 +450,17 @@ def checkpoint_of(run, options, read):
     began = ckpt or from_process_0(None if rank() > 0 or not os.path.exists(best) else {
         k: v for k, v in checkpoints.load_checkpoint(best).items()
         if k in ("args", "held_out", "name", "history")})
-    if began and not ckpt and len(began["history"]) > 1:  # not one stopped between the two files
+    if not began:  # a fresh run
+        return None
+    if not ckpt and len(began["history"]) > 1:  # not one stopped between the two files
         raise UserError(f"{best} keeps epoch {len(began['history'])} of a run whose model.pt is "
                         "gone, and a new run would write over it; put model.pt back to continue "
                         "the run, or train anew in another out=")
-    if began:
-        refuse_changes(run_options(run, began["args"]), run_options(run, options),
-                       path if ckpt else best, may_change(began, read))
-    if began and began.get("name", run.name) != run.name:  # runs in each other's folders
-        raise UserError(f"{path if ckpt else best} holds the run {began['name']}, not {run.name}, "
+    began_in = path if ckpt else best
+    refuse_changes(run_options(run, began["args"]), run_options(run, options), began_in,
+                   may_change(began, read))
+    if began.get("name", run.name) != run.name:  # runs in each other's folders
+        raise UserError(f"{began_in} holds the run {began['name']}, not {run.name}, "
                         f"whose folder it is in; put each run of {os.path.dirname(run.out)} back "
                         "in the folder named after it, or continue this one alone: resume="
                         f"{run.out}")
