@@ -531,9 +531,9 @@ def kept(best, about):
     """The epoch best.pt keeps, its test acc, and whether that is optimistic (chosen on test/)."""
     optimistic = not about.get("final_split")
     return dict(epoch=best["epoch"], test_acc=best["test_acc"], optimistic=optimistic, note=(
-        optimistic and "the epoch was chosen on the set its accuracy is measured on, so that "
-        "accuracy is optimistic; in a data folder, train/, val/ and test/ together keep test/ "
-        "apart for one honest figure" or None))
+        "the epoch was chosen on the set its accuracy is measured on, so that accuracy is "
+        "optimistic; in a data folder, train/, val/ and test/ together keep test/ apart for one "
+        "honest figure" if optimistic else None))
 
 
 def write_metrics(folder, result):  # strict JSON: what is not finite was made None (files.finite)
