@@ -491,7 +491,7 @@ WHY_SAME = {"data_dir": " (a data folder moved: resume the run with data_dir= wh
             "epochs": " (its cosine schedule ends at its last epoch)"}
 
 
-def refuse_changes(before, now, path, may_change):
+def refuse_changes(before, now, path, changeable):
     """Refuse options that differ from those the run began with, but for those that may change."""
     def same(key, value):  # a folder through a link is that folder
         return os.path.realpath(value) if key in PATHS and value else value
@@ -500,7 +500,7 @@ def refuse_changes(before, now, path, may_change):
         return " ".join(map(str, value)) if isinstance(value, list) else (
             "the default" if value is None else value)
 
-    changed = sorted(k for k in before if k in now and k not in may_change
+    changed = sorted(k for k in before if k in now and k not in changeable
                      and same(k, before[k]) != same(k, now[k]))
     if changed:
         options = "; ".join(f"{k}: {words(before[k])} there, {words(now[k])} now" for k in changed)
