@@ -368,8 +368,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
     return concluded(run, sets, options, runtime, {**about, "history": history}, last)
 
 
-def net_for(mode, num_classes=2, arch="resnet18", weights_file=None, hotdog_class=None,
-            freeze=False):
+def net_for(mode, num_classes, arch, weights_file, hotdog_class, freeze):
     """The book's net for a mode, "scratch" or "pretrained"; with freeze, exercise 3's."""
     net = (models.scratch_net(num_classes, arch) if mode == "scratch"
            else models.finetune_net(num_classes, weights_file, hotdog_class, arch))
@@ -416,7 +415,7 @@ def evaluated(run, test_set, options, runtime):
     return (best["history"][-1], *train.evaluate(net, loader, runtime))
 
 
-def header(run, options, sets, runtime, weights=None):
+def header(run, options, sets, runtime, weights):
     """The run's first line: the net and its image sizes, the data, the lr, extras, the runtime."""
     size = archs.preprocessing(options["arch"])
     split = f" {sets[1].where}" if hasattr(sets[1], "where") else ""
