@@ -3,7 +3,6 @@ and for Python's keywords alike: each option's default, type and values, and the
 import contextlib
 import numbers
 import os
-from math import inf
 
 from beyond.folders import layout
 from beyond import UserError, quoted
@@ -12,7 +11,7 @@ from beyond import UserError, quoted
 DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_test_acc=0.828)}
 
 # The values a number takes: the words for them, and the rule.
-AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: 0 <= v < inf)
+AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: v >= 0)
 BATCHES = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63)  # 2**63 overflows the loader's index
 MEGAPIXELS = ("above 0, below 1e12", lambda v: 0 < v < 1e12)  # x 10**6: pixels PIL compares
 LEARNING_RATES = ("above 0, below 1e37", lambda v: 0 < v < 1e37)  # fc's, 10x, fits in a float32
