@@ -114,9 +114,9 @@ def export(model, out=None, *, format="pt2"):
     if format not in ("pt2", "onnx"):
         raise UserError(f"format={format} is not one this program exports; give format=pt2 or "
                         "format=onnx")
+    other = "onnx" if format == "pt2" else "pt2"  # what out's name may ask for; the fix below
     out = checked("out", out)
     if out and not out.endswith("." + format):  # never over a checkpoint or a run's other files
-        other = "onnx" if format == "pt2" else "pt2"  # the format out's name asks for, perhaps
         fix = (f"format={other} to export {other}" if out.endswith("." + other)
                else f"out= a name that ends in .{format}")
         raise UserError(f"out={out} is not a .{format} file; give {fix}")
@@ -154,8 +154,8 @@ def export(model, out=None, *, format="pt2"):
             raise UserError(f"format=onnx needs the packages onnx and onnxscript ({e}); "
                             "pip install onnx onnxscript") from None
         raise UserError(f"a {ckpt.get('arch') or 'resnet18'} cannot be captured as {format} "
-                        f"({first_line(e)}); give format={'onnx' if format == 'pt2' else 'pt2'}, "
-                        "or classify with beyond.predict.predict") from None
+                        f"({first_line(e)}); give format={other}, or classify with "
+                        "beyond.predict.predict") from None
     write_whole(out, file.getvalue())
     return out
 
