@@ -92,10 +92,10 @@ def refuse_unread(options, given):
     if "data_root" in given and sources and sources[0] != "dataset":
         raise UserError(f"data_root= is where the hot-dog set and CIFAR-10 are downloaded, and "
                         f"{sources[0]}= downloads nothing; leave data_root= out")
-    data = options["data_dir"] or (
-        "dummy data" if options["dummy"] else f"the {options['dataset']} set")
-    if "val_split" in given and (data != options["data_dir"]
-                                 or os.path.isdir(data) and layout(data) == "splits"):
+    data_dir = options["data_dir"]
+    if "val_split" in given and (not data_dir or os.path.isdir(data_dir)
+                                 and layout(data_dir) == "splits"):
+        data = data_dir or ("dummy data" if options["dummy"] else f"the {options['dataset']} set")
         raise UserError(f"val_split= splits a data_dir= of class folders alone, and {data} is not "
                         "one; leave val_split= out")
     if options["warmup_epochs"] and not options["lr_schedule"] and "warmup_epochs" in given:
