@@ -213,8 +213,7 @@ def show_samples(options):
     refuse_unread({**DEFAULTS, **options}, set(options))  # --data-root beside --data-dir
     data_dir = options.get("data_dir") or data.get_hotdog(options.get("data_root", "data"))
     path = datasets.samples(data_dir, options.get("out", "."))
-    if path:
-        say(f"wrote {shown(path)}")
+    say(f"wrote {shown(path)}")
     return 0
 
 
