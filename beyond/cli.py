@@ -147,8 +147,8 @@ def print_result(result):
     """The figures of the epoch best.pt keeps, an early stop, the epoch kept, the final test."""
     name, classes, history = result["name"], result["classes"], result["history"]
     if "per_class" in result and len(classes) <= 10:  # the confusion matrix and each class's
-        of = "" if "figures_epoch" not in result else (f" of epoch {result['figures_epoch']}, "
-                                                        "the one best.pt keeps")
+        of = (f" of epoch {result['figures_epoch']}, the one best.pt keeps"
+              if "figures_epoch" in result else "")  # an older run's metrics.json names none
         say(f"{name}: confusion{of} (rows: true class, columns: predicted), then precision, "
             "recall, F1, count:")
         for c, row in zip(classes, result["confusion"]):
