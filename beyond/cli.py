@@ -120,13 +120,13 @@ def parse_args(argv=None):
 
 def parsed(name):
     """Option name's type on the command line: its text converted, then options.checked."""
-    kind = OPTIONS[name][1]
+    _, kind, allowed = OPTIONS[name]
 
     def parse(text):
         try:
             return checked(name, kind(text))
         except (UserError, ValueError):
-            raise argparse.ArgumentTypeError(f"give {takes(*OPTIONS[name][1:])}, not "
+            raise argparse.ArgumentTypeError(f"give {takes(kind, allowed)}, not "
                                              f"{text or repr(text)}") from None
     return parse
 
