@@ -205,11 +205,11 @@ def left_out(failed, of):
             f"{failed[0]}", file=sys.stderr)
 
 
-def every_class_read(folder, problem="holds no image that can be read; put readable images in "
-                                     "every class folder, or remove it"):
+def every_class_read(folder):
     """Refuse a set with a class that has no image left: no net learns a class it never sees."""
     if empty := [name for i, name in enumerate(folder.classes) if i not in folder.targets]:
-        raise UserError(f"{os.path.join(folder.root, empty[0])} {problem}")
+        raise UserError(f"{os.path.join(folder.root, empty[0])} holds no image that can be read; "
+                        "put readable images in every class folder, or remove it")
 
 
 def each_read(read, items, workers=1):
