@@ -18,8 +18,9 @@ SPLITS = ("train", "test", *VAL)
 
 def layout(data_dir, out=None):
     """"splits" (train/ beside test/ or val/, as the book's) or "classes" (class folders alone)."""
-    splits = [name for name in subfolders(data_dir) if name.lower() in SPLITS]
-    classes = [name for name in subfolders(data_dir) if name.lower() not in SPLITS]
+    names = subfolders(data_dir)
+    splits = [name for name in names if name.lower() in SPLITS]
+    classes = [name for name in names if name.lower() not in SPLITS]
     for folder in [os.path.join(data_dir, name) for name in splits] or [data_dir]:
         if out and inside(out, folder):
             raise UserError(f"out={out} lies in {folder}, whose folders are read as classes of "
@@ -42,8 +43,8 @@ def subfolders(data_dir):
 def book_folders(data_dir):
     """data_dir's train/ and test/ (or val/) ImageFolders; with both, test/ comes third."""
     splits = [split_folder(data_dir, ["train"]), split_folder(data_dir, ["test", *VAL])]
-    has_val = set(VAL) & set(map(str.lower, subfolders(data_dir)))
-    if os.path.basename(splits[1]).lower() == "test" and has_val:
+    found = subfolders(data_dir)
+    if os.path.basename(splits[1]).lower() == "test" and set(VAL) & set(map(str.lower, found)):
         splits.insert(1, split_folder(data_dir, VAL))
     classes = [[nfc(name) for name in split_classes(s, data_dir)[0]] for s in splits]
     for split, names in zip(splits, classes):
@@ -51,7 +52,7 @@ def book_folders(data_dir):
             raise UserError(f"{splits[0]} has classes {classes[0]} but {split} has {names}; "
                             "give both the same class folders")
     folders = [ImageFolder(split, data_dir=data_dir) for split in splits]
-    if unused := sorted(set(subfolders(data_dir)) - {os.path.basename(s) for s in splits}):
+    if unused := sorted(set(found) - {os.path.basename(s) for s in splits}):
         folders[1].where += f" ({', '.join(name + '/' for name in unused)} left unused)"
     return folders
 
