@@ -140,7 +140,7 @@ def split_by_class(data_dir, val_split, seed, held_out=None):
                         "(held_out.txt), as it would of a class it was trained on; move that "
                         "folder out to continue the run, or train anew in another out=")
     test_set = copy.copy(train_set)
-    test_set.held_out = sorted(held & set(paths))
+    test_set.held_out = sorted(held)
     test_set.where = f"of {len(paths)} images, split {val_split:g} by class, seed {seed}"
     for folder, held_part in ((train_set, False), (test_set, True)):
         folder.keep([i for i, path in enumerate(paths) if (path in held) == held_part])
