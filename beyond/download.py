@@ -46,10 +46,10 @@ def download(url, path, sha1=None):
 def copy_with_progress(source, target, name, total):
     """shutil.copyfileobj, with a progress line on a terminal."""
     show = sys.stderr.isatty()
+    of = f" of {total / 1e6:.1f}" if total > 0 else ""
     while chunk := source.read(1 << 20):
         target.write(chunk)
         if show:
-            of = f" of {total / 1e6:.1f}" if total > 0 else ""
             print(f"\r  {name}: {target.tell() / 1e6:.1f}{of} MB", end="", file=sys.stderr,
                   flush=True)
     if show:
