@@ -23,10 +23,10 @@ def shown(path):
     return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
-def quoted(value, most=80):
-    """value's repr in a message: on one line (an array's spreads over several), cut to most."""
+def quoted(value):
+    """value's repr in a message: on one line (an array's spreads over several), cut to 80."""
     text = re.sub(r"\s*\n\s*", " ", repr(value))
-    return text if len(text) <= most else text[:most - 3] + "..."
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def importable(module):
