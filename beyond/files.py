@@ -83,7 +83,7 @@ def made_folder(folder):
     try:
         yield writable_folder(folder)
     finally:
-        for root, _, _ in reversed(list(os.walk(made)) if made else []):  # the deepest first
+        for root, _, _ in os.walk(made, topdown=False) if made else []:  # the deepest first
             with contextlib.suppress(OSError):  # not empty
                 os.rmdir(root)
 
