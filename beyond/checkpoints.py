@@ -137,7 +137,9 @@ def restore(ckpt, net, optimizer, scaler, schedule=None):
 
 def kept_epoch(folder, ckpt):
     """The metrics of the epoch best.pt keeps (None for a fresh run), made from ckpt if missing."""
+    if not ckpt:
+        return None
     best = os.path.join(folder, "best.pt")
-    if ckpt and rank() == 0 and not os.path.exists(best):
+    if rank() == 0 and not os.path.exists(best):
         write_whole(best, saved({k: v for k, v in ckpt.items() if k != "path"} | {"is_best": True}))
-    return ckpt and from_process_0(load_checkpoint(best)["history"][-1] if rank() == 0 else None)
+    return from_process_0(load_checkpoint(best)["history"][-1] if rank() == 0 else None)
