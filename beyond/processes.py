@@ -185,8 +185,8 @@ def in_order(parts):
     classes = max(part_probs.shape[1] for part_probs, _ in parts)  # an empty part has 0
     probs, labels = torch.empty(n, classes), torch.empty(n, dtype=parts[0][1].dtype)
     for r, (part_probs, part_labels) in enumerate(parts):
-        probs[r::world_size()], labels[r::world_size()] = (part_probs.reshape(-1, classes),
-                                                           part_labels)
+        probs[r::world_size()] = part_probs.reshape(-1, classes)
+        labels[r::world_size()] = part_labels
     return probs, labels
 
 
