@@ -22,7 +22,7 @@ def notebook():
     """IPython.display where this runs in a Jupyter kernel, else None."""
     ipython = sys.modules.get("IPython")  # every kernel has imported it; we never import it first
     shell = ipython and ipython.get_ipython()
-    if shell is None or not hasattr(shell, "kernel"):
+    if not hasattr(shell, "kernel"):  # None, with no IPython, has no kernel either
         return None
     import IPython.display
     return IPython.display
