@@ -100,7 +100,7 @@ def grid(rows, captions, path, scale=1.6):
     width = max(map(len, rows))
     padded = [row[i] if i < len(row) else None for row in rows for i in range(width)]
     texts = [row[i] if i < len(row) else "" for row in captions for i in range(width)]
-    return show_images(padded, len(rows), width, texts, scale, path) if width else None
+    return show_images(padded, len(rows), width, texts, scale, path)
 
 
 def mistakes(test_set, probs, preds, labels, classes, path):
