@@ -25,7 +25,8 @@ def write_digits(root, classes, train, test=0, seed=0):
     """Digits of classes, 8x8 grey upscaled to 64x64 RGB PNGs: train and test of each as
     root/train/<digit>/ and root/test/<digit>/, or, with no test, train of each as root/<digit>/."""
     from sklearn.datasets import load_digits
-    digits, order = load_digits(), np.random.default_rng(seed).permutation(1797)
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
     for digit in classes:
         mine = [i for i in order if digits.target[i] == digit]
         parts = ([("train", mine[:train]), ("test", mine[train:train + test])] if test
