@@ -32,11 +32,11 @@ def write_digits(root, classes, train, test=0, seed=0):
         parts = ([("train", mine[:train]), ("test", mine[train:train + test])] if test
                  else [("", mine[:train])])
         for split, part in parts:
-            files.writable_folder(os.path.join(root, split, str(digit)))
+            folder = files.writable_folder(os.path.join(root, split, str(digit)))
             for i in part:
                 pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
                 image = Image.fromarray(pixels).resize((64, 64), Image.BILINEAR).convert("RGB")
-                image.save(os.path.join(root, split, str(digit), f"{i}.png"))
+                image.save(os.path.join(folder, f"{i}.png"))
     return root
 
 
