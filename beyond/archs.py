@@ -56,7 +56,7 @@ def with_fc(net):
 
 
 @functools.cache  # each run's data, checkpoint and header ask for it
-def preprocessing(arch="resnet18"):
+def preprocessing(arch):
     """The image sizes and interpolation arch's ImageNet weights were trained with."""
     t = torchvision.models.get_model_weights(check_arch(arch)).DEFAULT.transforms()
     return dict(crop=t.crop_size[0], resize=t.resize_size[0], interpolation=t.interpolation.value)
