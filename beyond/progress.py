@@ -53,8 +53,7 @@ class Progress:
 
 def live_text():
     """show(text), redrawing one line on a terminal or in a notebook; None in a log file."""
-    notebook = pictures.notebook()
-    if notebook:
+    if notebook := pictures.notebook():
         handle = notebook.display(notebook.Pretty(""), display_id=True)
 
         def show(text):
