@@ -52,11 +52,11 @@ def kept_in(path):
 
 def load_checkpoint(path):
     """A model.pt or best.pt a run wrote: the weights, the classes, what continuing needs."""
-    name, beside = os.path.basename(path), os.path.join(os.path.dirname(path), "model.pt")
-    if name == "best.pt" and os.path.exists(beside):  # a best.pt can be made from it
+    folder, name = os.path.split(path)
+    if name == "best.pt" and os.path.exists(os.path.join(folder, "model.pt")):
         fix = ("put back a whole copy, or delete it to keep the run's last epoch, its model.pt, "
                "in its place")
-    elif name == "model.pt" and os.path.exists(beside.replace("model.pt", "metrics.json")):
+    elif name == "model.pt" and os.path.exists(os.path.join(folder, "metrics.json")):
         fix = "it is cut short or damaged; put back a whole copy, or train anew in another out="
     elif name.endswith((".pt2", ".onnx")):
         fix = "it is a file --export wrote; give the run's folder, its best.pt or model.pt"

@@ -484,11 +484,12 @@ def test_val_added_or_removed_between_runs_names_the_change_and_the_fix(folder, 
             and "put them back" in err)
 
 
-def test_a_truncated_model_pt_names_its_fix(tmp_path, capsys, scratch_run):
-    shutil.copytree(scratch_run[0], tmp_path / "run")
-    model = tmp_path / "run" / "model.pt"
+@pytest.mark.parametrize("name", ["run", "model.pt.old"])  # a folder's name is only its name
+def test_a_truncated_model_pt_names_its_fix(tmp_path, capsys, scratch_run, name):
+    shutil.copytree(scratch_run[0], tmp_path / name)
+    model = tmp_path / name / "model.pt"
     model.write_bytes(model.read_bytes()[:1000])
-    status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 2)
+    status, _, err = run_cli(capsys, "--resume", tmp_path / name, "--epochs", 2)
     assert status == 2 and err == (f"error: {model} is not a checkpoint of this program; it is "
                                    "cut short or damaged; put back a whole copy, or train anew "
                                    "in another --out\n"), err
