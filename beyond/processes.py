@@ -116,6 +116,9 @@ def attempt_store():
 
 def parallel(net, devices):
     """DDP over processes, else the book's nn.DataParallel over several GPUs, else net."""
+    if not any(param.requires_grad for param in net.parameters()):  # as DDP refuses it
+        raise UserError("no parameter of the net requires grad, so nothing would train; freeze "
+                        "the copied layers alone (exercise 3): models.freeze_features(net)")
     if world_size() > 1:
         model = nn.parallel.DistributedDataParallel(
             net, devices if devices[0].type == "cuda" else None)

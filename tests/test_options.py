@@ -162,3 +162,8 @@ def test_the_books_calls_take_numpys_numbers_and_refuse_others_in_one_line(folde
     with pytest.raises(UserError, match="^test_iter gives no batches; give it a data set"):
         train.train_ch13(net, one, (batch for batch in []), train.fine_tuning_loss(),
                          train.fine_tuning_optimizer(net, 1e-3), 1, "cpu")
+    for param in net.parameters():  # exercise 3 as the book writes it: fc frozen too
+        param.requires_grad = False
+    with pytest.raises(UserError, match=r"^no parameter of the net requires grad, .*exercise 3"):
+        train.train_ch13(net, one, one, train.fine_tuning_loss(),
+                         train.fine_tuning_optimizer(net, 1e-3), 1, "cpu")
