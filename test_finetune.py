@@ -96,7 +96,7 @@ def test_freeze_trains_only_the_head(folder):
 # ------------------------------------------------------- parameter groups, and a short overfit run
 def test_param_groups(monkeypatch):
     net = models.finetune_net(2)
-    loss, optimizer = recipe_optimizer(monkeypatch, net, 0.1)
+    loss, optimizer = recipe_optimizer(monkeypatch, net, 0.1)  # train_ch13's, as handed to it
     groups = optimizer.param_groups
     assert [g["lr"] for g in groups] == [0.1, pytest.approx(1.0)]
     assert all(g["weight_decay"] == 1e-3 for g in groups) and loss.reduction == "none"

@@ -102,6 +102,7 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
             with runtime.autocast():
                 pred = net(X)
                 losses = loss(pred, y)
+            # the book's l.sum().backward() and trainer.step(): the scaler scales in fp16 alone
             runtime.scaler.scale(losses.sum()).backward()
             runtime.scaler.step(optimizer)
             runtime.scaler.update()

@@ -55,7 +55,7 @@ HELP = dict(
          f"(default: {DEFAULTS['seed']})",
     device="cpu, cuda, cuda:1, mps (default: the best there is)",
     precision="amp (default): channels-last, and bf16 autocast where the CPU or GPU has native "
-              "bf16 (fp16 on older GPUs); fp32: the book's arithmetic",
+              "bf16 (fp16 on older GPUs); fp32: plain fp32, no TF32",
 )
 METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION",
             "class_weights": "balanced", "lr_schedule": "cosine", "label_smoothing": "X"}  # else N

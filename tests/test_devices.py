@@ -117,7 +117,7 @@ def test_header_and_metrics_say_the_precision(folder, tmp_path, capsys, monkeypa
         assert metrics["precision"] == dtype and metrics["memory_format"] == "torch.channels_last"
 
 
-def test_fp32_is_the_books_arithmetic_without_tf32_while_it_computes_alone(folder):
+def test_fp32_is_plain_fp32_without_tf32_while_it_computes_alone(folder):
     """cuDNN's flags hold for the whole process: a call sets them while it computes (autotuning;
     in fp32, no TF32), and the caller has its own back after it, a refused call included."""
     cudnn = torch.backends.cudnn
