@@ -15,7 +15,7 @@ def try_device(name=None, keyword="device"):
         device = torch.device(name)  # raises for a name torch does not know, such as "gpu"
         missing = (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
                    or device.type == "mps" and not torch.backends.mps.is_available())
-    except RuntimeError:
+    except (RuntimeError, TypeError):  # TypeError: neither a name nor a GPU's number (1.5, True)
         missing = True
     if not missing and device.type not in ("cpu", "cuda", "mps"):  # xpu, meta: not this program's
         raise UserError(f"{keyword}={name}: this program computes on cpu, cuda (cuda:N) or mps; "
@@ -80,12 +80,13 @@ class Runtime:
 
 
 def make_runtime(devices=None, precision="amp"):
-    """The Runtime for a device or a list of GPUs (default: all GPUs, else the best device)."""
+    """The Runtime for a device (a name, a torch.device, or a GPU's number, as torch.device takes)
+    or a list of GPUs (default, or an empty list: all GPUs, else the best device)."""
     if precision not in ("amp", "fp32"):
         raise UserError(f"precision={precision} is not one this program computes in; "
                         "give \"amp\" or \"fp32\"")
-    names = [devices] if isinstance(devices, (str, torch.device)) else devices
-    devices = [try_device(str(name), "devices") for name in names] if names else try_all_gpus()
+    names = [] if devices is None else devices if isinstance(devices, (list, tuple)) else [devices]
+    devices = [try_device(name, "devices") for name in names] or try_all_gpus()
     if len(devices) > 1 and (len(set(devices)) < len(devices)
                              or any(d.type != "cuda" for d in devices)):
         raise UserError(f"devices={[str(d) for d in devices]}: nn.DataParallel splits a batch "

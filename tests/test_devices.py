@@ -34,7 +34,7 @@ def test_device_choice(monkeypatch):
         try_device("cuda:2")
 
 
-def test_the_cpu_named_twice_is_refused_before_the_data(folder, tmp_path):
+def test_the_cpu_named_twice_is_refused_before_the_data(folder, tmp_path, monkeypatch):
     """nn.DataParallel splits a batch among GPUs: the CPU twice (or one GPU twice) would run it
     on the CPU in fp16, DataParallel's type."""
     for named in (["cpu", "cpu"], [torch.device("cpu"), "cpu"]):
@@ -42,10 +42,14 @@ def test_the_cpu_named_twice_is_refused_before_the_data(folder, tmp_path):
                            match=r"devices=\['cpu', 'cpu'\]: nn.DataParallel .* give one device"):
             train.train_fine_tuning(models.scratch_net(), 5e-4, 4, 1, False,
                                     data_dir=str(tmp_path / "none"), devices=named)
-    # its keyword
-    with pytest.raises(UserError,
-                       match="^devices=gpu: this machine has no such device; give no devices= "):
-        train.train_fine_tuning(models.scratch_net(), 5e-4, devices="gpu")
+    # its keyword; a GPU's number is a GPU (torch.device(0) is cuda:0), never "none given"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for named in ("gpu", 0, 1, [0], 1.5, True):
+        with pytest.raises(UserError, match=f"^devices={named}: this machine has no such device; "
+                                            "give no devices= "):
+            train.train_fine_tuning(models.scratch_net(), 5e-4, data_dir=str(tmp_path / "none"),
+                                    devices=named)
+    assert make_runtime([]).device == make_runtime().device  # the book's try_all_gpus on a CPU
 
 
 # ---------------------------------------------------------------- precision
