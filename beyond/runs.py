@@ -299,13 +299,16 @@ def train_one(run, options, sets, device, ckpt):
         folders.same_data(sets, ckpt)
         about["tested"] = ckpt.get("tested")  # None: an older run's, tested on images unlisted
     history = ckpt["history"] if ckpt else []
-    done = len(history) >= options["epochs"]
-    if done or stalled(history, options["patience"], options["freeze_epochs"]):
+    stopped = stalled(history, options["patience"], options["freeze_epochs"])
+    if stopped or len(history) >= options["epochs"]:
         more = ("its cosine schedule ended there; train a new run for more epochs"
                 if options["lr_schedule"] else "give more epochs to train on")
         say(f"{run.name}: finished its {len(history)} epochs already; "
-            + (more if done else f"it stopped early (patience {options['patience']})"))
+            + (f"no better test acc in {options['patience']} epochs (its patience), so more "
+               "train none" if stopped else more))
         checkpoints.kept_epoch(run.out, ckpt)  # best.pt, where it is missing
+        if events := tensorboard(run, options, history):  # --tensorboard given to resume it
+            events.close()
         result = finished(run.out, ckpt) or concluded(run, sets, options, runtime,
                                                       {**about, "history": history})
     else:
@@ -337,8 +340,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
     history = checkpoints.restore(ckpt, net, optimizer, runtime.scaler, schedule)  # fresh: []
     best_so_far = checkpoints.kept_epoch(run.out, ckpt)
     say(header(run, options, sets, runtime, weights))
-    events = (logs.tensorboard(run.out, options, history)  # TensorBoard's SummaryWriter
-              if rank() == 0 and options["tensorboard"] else None)
+    events = None  # TensorBoard's, made at the first epoch: a run stopped before leaves no file
 
     def book_epochs(*span):  # span: (start, end), the book's loop over epochs start + 1 to end
         return train.ch13_epochs(net, train_iter, test_iter, loss, optimizer, range(*span), runtime)
@@ -352,7 +354,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
             best_so_far = epoch.metrics if best else best_so_far
             if rank() == 0:  # before model.pt: a run stopped between redoes the epoch, writes anew
                 logs.write_csv(run.out, history)
-            if events:
+            if events := events or tensorboard(run, options, history[:-1]):
                 logs.add_epoch(events, history[-1])
             checkpoints.save(run.out, history, about, best=best, state=dict(
                 model=net.state_dict(), optimizer=optimizer.state_dict(),
@@ -373,6 +375,14 @@ def net_for(mode, num_classes, arch, weights_file, hotdog_class, freeze):
     net = (models.scratch_net(num_classes, arch) if mode == "scratch"
            else models.finetune_net(num_classes, weights_file, hotdog_class, arch))
     return models.freeze_features(net) if freeze else net
+
+
+def tensorboard(run, options, history):
+    """With --tensorboard, on process 0: the run's SummaryWriter, holding its own options (mode
+    and lr, not those of every run of a compare) and history; else None."""
+    if rank() == 0 and options["tensorboard"]:
+        return logs.tensorboard(run.out, {**options, "mode": run.mode, "lr": run.lr}, history)
+    return None
 
 
 def run_options(run, options):

@@ -56,6 +56,18 @@ def test_patience_stops_and_best_pt_keeps_the_epoch_metrics_names(
     assert status == 0 and len(out.splitlines()) == 4
 
 
+def test_a_run_stopped_at_its_last_epoch_says_it_stopped_not_to_give_more_epochs(
+        folder, tmp_path, capsys, monkeypatch):
+    plateau(monkeypatch, [1.0, 0.5, 0.5])
+    argv = ["--scratch", "--data-dir", folder, "--epochs", 3, "--patience", 2, "--batch-size", 8,
+            "--workers", 0, "--out", tmp_path / "run"]
+    assert run_cli(capsys, *argv)[0] == 0
+    for more in ([], ["--epochs", 5]):  # an uninterrupted run of 5 would have stopped there too
+        status, out, err = run_cli(capsys, "--resume", tmp_path / "run", *more)
+        assert status == 0 and ("scratch: finished its 3 epochs already; no better test acc in 2 "
+                                "epochs (its patience), so more train none") in out, out
+
+
 def test_with_val_and_test_the_epoch_is_chosen_on_val_and_test_is_evaluated_once(
         tmp_path, capsys, monkeypatch):
     root = write_folder(tmp_path / "d", train=3, test=2)

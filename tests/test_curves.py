@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import train
 from beyond import datasets, logs, progress
 
 from conftest import run_cli
@@ -94,6 +95,11 @@ def test_tensorboard_given_to_resume_writes_every_epoch_and_no_other_programs_fi
     assert run_cli(capsys, "--scratch", "--data-dir", folder, *TINY[:4], "--epochs", 1,
                    "--out", run)[0] == 0
     (run / "events.out.tfevents.1.other").write_bytes(b"")  # another program's
+    status, out, err = run_cli(capsys, "--resume", run, "--tensorboard")  # finished: written too
+    assert status == 0 and "finished its 1 epochs already" in out, err
+    events = EventAccumulator(str(run), purge_orphaned_data=False)
+    events.Reload()
+    assert [s.step for s in events.Scalars("test_acc")] == [1]
     status, out, err = run_cli(capsys, "--resume", run, "--epochs", 2, "--tensorboard")
     assert status == 0 and "epoch 2:" in out, err
     assert (run / "events.out.tfevents.1.other").exists()
@@ -117,3 +123,27 @@ def test_a_run_begun_anew_replaces_the_events_of_one_stopped_before_its_first_sa
     events = EventAccumulator(str(run), purge_orphaned_data=False)  # as written
     events.Reload()
     assert [s.step for s in events.Scalars("test_acc")] == [1, 2]
+
+
+def test_tensorboard_writes_nothing_before_the_first_epoch_and_each_run_its_own_options(
+        folder, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    argv = ["--scratch", "--data-dir", folder, *TINY[:4], "--epochs", 1, "--tensorboard"]
+
+    def stop(*args):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patched:  # Ctrl-C in the first epoch: no run's folder is left
+        patched.setattr(train, "train_epoch", stop)
+        assert run_cli(capsys, *argv, "--out", tmp_path / "stopped")[0] == 130
+    assert not (tmp_path / "stopped").exists()
+    assert run_cli(capsys, *argv, "--lr", 1e-3, 2e-3, "--out", tmp_path / "two")[0] == 0
+    for lr in (1e-3, 2e-3):
+        events = EventAccumulator(str(tmp_path / "two" / f"scratch-lr{lr:g}"),
+                                  size_guidance={"tensors": 0})
+        events.Reload()
+        data = [plugin_data_pb2.HParamsPluginData.FromString(content)
+                for content in events.PluginTagToContent("hparams").values()]
+        hparams, = [d.session_start_info.hparams for d in data if d.HasField("session_start_info")]
+        assert hparams["lr"].number_value == lr and hparams["mode"].string_value == "scratch"
