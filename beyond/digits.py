@@ -75,11 +75,25 @@ def main():
     cli.script(p, measure, args)
 
 
+def enough_digits(asked):
+    """Refuse, before any training, counts per digit beyond the digits scikit-learn holds."""
+    from sklearn.datasets import load_digits
+    held = np.bincount(load_digits().target)
+    for classes, wanted, flags in asked:
+        if wanted > min(held[list(classes)]):
+            raise UserError(f"{flags} ask for {wanted} images of each of digits {classes[0]} to "
+                            f"{classes[-1]}, and the fewest of them has {min(held[list(classes)])};"
+                            " give fewer")
+
+
 def measure(args):
     """Pretrain the stand-in, then train each knob with each seed; print the table."""
     if not importable("sklearn.datasets"):
         raise UserError("the digits are scikit-learn's, which cannot be imported here; "
                         "pip install scikit-learn")
+    enough_digits([(range(5), args.pretrain_per_class, "--pretrain-per-class"),
+                   (range(5, 10), args.per_class + args.test_per_class,
+                    "--per-class and --test-per-class")])
     weights = pretrained_weights(args.out, args.pretrain_epochs, args.pretrain_per_class)
     data_dir = write_digits(os.path.join(args.out, "digits5-9"), range(5, 10), args.per_class,
                             args.test_per_class)

@@ -52,12 +52,29 @@ def ctrl_c(*args):
     raise KeyboardInterrupt
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--per-class", "150", "--test-per-class", "100"], "--per-class and --test-per-class ask for "
+     "250 images of each of digits 5 to 9, and the fewest of them has 174; give fewer"),
+    (["--pretrain-per-class", "200"], "--pretrain-per-class ask for 200 images of each of digits "
+     "0 to 4, and the fewest of them has 177; give fewer")])
+def test_digits_more_than_scikit_learn_holds_is_one_line_before_training(
+        argv, message, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    monkeypatch.setattr(digits, "pretrained_weights", lambda *args: pytest.fail("trained"))
+    monkeypatch.setattr(sys, "argv", ["digits.py", "--out", str(tmp_path / "new"), *argv])
+    with pytest.raises(SystemExit) as e:
+        digits.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines()[-1].endswith(message), err
+
+
 @pytest.mark.parametrize("case", ["no scikit-learn", "a file in --out", "Ctrl-C"])
 def test_digits_stops_in_one_line(case, tmp_path, monkeypatch, capsys):
     (tmp_path / "afile").write_text("")
     out = tmp_path / ("afile/digits" if case == "a file in --out" else "digits")
-    if case == "no scikit-learn":
-        monkeypatch.setitem(sys.modules, "sklearn", None)
+    if case == "no scikit-learn":  # also where another test imported it
+        for name in ("sklearn", "sklearn.datasets"):
+            monkeypatch.setitem(sys.modules, name, None)
     elif case == "a file in --out":
         pytest.importorskip("sklearn")
     else:
