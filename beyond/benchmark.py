@@ -94,7 +94,9 @@ def measure(args):
     pipeline = timed_epoch(net, itertools.islice(train_iter, batches), optimizer, runtime)
     loader = loader_only(itertools.islice(train_iter, batches))
 
-    print(f"{args.arch} at {size['crop']} px, {runtime}, batch {args.batch_size}, {args.workers} "
+    fewer = (f" (--batch-size {args.batch_size}: the data holds fewer)"
+             if len(y) < args.batch_size else "")
+    print(f"{args.arch} at {size['crop']} px, {runtime}, batch {len(y)}{fewer}, {args.workers} "
           f"workers, {torch.get_num_threads()} compute threads, {batches} batches per measurement")
     print(f"start-up: imports {IMPORT_SEC:.1f} s and workers with the first batch "
           f"{first_sec:.1f} s (fixed); data ready {data_sec:.1f} s for {sum(map(len, sets))} "

@@ -30,6 +30,10 @@ def test_no_more_batches_than_the_data_holds(tmp_path, monkeypatch, capsys):
     benchmark.main()
     out = capsys.readouterr().out
     assert "batch 4, 0 workers" in out and "2 batches per measurement" in out, out
+    sys.argv[sys.argv.index("--batch-size") + 1] = "100"  # the batch it measures, not the asked
+    benchmark.main()
+    out = capsys.readouterr().out
+    assert "batch 8 (--batch-size 100: the data holds fewer), 0 workers" in out, out
 
 
 @pytest.mark.parametrize("argv, message", [
