@@ -127,7 +127,9 @@ def continued(ckpt, planned, given, out, read):
     refuse_unread_by_mode(ckpt, planned, given, read)
     options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
     options = settled(began["mode"], options, {*began["typed"], *given})
-    refuse_unread(options, set(given))  # only what is given anew: an older run goes on as it began
+    # only what is given anew and may change: an older run goes on as it began, and what may not
+    # change is refused as a change (checkpoint_of), not as going unread
+    refuse_unread(options, set(given) & may_change(ckpt, read))
     return options
 
 

@@ -484,6 +484,13 @@ def test_val_added_or_removed_between_runs_names_the_change_and_the_fix(folder, 
             and "put them back" in err)
 
 
+def test_an_option_that_may_not_change_is_refused_as_a_change_first(tmp_path, capsys,
+                                                                    scratch_run):
+    """Not as going unread: giving --lr-schedule too, as that refusal would ask, is a change."""
+    status, _, err = run_cli(capsys, "--resume", scratch_run[0], "--warmup-epochs", 1)
+    assert status == 2 and "was made with other options (--warmup-epochs: 0 there, 1 now)" in err
+
+
 @pytest.mark.parametrize("name", ["run", "model.pt.old"])  # a folder's name is only its name
 def test_a_truncated_model_pt_names_its_fix(tmp_path, capsys, scratch_run, name):
     shutil.copytree(scratch_run[0], tmp_path / name)
