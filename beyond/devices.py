@@ -1,5 +1,6 @@
 """Where the arithmetic runs (the book's try_gpu and try_all_gpus), and in what precision."""
 import contextlib
+from collections.abc import Iterable
 
 import torch
 
@@ -81,11 +82,12 @@ class Runtime:
 
 def make_runtime(devices=None, precision="amp"):
     """The Runtime for a device (a name, a torch.device, or a GPU's number, as torch.device takes)
-    or a list of GPUs (default, or an empty list: all GPUs, else the best device)."""
+    or a list of GPUs (default, or an empty one: all GPUs, else the best device)."""
     if precision not in ("amp", "fp32"):
         raise UserError(f"precision={precision} is not one this program computes in; "
                         "give \"amp\" or \"fp32\"")
-    names = [] if devices is None else devices if isinstance(devices, (list, tuple)) else [devices]
+    names = ([] if devices is None else list(devices) if isinstance(devices, Iterable)
+             and not isinstance(devices, str) else [devices])
     devices = [try_device(name, "devices") for name in names] or try_all_gpus()
     if len(devices) > 1 and (len(set(devices)) < len(devices)
                              or any(d.type != "cuda" for d in devices)):

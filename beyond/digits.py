@@ -81,9 +81,9 @@ def enough_digits(asked):
     held = np.bincount(load_digits().target)
     for classes, wanted, flags in asked:
         if wanted > min(held[list(classes)]):
-            raise UserError(f"{flags} ask for {wanted} images of each of digits {classes[0]} to "
-                            f"{classes[-1]}, and the fewest of them has {min(held[list(classes)])};"
-                            " give fewer")
+            raise UserError(f"{wanted} images of each of digits {classes[0]} to {classes[-1]} "
+                            f"({flags}) are more than scikit-learn holds of the fewest of them, "
+                            f"{min(held[list(classes)])}; give fewer")
 
 
 def measure(args):

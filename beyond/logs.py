@@ -28,8 +28,7 @@ def tensorboard(folder, options, history):
     epochs of history so far: written anew at each start, as metrics.csv is after each epoch."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
-    before = [path for path in glob.glob(os.path.join(glob.escape(folder), EVENTS + SUFFIX))
-              if os.path.isfile(path)]
+    before = event_files(folder)
     writer = SummaryWriter(folder, filename_suffix=SUFFIX)
     plain = {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in options.items()}
     for summary in hparams(plain, {"test_acc": 0.0}):
@@ -39,6 +38,12 @@ def tensorboard(folder, options, history):
     for path in before:  # the run's earlier files, once this one holds what they should hold
         remove(path)
     return writer
+
+
+def event_files(folder):
+    """This program's event files in folder."""
+    return [path for path in glob.glob(os.path.join(glob.escape(folder), EVENTS + SUFFIX))
+            if os.path.isfile(path)]
 
 
 def add_epoch(writer, metrics):

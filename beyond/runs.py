@@ -127,9 +127,9 @@ def continued(ckpt, planned, given, out, read):
     refuse_unread_by_mode(ckpt, planned, given, read)
     options = {k: v for k, v in {**began, **given}.items() if k in OPTIONS}
     options = settled(began["mode"], options, {*began["typed"], *given})
-    # only what is given anew and may change: an older run goes on as it began, and what may not
-    # change is refused as a change (checkpoint_of), not as going unread
-    refuse_unread(options, set(given) & may_change(ckpt, read))
+    # only what is given anew: an older run goes on as it began; what may not change, and the run
+    # began with, is refused as a change (checkpoint_of), not as going unread
+    refuse_unread(options, {k for k in given if k in may_change(ckpt, read) or k not in began})
     return options
 
 
@@ -309,8 +309,8 @@ def train_one(run, options, sets, device, ckpt):
             + (f"no better test acc in {options['patience']} epochs (its patience), so more "
                "train none" if stopped else more))
         checkpoints.kept_epoch(run.out, ckpt)  # best.pt, where it is missing
-        if events := tensorboard(run, options, history):  # --tensorboard given to resume it
-            events.close()
+        if not logs.event_files(run.out) and (events := tensorboard(run, options, history)):
+            events.close()  # --tensorboard given to resume it: its events, where it has none
         result = finished(run.out, ckpt) or concluded(run, sets, options, runtime,
                                                       {**about, "history": history})
     else:

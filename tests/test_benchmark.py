@@ -57,10 +57,11 @@ def ctrl_c(*args):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--per-class", "150", "--test-per-class", "100"], "--per-class and --test-per-class ask for "
-     "250 images of each of digits 5 to 9, and the fewest of them has 174; give fewer"),
-    (["--pretrain-per-class", "200"], "--pretrain-per-class ask for 200 images of each of digits "
-     "0 to 4, and the fewest of them has 177; give fewer")])
+    (["--per-class", "150", "--test-per-class", "100"], "250 images of each of digits 5 to 9 "
+     "(--per-class and --test-per-class) are more than scikit-learn holds of the fewest of them, "
+     "174; give fewer"),
+    (["--pretrain-per-class", "200"], "200 images of each of digits 0 to 4 (--pretrain-per-class) "
+     "are more than scikit-learn holds of the fewest of them, 177; give fewer")])
 def test_digits_more_than_scikit_learn_holds_is_one_line_before_training(
         argv, message, tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")

@@ -100,6 +100,9 @@ def test_tensorboard_given_to_resume_writes_every_epoch_and_no_other_programs_fi
     events = EventAccumulator(str(run), purge_orphaned_data=False)
     events.Reload()
     assert [s.step for s in events.Scalars("test_acc")] == [1]
+    written = sorted(run.glob("events.out.tfevents.*.finetune"))
+    assert run_cli(capsys, "--resume", run, "--tensorboard")[0] == 0  # with events: none anew
+    assert sorted(run.glob("events.out.tfevents.*.finetune")) == written
     status, out, err = run_cli(capsys, "--resume", run, "--epochs", 2, "--tensorboard")
     assert status == 0 and "epoch 2:" in out, err
     assert (run / "events.out.tfevents.1.other").exists()

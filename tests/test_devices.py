@@ -1,6 +1,7 @@
 """Devices and precision (beyond.devices): which device, bf16 and fp16 as a CPU can take them,
 and the GPU paths as far as a CPU can check them."""
 import json
+import re
 
 import pytest
 import torch
@@ -44,12 +45,15 @@ def test_the_cpu_named_twice_is_refused_before_the_data(folder, tmp_path, monkey
                                     data_dir=str(tmp_path / "none"), devices=named)
     # its keyword; a GPU's number is a GPU (torch.device(0) is cuda:0), never "none given"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    for named in ("gpu", 0, 1, [0], 1.5, True):
-        with pytest.raises(UserError, match=f"^devices={named}: this machine has no such device; "
-                                            "give no devices= "):
+    for named, shown in (("gpu", "gpu"), (0, "0"), (1, "1"), ([0], "0"), ({"cuda:1"}, "cuda:1"),
+                         (1.5, "1.5"), (True, "True")):
+        with pytest.raises(UserError, match=f"^devices={re.escape(shown)}: this machine has no "
+                                            "such device; give no devices= "):
             train.train_fine_tuning(models.scratch_net(), 5e-4, data_dir=str(tmp_path / "none"),
                                     devices=named)
     assert make_runtime([]).device == make_runtime().device  # the book's try_all_gpus on a CPU
+    cpu = [torch.device("cpu")]  # several named in any collection but a text
+    assert make_runtime({"cpu"}).devices == make_runtime(iter(["cpu"])).devices == cpu
 
 
 # ---------------------------------------------------------------- precision

@@ -489,6 +489,15 @@ def test_an_option_that_may_not_change_is_refused_as_a_change_first(tmp_path, ca
     """Not as going unread: giving --lr-schedule too, as that refusal would ask, is a change."""
     status, _, err = run_cli(capsys, "--resume", scratch_run[0], "--warmup-epochs", 1)
     assert status == 2 and "was made with other options (--warmup-epochs: 0 there, 1 now)" in err
+    shutil.copytree(scratch_run[0], tmp_path / "older")  # a run begun before there were schedules
+    for name in ("model.pt", "best.pt"):
+        ckpt = torch.load(tmp_path / "older" / name, weights_only=False)
+        for key in ("lr_schedule", "warmup_epochs"):
+            del ckpt["args"][key]
+        torch.save(ckpt, tmp_path / "older" / name)
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "older", "--epochs", 2,
+                             "--warmup-epochs", 1)
+    assert status == 2 and "--warmup-epochs warms up a schedule, and --lr-schedule gives" in err
 
 
 @pytest.mark.parametrize("name", ["run", "model.pt.old"])  # a folder's name is only its name
