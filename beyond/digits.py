@@ -80,10 +80,11 @@ def enough_digits(asked):
     from sklearn.datasets import load_digits
     held = np.bincount(load_digits().target)
     for classes, wanted, flags in asked:
-        if wanted > min(held[list(classes)]):
+        fewest = min(held[list(classes)])
+        if wanted > fewest:
             raise UserError(f"{wanted} images of each of digits {classes[0]} to {classes[-1]} "
                             f"({flags}) are more than scikit-learn holds of the fewest of them, "
-                            f"{min(held[list(classes)])}; give fewer")
+                            f"{fewest}; give fewer")
 
 
 def measure(args):
