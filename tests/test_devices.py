@@ -56,6 +56,17 @@ def test_the_cpu_named_twice_is_refused_before_the_data(folder, tmp_path, monkey
     assert make_runtime({"cpu"}).devices == make_runtime(iter(["cpu"])).devices == cpu
 
 
+def test_the_books_call_trains_on_the_devices_of_a_generator(folder, monkeypatch):
+    """A generator is read once: train_fine_tuning checks the devices and hands train_ch13 the
+    list, not the generator used up, which would read as none given (all GPUs)."""
+    def all_gpus():
+        raise AssertionError("train_ch13 was given no devices")
+    monkeypatch.setattr(devices, "try_all_gpus", all_gpus)
+    history = train.train_fine_tuning(models.scratch_net(), 5e-4, 4, 1, False, data_dir=folder,
+                                      devices=(name for name in ["cpu"]))
+    assert len(history) == 1
+
+
 # ---------------------------------------------------------------- precision
 def runtime(monkeypatch, dtype):
     """What make_runtime gives on a CPU whose fastest type is dtype."""
