@@ -40,11 +40,11 @@ def fine_tuning_loss(weight=None, label_smoothing=0.0):
 
 def fine_tuning_optimizer(net, learning_rate, param_group=True):
     """§14.2.2.3's SGD; with param_group, the new output layer learns at 10x the base rate."""
-    if param_group and not hasattr(net, "fc"):  # a net of one's own: one line, not AttributeError
+    if param_group and not hasattr(net, "fc"):  # net.fc below would raise AttributeError
         raise beyond.UserError(f"param_group=True trains net.fc at 10x the learning rate, and this "
                                f"{type(net).__name__} has no .fc; give param_group=False, or name "
                                "its output layer net.fc")
-    learning_rate = beyond.options.book_number("learning_rate", learning_rate)  # as a run's lr
+    learning_rate = beyond.options.checked_number("learning_rate", learning_rate)  # by --lr's rule
     if param_group:
         params_1x = [param for name, param in net.named_parameters()
                      if name not in ["fc.weight", "fc.bias"]]
@@ -61,7 +61,7 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=No
     """§14.1 (chapter 13 in the book's releases before 1.0, hence the name), called as the book
     calls it: trains, shows each epoch and the book's summary, and returns the history."""
     runtime = beyond.devices.make_runtime(devices, precision)
-    num_epochs = beyond.options.book_number("num_epochs", num_epochs)  # as a run's epochs
+    num_epochs = beyond.options.checked_number("num_epochs", num_epochs)  # by --epochs' rule
     history, animator = [], beyond.pictures.animator()
     for epoch in ch13_epochs(net, train_iter, test_iter, loss, trainer, range(num_epochs), runtime):
         history.append(epoch.metrics)
@@ -75,22 +75,22 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=No
 Epoch = namedtuple("Epoch", "metrics probs labels")
 
 
-def ch13_epochs(net, train_iter, test_iter, loss, optimizer, epochs, runtime):
+def ch13_epochs(net, train_iter, test_iter, loss, trainer, epochs, runtime):
     """§14.1's loop over epochs (a range: a continued run starts later): one pass over the
     training data, then the accuracy on the test data; yields an `Epoch` after each."""
-    net = runtime.place(net)  # in place: the optimizer's parameters are still the net's
+    net = runtime.place(net)  # in place: the trainer's parameters are still the net's
     model = beyond.processes.parallel(net, runtime.devices)  # the book's nn.DataParallel
     for epoch in epochs:
         beyond.processes.reshuffle(train_iter, epoch)
         start = time.perf_counter()
-        train_metrics = train_epoch(model, train_iter, loss, optimizer, runtime)
+        train_metrics = train_epoch(model, train_iter, loss, trainer, runtime)
         seconds = time.perf_counter() - start  # data loading included, unlike the book's timer
         probs, labels = evaluate(net, test_iter, runtime)  # the bare net: each process its share
         yield Epoch(dict(epoch=epoch + 1, **train_metrics, test_acc=accuracy(probs, labels),
                          examples_per_sec=train_metrics["examples"] / seconds), probs, labels)
 
 
-def train_epoch(net, train_iter, loss, optimizer, runtime):
+def train_epoch(net, train_iter, loss, trainer, runtime):
     """One pass over the data, §14.1's `train_batch_ch13` for each batch: the mean loss, the
     accuracy, the examples (over all processes), and the seconds until the first batch."""
     net.train()
@@ -99,13 +99,13 @@ def train_epoch(net, train_iter, loss, optimizer, runtime):
     with runtime.cudnn_flags():
         for X, y in batches:
             X, y = data.normalize(runtime.input(X)), runtime.target(y)
-            optimizer.zero_grad()
+            trainer.zero_grad()
             with runtime.autocast():
                 pred = net(X)
                 losses = loss(pred, y)
             # the book's l.sum().backward() and trainer.step(): the scaler scales in fp16 alone
             runtime.scaler.scale(losses.sum()).backward()
-            runtime.scaler.step(optimizer)
+            runtime.scaler.step(trainer)
             runtime.scaler.update()
             metric[0] += losses.detach().sum()
             metric[1] += (pred.argmax(1) == y).sum()

@@ -19,7 +19,7 @@ def default_workers(workers=None):
 def make_loaders(train_set, test_set, batch_size=128, workers=0, seed=0, persistent=True):
     """Shuffled training and ordered test loaders, each process its share under torchrun.
     persistent: workers started each epoch would copy every page this process wrote meanwhile."""
-    world, batch_size = world_size(), options.book_number("batch_size", batch_size)  # NumPy's too
+    world, batch_size = world_size(), options.checked_number("batch_size", batch_size)
     if batch_size < world:
         raise UserError(f"batch_size={batch_size} is smaller than the {world} processes; "
                         "give at least one image per process")

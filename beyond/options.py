@@ -110,7 +110,7 @@ def refuse_unread(options, given):
 BOOK_ARGUMENTS = {"batch_size": "batch_size", "num_epochs": "epochs", "learning_rate": "lr"}
 
 
-def book_number(name, value):
+def checked_number(name, value):
     """A number the book's calls take (NumPy's too), by the rule of the run's option."""
     _, kind, rule = OPTIONS[BOOK_ARGUMENTS[name]]
     with contextlib.suppress(OverflowError):  # an int too large for a float
