@@ -9,6 +9,9 @@ import os
 # on a 2-core Intel Xeon with AMX, `-n 2` took 7 min 29 s with torch's threads, 2 min 55 s with one.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The tests compute on the CPU on every machine: their figures and exact comparisons are the CPU's.
+# CUDA's GPUs are hidden before torch starts, from the processes tests start too; MPS in this one.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import contextlib
 import errno
 import fcntl
@@ -31,6 +34,7 @@ from beyond import files
 from beyond.devices import make_runtime
 
 
+torch.backends.mps.is_available = lambda: False
 CPU = make_runtime(torch.device("cpu"), "fp32")
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLOURS = {"hotdog": (220, 60, 30), "not-hotdog": (30, 60, 220)}
