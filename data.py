@@ -1,5 +1,5 @@
-"""The data of D2L §14.2.2.1: the hot-dog set, the book's augmentations, and its loaders;
-helpers the book leaves out come from the package `beyond`, as the book calls `d2l.*`."""
+"""The data of D2L §14.2.2.1 and §14.2.2.3: the hot-dog set, the book's augmentations, and its
+loaders; helpers the book leaves out come from the package `beyond`, as the book calls `d2l.*`."""
 import functools
 import os
 
@@ -28,8 +28,8 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as the p
 
 
 def normalize(X, stats=None):
-    """§14.2.2.1's ToTensor and Normalize, for a batch of uint8 images where it lies; a batch of
-    floats (the book's own loaders) has had them already. stats: (mean, std) as tensors."""
+    """§14.2.2.1's ToTensor and Normalize, for a batch of uint8 images, on the batch's device; a
+    batch of floats (the book's own loaders) has had them already. stats: (mean, std) tensors."""
     mean, std = stats or imagenet_stats(X.device)
     return X if X.is_floating_point() else v2.functional.normalize(X.float() / 255, mean, std)
 

@@ -1,5 +1,5 @@
-"""The networks of D2L §14.2.2.2: resnet18 (or another of torchvision's, beyond.archs) fine-tuned
-or from scratch, and the exercises' heads: frozen layers (exercise 3), the hot-dog row (4)."""
+"""The networks of D2L §14.2.2.2-3: resnet18 (or another of torchvision's, beyond.archs),
+fine-tuned or from scratch, and the heads of exercises 3 (frozen layers) and 4 (the hot-dog row)."""
 import torch
 import torchvision
 from torch import nn
@@ -31,7 +31,7 @@ def pretrained_net(arch="resnet18", weights_file=None):
 def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resnet18"):
     """§14.2.2.2: the pretrained body with a new output layer, xavier-uniform weight, default
     bias (with hotdog_class, exercise 4: rows from ImageNet's, init_hotdog_head)."""
-    net = beyond.archs.with_fc(pretrained_net(arch, weights_file))  # resnet18 has its fc already
+    net = beyond.archs.with_fc(pretrained_net(arch, weights_file))  # net.fc for every arch
     imagenet_fc, net.fc = net.fc, nn.Linear(net.fc.in_features, num_classes)
     nn.init.xavier_uniform_(net.fc.weight)
     if hotdog_class is not None:
