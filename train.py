@@ -21,8 +21,8 @@ def train_fine_tuning(net, learning_rate, batch_size=128, num_epochs=5, param_gr
                       data_dir=None, devices=None, precision="amp"):
     """§14.2.2.3, called as the book calls it: trains on data_dir (default: the hot-dog set) and
     returns the history, one dict of metrics per epoch."""
-    # the devices, checked before the data is fetched; a list, which train_ch13 reads again
-    devices = beyond.devices.make_runtime(devices, precision).devices
+    # the devices, checked before the data is fetched; as a list, which train_ch13 reads again
+    devices = beyond.devices.make_runtime(devices, precision).asked
     # persistent: the loaders' worker processes end with this call, so they may live from epoch
     # to epoch and no epoch waits for new ones
     train_iter, test_iter = data.load_data(batch_size, data_dir, persistent=True)

@@ -33,10 +33,11 @@ def try_all_gpus():
 
 
 class Runtime:
-    """The devices and their arithmetic: "amp" on CUDA and the CPU, else the book's fp32."""
+    """The devices and their arithmetic: "amp" on CUDA and the CPU, else the book's fp32; asked:
+    the devices given, in a list to give again (a generator is read once), or None."""
 
-    def __init__(self, devices, precision):
-        self.devices, self.device = devices, devices[0]  # the first GPU holds the net
+    def __init__(self, devices, precision, asked=None):
+        self.devices, self.device, self.asked = devices, devices[0], asked  # [0] holds the net
         amp = precision == "amp" and self.device.type in ("cuda", "cpu")
         self.fp32 = precision == "fp32"  # asked for: no TF32 either
         self.dtype = amp_dtype(self.device) if amp else None
@@ -94,7 +95,7 @@ def make_runtime(devices=None, precision="amp"):
         raise UserError(f"devices={[str(d) for d in devices]}: nn.DataParallel splits a batch "
                         "among different GPUs only; give one device (devices=\"cpu\": one CPU "
                         "computes on all its cores)")
-    return Runtime(devices, precision)
+    return Runtime(devices, precision, names or None)
 
 
 def amp_dtype(device):
