@@ -14,7 +14,8 @@ DATASETS = {"hotdog": dict(epochs=5), "cifar10": dict(epochs=10, lr=5e-4, book_t
 AT_LEAST_1, ZERO_OR_MORE = ("1 or more", lambda v: v >= 1), ("0 or more", lambda v: v >= 0)
 BATCHES = ("1 or more, below 2**63", lambda v: 1 <= v < 2**63)  # 2**63 overflows the loader's index
 MEGAPIXELS = ("above 0, below 1e12", lambda v: 0 < v < 1e12)  # x 10**6: pixels PIL compares
-LEARNING_RATES = ("above 0, below 1e37", lambda v: 0 < v < 1e37)  # fc's, 10x, fits in a float32
+# Learning rates that a float32 holds: the base rate is no 0 there, and fc's 10x is finite.
+LEARNING_RATES = ("from 1e-37 to below 1e37", lambda v: 1e-37 <= v < 1e37)
 BETWEEN_0_AND_1 = ("between 0 and 1", lambda v: 0 < v < 1)
 FROM_0_TO_BELOW_1 = ("from 0 to below 1", lambda v: 0 <= v < 1)
 GIGABYTES = ("0 or more, below 2**33", lambda v: 0 <= v < 2**33)  # more bytes than a float holds

@@ -128,7 +128,8 @@ def test_options_that_would_be_ignored_are_refused(folder, tmp_path, capsys):
 
 def test_two_flags_for_one_option_and_a_cache_past_a_float_are_one_line(capsys):
     for argv, message in ((["--no-cache", "--cache-gb", "5"], "--no-cache and --cache-gb each set"),
-                          (["--lr", "1e39"], "give a number, above 0, below 1e37"),
+                          (["--lr", "1e39"], "give a number, from 1e-37 to below 1e37"),
+                          (["--lr", "1e-320"], "from 1e-37 to below 1e37, not 1e-320"),
                           (["--cache-gb", "1e300"], "give a number, 0 or more, below 2**33")):
         with pytest.raises(SystemExit) as e:
             run_cli(capsys, "--scratch", *argv)
