@@ -31,7 +31,9 @@ def normalize(X, stats=None):
     """§14.2.2.1's ToTensor and Normalize, for a batch of uint8 images, on the batch's device; a
     batch of floats (the book's own loaders) has had them already. stats: (mean, std) tensors."""
     mean, std = stats or imagenet_stats(X.device)
-    return X if X.is_floating_point() else v2.functional.normalize(X.float() / 255, mean, std)
+    # in place, on X.float()'s copy: a batch of other than 3 channels raises, as the book's
+    # Normalize does, where a copy would broadcast it to 3
+    return X if X.is_floating_point() else v2.functional.normalize(X.float() / 255, mean, std, True)
 
 
 @functools.cache

@@ -232,6 +232,8 @@ def test_loaders(folder):
     assert X.dtype == torch.float32
     assert torch.allclose(X[0].mean((1, 2)), expected, atol=0.1)  # normalised as ImageNet
     assert next(iter(train_iter))[0].shape == (4, 3, 224, 224)
+    with pytest.raises(RuntimeError, match="broadcast"):  # as the book's Normalize: not 3 channels
+        data.normalize(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
 
 
 def test_the_training_loader_is_shuffled_and_the_test_loader_is_not(folder):
