@@ -36,8 +36,9 @@ def layout(data_dir, out=None):
 
 
 def subfolders(data_dir):
-    names = [e.name for e in os.scandir(data_dir) if e.is_dir()] if os.path.isdir(data_dir) else []
-    return [name for name in names if not ignored(name)]
+    """data_dir's folders, links to one too (os.path.isdir: False for a link that loops)."""
+    entries = os.scandir(data_dir) if os.path.isdir(data_dir) else []
+    return [e.name for e in entries if os.path.isdir(e) and not ignored(e.name)]
 
 
 def book_folders(data_dir):
@@ -113,7 +114,7 @@ def split_folder(data_dir, names):
     if not isinstance(data_dir, (str, os.PathLike)) or not os.path.isdir(data_dir):
         raise UserError(f"data_dir={data_dir or repr(data_dir)} is not a folder; give the folder "
                         "that holds your data")
-    found = {e.name.lower(): e.path for e in os.scandir(data_dir) if e.is_dir()}
+    found = {e.name.lower(): e.path for e in os.scandir(data_dir) if os.path.isdir(e)}
     if paths := [found[name] for name in names if name in found]:
         return paths[0]
     raise UserError(f"{os.path.join(data_dir, names[0])} is not a folder; the data folder needs "

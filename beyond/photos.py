@@ -159,9 +159,11 @@ def directness(path, real):
 def split_classes(split, data_dir):
     """ImageFolder.find_classes: each class's first folder by NFC name, each folder's index."""
     entries = [e for e in os.scandir(split) if not ignored(e.name)]
-    folders = sorted((e.name for e in entries if e.is_dir()), key=lambda name: (nfc(name), name))
+    # os.path's isdir and isfile: False for a link that loops, where DirEntry's raise
+    folders = sorted((e.name for e in entries if os.path.isdir(e)), key=lambda n: (nfc(n), n))
     classes = list(dict.fromkeys(map(nfc, folders)))
-    loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+    loose = [e.name for e in entries
+             if os.path.isfile(e) and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if odd := [name for name in folders if shown(name) != name]:  # names are printed and drawn
         raise UserError(f"the class folder {os.path.join(split, odd[0])} has a name that "
                         "is not UTF-8 text, or holds a control character (a newline, a tab); "

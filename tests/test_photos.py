@@ -350,6 +350,18 @@ def test_a_link_never_brings_in_another_splits_or_classs_images(tmp_path, capsys
     assert "train/not-hotdog is a link to" in err and "a folder of its own" in err
 
 
+def test_a_link_that_loops_is_no_folder(tmp_path):
+    """A link to itself, beside the splits or the classes, is neither a folder nor an image (the
+    folder's listing raised ELOOP), in both layouts."""
+    write_folder(tmp_path / "d", train=2, test=1)
+    for where in ("d/loop", "d/train/loop.png", "d/test/loop"):
+        os.symlink(os.path.basename(where), tmp_path / where)
+    for root in (tmp_path / "d", tmp_path / "d" / "train"):  # class folders alone: split
+        train_set, test_set = datasets.image_folders(str(root))
+        assert train_set.classes == test_set.classes == ["hotdog", "not-hotdog"]
+        assert len(train_set) + len(test_set) == (6 if root.name == "d" else 4)
+
+
 def test_a_pipe_named_like_an_image_in_a_folder_is_skipped(tmp_path):
     """Opening a pipe no one writes to would wait for ever: in a folder, one named like an image is
     no image. Named on the command line (--predict <(curl ...)), it is read."""
