@@ -475,6 +475,9 @@ def checkpoint_of(run, options, read):
                         f"whose folder it is in; put each run of {os.path.dirname(run.out)} back "
                         "in the folder named after it, or continue this one alone: resume="
                         f"{run.out}")
+    if ckpt and options["epochs"] < len(ckpt["history"]):  # its total would read as fewer
+        raise UserError(f"{began_in} has trained {len(ckpt['history'])} epochs, more than "
+                        f"epochs={options['epochs']}; give epochs={len(ckpt['history'])} or more")
     return ckpt
 
 

@@ -84,15 +84,17 @@ def test_resume_finishes_every_run_of_a_compare(folder, tmp_path, capsys, compar
                             "give --epochs anew") in err, err
     curves = tmp_path / "both" / "curves.png"
     curves.unlink(missing_ok=True)
-    status, out, err = run_cli(capsys, "--resume", tmp_path / "both", "--epochs", 2)
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "both", "--epochs", 2)
+    assert status == 2 and "scratch/model.pt has trained 4 epochs, more than --epochs 2" in err
+    status, out, err = run_cli(capsys, "--resume", tmp_path / "both", "--epochs", 4)
     # the folder: every run, and its curves drawn again
-    assert status == 0 and out.count("epoch 2:") == 1 and "pretrained: resnet18" in out, err
-    assert [m["epoch"] for m in json.load(open(pretrained))["history"]] == [1, 2]
+    assert status == 0 and out.count("epoch 4:") == 1 and "pretrained: resnet18" in out, err
+    assert [m["epoch"] for m in json.load(open(pretrained))["history"]] == [1, 2, 3, 4]
     assert curves.exists() or not importlib.util.find_spec("matplotlib")  # drawn where it can be
-    assert run_cli(capsys, "--resume", tmp_path / "both" / "pretrained", "--epochs", 3)[0] == 0
+    assert run_cli(capsys, "--resume", tmp_path / "both" / "pretrained", "--epochs", 5)[0] == 0
     shutil.rmtree(tmp_path / "both" / "scratch")  # to begin anew beside a run continued alone
     status, _, err = run_cli(capsys, "--resume", tmp_path / "both")
-    assert status == 2 and ("(pretrained to 3 epochs): scratch begins beside pretrained, continued "
+    assert status == 2 and ("(pretrained to 5 epochs): scratch begins beside pretrained, continued "
                             "alone; give --epochs anew to say how many") in err, err
 
 
@@ -276,6 +278,11 @@ def test_resume_refuses_another_out_and_takes_the_recipes_lr_typed(tmp_path, cap
     assert "leave --out out" in err and not (tmp_path / "new").exists()
     status, out, err = run_cli(capsys, "--resume", tmp_path / "run", "--lr", "5e-4", "--epochs", 2)
     assert status == 0 and "epoch 2:" in out, err  # the recipe's 5e-4, which the run began with
+    metrics = (tmp_path / "run" / "metrics.json").read_text()
+    status, _, err = run_cli(capsys, "--resume", tmp_path / "run", "--epochs", 1)  # fewer than 2
+    assert status == 2 and err.strip().endswith("has trained 2 epochs, more than --epochs 1; "
+                                                "give --epochs 2 or more"), err
+    assert (tmp_path / "run" / "metrics.json").read_text() == metrics
 
 
 def test_runs_of_either_kind_continue_only_as_they_began_and_flags_stay_apart_from_paths(
