@@ -11,27 +11,27 @@ import beyond.files
 HOTDOG_ROW = 934  # ImageNet's class "hotdog, hot dog, red hot"
 
 
-def pretrained_net(arch="resnet18", weights_file=None):
+def pretrained_net(arch="resnet18", weights=None):
     """§14.2.2.2: torchvision's `arch` with its ImageNet weights (the book's `pretrained=True`),
-    downloaded once into $TORCH_HOME, or read from a state-dict file."""
+    downloaded once into $TORCH_HOME, or read from weights, a state-dict file."""
     beyond.archs.check_arch(arch)
-    if weights_file is None:
+    if weights is None:
         try:
             return torchvision.models.get_model(arch, weights="DEFAULT")
         except OSError as e:
             raise beyond.UserError(f"cannot download the ImageNet weights of {arch} ({e}); fetch "
                                    f"{beyond.archs.weights_name(arch)} elsewhere and pass "
-                                   "weights_file=FILE") from None
+                                   "weights=FILE") from None
     net = torchvision.models.get_model(arch)
-    return beyond.files.load_file(weights_file, f"a {arch} state-dict",
+    return beyond.files.load_file(weights, f"a {arch} state-dict",
                                   f"give {beyond.archs.weights_name(arch)}",
-                                  f"weights_file={weights_file}", into=net)
+                                  f"weights={weights}", into=net)
 
 
-def finetune_net(num_classes=2, weights_file=None, hotdog_class=None, arch="resnet18"):
+def finetune_net(num_classes=2, weights=None, hotdog_class=None, arch="resnet18"):
     """§14.2.2.2: the pretrained body with a new output layer, xavier-uniform weight, default
     bias (with hotdog_class, exercise 4: rows from ImageNet's, init_hotdog_head)."""
-    net = beyond.archs.with_fc(pretrained_net(arch, weights_file))  # net.fc for every arch
+    net = beyond.archs.with_fc(pretrained_net(arch, weights))  # net.fc for every arch
     imagenet_fc, net.fc = net.fc, nn.Linear(net.fc.in_features, num_classes)
     nn.init.xavier_uniform_(net.fc.weight)
     if hotdog_class is not None:

@@ -44,22 +44,22 @@ def test_pretrained_weights_come_from_torch_home(torch_home):
     assert not torch.equal(net.fc.weight[:2], torch_home["fc.weight"][:2])
 
 
-def test_weights_file(tmp_path, torch_home):
+def test_weights(tmp_path, torch_home):
     torch.save(torch_home, tmp_path / "w.pth")
-    net = models.finetune_net(2, weights_file=str(tmp_path / "w.pth"))
+    net = models.finetune_net(2, weights=str(tmp_path / "w.pth"))
     assert torch.equal(net.conv1.weight, torch_home["conv1.weight"])
     torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(UserError, match="not a resnet18 state-dict"):
-        models.finetune_net(2, weights_file=str(tmp_path / "bad.pth"))
+        models.finetune_net(2, weights=str(tmp_path / "bad.pth"))
     with pytest.raises(UserError, match="does not exist"):
-        models.finetune_net(2, weights_file=str(tmp_path / "missing.pth"))
+        models.finetune_net(2, weights=str(tmp_path / "missing.pth"))
 
 
 def test_weights_not_downloadable(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache, so torchvision must download
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
-    with pytest.raises(UserError, match="weights_file=FILE"):
+    with pytest.raises(UserError, match="weights=FILE"):
         models.finetune_net(2)
 
 

@@ -219,8 +219,7 @@ def show_samples(options):
 
 def one_line(error):
     """A library error as one line, the Python arguments it names (batch_size=3) named as flags."""
-    message = str(error).replace("hotdog_class", "--init-head-from-imagenet")
-    message = message.replace("weights_file=", "weights=").replace("format=", "--export-format ")
+    message = str(error).replace("format=", "--export-format ")
     message = message.replace("beyond.predict.predict", "--predict")
     message = re.sub(r"^images=", "--predict ", message)  # predict's list of paths
     for name in [*OPTIONS, "out", "mode", "resume"]:  # not inside a path such as runs/lr=0.1

@@ -176,7 +176,7 @@ def hotdog_class(classes):
         raise UserError(f"{len(found) or 'no'} classes of {classes} are named like hot dog "
                         "(hotdog, hot_dog, hot-dog, hot dog, or a plural); exactly one must be, to "
                         "start from ImageNet's hot-dog row; rename the class folders, or leave "
-                        "hotdog_class out")
+                        "init_head_from_imagenet= out")
     return found[0]
 
 

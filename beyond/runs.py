@@ -372,10 +372,10 @@ def train_net(run, options, sets, runtime, about, ckpt):
     return concluded(run, sets, options, runtime, {**about, "history": history}, last)
 
 
-def net_for(mode, num_classes, arch, weights_file, hotdog_class, freeze):
+def net_for(mode, num_classes, arch, weights, hotdog_class, freeze):
     """The book's net for a mode, "scratch" or "pretrained"; with freeze, exercise 3's."""
     net = (models.scratch_net(num_classes, arch) if mode == "scratch"
-           else models.finetune_net(num_classes, weights_file, hotdog_class, arch))
+           else models.finetune_net(num_classes, weights, hotdog_class, arch))
     return models.freeze_features(net) if freeze else net
 
 

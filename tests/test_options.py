@@ -168,3 +168,10 @@ def test_the_books_calls_take_numpys_numbers_and_refuse_others_in_one_line(folde
     with pytest.raises(UserError, match=r"^no parameter of the net requires grad, .*exercise 3"):
         train.train_ch13(net, one, one, train.fine_tuning_loss(),
                          train.fine_tuning_optimizer(net, 1e-3), 1, "cpu")
+
+
+def test_a_runs_weights_are_named_by_its_option(folder, tmp_path):
+    """weights=, as train_runs and models.finetune_net name the file, never another keyword."""
+    with pytest.raises(UserError, match=r"^weights=\S*none\.pth does not exist; give resnet18"):
+        runs.train_runs("pretrained", tmp_path / "run", data_dir=folder, epochs=1, batch_size=4,
+                        workers=0, weights=str(tmp_path / "none.pth"))
