@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import data
 from beyond import UserError, datasets, importable, predict, runs, shown
-from beyond.options import DATASETS, DEFAULTS, OPTIONS, checked, refuse_unread, takes
+from beyond.options import DATASETS, DEFAULTS, OPTIONS, PATHS, checked, refuse_unread, takes
 from beyond.photos import image_paths, megapixels_limit
 from beyond.processes import job_size, rank, say
 
@@ -217,16 +217,31 @@ def show_samples(options):
     return 0
 
 
-def one_line(error):
-    """A library error as one line, the Python arguments it names (batch_size=3) named as flags."""
-    message = str(error).replace("format=", "--export-format ")
+def one_line(error, typed=None):
+    """A library error as one line, the Python arguments it names (batch_size=3) named as flags;
+    the paths among typed, the options given, are quoted as they are (a folder named seed=3)."""
+    paths = sorted(paths_in(typed or {}), key=len, reverse=True)  # a file before its folder
+    message = str(error)
+    for i, path in enumerate(paths):
+        message = message.replace(path, f"\0{i}\0")
+    message = message.replace("format=", "--export-format ")
     message = message.replace("beyond.predict.predict", "--predict")
     message = re.sub(r"^images=", "--predict ", message)  # predict's list of paths
     for name in [*OPTIONS, "out", "mode", "resume"]:  # not inside a path such as runs/lr=0.1
         # batch_size=3: --batch-size 3; then lr: ... and "another out="
         message = re.sub(rf"(?<![\w/.=-]){name}=(?=\S)", flag(name) + " ", message)
         message = re.sub(rf"(?<![\w/.=-]){name}(=|(?=: ))", flag(name), message)
+    for i, path in enumerate(paths):
+        message = message.replace(f"\0{i}\0", path)
     return f"error: {message}"
+
+
+def paths_in(options):
+    """The paths among the options, as typed, absolute and real: each with a / to name a path."""
+    given = [v for k, v in options.items() if k in (*PATHS, "out", "resume", "model", "export")]
+    given += options.get("predict") or []
+    return {form for path in given if isinstance(path, str)
+            for form in (path, os.path.abspath(path), os.path.realpath(path)) if os.sep in form}
 
 
 def script(parser, work, args):
@@ -235,7 +250,7 @@ def script(parser, work, args):
     try:
         return work(args)
     except UserError as e:
-        parser.error(one_line(e).removeprefix("error: "))
+        parser.error(one_line(e, vars(args)).removeprefix("error: "))
     except KeyboardInterrupt:
         parser.exit(130, "\ninterrupted\n")
 
@@ -249,9 +264,9 @@ def guarded(fn, options):
     """Run fn(options), turning bad input and Ctrl-C into a one-line message and an exit status."""
     try:
         with megapixels_limit(options.get("max_megapixels", DEFAULTS["max_megapixels"])):
-            return fn(options)
+            return fn(dict(options))  # a copy: fn may pop what it takes; one_line reads them all
     except UserError as e:  # every process meets the same bad input: process 0 says it
-        say(one_line(e), file=sys.stderr)
+        say(one_line(e, options), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         return interrupted(e)
