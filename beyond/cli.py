@@ -244,15 +244,15 @@ def paths_in(options):
             for form in (path, os.path.abspath(path), os.path.realpath(path)) if os.sep in form}
 
 
-def script(parser, work, args):
+def script(parser, work, args, stopped="interrupted"):
     """work(args) for a script beside the command line (the benchmarks): its bad input is the
-    parser's one-line error, with the options named as the command line's flags; Ctrl-C a line."""
+    parser's one-line error, with the options named as the command line's flags; Ctrl-C, stopped."""
     try:
         return work(args)
     except UserError as e:
         parser.error(one_line(e, vars(args)).removeprefix("error: "))
     except KeyboardInterrupt:
-        parser.exit(130, "\ninterrupted\n")
+        parser.exit(130, f"\n{stopped}\n")
 
 
 def flag(name):

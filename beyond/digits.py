@@ -8,6 +8,7 @@ it on a few images of each of digits 5 to 9, with several seeds.
 """
 import argparse
 import os
+import shlex
 import statistics
 
 import numpy as np
@@ -72,7 +73,8 @@ def main():
                     + (f" ({why})" if why else "") + f"; give {least} or more")
     if os.path.exists(args.out) or not args.out:  # its digits are written afresh: no old ones
         p.error(f"--out '{args.out}' is not a new folder; give the name of one")
-    cli.script(p, measure, args)
+    cli.script(p, measure, args, "interrupted; to measure again, give a new --out, or remove "
+                                 f"{shlex.quote(args.out)}")
 
 
 def enough_digits(asked):

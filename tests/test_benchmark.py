@@ -88,7 +88,8 @@ def test_digits_stops_in_one_line(case, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         digits.main()
     err = capsys.readouterr().err.strip()
-    ending = {"no scikit-learn": "pip install scikit-learn", "Ctrl-C": "interrupted",
+    ending = {"no scikit-learn": "pip install scikit-learn",
+              "Ctrl-C": f"interrupted; to measure again, give a new --out, or remove {out}",
               "a file in --out": "a file stands where a folder would be; choose another folder"}
     assert e.value.code == (130 if case == "Ctrl-C" else 2), err
     assert err.splitlines()[-1].endswith(ending[case]) and "Traceback" not in err, err
