@@ -10,8 +10,9 @@ import os
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The tests compute on the CPU on every machine: their figures and exact comparisons are the CPU's.
-# CUDA's GPUs are hidden before torch starts, from the processes tests start too; MPS in this one.
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# CUDA's GPUs are hidden before torch starts, from the processes tests start too, unless named
+# (CUDA_VISIBLE_DEVICES=0 runs the GPU's own tests: test_devices.py -k cuda); MPS in this process.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import contextlib
 import errno
 import fcntl
