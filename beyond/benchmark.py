@@ -1,7 +1,7 @@
 """Where training time goes: start-up, the model alone, the whole input pipeline, and memory.
 
     python -m beyond.benchmark --data-dir DIR          # a folder with train/ and test/
-    python -m beyond.benchmark --dummy --batches 2 --batch-size 8   # no data: as CI runs it
+    python -m beyond.benchmark --dummy --batches 2 --batch-size 8   # no data (CI: --device cpu)
 
 Model-only trains on one batch already on the device, which no input pipeline can beat:
 pipeline / model-only says how busy loading keeps the device.

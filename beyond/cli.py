@@ -58,7 +58,8 @@ HELP = dict(
               "bf16 (fp16 on older GPUs); fp32: plain fp32, no TF32",
 )
 METAVARS = {"cache_gb": "GB", "weights": "FILE", "val_split": "FRACTION",
-            "class_weights": "balanced", "lr_schedule": "cosine", "label_smoothing": "X"}  # else N
+            "class_weights": "balanced", "lr_schedule": "cosine", "label_smoothing": "X",
+            "max_megapixels": "N"}  # else N for whole numbers, argparse's NAME for the others
 NARGS = {"lr": "+"}  # several lrs: one run each
 # What each mode that trains nothing reads: another option typed beside it would be ignored.
 READS = {"predict": {"model", "out", "batch_size", "workers", "device", "precision", "arch",
