@@ -341,6 +341,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
                               options["epochs"])
     history = checkpoints.restore(ckpt, net, optimizer, runtime.scaler, schedule)  # fresh: []
     best_so_far = checkpoints.kept_epoch(run.out, ckpt)
+    best_epoch = None  # best.pt's Epoch, where tested here: its figures are those of its test acc
     say(header(run, options, sets, runtime, weights))
     events = None  # TensorBoard's, made at the first epoch: a run stopped before leaves no file
 
@@ -353,7 +354,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
             if schedule:  # once per epoch, from outside the book's loop
                 schedule.step()
             best = best_so_far is None or epoch.metrics["test_acc"] > best_so_far["test_acc"]
-            best_so_far = epoch.metrics if best else best_so_far
+            best_so_far, best_epoch = (epoch.metrics, epoch) if best else (best_so_far, best_epoch)
             if rank() == 0:  # before model.pt: a run stopped between redoes the epoch, writes anew
                 logs.write_csv(run.out, history)
             if events := events or tensorboard(run, options, history[:-1]):
@@ -368,8 +369,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
         if events:
             events.close()
     progress.show_summary(history, runtime)
-    last = epoch if best else None  # the last epoch is best.pt's: no need to read it
-    return concluded(run, sets, options, runtime, {**about, "history": history}, last)
+    return concluded(run, sets, options, runtime, {**about, "history": history}, best_epoch)
 
 
 def net_for(mode, num_classes, arch, weights, hotdog_class, freeze):
@@ -523,9 +523,10 @@ def refuse_changes(before, now, path, changeable):
                         f"same{why}, or train a new run in another out=")
 
 
-def concluded(run, sets, options, runtime, about, last=None):
-    """The run's results, written: about, the last epoch's figures and best.pt's (last: its own)."""
-    best, probs, labels = last or evaluated(run, sets[1], options, runtime)
+def concluded(run, sets, options, runtime, about, best_epoch=None):
+    """The run's results, written: about, the last epoch's figures and best.pt's (best_epoch: its
+    Epoch, where tested in this process; else best.pt is read and tested again)."""
+    best, probs, labels = best_epoch or evaluated(run, sets[1], options, runtime)
     history = about["history"]
     result = finite(dict({k: v for k, v in about.items()
                           if k not in ("transform", "held_out", "tested")},
