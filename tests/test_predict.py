@@ -126,3 +126,15 @@ def test_an_image_the_net_gives_nan_for_is_named_and_left_out(
     assert (status == 1
             and f"error: {first}: the net's outputs are not numbers (NaN){overflow}\n" in err), err
     assert [line.split(":")[0] for line in out.splitlines()] == others and len(others) >= 1
+
+
+def test_predictions_csv_names_each_column_once(tmp_path):
+    """A class named like a column (class, probability) has its own: csv.DictReader reads each."""
+    classes = ["class", "probability", "path"]
+    made = [predict.Prediction("a.png", "class", 0.5, dict(zip(classes, [0.5, 0.3, 0.2])))]
+    predict.write_csv(made, classes, tmp_path / "p.csv")
+    import csv
+    row = next(csv.DictReader(open(tmp_path / "p.csv")))
+    assert row == {"path": "a.png", "class": "class", "probability": "0.5000",
+                   "probability of class": "0.5000", "probability of probability": "0.3000",
+                   "probability of path": "0.2000"}
