@@ -4,6 +4,9 @@ import contextlib
 import numbers
 import os
 
+import numpy as np
+import torch
+
 from beyond.folders import layout
 from beyond import UserError, quoted
 
@@ -22,6 +25,7 @@ GIGABYTES = ("0 or more, below 2**33", lambda v: 0 <= v < 2**33)  # more bytes t
 SEEDS = ("from -2**63 to 2**64 - 1", lambda v: -2**63 <= v < 2**64)  # what torch.manual_seed takes
 
 NUMBERS = {int: numbers.Integral, float: numbers.Real}  # NumPy's numbers are these too
+BOOLS = (bool, np.bool_)  # NumPy's True is not Python's
 
 # Every option by its Python name: its default (None: off, or chosen at start), type and values.
 OPTIONS = dict(
@@ -66,10 +70,11 @@ def checked(name, value):
 
 def as_kind(kind, value):
     """value as an option's kind (numpy's numbers as Python's, a path as text), else None."""
-    if kind is bool or isinstance(value, bool):  # True is an int to Python, and never a number here
-        return value if kind is bool and isinstance(value, bool) else None
-    if kind is str:  # not an empty text
-        return (os.fspath(value) or None) if isinstance(value, (str, os.PathLike)) else None
+    if kind is bool or isinstance(value, BOOLS):  # True is an int to Python, never a number here
+        return bool(value) if kind is bool and isinstance(value, BOOLS) else None
+    if kind is str:  # not an empty text; a torch.device by its name (device=torch.device("cpu"))
+        text = str(value) if isinstance(value, torch.device) else value
+        return (os.fspath(text) or None) if isinstance(text, (str, os.PathLike)) else None
     if isinstance(value, NUMBERS[kind]):
         with contextlib.suppress(OverflowError):  # an int too large for a float
             return kind(value)

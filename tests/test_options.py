@@ -23,9 +23,9 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
     bad = [("epochs", 0), ("epochs", "1"), ("epochs", 1.5), ("epochs", -1), ("lr", -1),
            ("lr", "5e-5"), ("lr", [5e-5, 0]), ("lr", [None]), ("batch_size", "4"), ("seed", "1"),
            ("dataset", "x"), ("workers", -1), ("freeze_epochs", None),
-           ("device", torch.device("cpu")), ("val_split", 2), ("freeze", "no"), ("patience", 0),
+           ("device", torch.device), ("val_split", 2), ("freeze", "no"), ("patience", 0),
            ("cache_gb", -1), ("max_megapixels", 0), ("precision", "fp16"),
-           ("class_weights", "yes"), ("dummy", 1), ("lr", float("inf")),
+           ("class_weights", "yes"), ("dummy", 1), ("dummy", np.int64(1)), ("lr", float("inf")),
            ("max_megapixels", float("inf")), ("max_megapixels", 1e303), ("cache_gb", float("inf")),
            ("seed", 2**70),
            ("batch_size", 2**63), ("data_dir", ""), ("arch", ""), ("epochs", np.float64(2))]
@@ -72,6 +72,8 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
         types = {type(v) for v in (typed if isinstance(typed, list) else [typed])}
         assert typed == value and types == {options.OPTIONS[name][1]}
     assert options.checked("lr", (1e-3, 2e-3)) == [1e-3, 2e-3]  # a tuple, as a list
+    assert options.checked("freeze", np.True_) is True  # numpy's too
+    assert options.checked("device", torch.device("cuda", 1)) == "cuda:1"  # as predict takes it
     with pytest.raises(UserError, match="^out='' is not a non-empty text; give a non-empty text$"):
         options.checked("out", "")
     assert sorted(cli.HELP) == sorted(options.OPTIONS)  # every option has its flag
