@@ -100,13 +100,17 @@ def run_checkpoint(path):
     return ckpt
 
 
-def save(folder, history, about, state, best=False):
-    """Process 0 writes model.pt, best.pt too where best, and held_out.txt after a split."""
+def save(folder, history, about, state, best=None):
+    """Process 0 writes model.pt, best.pt too where best (the epoch's Epoch: best.pt keeps its
+    test's probabilities and labels, so that its figures are those of its test acc), and
+    held_out.txt after a split."""
     rng = gathered({"torch": torch.get_rng_state(), "python": random.getstate()})
     if rank() == 0:
         checkpoint = {**state, "history": history, "rng": rng, **about, "is_best": False}
         if best:  # first: a model.pt past the epoch best.pt lacks would leave it out for good
-            write_whole(os.path.join(folder, "best.pt"), saved({**checkpoint, "is_best": True}))
+            tested = {"test_probs": best.probs, "test_labels": best.labels}
+            write_whole(os.path.join(folder, "best.pt"), saved({**checkpoint, "is_best": True,
+                                                                **tested}))
         write_whole(os.path.join(folder, "model.pt"), saved(checkpoint))
         if about["held_out"] is not None:
             held_out = "".join(p + "\n" for p in about["held_out"]).encode(errors="surrogateescape")

@@ -359,7 +359,7 @@ def train_net(run, options, sets, runtime, about, ckpt):
                 logs.write_csv(run.out, history)
             if events := events or tensorboard(run, options, history[:-1]):
                 logs.add_epoch(events, history[-1])
-            checkpoints.save(run.out, history, about, best=best, state=dict(
+            checkpoints.save(run.out, history, about, best=epoch if best else None, state=dict(
                 model=net.state_dict(), optimizer=optimizer.state_dict(),
                 scaler=runtime.scaler.state_dict(), schedule=schedule and schedule.state_dict()))
             progress.show_epoch(history, animator, lr=bool(schedule))  # once saved: it is kept
@@ -418,10 +418,13 @@ def final_test(run, sets, options, runtime):
                 acc=train.accuracy(probs, labels), **figures(probs, labels, classes))
 
 
-def evaluated(run, test_set, options, runtime):
-    """The metrics of the epoch best.pt keeps, and its probabilities and labels for test_set."""
+def evaluated(run, test_set, options, runtime, as_tested=False):
+    """The metrics of the epoch best.pt keeps, and its probabilities and labels for test_set
+    (as_tested: as its epoch's test gave them, where best.pt holds them; else tested again)."""
     path = os.path.join(run.out, "best.pt")
     best = from_process_0(checkpoints.load_checkpoint(path) if rank() == 0 else None)
+    if as_tested and "test_probs" in best:
+        return best["history"][-1], best["test_probs"], best["test_labels"]
     loader = loaders.make_loaders(test_set, test_set, options["batch_size"], options["workers"])[1]
     net = runtime.place(checkpoints.saved_net(best))
     return (best["history"][-1], *train.evaluate(net, loader, runtime))
@@ -525,8 +528,8 @@ def refuse_changes(before, now, path, changeable):
 
 def concluded(run, sets, options, runtime, about, best_epoch=None):
     """The run's results, written: about, the last epoch's figures and best.pt's (best_epoch: its
-    Epoch, where tested in this process; else best.pt is read and tested again)."""
-    best, probs, labels = best_epoch or evaluated(run, sets[1], options, runtime)
+    Epoch, where tested in this process; else as best.pt keeps them)."""
+    best, probs, labels = best_epoch or evaluated(run, sets[1], options, runtime, as_tested=True)
     history = about["history"]
     result = finite(dict({k: v for k, v in about.items()
                           if k not in ("transform", "held_out", "tested")},

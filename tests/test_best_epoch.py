@@ -33,13 +33,18 @@ def judged(monkeypatch, rights):
 
 
 def test_the_kept_epochs_figures_come_from_its_own_test(folder, tmp_path, monkeypatch):
-    """best.pt's epoch, tested in this run, keeps that test's figures: best.pt read back and tested
-    again could, in bf16, tip an image at 0.5 the other way and disagree with its test acc."""
-    plateau(monkeypatch, [0.9, 0.5])
-    monkeypatch.setattr(runs, "evaluated", lambda *a: pytest.fail("best.pt tested again"))
-    result = runs.train_runs("scratch", tmp_path / "run", data_dir=folder, epochs=2, batch_size=4,
-                             workers=0).results[0]
+    """best.pt's epoch keeps that test's figures, in this run and after a resume: best.pt read
+    back and tested again could, in bf16, tip an image at 0.5 the other way and disagree with its
+    test acc."""
+    plateau(monkeypatch, [0.9, 0.5, 0.5])
+    with monkeypatch.context() as m:
+        m.setattr(runs, "evaluated", lambda *a: pytest.fail("best.pt tested again"))
+        result = runs.train_runs("scratch", tmp_path / "run", data_dir=folder, epochs=2,
+                                 batch_size=4, workers=0).results[0]
     assert result["kept"]["epoch"] == result["figures_epoch"] == 1
+    monkeypatch.setattr(checkpoints, "saved_net", lambda *a: pytest.fail("best.pt tested again"))
+    resumed = runs.resume(str(tmp_path / "run"), epochs=3).results[0]
+    assert resumed["kept"]["epoch"] == 1 and resumed["confusion"] == result["confusion"]
 
 def test_patience_stops_and_best_pt_keeps_the_epoch_metrics_names(
         folder, tmp_path, capsys, monkeypatch):
