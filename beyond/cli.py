@@ -223,8 +223,8 @@ def one_line(error, typed=None):
     the paths among typed, the options given, are quoted as they are (a folder named seed=3)."""
     paths = sorted(paths_in(typed or {}), key=len, reverse=True)  # a file before its folder
     message = str(error)
-    for i, path in enumerate(paths):
-        message = message.replace(path, f"\0{i}\0")
+    for i, path in enumerate(paths):  # a path as a whole, not inside a word or a keyword (lr:)
+        message = re.sub(rf"(?<![\w.-]){re.escape(path)}(?![\w.=:-])", f"\0{i}\0", message)
     message = message.replace("format=", "--export-format ")
     message = message.replace("beyond.predict.predict", "--predict")
     message = re.sub(r"^images=", "--predict ", message)  # predict's list of paths
@@ -238,11 +238,11 @@ def one_line(error, typed=None):
 
 
 def paths_in(options):
-    """The paths among the options, as typed, absolute and real: each with a / to name a path."""
+    """The paths among the options, as typed, absolute and real."""
     given = [v for k, v in options.items() if k in (*PATHS, "out", "resume", "model", "export")]
     given += options.get("predict") or []
     return {form for path in given if isinstance(path, str)
-            for form in (path, os.path.abspath(path), os.path.realpath(path)) if os.sep in form}
+            for form in (path, os.path.abspath(path), os.path.realpath(path))}
 
 
 def script(parser, work, args, stopped="interrupted"):

@@ -57,6 +57,7 @@ def test_batch_larger_than_the_training_set(folder, tmp_path, capsys):
     (None, ["--data-dir", "{tmp}/my seed=3 hotdog_class format=1"],  # a path, quoted as it is
      "^error: --data-dir /.*/my seed=3 hotdog_class format=1 is not a folder; give the folder"),
     (None, ["--resume", "{tmp}/old seed=3/model.pt"], "^error: /.*/old seed=3/model.pt does not"),
+    (None, ["--resume", "seed=3"], "^error: seed=3 does not exist"),  # typed as it is, no / in it
     ("no_test", ["--data-dir", "{tmp}/d"], "test is not a folder"),
     ("other_classes", ["--data-dir", "{tmp}/d"], "give both the same class folders"),
     ("empty_class", ["--data-dir", "{tmp}/d"], "put images in every class folder"),
