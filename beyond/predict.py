@@ -101,12 +101,15 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def write_csv(predictions, classes, path):
     """predictions.csv: a row per image, its path, class and probability, then every class's, in
-    a column named after it ("probability of NAME" where NAME is path, class or probability)."""
+    a column named after it ("probability of NAME" where that name is a column's already)."""
     table = io.StringIO()
     rows = [[p.path, p.label, *(f"{q:.4f}" for q in [p.probability, *p.probabilities.values()])]
             for p in predictions]
     header = ["path", "class", "probability"]
-    header += [f"probability of {name}" if name in header else name for name in classes]
+    for name in classes:
+        while name in header:  # each column's name once, for csv.DictReader
+            name = f"probability of {name}"
+        header.append(name)
     csv.writer(table).writerows([header] + rows)
     write_whole(path, table.getvalue().encode(errors="surrogateescape"))  # not UTF-8: as on disk
 

@@ -130,11 +130,12 @@ def test_an_image_the_net_gives_nan_for_is_named_and_left_out(
 
 def test_predictions_csv_names_each_column_once(tmp_path):
     """A class named like a column (class, probability) has its own: csv.DictReader reads each."""
-    classes = ["class", "probability", "path"]
-    made = [predict.Prediction("a.png", "class", 0.5, dict(zip(classes, [0.5, 0.3, 0.2])))]
+    classes = ["class", "path", "probability", "probability of path"]
+    made = [predict.Prediction("a.png", "class", 0.5, dict(zip(classes, [0.5, 0.2, 0.2, 0.1])))]
     predict.write_csv(made, classes, tmp_path / "p.csv")
     import csv
     row = next(csv.DictReader(open(tmp_path / "p.csv")))
     assert row == {"path": "a.png", "class": "class", "probability": "0.5000",
-                   "probability of class": "0.5000", "probability of probability": "0.3000",
-                   "probability of path": "0.2000"}
+                   "probability of class": "0.5000", "probability of path": "0.2000",
+                   "probability of probability": "0.2000",
+                   "probability of probability of path": "0.1000"}
