@@ -25,11 +25,12 @@ def get_hotdog(root="data", url=HOTDOG_URL, sha1=HOTDOG_SHA1):
 
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as the pretrained net saw
+normalize = torchvision.transforms.Normalize(MEAN, STD)
 
 
-def normalize(X, stats=None):
-    """§14.2.2.1's ToTensor and Normalize, for a batch of uint8 images, on the batch's device; a
-    batch of floats (the book's own loaders) has had them already. stats: (mean, std) tensors."""
+def normalize_batch(X, stats=None):
+    """§14.2.2.1's ToTensor and normalize, on a batch of uint8 images on its device; a batch of
+    floats (augmented as the book's, ending in normalize) passes. stats: (mean, std) tensors."""
     mean, std = stats or imagenet_stats(X.device)
     # in place, on X.float()'s copy: a batch of other than 3 channels raises, as the book's
     # Normalize does, where a copy would broadcast it to 3
@@ -55,8 +56,8 @@ def make_test_augs(resize=256, crop=224, interpolation="bilinear"):
 
 # ToImage first, so the crop and resize run on uint8 tensors, from PIL or from the decoded cache;
 # ToPureTensor leaves each image a plain uint8 tensor. The book's last two steps, ToTensor's
-# scaling and Normalize, run on whole batches on the device (`normalize`, above), where they are
-# nearly free and a uint8 batch moves 4x fewer bytes than a float one (docs/speed.md).
+# scaling and normalize, run on whole batches on the device (`normalize_batch`, above), where
+# they are nearly free and a uint8 batch moves 4x fewer bytes than a float one (docs/speed.md).
 train_augs = make_train_augs(224)
 test_augs = make_test_augs(256, 224)
 

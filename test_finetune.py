@@ -181,7 +181,8 @@ def test_evaluate_uses_the_nets_evaluation_mode():
     probs, labels = evaluate(net, [(X, y)], CPU)
     assert all(torch.equal(value, before[name]) for name, value in net.state_dict().items())
     with torch.no_grad():
-        assert torch.allclose(probs, torch.softmax(net.eval()(data.normalize(X)), 1), atol=1e-6)
+        expected = torch.softmax(net.eval()(data.normalize_batch(X)), 1)
+    assert torch.allclose(probs, expected, atol=1e-6)
 
 
 def book_augs():
@@ -194,8 +195,14 @@ def book_augs():
             T.Compose([T.Resize([256, 256]), T.CenterCrop(224), T.ToTensor(), normalize]))
 
 
+def test_normalize_is_the_books():
+    """normalize, for augmentations that end in ToTensor and normalize, as the book's do."""
+    X = torch.rand(3, 4, 4)
+    assert torch.equal(data.normalize(X), book_augs()[1].transforms[-1](X))
+
+
 def test_augmentations_are_the_books_to_one_grey_level():
-    """train_augs and test_augs, then normalize on the batch, give the book's images within one grey
+    """train_augs and test_augs, then normalize_batch, give the book's images within one grey
     level, with the same random draws (the crop's place and size, the flip), for the book's call
     (data.train_augs) and for a run (at resnet18's sizes, which are the book's)."""
     book_train, book_test = book_augs()
@@ -206,7 +213,7 @@ def test_augmentations_are_the_books_to_one_grey_level():
     one_grey = 1.5 / 255 / 0.224  # the differences are whole levels: below 1.5, at most one
 
     def ours(augs):
-        return data.normalize(augs(photo)[None])[0]
+        return data.normalize_batch(augs(photo)[None])[0]
     for train_augs in (data.train_augs,
                        data.make_train_augs(sizes["crop"], sizes["interpolation"])):
         for seed in range(8):
@@ -228,12 +235,12 @@ def test_loaders(folder):
     assert y.tolist() == [0, 0, 1, 1]  # hotdog = 0, not-hotdog = 1, in order
     expected = ((torch.tensor(COLOURS["hotdog"]) / 255 - torch.tensor(data.MEAN))
                 / torch.tensor(data.STD))
-    X = data.normalize(X)
+    X = data.normalize_batch(X)
     assert X.dtype == torch.float32
     assert torch.allclose(X[0].mean((1, 2)), expected, atol=0.1)  # normalised as ImageNet
     assert next(iter(train_iter))[0].shape == (4, 3, 224, 224)
     with pytest.raises(RuntimeError, match="broadcast"):  # as the book's Normalize: not 3 channels
-        data.normalize(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+        data.normalize_batch(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
 
 
 def test_the_training_loader_is_shuffled_and_the_test_loader_is_not(folder):

@@ -98,7 +98,7 @@ def train_epoch(net, train_iter, loss, trainer, runtime):
     batches = beyond.progress.Progress(train_iter, metric)
     with runtime.cudnn_flags():
         for X, y in batches:
-            X, y = data.normalize(runtime.input(X)), runtime.target(y)
+            X, y = data.normalize_batch(runtime.input(X)), runtime.target(y)
             trainer.zero_grad()
             with runtime.autocast():
                 pred = net(X)
@@ -127,8 +127,9 @@ def evaluate(net, test_iter, runtime):
     probs, labels = [], []
     with runtime.cudnn_flags():
         for X, y in test_iter:
+            X = data.normalize_batch(runtime.input(X))
             with runtime.autocast():
-                probs.append(torch.softmax(net(data.normalize(runtime.input(X))).float(), 1).cpu())
+                probs.append(torch.softmax(net(X).float(), 1).cpu())
             labels.append(y)
     return beyond.processes.gather_in_order(probs, labels)
 

@@ -168,7 +168,7 @@ def export(model, out=None, *, format="pt2"):
 
 class Pixels(nn.Module):
     """A saved net from uint8 RGB pixels (batch, 3, height, width) to probabilities: the run's test
-    augmentations (data.make_test_augs), data.normalize, the net, and softmax."""
+    augmentations (data.make_test_augs), data.normalize_batch, the net, and softmax."""
 
     def __init__(self, net, settings):
         super().__init__()
@@ -181,7 +181,7 @@ class Pixels(nn.Module):
         images = images.to(torch.uint8)  # a no-op export keeps as a check: other types refused
         X = nn.functional.interpolate(images, [self.resize] * 2, mode=self.interpolation,
                                       antialias=True)  # torchvision's has a branch export can't see
-        X = data.normalize(v2.functional.center_crop(X, self.crop), (self.mean, self.std))
+        X = data.normalize_batch(v2.functional.center_crop(X, self.crop), (self.mean, self.std))
         return torch.softmax(self.net(X), 1)
 
     def input(self, num_classes):

@@ -161,15 +161,16 @@ def test_fp32_is_plain_fp32_without_tf32_while_it_computes_alone(folder):
 # --------------------------------------------------------------- the GPU paths, checked on the CPU
 def test_no_tensor_from_a_list_per_batch(monkeypatch):
     """A mean and std given as lists are copied to the device on every call, and on CUDA each
-    copy waits for the GPU (pytorch/pytorch#120996): normalize builds them there once."""
+    copy waits for the GPU (pytorch/pytorch#120996): normalize_batch builds them there once."""
     X = torch.full((2, 3, 8, 8), 255, dtype=torch.uint8)
-    data.normalize(X)  # the device's first batch
+    data.normalize_batch(X)  # the device's first batch
     real = torch.as_tensor
     monkeypatch.setattr(torch, "as_tensor",
                         lambda data, *a, **k: pytest.fail("a tensor from a list")
                         if isinstance(data, (list, tuple)) else real(data, *a, **k))
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("a tensor from a list"))
-    assert torch.allclose(data.normalize(X)[0, :, 0, 0], (1 - real(data.MEAN)) / real(data.STD))
+    expected = (1 - real(data.MEAN)) / real(data.STD)
+    assert torch.allclose(data.normalize_batch(X)[0, :, 0, 0], expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
