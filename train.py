@@ -108,7 +108,7 @@ def train_epoch(net, train_iter, loss, trainer, runtime):
             runtime.scaler.step(trainer)
             runtime.scaler.update()
             metric[0] += losses.detach().sum()
-            metric[1] += (pred.argmax(1) == y).sum()
+            metric[1] += (beyond.figures.predicted(pred) == y).sum()  # NaN: never right
             metric[2] += y.numel()
     loss_sum, correct, n = beyond.processes.all_reduce_sum(metric).tolist()
     if not n:  # no batch on any process: there was nothing to train on

@@ -123,8 +123,8 @@ def test_a_folder_where_a_file_is_written_is_one_line(folder, tmp_path, capsys, 
 
 def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys, monkeypatch):
     """...and its NaN outputs predict nothing: never right (argmax would call them class 0, here
-    half the test set), in no column of the confusion matrix, each in mistakes.png, and refused
-    by --predict."""
+    half of each set), in the training accuracy too, in no column of the confusion matrix, each in
+    mistakes.png, and refused by --predict."""
     argv = ["--compare", "--data-dir", folder, "--epochs", 2, "--lr", "1e8", "--precision", "fp32",
             "--batch-size", 4, "--workers", 0, "--out", tmp_path]
     captions = []
@@ -141,6 +141,7 @@ def test_a_diverging_run_writes_strict_json(folder, tmp_path, capsys, monkeypatc
                              parse_constant=lambda word: pytest.fail(f"{word} in metrics.json"))
         losses += [m["loss"] for m in metrics["history"]]
         assert ([m["test_acc"] for m in metrics["history"]] == [0, 0]
+                and metrics["history"][-1]["train_acc"] == 0  # training on NaN outputs too
                 and metrics["balanced_accuracy"] == 0)
         assert (metrics["confusion"] == [[0, 0], [0, 0]]
                 and [c["count"] for c in metrics["per_class"].values()] == [2, 2])
