@@ -27,6 +27,9 @@ def check_arch(arch):
 
 def check_outputs(net, classes):
     """Refuse a net whose last Linear layer (the book's net.fc) has not one output per class."""
+    if not isinstance(net, nn.Module):  # models.finetune_net itself, say, not the net it makes
+        raise UserError(f"the net given is a {type(net).__name__}, not a torch nn.Module; give a "
+                        "net, such as models.finetune_net() (called: it makes one)")
     fc = ([module for module in net.modules() if isinstance(module, nn.Linear)] or [None])[-1]
     if fc and fc.out_features != len(classes):
         raise UserError(f"the net has {fc.out_features} outputs (its last Linear layer) but the "

@@ -40,9 +40,8 @@ class Runtime:
         self.devices, self.device, self.asked = devices, devices[0], asked  # [0] holds the net
         amp = precision == "amp" and self.device.type in ("cuda", "cpu")
         self.fp32 = precision == "fp32"  # asked for: no TF32 either
-        self.dtype = amp_dtype(self.device) if amp else None
-        if len(devices) > 1 and self.dtype:  # nn.DataParallel's threads autocast to fp16
-            self.dtype = torch.float16
+        # several devices are GPUs, where nn.DataParallel's threads autocast to fp16
+        self.dtype = (torch.float16 if len(devices) > 1 else amp_dtype(devices[0])) if amp else None
         self.memory_format = torch.channels_last if amp else torch.contiguous_format
         # GradScaler's first scale suits a mean loss; the book's sums 128, so fp16 would overflow
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16 / 128,
@@ -56,9 +55,7 @@ class Runtime:
         """cuDNN's process-wide flags for the block: autotuning on, and in fp32 no TF32."""
         cudnn = torch.backends.cudnn
         before = cudnn.benchmark, cudnn.conv.fp32_precision  # TF32's setting from torch 2.9 on
-        cudnn.benchmark = True
-        if self.fp32:
-            cudnn.conv.fp32_precision = "ieee"
+        cudnn.benchmark, cudnn.conv.fp32_precision = True, "ieee" if self.fp32 else before[1]
         try:
             yield
         finally:

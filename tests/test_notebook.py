@@ -115,8 +115,9 @@ def test_whole_runs_from_python_return_their_results(folder, tmp_path, capsys):
 
 
 def test_the_python_calls_check_what_they_are_given(folder, tmp_path):
-    """A list of batches for train_ch13; a net sized for other classes; an unknown precision;
-    the book's height x width x channel float images and a short list of titles."""
+    """A list of batches for train_ch13; a net sized for other classes, or the function that makes
+    it; an unknown precision; the book's height x width x channel float images and a short list
+    of titles."""
     X, y = tiny_set()
     net = models.scratch_net()
     history = train.train_ch13(net, [(X, y)], [(X, y)], torch.nn.CrossEntropyLoss(reduction="none"),
@@ -129,6 +130,9 @@ def test_the_python_calls_check_what_they_are_given(folder, tmp_path):
                            match=rf"the net has {net.fc.out_features} outputs .* the data has "
                                  rf"{classes} classes"):
             train.train_fine_tuning(net, 5e-5, data_dir=three if classes == 3 else folder)
+    with pytest.raises(UserError, match=r"a function, not a torch nn.Module; give a net, such as "
+                                        r"models.finetune_net\(\) \(called"):
+        train.train_fine_tuning(models.finetune_net, 5e-5, data_dir=folder)  # not called
     with pytest.raises(UserError,
                        match='precision=fp16 is not one this program computes in; give "amp" or '
                              '"fp32"'):
