@@ -299,15 +299,18 @@ def test_the_books_loaders_hold_no_worker_process_between_passes(folder):
 
 
 # ---------------------------------------------------------------- the book's calls, from Python
-def test_the_books_train_fine_tuning_trains_and_returns_the_history(folder, capsys):
-    """§14.2's calls as the book writes them, data_dir apart: they train and return the history,
-    and their loaders' worker processes end with the call."""
+def test_the_books_train_fine_tuning_trains_and_returns_the_history(folder, capsys, monkeypatch):
+    """§14.2's calls as the book writes them, data_dir apart: they train and return the history
+    (the book's batch 128 and 5 epochs), and their loaders' worker processes end with the call."""
     import multiprocessing
+    batch_sizes, make_loaders = [], loaders.make_loaders
+    monkeypatch.setattr(loaders, "make_loaders",
+                        lambda *a, **k: batch_sizes.append(a[2]) or make_loaders(*a, **k))
     finetune_net = models.finetune_net()
     before = finetune_net.fc.weight.detach().clone()
     children = set(multiprocessing.active_children())
     history = train.train_fine_tuning(finetune_net, 5e-5, data_dir=folder)
-    assert set(multiprocessing.active_children()) <= children
+    assert set(multiprocessing.active_children()) <= children and batch_sizes == [128]
     out = capsys.readouterr().out
     assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5]  # the book's 5 epochs
     assert not torch.equal(finetune_net.fc.weight.detach().cpu(), before)

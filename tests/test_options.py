@@ -82,6 +82,16 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
         runs.resume(str(tmp_path / "never"), epoch=2)
 
 
+def test_a_runs_defaults_are_the_books():
+    """Batch 128, 5 epochs, lr 5e-5 fine-tuned with fc at 10x, 5e-4 from scratch (§14.2.2.3)."""
+    settled = runs.settled("compare", {})
+    planned = runs.plan_runs("compare", settled, "out")
+    assert settled["batch_size"] == 128 and settled["epochs"] == 5
+    assert [(run.mode, run.lr) for run in planned] == [("pretrained", 5e-5), ("scratch", 5e-4)]
+    assert [runs.RECIPES[run.mode]["param_group"] for run in planned] == [True, False]
+    assert not settled["no_param_group"]
+
+
 def test_options_that_would_be_ignored_are_refused(folder, tmp_path, capsys):
     """An option the mode does not read, or one that another option makes unread, is refused in
     one line, never silently ignored."""
