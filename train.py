@@ -120,8 +120,8 @@ def train_epoch(net, train_iter, loss, trainer, runtime):
 
 @torch.no_grad()
 def evaluate(net, test_iter, runtime):
-    """The book's `evaluate_accuracy_gpu` (its appendix's utility functions), keeping what it
-    counts: each test example's class probabilities and label, in dataset order."""
+    """The book's `evaluate_accuracy_gpu` (its appendix's utility functions), returning what its
+    accuracy is counted from: each test example's class probabilities and label, in order."""
     beyond.processes.same_buffers(net)
     net.eval()
     probs, labels = [], []
@@ -135,6 +135,6 @@ def evaluate(net, test_iter, runtime):
 
 
 def accuracy(probs, labels):
-    """The share of examples given their class, whereas `d2l.accuracy` returns the count (a
+    """The share of examples predicted as their class, whereas `d2l.accuracy` returns the count (a
     diverged net's NaN is never right)."""
     return (beyond.figures.predicted(probs) == labels).float().mean().item()
