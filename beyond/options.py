@@ -69,12 +69,14 @@ def checked(name, value):
 
 
 def as_kind(kind, value):
-    """value as an option's kind (numpy's numbers as Python's, a path as text), else None."""
+    """value as an option's kind (NumPy's numbers and text as Python's, a path as text), else
+    None: a checkpoint reads back plain values only."""
     if kind is bool or isinstance(value, BOOLS):  # True is an int to Python, never a number here
         return bool(value) if kind is bool and isinstance(value, BOOLS) else None
     if kind is str:  # not an empty text; a torch.device by its name (device=torch.device("cpu"))
         text = str(value) if isinstance(value, torch.device) else value
-        return (os.fspath(text) or None) if isinstance(text, (str, os.PathLike)) else None
+        text = os.fspath(text) if isinstance(text, (str, os.PathLike)) else None
+        return (str(text) or None) if isinstance(text, str) else None
     if isinstance(value, NUMBERS[kind]):
         with contextlib.suppress(OverflowError):  # an int too large for a float
             return kind(value)

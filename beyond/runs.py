@@ -193,7 +193,7 @@ def settled(mode, given, typed=None):
         raise UserError(f"train_runs takes a mode of {[*RECIPES, 'compare']} and the options "
                         f"{list(OPTIONS)}, not {unknown or mode}")
     options = {**DEFAULTS, **{k: checked(k, v) for k, v in given.items()},
-               "mode": mode, "typed": sorted(typed or given), "resume": None}
+               "mode": str(mode), "typed": sorted(typed or given), "resume": None}  # not NumPy's
     if options["class_weights"] and options["dummy"]:
         raise UserError("class_weights= needs labelled images, and dummy's are random; "
                         "leave one out")

@@ -82,6 +82,15 @@ def test_options_are_checked_once_by_one_rule_from_python_and_the_command_line(
         runs.resume(str(tmp_path / "never"), epoch=2)
 
 
+def test_numpys_text_is_saved_as_pythons(folder, tmp_path):
+    """NumPy's text, as the mode and as options, goes into a checkpoint as Python's, which
+    torch.load(weights_only=True) reads back (it refuses NumPy's objects)."""
+    out = np.str_(tmp_path / "run")
+    runs.train_runs(np.str_("scratch"), out, data_dir=np.str_(folder), epochs=1, batch_size=4,
+                    workers=0, precision=np.str_("fp32"), device=np.str_("cpu"))
+    assert len(runs.resume(out, epochs=2, device=np.str_("cpu")).results[0]["history"]) == 2
+
+
 def test_a_runs_defaults_are_the_books():
     """Batch 128, 5 epochs, lr 5e-5 fine-tuned with fc at 10x, 5e-4 from scratch (§14.2.2.3)."""
     settled = runs.settled("compare", {})
