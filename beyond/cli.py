@@ -135,7 +135,7 @@ def parsed(name):
 def train(options):
     """--pretrained, --scratch, --compare (options["mode"]) and --resume: train, print results."""
     resume = options.pop("resume", None)
-    trained = runs.resume(resume, **options) if resume else runs.train_runs(**options)
+    trained = runs.resume(resume, **options) if resume is not None else runs.train_runs(**options)
     for result in trained.results:
         print_result(result)
     if len(trained.results) > 1:
@@ -238,11 +238,21 @@ def one_line(error, typed=None):
 
 
 def paths_in(options):
-    """The paths among the options, as typed, absolute and real."""
+    """The paths among the options, as typed, absolute and real, and the parts of each."""
     given = [v for k, v in options.items() if k in (*PATHS, "out", "resume", "model", "export")]
     given += options.get("predict") or []
-    return {form for path in given if isinstance(path, str)
-            for form in (path, os.path.abspath(path), os.path.realpath(path))}
+    return {part for path in given if isinstance(path, str)
+            for form in (path, os.path.abspath(path), os.path.realpath(path))
+            for part in parts(form)}
+
+
+def parts(path):
+    """path, the folders above it and the name of each: what a message may quote of it."""
+    found = set()
+    while path and path not in found:
+        found |= {path, os.path.basename(path)}
+        path = os.path.dirname(path)
+    return found - {"", os.sep}
 
 
 def script(parser, work, args, stopped="interrupted"):

@@ -58,6 +58,9 @@ def test_batch_larger_than_the_training_set(folder, tmp_path, capsys):
      "^error: --data-dir /.*/my seed=3 hotdog_class format=1 is not a folder; give the folder"),
     (None, ["--resume", "{tmp}/old seed=3/model.pt"], "^error: /.*/old seed=3/model.pt does not"),
     (None, ["--resume", "seed=3"], "^error: seed=3 does not exist"),  # typed as it is, no / in it
+    (None, ["--resume", ""], "^error: '' is not a path; give the model.pt"),  # not a new run
+    ("one_class_alone", ["--data-dir", "{tmp}/w epochs=3"],  # a folder's name as it is too
+     r"\['only'\]; the layout is w epochs=3/<class>/<image>"),
     ("no_test", ["--data-dir", "{tmp}/d"], "test is not a folder"),
     ("other_classes", ["--data-dir", "{tmp}/d"], "give both the same class folders"),
     ("empty_class", ["--data-dir", "{tmp}/d"], "put images in every class folder"),
@@ -94,6 +97,8 @@ def test_bad_input_is_one_line(setup, argv, message, tmp_path, capsys):
         shutil.rmtree(root / "train" / "not-hotdog")
     if setup == "one_class":
         shutil.rmtree(root / "train" / "not-hotdog")
+    if setup == "one_class_alone":
+        shutil.copytree(root / "train" / "hotdog", tmp_path / "w epochs=3" / "only")
     if "--init-head-from-imagenet" in argv:
         os.rename(root / "train" / "hotdog", root / "train" / "sausage")
         os.rename(root / "test" / "hotdog", root / "test" / "sausage")
