@@ -74,6 +74,15 @@ def writable_folder(path):
     return path
 
 
+def writable_file(path):
+    """path, where it could be written whole: its folder written in, and no folder in its way."""
+    writable_folder(os.path.dirname(path) or ".")
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: a folder stands where the file would be; move it "
+                        "away")
+    return path
+
+
 @contextlib.contextmanager
 def made_folder(folder):
     """folder, created for the block; the folders made are removed again if left empty."""

@@ -22,7 +22,7 @@ import data
 import train
 from beyond import UserError, checkpoints, devices, loaders, quoted, shown
 from beyond.figures import predicted
-from beyond.files import first_line, writable_folder, write_whole
+from beyond.files import first_line, writable_file, writable_folder, write_whole
 from beyond.options import checked
 from beyond.photos import image_paths, load_rgb
 
@@ -55,7 +55,7 @@ def predict(model, images, *, out=None, batch_size=128, workers=None, device=Non
     if not paths:
         raise UserError(f"found no images in {' '.join(map(str, items)) or 'an empty list'}; "
                         "give image files or folders of them")
-    csv_path = out and os.path.join(writable_folder(out), "predictions.csv")  # tried first
+    csv_path = out and writable_file(os.path.join(out, "predictions.csv"))  # tried first
     settings, classes = ckpt["transform"], ckpt["classes"]
     interpolation = settings.get("interpolation", "bilinear")
     augs = data.make_test_augs(settings["resize"], settings["crop"], interpolation)

@@ -87,6 +87,16 @@ def test_predict_finds_no_images(tmp_path, capsys, scratch_run):
     assert status == 2 and err.startswith("error: --predict [''] is not a path or a list of"), err
 
 
+def test_a_folder_named_predictions_csv_is_found_before_the_work(
+        tmp_path, capsys, scratch_run, monkeypatch):
+    os.makedirs(tmp_path / "p" / "predictions.csv")
+    monkeypatch.setattr(train, "evaluate", lambda *a: pytest.fail("predicted before the check"))
+    status, _, err = run_cli(capsys, "--predict", scratch_run[0], "--model", scratch_run[0],
+                             "--workers", 0, "--out", tmp_path / "p")
+    assert status == 2 and err == (f"error: cannot write {tmp_path / 'p' / 'predictions.csv'}: a "
+                                   "folder stands where the file would be; move it away\n"), err
+
+
 def test_predict_names_missing_files_leaves_nothing_for_no_images_and_takes_a_folder(
         tmp_path, capsys, scratch_run):
     status, _, err = run_cli(capsys, "--predict", tmp_path / "nope.jpg", "--model", scratch_run[0],
