@@ -1,5 +1,7 @@
 """The networks of D2L §14.2.2.2-3: resnet18 (or another of torchvision's, beyond.archs),
 fine-tuned or from scratch, and the heads of exercises 3 (frozen layers) and 4 (the hot-dog row)."""
+import numbers
+
 import torch
 import torchvision
 from torch import nn
@@ -64,7 +66,8 @@ def freeze_features(net):
 def init_hotdog_head(fc, imagenet_fc, hotdog_class):
     """Exercise 4: the hot-dog class starts from ImageNet's hot-dog row, every other class from
     the mean of the other 999 rows."""
-    if type(hotdog_class) is not int or not 0 <= hotdog_class < fc.out_features:
+    if (not isinstance(hotdog_class, numbers.Integral) or isinstance(hotdog_class, bool)
+            or not 0 <= hotdog_class < fc.out_features):  # NumPy's integers too
         raise beyond.UserError(f"hotdog_class={hotdog_class!r} is not the index of a class; "
                                f"give one of 0 to {fc.out_features - 1}")
     others = torch.arange(imagenet_fc.out_features) != HOTDOG_ROW

@@ -69,7 +69,7 @@ def test_init_head_from_imagenet(torch_home):
     assert torch.equal(fc.weight[0], w[934]) and fc.bias[0] == b[934]
     others = torch.cat([w[:934], w[935:]])
     assert torch.allclose(fc.weight[1], others.mean(0))
-    for index in (2, -1, "hotdog", 1.0):
+    for index in (2, -1, "hotdog", 1.0, True):
         with pytest.raises(UserError,
                            match=f"^hotdog_class={index!r} is not the index of a class; give one "
                                  "of 0 to 1$"):
@@ -77,7 +77,7 @@ def test_init_head_from_imagenet(torch_home):
 
 
 def test_the_hot_dog_row_goes_to_the_hot_dog_class(torch_home):
-    fc = models.finetune_net(3, hotdog_class=1).fc
+    fc = models.finetune_net(3, hotdog_class=np.int64(1)).fc  # NumPy's integers too
     w = torch_home["fc.weight"]
     assert torch.equal(fc.weight[1], w[934]) and torch.allclose(fc.weight[0], fc.weight[2])
 
