@@ -209,9 +209,17 @@ def left_out(failed, of):
 
 def every_class_read(folder):
     """Refuse a set with a class that has no image left: no net learns a class it never sees."""
-    if empty := [name for i, name in enumerate(folder.classes) if i not in folder.targets]:
-        raise UserError(f"{os.path.join(folder.root, empty[0])} holds no image that can be read; "
-                        "put readable images in every class folder, or remove it")
+    if not (empty := [name for i, name in enumerate(folder.classes) if i not in folder.targets]):
+        return
+    path = os.path.join(folder.root, empty[0])
+    if getattr(folder, "held_out", None):  # a split's test set: the class's other images read
+        raise UserError(f"{path}: the images held out of it for testing cannot be read (noted "
+                        "above); replace them with whole copies, or delete them to hold out others")
+    first = next(iter(image_files(path)), None)
+    if why := first and unreadable(first):  # with its fix: for HEIC, the plugin to install
+        raise UserError(f"{path} holds no image that can be read; the first: {why}")
+    raise UserError(f"{path} holds no image that can be read; put readable images in every class "
+                    "folder, or remove it")
 
 
 def each_read(read, items, workers=1):

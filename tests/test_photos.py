@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from beyond import UserError, checkpoints, cli, datasets, photos, progress, runs
+from beyond import UserError, checkpoints, cli, datasets, folders, photos, progress, runs
 
 from conftest import add_junk, run_cli, sideways, write_folder
 
@@ -249,14 +249,38 @@ def test_a_class_no_loader_worker_can_read_is_one_line_from_python_too(tmp_path)
                             "folder")
 
 
-def test_a_class_with_no_readable_image_is_refused(tmp_path, capsys):
+def test_a_class_with_no_readable_image_is_refused_with_its_first_files_fix(tmp_path, capsys):
+    """...an iPhone's HEIC photos, say: the plugin to install."""
     root = write_folder(tmp_path / "d", train=2, test=1)
     for split in ("train", "test"):
         os.makedirs(tmp_path / "d" / split / "pizza")
-        (tmp_path / "d" / split / "pizza" / "0.png").write_bytes(b"\x89PNG broken")
+        (tmp_path / "d" / split / "pizza" / "IMG_0.HEIC").write_bytes(b"\0\0\0\x18ftypheic no")
     status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--out", tmp_path / "out")
-    assert (status == 2
-            and "train/pizza holds no image that can be read" in err.strip().splitlines()[-1])
+    last = err.strip().splitlines()[-1]
+    assert (status == 2 and "train/pizza holds no image that can be read; the first: cannot read "
+            "image" in last and last.endswith("; install the HEIC plugin: pip install pillow-heif"))
+
+
+@pytest.mark.parametrize("cache", [[], ["--no-cache"]])
+def test_a_class_whose_held_out_images_cannot_be_decoded_is_said_so(cache, tmp_path, capsys):
+    """Class folders alone: the split is drawn from the images whose headers read; where all held
+    out of a class are cut short, the error says so, not that the class has no readable image."""
+    root = tmp_path / "d"
+    for name, colour in (("a", 0), ("b", 200)):
+        os.makedirs(root / name)
+        for i in range(3):
+            Image.new("RGB", (40, 48), (colour, i, 0)).save(root / name / f"{i}.png")
+    held = folders.split_by_class(str(root), 0.2, 0)[1].held_out
+    for path in held:
+        if path.startswith("a"):  # the header whole, the pixels cut short
+            noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(root / path)
+            (root / path).write_bytes((root / path).read_bytes()[:20000])
+    status, _, err = run_cli(capsys, "--scratch", "--data-dir", root, "--epochs", 1,
+                             "--batch-size", 4, "--workers", 0, *cache, "--out", tmp_path / "out")
+    assert status == 2 and err.strip().splitlines()[-1] == (
+        f"error: {root / 'a'}: the images held out of it for testing cannot be read (noted above); "
+        "replace them with whole copies, or delete them to hold out others"), err
 
 
 # ---------------------------------------------------------------- folders as people fill them
