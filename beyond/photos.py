@@ -21,7 +21,7 @@ from beyond.files import inside
 from beyond.processes import say
 
 # torchvision's image types, and what phones and the web also give (HEIC needs pillow-heif).
-IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", ".heic", ".heif")
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".jfif", ".jpe", ".gif", ".avif", ".heic", ".heif")
 
 # PIL's bomb limit, 89 megapixels, is below phones' 108; set at import, every loader worker has it
 Image.MAX_IMAGE_PIXELS = 200 * 10**6

@@ -58,13 +58,16 @@ def test_every_reader_turns_photos_upright_and_scales_16_bits(tmp_path):
     assert Image.open(tmp_path / "scan16.png").mode == "I;16"
     Image.fromarray(grey).save(tmp_path / "scan8.png")
     upright.save(tmp_path / "anim.gif")
+    for name in ("web.JFIF", "cam.jpe"):  # JPEG's other names, found too
+        upright.save(tmp_path / name, format="JPEG")
     assert np.array_equal(np.asarray(photos.load_rgb(str(tmp_path / "sideways.png"))),
                           np.asarray(upright))
     assert np.array_equal(np.asarray(photos.load_rgb(str(tmp_path / "scan16.png"))),
                           np.asarray(photos.load_rgb(str(tmp_path / "scan8.png"))))
     assert photos.load_rgb(str(tmp_path / "anim.gif")).size == (40, 60)
     assert photos.image_files(str(tmp_path)) == [
-        str(tmp_path / n) for n in ("anim.gif", "scan16.png", "scan8.png", "sideways.png")]
+        str(tmp_path / n) for n in ("anim.gif", "cam.jpe", "scan16.png", "scan8.png",
+                                    "sideways.png", "web.JFIF")]
 
 
 def test_a_float_photos_nan_or_infinity_is_black_and_sets_no_scale(tmp_path, recwarn):
