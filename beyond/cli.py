@@ -223,8 +223,9 @@ def one_line(error, typed=None):
     the paths among typed, the options given, are quoted as they are (a folder named seed=3)."""
     paths = sorted(paths_in(typed or {}), key=len, reverse=True)  # a file before its folder
     message = str(error)
-    for i, path in enumerate(paths):  # a path as a whole, not inside a word or a keyword (lr:)
-        message = re.sub(rf"(?<![\w.-]){re.escape(path)}(?![\w.=:-])", f"\0{i}\0", message)
+    for i, path in enumerate(paths):  # a path as a whole, not inside a word, a keyword (lr:) or
+        # a path set aside already (\0i\0: a folder named 0 is not the 0 in it)
+        message = re.sub(rf"(?<![\w.\0-]){re.escape(path)}(?![\w.=:\0-])", f"\0{i}\0", message)
     message = message.replace("format=", "--export-format ")
     message = message.replace("beyond.predict.predict", "--predict")
     message = re.sub(r"^images=", "--predict ", message)  # predict's list of paths

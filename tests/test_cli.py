@@ -59,6 +59,7 @@ def test_batch_larger_than_the_training_set(folder, tmp_path, capsys):
     (None, ["--resume", "{tmp}/old seed=3/model.pt"], "^error: /.*/old seed=3/model.pt does not"),
     (None, ["--resume", "seed=3"], "^error: seed=3 does not exist"),  # typed as it is, no / in it
     (None, ["--resume", ""], "^error: '' is not a path; give the model.pt"),  # not a new run
+    (None, ["--resume", "{tmp}/runs/0/model.pt"], "^error: /.*/runs/0/model.pt does not exist"),
     ("one_class_alone", ["--data-dir", "{tmp}/w epochs=3"],  # a folder's name as it is too
      r"\['only'\]; the layout is w epochs=3/<class>/<image>"),
     ("no_test", ["--data-dir", "{tmp}/d"], "test is not a folder"),
