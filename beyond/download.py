@@ -29,7 +29,10 @@ def download(url, path, sha1=None):
                 copy_with_progress(r, f, os.path.basename(path), expected)
                 if expected >= 0 and f.tell() != expected:
                     raise OSError(f"the connection closed after {f.tell()} of {expected} bytes")
-        except (OSError, ValueError, http.client.HTTPException) as e:  # ValueError: not a URL
+        except ValueError as e:  # urllib's "unknown url type"
+            raise UserError(f"url={url} is not a URL ({e}); give an http(s) URL, or put the file "
+                            f"at {path}") from None
+        except (OSError, http.client.HTTPException) as e:
             raise UserError(f"cannot download {url} ({e}); fetch it on a machine with network "
                             f"and put it at {path}") from None
     if sha1 and sha1_of(path) != sha1:
@@ -61,18 +64,18 @@ def extract(zip_path, folder):
     name = os.path.basename(folder)
     try:
         with whole(folder) as part, zipfile.ZipFile(zip_path) as z:
-            tops = set()
+            extracted = 0
             for info in z.infolist():
                 if not inside(os.path.join(part, info.filename), part):
                     raise UserError(f"{zip_path} holds a path outside the data root "
                                     f"({info.filename}); delete it and download it again")
                 top, _, info.filename = info.filename.partition("/")
-                tops.add(top)
                 if top == name and info.filename:
                     z.extract(info, part)
-            if name not in tops:  # nothing extracted
-                raise UserError(f"{zip_path} holds no folder {name}/ (it holds "
-                                f"{sorted(tops)[:3]}); delete it and download it again")
+                    extracted += 1
+            if not extracted:
+                raise UserError(f"{zip_path} holds nothing in a folder {name}/; delete it, and "
+                                "download it again or put the right zip there")
     except (zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"{zip_path} is not a whole zip file ({e}); delete it and download it "
                         "again") from None
