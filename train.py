@@ -121,7 +121,7 @@ def train_epoch(net, train_iter, loss, trainer, runtime):
 @torch.no_grad()
 def evaluate(net, test_iter, runtime):
     """The book's `evaluate_accuracy_gpu` (its appendix's utility functions), returning what its
-    accuracy is counted from: each test example's class probabilities and label, in order."""
+    accuracy counts: each test example's class probabilities and label, in dataset order."""
     beyond.processes.same_buffers(net)
     net.eval()
     probs, labels = [], []

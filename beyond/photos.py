@@ -212,9 +212,10 @@ def every_class_read(folder):
     if not (empty := [name for i, name in enumerate(folder.classes) if i not in folder.targets]):
         return
     path = os.path.join(folder.root, empty[0])
-    if getattr(folder, "held_out", None):  # a split's test set: the class's other images read
+    if getattr(folder, "held_out", None):  # a split's test set, drawn from headers that read
         raise UserError(f"{path}: the images held out of it for testing cannot be read (noted "
-                        "above); replace them with whole copies, or delete them to hold out others")
+                        "above); replace them with whole copies (a new run may instead delete "
+                        "them, and hold out others)")
     first = next(iter(image_files(path)), None)
     if why := first and unreadable(first):  # with its fix: for HEIC, the plugin to install
         raise UserError(f"{path} holds no image that can be read; the first: {why}")

@@ -283,7 +283,8 @@ def test_a_class_whose_held_out_images_cannot_be_decoded_is_said_so(cache, tmp_p
                              "--batch-size", 4, "--workers", 0, *cache, "--out", tmp_path / "out")
     assert status == 2 and err.strip().splitlines()[-1] == (
         f"error: {root / 'a'}: the images held out of it for testing cannot be read (noted above); "
-        "replace them with whole copies, or delete them to hold out others"), err
+        "replace them with whole copies (a new run may instead delete them, and hold out "
+        "others)"), err
 
 
 # ---------------------------------------------------------------- folders as people fill them
