@@ -70,6 +70,16 @@ def test_every_reader_turns_photos_upright_and_scales_16_bits(tmp_path):
                                     "sideways.png", "web.JFIF")]
 
 
+def test_avif_photos_are_found_and_read(tmp_path):
+    """AVIF, as phones and the web now write it, where this Pillow reads it (11.3 and later)."""
+    from PIL import features
+    if not features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    Image.new("RGB", (40, 60), (200, 30, 30)).save(tmp_path / "phone.AVIF")
+    assert photos.image_files(str(tmp_path)) == [str(tmp_path / "phone.AVIF")]
+    assert photos.load_rgb(str(tmp_path / "phone.AVIF")).size == (40, 60)
+
+
 def test_a_float_photos_nan_or_infinity_is_black_and_sets_no_scale(tmp_path, recwarn):
     pixels = np.random.default_rng(0).random((20, 30), dtype=np.float32)
     Image.fromarray(pixels).save(tmp_path / "whole.tif")
