@@ -90,8 +90,9 @@ def test_predict_finds_no_images(tmp_path, capsys, scratch_run):
 def test_a_folder_named_predictions_csv_is_found_before_the_work(
         tmp_path, capsys, scratch_run, monkeypatch):
     os.makedirs(tmp_path / "p" / "predictions.csv")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     monkeypatch.setattr(train, "evaluate", lambda *a: pytest.fail("predicted before the check"))
-    status, _, err = run_cli(capsys, "--predict", scratch_run[0], "--model", scratch_run[0],
+    status, _, err = run_cli(capsys, "--predict", tmp_path / "a.png", "--model", scratch_run[0],
                              "--workers", 0, "--out", tmp_path / "p")
     assert status == 2 and err == (f"error: cannot write {tmp_path / 'p' / 'predictions.csv'}: a "
                                    "folder stands where the file would be; move it away\n"), err
