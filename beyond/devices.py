@@ -14,10 +14,11 @@ def try_device(name=None, keyword="device"):
                             else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)  # raises for a name torch does not know, such as "gpu"
-        missing = (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
-                   or device.type == "mps" and not torch.backends.mps.is_available())
     except (RuntimeError, TypeError):  # TypeError: neither a name nor a GPU's number (1.5, True)
-        missing = True
+        raise UserError(f"{keyword}={name} is not a device's name; give cpu, cuda (cuda:N) or "
+                        f"mps, or no {keyword}= to use the best one there is") from None
+    missing = (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+               or device.type == "mps" and not torch.backends.mps.is_available())
     if not missing and device.type not in ("cpu", "cuda", "mps"):  # xpu, meta: not this program's
         raise UserError(f"{keyword}={name}: this program computes on cpu, cuda (cuda:N) or mps; "
                         "give one of those")

@@ -45,10 +45,11 @@ def test_the_cpu_named_twice_is_refused_before_the_data(folder, tmp_path, monkey
                                     data_dir=str(tmp_path / "none"), devices=named)
     # its keyword; a GPU's number is a GPU (torch.device(0) is cuda:0), never "none given"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    for named, shown in (("gpu", "gpu"), (0, "0"), (1, "1"), ([0], "0"), ({"cuda:1"}, "cuda:1"),
-                         (1.5, "1.5"), (True, "True")):
-        with pytest.raises(UserError, match=f"^devices={re.escape(shown)}: this machine has no "
-                                            "such device; give no devices= "):
+    missing, no_name = ": this machine has no such device; give no devices= ", " is not a device's"
+    for named, shown, message in (("gpu", "gpu", no_name), (0, "0", missing), (1, "1", missing),
+                                  ([0], "0", missing), ({"cuda:1"}, "cuda:1", missing),
+                                  (1.5, "1.5", no_name), (True, "True", no_name)):
+        with pytest.raises(UserError, match=f"^devices={re.escape(shown + message)}"):
             train.train_fine_tuning(models.scratch_net(), 5e-4, data_dir=str(tmp_path / "none"),
                                     devices=named)
     assert make_runtime([]).device == make_runtime().device  # the book's try_all_gpus on a CPU
