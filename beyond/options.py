@@ -106,6 +106,10 @@ def refuse_unread(options, given):
         data = data_dir or ("dummy data" if options["dummy"] else f"the {options['dataset']} set")
         raise UserError(f"val_split= splits a data_dir= of class folders alone, and {data} is not "
                         "one; leave val_split= out")
+    if options["init_head_from_imagenet"] and (options["dummy"] or options["dataset"] != "hotdog"):
+        data = "dummy data" if options["dummy"] else f"the {options['dataset']} set"
+        raise UserError(f"init_head_from_imagenet= starts the class named like hot dog, and {data} "
+                        "has none; leave init_head_from_imagenet= out")
     if options["warmup_epochs"] and not options["lr_schedule"] and "warmup_epochs" in given:
         raise UserError("warmup_epochs= warms up a schedule, and lr_schedule= gives none; give "
                         "lr_schedule=cosine too, or leave warmup_epochs= out")

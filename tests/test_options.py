@@ -128,7 +128,11 @@ def test_options_that_would_be_ignored_are_refused(folder, tmp_path, capsys):
              f"^val_split= splits a data_dir= of class folders alone, and {folder} is not one; "
              "leave val_split= out$"),
             (dict(val_split=0.5), "^val_split= .*, and the hotdog set is not one"),
-            (dict(dummy=True, val_split=0.5), "^val_split= .*, and dummy data is not one")):
+            (dict(dummy=True, val_split=0.5), "^val_split= .*, and dummy data is not one"),
+            (dict(dummy=True, init_head_from_imagenet=True),  # no class folders to rename
+             "^init_head_from_imagenet= starts the class named like hot dog, and dummy data has "
+             "none; leave init_head_from_imagenet= out$"),
+            (dict(dataset="cifar10", init_head_from_imagenet=True), ", and the cifar10 set has")):
         with pytest.raises(UserError, match=message):
             runs.train_runs("pretrained", str(tmp_path / "never"), **given)
     # a run begun before these were refused still resumes
