@@ -64,7 +64,6 @@ def extract(zip_path, folder):
     name = os.path.basename(folder)
     try:
         with whole(folder) as part, zipfile.ZipFile(zip_path) as z:
-            extracted = 0
             for info in z.infolist():
                 if not inside(os.path.join(part, info.filename), part):
                     raise UserError(f"{zip_path} holds a path outside the data root "
@@ -72,8 +71,7 @@ def extract(zip_path, folder):
                 top, _, info.filename = info.filename.partition("/")
                 if top == name and info.filename:
                     z.extract(info, part)
-                    extracted += 1
-            if not extracted:
+            if not os.path.isdir(part):  # nothing extracted: the first extraction makes it
                 raise UserError(f"{zip_path} holds nothing in a folder {name}/; delete it, and "
                                 "download it again or put the right zip there")
     except (zipfile.BadZipFile, EOFError) as e:
